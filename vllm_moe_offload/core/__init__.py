@@ -1,0 +1,1 @@
+"""Policy core: cache policies, configuration and statistics. Imports neither torch nor vLLM."""

@@ -1,0 +1,231 @@
+"""Expert slot bookkeeping for one MoE layer: which expert sits in which slot.
+
+No torch, no vLLM: the runtime moves the bytes, the simulator only counts them;
+both ask a :class:`SlotMap` where an expert lives and which one must leave.
+
+Contract shared by every policy:
+
+* a slot map never holds more experts than it has slots;
+* an expert that the current pass needs (``pinned``) is never evicted;
+* a policy is told about every access (hit or miss) and every eviction, in order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+
+class ReplacementPolicy(ABC):
+    """Decides which resident expert leaves when a new one must enter."""
+
+    #: short name used in configuration, reports and plots
+    name: str = ""
+
+    def __init__(self, num_experts: int, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 slot, got {capacity}")
+        self.num_experts = num_experts
+        self.capacity = capacity
+
+    @abstractmethod
+    def on_access(self, expert: int, hit: bool) -> None:
+        """Record one use of ``expert`` (after it was made resident on a miss)."""
+
+    @abstractmethod
+    def on_evict(self, expert: int) -> None:
+        """Forget ``expert``: it left the cache."""
+
+    @abstractmethod
+    def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
+        """Pick a resident expert not in ``pinned`` to evict.
+
+        Called only when every slot is full and at least one resident expert is
+        not pinned.
+        """
+
+    def keep_after_step(self, expert: int) -> bool:
+        """Whether ``expert`` may stay resident once the step is over."""
+        return True
+
+    def warm_set(self) -> list[int]:
+        """Experts to load before the first step (at most ``capacity``)."""
+        return []
+
+
+class LRUPolicy(ReplacementPolicy):
+    """Least recently used over the whole slot budget (mixtral-offloading)."""
+
+    name = "lru"
+
+    def __init__(self, num_experts: int, capacity: int) -> None:
+        super().__init__(num_experts, capacity)
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def on_access(self, expert: int, hit: bool) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def on_evict(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+    def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
+        for expert in self._order:
+            if expert in resident and expert not in pinned:
+                return expert
+        # Resident experts never accessed (e.g. warm-loaded) are the oldest of all.
+        return next(e for e in resident if e not in pinned)
+
+    def warm_set(self) -> list[int]:
+        # Everything fits: load it all once and never miss.
+        return list(range(self.num_experts)) if self.capacity >= self.num_experts else []
+
+
+class OnDemandPolicy(ReplacementPolicy):
+    """Load-on-Demand, the papers' baseline: a fixed resident set and scratch slots.
+
+    The first ``capacity - scratch`` experts (by id) stay resident for good; every
+    other expert is loaded into a scratch slot when a step needs it and dropped
+    when the step ends, so nothing is reused across steps. ``scratch`` is the
+    model's ``top_k`` (the most one token needs at once); with a slot for every
+    expert there is no scratch and nothing ever misses.
+    """
+
+    name = "ondemand"
+
+    def __init__(self, num_experts: int, capacity: int, scratch: int = 1) -> None:
+        super().__init__(num_experts, capacity)
+        if capacity >= num_experts:
+            fixed = num_experts
+        else:
+            fixed = max(0, capacity - max(1, scratch))
+        self.fixed = frozenset(range(fixed))
+
+    def on_access(self, expert: int, hit: bool) -> None:
+        pass
+
+    def on_evict(self, expert: int) -> None:
+        pass
+
+    def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
+        for expert in resident:
+            if expert not in pinned and expert not in self.fixed:
+                return expert
+        return next(e for e in resident if e not in pinned)
+
+    def keep_after_step(self, expert: int) -> bool:
+        return expert in self.fixed
+
+    def warm_set(self) -> list[int]:
+        return sorted(self.fixed)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Where an expert that missed goes, and who left to make room."""
+
+    slot: int
+    evicted: int | None
+
+
+class SlotMap:
+    """Expert id <-> slot id for one layer, under a replacement policy."""
+
+    def __init__(self, num_experts: int, num_slots: int, policy: ReplacementPolicy) -> None:
+        if not 1 <= num_slots <= num_experts:
+            raise ValueError(f"num_slots must be in [1, {num_experts}], got {num_slots}")
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        self.policy = policy
+        self._slot_of: dict[int, int] = {}
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+
+    def slot_of(self, expert: int) -> int | None:
+        return self._slot_of.get(expert)
+
+    def resident(self) -> dict[int, int]:
+        """Expert id -> slot id of every resident expert (a copy)."""
+        return dict(self._slot_of)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def admit(self, expert: int, pinned: Collection[int] = ()) -> Admission:
+        """Reserve a slot for a non-resident ``expert``, evicting if needed.
+
+        Raises ``RuntimeError`` when every slot holds a pinned expert: the caller
+        asked for more experts at once than there are slots.
+        """
+        if expert in self._slot_of:
+            raise ValueError(f"expert {expert} is already resident")
+        evicted = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if all(e in pinned for e in self._slot_of):
+                raise RuntimeError(
+                    f"all {self.num_slots} slots hold experts the current pass needs; "
+                    f"cannot admit expert {expert}"
+                )
+            evicted = self.policy.choose_victim(self._slot_of.keys(), pinned)
+            slot = self._slot_of.pop(evicted)
+            self.policy.on_evict(evicted)
+        self._slot_of[expert] = slot
+        return Admission(slot, evicted)
+
+    def touch(self, expert: int, hit: bool) -> None:
+        self.policy.on_access(expert, hit)
+
+    def drop(self, expert: int) -> None:
+        """Evict ``expert`` outside of replacement (e.g. a failed load)."""
+        slot = self._slot_of.pop(expert, None)
+        if slot is not None:
+            self._free.append(slot)
+            self.policy.on_evict(expert)
+
+    def end_step(self) -> list[int]:
+        """Drop experts the policy does not keep across steps; return them."""
+        dropped = [e for e in self._slot_of if not self.policy.keep_after_step(e)]
+        for expert in dropped:
+            self.drop(expert)
+        return dropped
+
+
+def make_policy(name: str, num_experts: int, capacity: int, top_k: int) -> ReplacementPolicy:
+    """Build the replacement policy registered under ``name``."""
+    if name == OnDemandPolicy.name:
+        return OnDemandPolicy(num_experts, capacity, scratch=top_k)
+    if name == LRUPolicy.name:
+        return LRUPolicy(num_experts, capacity)
+    raise ValueError(f"unknown cache policy {name!r}; allowed: {sorted(POLICY_NAMES)}")
+
+
+POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name})
+
+
+def pack_passes(token_experts: Iterable[Collection[int]], num_slots: int) -> list[list[int]]:
+    """Split tokens into passes that each need at most ``num_slots`` distinct experts.
+
+    Tokens stay whole (all of a token's experts in one pass) because splitting a
+    token's experts across passes changes the kernel's rounding. Greedy in token
+    order; every token needs at most ``num_slots`` experts. Returns token indices.
+    """
+    passes: list[list[int]] = []
+    current: list[int] = []
+    union: set[int] = set()
+    for idx, experts in enumerate(token_experts):
+        needed = set(experts)
+        if len(needed) > num_slots:
+            raise ValueError(
+                f"token {idx} needs {len(needed)} experts but only {num_slots} slots exist"
+            )
+        if current and len(union | needed) > num_slots:
+            passes.append(current)
+            current, union = [], set()
+        current.append(idx)
+        union |= needed
+    if current:
+        passes.append(current)
+    return passes

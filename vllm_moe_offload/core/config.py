@@ -1,0 +1,218 @@
+"""The one configuration object of the plugin, parsed and validated once.
+
+It comes from ``additional_config["moe_offload"]`` (a plain dict, which is how
+vLLM carries it to every process) and is frozen afterwards. Unknown keys and
+out-of-range values raise :class:`OffloadConfigError` naming the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+#: key under ``additional_config`` that holds the plugin's settings
+CONFIG_KEY = "moe_offload"
+
+
+class OffloadConfigError(ValueError):
+    """A bad ``moe_offload`` setting: says what was wrong and what is allowed."""
+
+
+class Policy(str, enum.Enum):
+    OFF = "off"
+    ONDEMAND = "ondemand"
+    LRU = "lru"
+
+
+#: policies described in DESIGN.md that later releases add; refused clearly today
+PLANNED_POLICIES = ("fate", "klotski")
+
+
+class Tier(str, enum.Enum):
+    """Where experts that are not in a slot live."""
+
+    AUTO = "auto"  # disk on the CPU backend, pinned host memory on CUDA
+    DISK = "disk"  # the checkpoint's safetensors, read with direct I/O
+    HOST = "host"  # a host-memory copy of every expert (pinned on CUDA)
+
+
+class Quant(str, enum.Enum):
+    NONE = "none"
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_PCT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Fast-memory budget for expert slots: bytes, or a share of all expert bytes."""
+
+    num_bytes: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> Budget:
+        """Parse ``4GiB``, ``512MiB``, ``1.5GB``, ``123456`` (bytes) or ``50%``."""
+        allowed = "a size such as 4GiB, 512MiB, 1.5GB or 1048576 (bytes), or a share such as 50%"
+        if isinstance(value, bool):
+            raise OffloadConfigError(f"budget {value!r} is not a size; allowed: {allowed}")
+        if isinstance(value, (int, float)):
+            if value <= 0:
+                raise OffloadConfigError(f"budget {value!r} must be positive; allowed: {allowed}")
+            return cls(num_bytes=int(value))
+        if not isinstance(value, str):
+            raise OffloadConfigError(f"budget {value!r} is not a size; allowed: {allowed}")
+        if m := _PCT_RE.match(value):
+            pct = float(m.group(1))
+            if not 0 < pct <= 100:
+                raise OffloadConfigError(f"budget {value!r} must be in (0%, 100%]; allowed: {allowed}")
+            return cls(fraction=pct / 100.0)
+        m = _SIZE_RE.match(value)
+        if not m or m.group(2).lower() not in _UNITS | {"": 1}:
+            raise OffloadConfigError(f"budget {value!r} is malformed; allowed: {allowed}")
+        num = float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1)
+        if num < 1:
+            raise OffloadConfigError(f"budget {value!r} must be positive; allowed: {allowed}")
+        return cls(num_bytes=int(num))
+
+    def resolve(self, total_bytes: int) -> int:
+        """Bytes granted, given the model's total expert bytes."""
+        if self.fraction is not None:
+            return int(self.fraction * total_bytes)
+        assert self.num_bytes is not None
+        return self.num_bytes
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return format_bytes(self.num_bytes or 0)
+
+
+def format_bytes(num: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num >= size:
+            return f"{num / size:.2f} {unit}"
+    return f"{num} B"
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Validated settings of the plugin (see ``--help=MoEOffload``)."""
+
+    policy: Policy = Policy.OFF
+    budget: Budget = Budget(fraction=0.5)
+    tier: Tier = Tier.AUTO
+    direct_io: bool = True
+    io_threads: int = 1
+    link_gbps: float | None = None
+    link_latency_ms: float = 0.0
+    quant: Quant = Quant.NONE
+    cache_dir: str | None = None
+    profile: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not Policy.OFF
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> OffloadConfig:
+        """Validate a ``moe_offload`` dict; ``None`` or ``{}`` means off."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise OffloadConfigError(f"moe_offload must be a dict, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise OffloadConfigError(
+                f"unknown moe_offload key(s) {unknown}; allowed keys: {sorted(known)}"
+            )
+        kw: dict[str, Any] = {}
+        raw = {k: v for k, v in raw.items() if v is not None}
+        if "policy" in raw:
+            kw["policy"] = _parse_policy(raw["policy"])
+        if "budget" in raw:
+            kw["budget"] = raw["budget"] if isinstance(raw["budget"], Budget) else Budget.parse(raw["budget"])
+        if "tier" in raw:
+            kw["tier"] = _enum(Tier, raw["tier"], "tier")
+        if "quant" in raw:
+            kw["quant"] = _parse_quant(raw["quant"])
+        if "direct_io" in raw:
+            if not isinstance(raw["direct_io"], bool):
+                raise OffloadConfigError(f"direct_io {raw['direct_io']!r} must be true or false")
+            kw["direct_io"] = raw["direct_io"]
+        if "io_threads" in raw:
+            kw["io_threads"] = _number(raw["io_threads"], "io_threads", int, 1, 64)
+        if "link_gbps" in raw:
+            kw["link_gbps"] = _number(raw["link_gbps"], "link_gbps", float, 1e-3, 1e4)
+        if "link_latency_ms" in raw:
+            kw["link_latency_ms"] = _number(raw["link_latency_ms"], "link_latency_ms", float, 0.0, 1e4)
+        for key in ("cache_dir", "profile"):
+            if key in raw:
+                if not isinstance(raw[key], str) or not raw[key]:
+                    raise OffloadConfigError(f"{key} {raw[key]!r} must be a non-empty path")
+                kw[key] = raw[key]
+        if "profile" in kw:
+            raise OffloadConfigError(
+                "profile: activation profiles are read by the fate and klotski policies, "
+                "which this release does not have yet; remove the profile setting"
+            )
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (vLLM hashes ``additional_config``)."""
+        out = asdict(self)
+        out["policy"] = self.policy.value
+        out["budget"] = str(self.budget) if self.budget.fraction is not None else self.budget.num_bytes
+        out["tier"] = self.tier.value
+        out["quant"] = self.quant.value
+        return out
+
+
+def _enum(kind: type[enum.Enum], value: Any, key: str) -> Any:
+    try:
+        return kind(str(value).lower())
+    except ValueError:
+        allowed = [m.value for m in kind]
+        raise OffloadConfigError(f"{key} {value!r} is not one of {allowed}") from None
+
+
+def _parse_policy(value: Any) -> Policy:
+    if str(value).lower() in PLANNED_POLICIES:
+        raise OffloadConfigError(
+            f"policy {value!r} is planned but not in this release; "
+            f"allowed: {[p.value for p in Policy]}"
+        )
+    return _enum(Policy, value, "policy")
+
+
+def _parse_quant(value: Any) -> Quant:
+    if str(value).lower() in ("int4", "int4+int2"):
+        raise OffloadConfigError(
+            f"quant {value!r} arrives with the fate policy and is not in this release; allowed: ['none']"
+        )
+    return _enum(Quant, value, "quant")
+
+
+def _number(value: Any, key: str, kind: type, low: float, high: float) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        num = kind(value)
+        if kind is int and num != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OffloadConfigError(f"{key} {value!r} is not a {kind.__name__}") from None
+    if not low <= num <= high:
+        raise OffloadConfigError(f"{key} {value!r} is out of range; allowed: {low} to {high}")
+    return num

@@ -1,0 +1,1 @@
+"""Integration layer: the only code that imports vLLM."""

@@ -1,0 +1,171 @@
+"""The offloaded MoE layer: an out-of-tree ``RoutedExperts`` that gets its weights from slots.
+
+vLLM's ``RoutedExperts`` owns a layer's expert weights ``w13_weight [E, 2I, H]``
+and ``w2_weight [E, H, I]`` and runs the fused-experts kernel on them. This
+subclass, registered with ``RoutedExperts.register_oot`` for every model,
+
+* behaves exactly like the stock class when offload is off;
+* when it is on, creates one-expert weights at build time (the loader skips the
+  checkpoint's expert tensors, see ``patches/default_loader.py``), and after
+  loading is given a slot pool ``[S, ...]`` by the worker (:func:`attach_slots`);
+* in ``forward_modular`` remaps ``topk_ids`` to slot ids and calls the stock
+  kernel path unchanged. A step that needs more distinct experts than there are
+  slots runs in passes split by tokens (a token's experts stay in one pass, so
+  results are bit-identical to stock).
+
+The offloaded path runs inside an opaque custom op so that ``torch.compile``
+(which vLLM runs with ``fullgraph=True``) neither traces the host-side cache
+decisions nor bakes them in.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_moe_offload.core.cache import pack_passes
+from vllm_moe_offload.integration.engine_config import current_offload_config
+from vllm_moe_offload.runtime.slots import LayerSlots
+
+logger = logging.getLogger("vllm.moe_offload.experts")
+
+#: layer_name -> offloaded layer, so the custom op (which takes only tensors and
+#: a string) can find its layer. Filled per worker process.
+_LAYERS: dict[str, OffloadRoutedExperts] = {}
+
+
+class OffloadRoutedExperts(RoutedExperts):
+    """``RoutedExperts`` whose expert weights live in a bounded slot pool."""
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        quant_method = super()._get_quant_method(prefix, quant_config, moe_config)
+        offload = current_offload_config()
+        self.offload_enabled = offload is not None and offload.enabled
+        self.slots: LayerSlots | None = None
+        if not self.offload_enabled:
+            return quant_method
+        if type(quant_method) is not UnquantizedFusedMoEMethod:
+            raise NotImplementedError(
+                f"{prefix}: MoE offload supports unquantized experts only; this layer uses "
+                f"{type(quant_method).__name__}. Run without --moe-offload or with an unquantized checkpoint."
+            )
+        if moe_config.has_bias:
+            raise NotImplementedError(f"{prefix}: MoE offload does not support expert biases yet")
+        original = quant_method.create_weights
+
+        def create_weights(*args, **kwargs):
+            # Experts are not materialized at load: one placeholder expert lets
+            # vLLM build and post-process the kernel format; the worker swaps in
+            # the real slot pool afterwards (attach_slots).
+            kwargs["num_experts"] = 1
+            return original(*args, **kwargs)
+
+        quant_method.create_weights = create_weights
+        return quant_method
+
+    @property
+    def layer_idx(self) -> int:
+        return extract_layer_index(self.layer_name)
+
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        if self.offload_enabled:
+            # The loader's expert filter skips these tensors before reading them;
+            # anything that still arrives is dropped, never copied into a slot.
+            return True if return_success else None
+        return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+
+    def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        if not self.offload_enabled:
+            return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        if self.slots is None:
+            raise RuntimeError(f"{self.layer_name}: offload is on but no slot pool was attached")
+        if shared_experts is not None:
+            # The kernel would run them inside (when it overlaps them); run them
+            # here exactly once instead and keep them out of every pass.
+            shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
+        return torch.ops.vllm_moe_offload.routed_experts(x, topk_weights, topk_ids, self.layer_name)
+
+    def offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
+        slots = self.slots
+        assert slots is not None
+        unique = torch.unique(topk_ids).tolist()
+        try:
+            if len(unique) <= slots.num_slots:
+                slots.ensure(unique)
+                return self._kernel(x, topk_weights, slots.remap(topk_ids))
+            out = torch.empty_like(x)
+            for token_idx in pack_passes(topk_ids.tolist(), slots.num_slots):
+                idx = torch.tensor(token_idx, device=x.device)
+                ids = topk_ids[idx]  # [t, k]
+                slots.ensure(torch.unique(ids).tolist())
+                out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
+            return out
+        finally:
+            slots.end_step()
+
+    def _kernel(self, x, topk_weights, slot_ids) -> torch.Tensor:
+        out = super().forward_modular(x, topk_weights, slot_ids, None, None)
+        if not isinstance(out, torch.Tensor):
+            raise NotImplementedError(
+                f"{self.layer_name}: this MoE kernel defers its finalize step, which offload does not support"
+            )
+        return out
+
+
+def _routed_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _LAYERS[layer_name].offloaded_forward(x, topk_weights, topk_ids)
+
+
+def _routed_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_LIBRARY = None
+
+
+def register() -> None:
+    """Register the OOT class and the custom op (once per process)."""
+    global _LIBRARY
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    if _LIBRARY is None:
+        _LIBRARY = torch.library.Library("vllm_moe_offload", "FRAGMENT")
+        direct_register_custom_op(
+            "routed_experts", _routed_experts_op, mutates_args=[], fake_impl=_routed_experts_fake,
+            target_lib=_LIBRARY,
+        )
+    existing = op_registry_oot.get(RoutedExperts.__name__)
+    if existing is None:
+        RoutedExperts.register_oot(OffloadRoutedExperts)
+    elif existing is not OffloadRoutedExperts:
+        raise RuntimeError(
+            f"another plugin already replaced RoutedExperts with {existing.__qualname__}; "
+            "vllm-moe-offload cannot share that hook"
+        )
+
+
+def offloaded_layers(model: torch.nn.Module) -> list[OffloadRoutedExperts]:
+    """The model's offloaded MoE layers, in layer order."""
+    layers = [m for m in model.modules() if isinstance(m, OffloadRoutedExperts) and m.offload_enabled]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def attach_slots(layer: OffloadRoutedExperts, slots: LayerSlots) -> None:
+    """Replace the placeholder weights with the slot pool and route the op to it."""
+    from vllm.model_executor.utils import replace_parameter
+
+    replace_parameter(layer, "w13_weight", slots.w13_slots)
+    replace_parameter(layer, "w2_weight", slots.w2_slots)
+    layer.slots = slots
+    _LAYERS[layer.layer_name] = layer
+
+
+# vLLM's model loaders check this mark before handing per-expert tensors over.
+OffloadRoutedExperts.weight_loader.supports_moe_loading = True  # type: ignore[attr-defined]

@@ -1,0 +1,96 @@
+"""The ``--moe-offload*`` command-line flags and how they fold into ``additional_config``.
+
+Plain argparse; no vLLM import. ``patches/engine_args.py`` adds the group to
+vLLM's parser and calls :func:`fold_into_additional_config` after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfigError, Policy, Quant, Tier
+
+#: argparse dest -> key of additional_config["moe_offload"]
+FLAG_KEYS = {
+    "moe_offload": "policy",
+    "moe_offload_budget": "budget",
+    "moe_offload_tier": "tier",
+    "moe_offload_direct_io": "direct_io",
+    "moe_offload_io_threads": "io_threads",
+    "moe_offload_link_gbps": "link_gbps",
+    "moe_offload_link_latency_ms": "link_latency_ms",
+    "moe_offload_quant": "quant",
+    "moe_offload_cache_dir": "cache_dir",
+}
+
+GROUP_TITLE = "MoEOffload"
+
+
+def _budget(value: str) -> str:
+    try:
+        Budget.parse(value)
+    except OffloadConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the plugin's argument group (shown by ``vllm serve --help=MoEOffload``)."""
+    group = parser.add_argument_group(
+        title=GROUP_TITLE,
+        description="Mixture-of-Experts expert offloading (vllm-moe-offload plugin). "
+        "Keeps only a budget of experts in fast memory and loads the rest when needed.",
+    )
+    group.add_argument(
+        "--moe-offload", dest="moe_offload", default=None, choices=[p.value for p in Policy],
+        help="Expert offload policy: 'ondemand' (fixed resident set, misses loaded and dropped), "
+        "'lru' (least-recently-used cache over the whole budget), or 'off' (stock vLLM; the default).",
+    )
+    group.add_argument(
+        "--moe-offload-budget", dest="moe_offload_budget", default=None, type=_budget, metavar="SIZE",
+        help="Fast memory for expert slots, over all MoE layers: a size (4GiB, 512MiB, 1.5GB, "
+        "or bytes) or a share of the model's expert bytes (50%%). Default 50%%.",
+    )
+    group.add_argument(
+        "--moe-offload-tier", dest="moe_offload_tier", default=None, choices=[t.value for t in Tier],
+        help="Where experts outside the slots live: 'disk' (the checkpoint's safetensors, direct I/O), "
+        "'host' (a host-memory copy), 'auto' (disk on CPU, host on CUDA; the default).",
+    )
+    group.add_argument(
+        "--moe-offload-direct-io", dest="moe_offload_direct_io", default=None,
+        action=argparse.BooleanOptionalAction,
+        help="Read experts from disk with O_DIRECT, bypassing the page cache (default on; "
+        "falls back to buffered reads with a warning where the filesystem refuses it).",
+    )
+    group.add_argument(
+        "--moe-offload-io-threads", dest="moe_offload_io_threads", default=None, type=int, metavar="N",
+        help="Threads that read experts from the slow tier (default 1).",
+    )
+    group.add_argument(
+        "--moe-offload-link-gbps", dest="moe_offload_link_gbps", default=None, type=float, metavar="GBPS",
+        help="Link emulator for benchmarks: cap expert transfers at this many GB/s (default: off).",
+    )
+    group.add_argument(
+        "--moe-offload-link-latency-ms", dest="moe_offload_link_latency_ms", default=None, type=float,
+        metavar="MS", help="Link emulator for benchmarks: add this latency to each expert transfer (ms).",
+    )
+    group.add_argument(
+        "--moe-offload-quant", dest="moe_offload_quant", default=None, choices=[q.value for q in Quant],
+        help="Storage format of offloaded experts (only 'none', full precision, in this release).",
+    )
+    group.add_argument(
+        "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",
+        help="Directory for derived expert stores (default under vLLM's cache root).",
+    )
+
+
+def fold_into_additional_config(args: argparse.Namespace, additional: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge the parsed flags into ``additional_config[CONFIG_KEY]`` (flags win)."""
+    merged = dict(additional or {})
+    given = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    if given:
+        section = dict(merged.get(CONFIG_KEY) or {})
+        section.update(given)
+        merged[CONFIG_KEY] = section
+    return merged

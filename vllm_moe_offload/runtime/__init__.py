@@ -1,0 +1,1 @@
+"""Runtime layer (torch): expert storage tiers, transfers and slot pools. No vLLM imports."""

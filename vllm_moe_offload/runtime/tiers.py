@@ -1,0 +1,118 @@
+"""Slow tiers: where an expert's weights come from when it is not in a slot.
+
+An :class:`ExpertSource` hands out one expert in the layer's kernel format.
+:class:`DiskSource` reads the checkpoint's own safetensors (direct I/O) and
+converts; :class:`HostSource` keeps every converted expert in host memory
+(pinned when the fast tier is a GPU) as plain tensors, never Parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
+
+#: (w1, w3 or None, w2) in checkpoint layout -> (w13, w2) in kernel layout, no expert dim
+Converter = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TierKind(str, enum.Enum):
+    DISK = "disk"
+    HOST = "host"
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    w13: torch.Tensor  # [2I', H'] kernel layout
+    w2: torch.Tensor  # [H', I'] kernel layout
+    bytes_read: int  # bytes that crossed the slow tier for this fetch
+
+
+class ExpertSource(Protocol):
+    tier: TierKind
+
+    def fetch(self, expert_idx: int) -> ExpertTensors: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """Checkpoint tensor names of one layer's experts, e.g. Mixtral's
+    ``model.layers.3.block_sparse_moe.experts.{e}.w1.weight``."""
+
+    prefix: str  # "model.layers.3.block_sparse_moe.experts"
+    gate: str  # "w1" / "gate_proj"
+    up: str | None  # "w3" / "up_proj"; None for non-gated experts
+    down: str  # "w2" / "down_proj"
+
+    def of(self, expert_idx: int) -> list[str]:
+        projs = [self.gate] + ([self.up] if self.up else []) + [self.down]
+        return [f"{self.prefix}.{expert_idx}.{p}.weight" for p in projs]
+
+
+class DiskSource:
+    """Experts read from the checkpoint's safetensors on every fetch."""
+
+    tier = TierKind.DISK
+
+    def __init__(
+        self, index: CheckpointIndex, names: CheckpointNames, convert: Converter, readers: ThreadLocalReaders
+    ) -> None:
+        self.index = index
+        self.names = names
+        self.convert = convert
+        self.readers = readers
+        missing = [n for n in names.of(0) if n not in index]
+        if missing:
+            raise KeyError(
+                f"expert tensors {missing} are not in the checkpoint at {index.folder}; "
+                "this checkpoint's expert naming is not supported by vllm-moe-offload"
+            )
+
+    def fetch(self, expert_idx: int) -> ExpertTensors:
+        locs = [self.index[n] for n in self.names.of(expert_idx)]
+        reader = self.readers.get()
+        before = reader.bytes_read
+        tensors = reader.read(locs)
+        w1, w2 = tensors[0], tensors[-1]
+        w3 = tensors[1] if len(tensors) == 3 else None
+        w13, w2k = self.convert(w1, w3, w2)
+        return ExpertTensors(w13, w2k, reader.bytes_read - before)
+
+    def close(self) -> None:
+        pass
+
+
+class HostSource:
+    """Every expert of a layer kept converted in host memory."""
+
+    tier = TierKind.HOST
+
+    def __init__(self, origin: ExpertSource, num_experts: int, pin: bool) -> None:
+        self._w13: list[torch.Tensor] = []
+        self._w2: list[torch.Tensor] = []
+        for expert_idx in range(num_experts):
+            got = origin.fetch(expert_idx)
+            w13, w2 = got.w13.cpu(), got.w2.cpu()
+            if pin:
+                w13, w2 = w13.pin_memory(), w2.pin_memory()
+            self._w13.append(w13)
+            self._w2.append(w2)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.nbytes for t in self._w13) + sum(t.nbytes for t in self._w2)
+
+    def fetch(self, expert_idx: int) -> ExpertTensors:
+        w13, w2 = self._w13[expert_idx], self._w2[expert_idx]
+        return ExpertTensors(w13, w2, w13.nbytes + w2.nbytes)
+
+    def close(self) -> None:
+        self._w13.clear()
+        self._w2.clear()
