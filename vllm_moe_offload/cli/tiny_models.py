@@ -45,6 +45,19 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "olmoe": ("OlmoeConfig", {"intermediate_size": 64, "num_experts": 8, "num_experts_per_tok": 2}),
+    # Grouped top-k (2 groups, 1 chosen) with a shared expert, and MLA attention:
+    # vLLM's MLA needs kv_lora_rank + qk_rope_head_dim in {320, 512, 576}, so 512 + 64.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        {
+            "intermediate_size": 256, "moe_intermediate_size": 64, "n_routed_experts": 8, "n_shared_experts": 1,
+            "num_experts_per_tok": 2, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+            "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1, "norm_topk_prob": False,
+            "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32,
+            "v_head_dim": 32, "head_dim": 64, "num_key_value_heads": 4, "routed_scaling_factor": 1.0,
+            "rope_scaling": None,
+        },
+    ),
 }
 
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models made locally, and running real vLLM engines in subprocesses.
+
+Engine start-up dominates test time (about 25 s per engine in vLLM's default
+multiprocess mode on 2 cores). So most tests ask :func:`run_engines` for a list
+of jobs, which one subprocess runs back to back with vLLM's engine in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: about 2 s per engine). Stock vLLM runs in
+its own subprocess with the plugin disabled (``VLLM_PLUGINS=none``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY_MIXTRAL = SHARED / "models" / "tiny-mixtral"
+
+#: prompts as token ids (the tiny models' byte tokenizer: <s> then bytes)
+PROMPTS = [
+    [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100],
+    [1, 84, 104, 101, 32, 99, 97, 116],
+    [1, 100, 101, 102, 32, 102, 40, 120, 41, 58],
+    [1, 79, 110, 99, 101, 32, 117, 112, 111, 110, 32, 97, 32, 116, 105, 109, 101],
+]
+
+
+def engine_env(tmp: Path, stock: bool, multiprocess: bool = False) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VLLM_RPC_BASE_PATH=str(tmp / "rpc"),
+        VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
+        VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    (tmp / "rpc").mkdir(parents=True, exist_ok=True)
+    if stock:
+        env["VLLM_PLUGINS"] = "none"
+    else:
+        env.pop("VLLM_PLUGINS", None)
+    return env
+
+
+def run_engines(tmp: Path, jobs: list[dict], stock: bool, multiprocess: bool = False, timeout_s: int = 900) -> dict:
+    """Run ``jobs`` (see tests/run_engines.py) in one subprocess; results by job name."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    jobs_file, out_file, log_file = tmp / "jobs.json", tmp / "out.json", tmp / "log.txt"
+    jobs_file.write_text(json.dumps(jobs))
+    with open(log_file, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "run_engines.py"), str(jobs_file), str(out_file)],
+            env=engine_env(tmp, stock, multiprocess), stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+            cwd=tmp,
+        )
+    if proc.returncode != 0:
+        raise AssertionError(f"engine runner failed ({proc.returncode}):\n{log_file.read_text()[-6000:]}")
+    results = {r["name"]: r for r in json.loads(out_file.read_text())}
+    for r in results.values():
+        r["log"] = str(log_file)
+    return results
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight tiny checkpoints of each supported architecture (made once per session)."""
+    from vllm_moe_offload.cli.tiny_models import ARCHITECTURES, make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}

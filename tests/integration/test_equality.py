@@ -1,0 +1,99 @@
+"""Greedy tokens with offload are identical to stock vLLM, per architecture and budget.
+
+Real vLLM engines on tiny random-weight models (correctness only; random
+routing says nothing about hit rates). Stock runs with the plugin disabled
+(``VLLM_PLUGINS=none``); offload runs at budget 100%, 50% and the minimum
+(``top_k`` slots per layer), with the disk tier (direct I/O) and, for one
+architecture, the host tier.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import PROMPTS, run_engines
+
+pytestmark = pytest.mark.engine
+
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
+#: every tiny model has 8 experts, top-2: the minimum budget is 2 of 8 slots per layer
+BUDGETS = {"100%": "100%", "50%": "50%", "min": "25%"}
+
+
+def _job(name, model, policy=None, budget=None, **extra):
+    engine = {}
+    if policy:
+        engine["additional_config"] = {"moe_offload": {"policy": policy, "budget": budget, **extra}}
+    return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("equality")
+    stock_jobs = [_job(f"{arch}/stock", tiny_models[arch]) for arch in ARCHS]
+    offload_jobs = [
+        _job(f"{arch}/{policy}/{label}", tiny_models[arch], policy, budget)
+        for arch in ARCHS
+        for label, budget in BUDGETS.items()
+        for policy in (("lru", "ondemand") if arch == "mixtral" else ("lru",))
+    ]
+    offload_jobs.append(_job("mixtral/lru/50%/host", tiny_models["mixtral"], "lru", "50%", tier="host"))
+    stock = run_engines(tmp / "stock", stock_jobs, stock=True)
+    offload = run_engines(tmp / "offload", offload_jobs, stock=False)
+    return stock, offload
+
+
+def _case_names():
+    names = []
+    for arch in ARCHS:
+        for label in BUDGETS:
+            names.append(f"{arch}/lru/{label}")
+            if arch == "mixtral":
+                names.append(f"{arch}/ondemand/{label}")
+    return names + ["mixtral/lru/50%/host"]
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_tokens_identical_to_stock(results, name):
+    stock, offload = results
+    arch = name.split("/")[0]
+    got = offload[name]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock[f"{arch}/stock"]["tokens"]
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_slots_within_budget_and_used(results, name):
+    _, offload = results
+    stats = offload[name]["stats"][0]
+    assert stats["slot_bytes"] <= stats["budget_bytes"]
+    total = stats["total"]
+    budget = name.split("/")[2]
+    expected_slots = {"100%": 8, "50%": 4, "min": 2}[budget]
+    assert stats["slots_per_layer"] == expected_slots
+    assert total["hits"] + total["misses"] > 0
+    if budget == "100%":
+        assert total["misses"] == 0  # everything was loaded at start-up
+    else:
+        assert total["misses"] > 0 and total["bytes_read"]
+
+
+def test_min_budget_runs_in_passes(results):
+    _, offload = results
+    # 4 prompts of random routing need more than 2 distinct experts per step
+    total = offload["mixtral/lru/min"]["stats"][0]["total"]
+    assert total["passes"] > offload["mixtral/lru/min"]["stats"][0]["layers"][0]["steps"]
+
+
+def test_ondemand_reloads_more_than_lru(results):
+    _, offload = results
+    lru = offload["mixtral/lru/50%"]["stats"][0]["total"]
+    ondemand = offload["mixtral/ondemand/50%"]["stats"][0]["total"]
+    assert ondemand["loads"] > lru["loads"]
+
+
+def test_host_tier_reads_from_host(results):
+    _, offload = results
+    stats = offload["mixtral/lru/50%/host"]["stats"][0]
+    assert stats["tier"] == "host"
+    assert set(stats["total"]["bytes_read"]) == {"host"}
