@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,7 @@ class Trace:
     positions: np.ndarray  # [N]
     step_ids: np.ndarray  # [N]
     hidden: np.ndarray | None = None  # [N, L, H]
-    path: str = field(default="", compare=False)
+    path: str = ""
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -1,0 +1,175 @@
+"""``vllm-moe-offload simulate``: replay a routing trace through cache policies offline.
+
+Writes ``NAME.json`` (the full report of ``core.simulate.simulate``) and
+``NAME.png`` (hit rate against budget) into ``--out``, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vllm_moe_offload.cli.main import Subcommand
+from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_bytes
+from vllm_moe_offload.core.schedule import SlotBudget, parse_budgets, replay_length
+from vllm_moe_offload.core.simulate import ORDERS, PolicySpec, resolve_policies, simulate
+from vllm_moe_offload.core.traces import Trace, load_trace
+
+DEFAULT_POLICIES = "lru,lfu,ondemand,eap,belady"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trace", type=Path, help="trace file: .npz (this project's format) or shared/traces .jsonl")
+    parser.add_argument(
+        "--budgets", default="25%,50%,75%",
+        help="slots per layer: counts (2,4,6) or shares of the layer's experts (12.5%%,25%%); default %(default)s",
+    )
+    parser.add_argument(
+        "--policies", default=DEFAULT_POLICIES,
+        help="cache policies, optionally CACHE+PREDICTOR (lru+eap, lfu+oracle); eap means lru+eap; "
+        "belady is always added; default %(default)s",
+    )
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument(
+        "--per-sequence", dest="mode", action="store_const", const="per-sequence",
+        help="one cold cache per sequence, one token per step (batch-1 view; the default)",
+    )
+    view.add_argument(
+        "--shared", dest="mode", action="store_const", const="shared",
+        help="one cache over the trace's steps, sequences interleaved",
+    )
+    parser.set_defaults(mode="per-sequence")
+    parser.add_argument(
+        "--order", choices=ORDERS, default="sequential",
+        help="sequential: experts served one by one, unserved ones evictable (default); step: all pinned",
+    )
+    parser.add_argument(
+        "--prefetch", type=_positive_int, default=None,
+        help="experts a predictor prefetches per layer and step (default top_k)",
+    )
+    parser.add_argument("--expert-bytes", default=None, help="size of one expert, e.g. 336MiB (default: 1 expert unit)")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default %(default)s)")
+    parser.add_argument("--name", default="simulate", help="stem of the output files (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    trace = load_trace(args.trace)
+    try:
+        expert_bytes = _parse_bytes(args.expert_bytes)
+        budgets = _feasible(parse_budgets(args.budgets), trace)
+        specs = resolve_policies(args.policies.split(","))
+    except (ValueError, OffloadConfigError) as exc:
+        print(f"vllm-moe-offload simulate: error: {exc}")
+        return 2
+    report = _simulate_with_progress(trace, budgets, specs, args, expert_bytes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{args.name}.json"
+    json_path.write_text(compact_json(report) + "\n")
+    from vllm_moe_offload.cli.plots import plot_hit_rates
+
+    png_path = plot_hit_rates(report, args.out / f"{args.name}.png")
+    print(format_report(report))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of experts")
+    return value
+
+
+def _parse_bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    budget = Budget.parse(text)
+    if budget.num_bytes is None:
+        raise ValueError(f"--expert-bytes {text!r} must be a size such as 336MiB, not a share")
+    return budget.num_bytes
+
+
+def _feasible(budgets: list[SlotBudget], trace: Trace) -> list[SlotBudget]:
+    """Budgets that leave every token its ``top_k`` slots; prints the ones skipped."""
+    meta = trace.meta
+    kept = []
+    for budget in budgets:
+        slots = budget.resolve(meta.num_experts)
+        if slots < meta.top_k:
+            print(f"skipping budget {budget}: {slots} slot(s) per layer, fewer than top_k = {meta.top_k}")
+        else:
+            kept.append(budget)
+    if not kept:
+        raise ValueError(f"no budget gives at least top_k = {meta.top_k} slots per layer")
+    return kept
+
+
+def _simulate_with_progress(
+    trace: Trace, budgets: list[SlotBudget], specs: list[PolicySpec], args: argparse.Namespace,
+    expert_bytes: int | None,
+) -> dict:
+    from tqdm import tqdm
+
+    total = replay_length(trace, args.mode) * len(budgets) * len(specs)
+    with tqdm(total=total, unit="step", disable=args.no_progress or None, leave=False) as bar:
+        return simulate(
+            trace, budgets, specs, mode=args.mode, order=args.order, prefetch_n=args.prefetch,
+            expert_bytes=expert_bytes, on_step=lambda: bar.update(1),
+        )
+
+
+def format_report(report: dict) -> str:
+    """A header and one table row per budget and policy."""
+    t = report["trace"]
+    unit = report["expert_bytes"] if report["expert_bytes_known"] else None
+    lines = [
+        f"{t['name']}: {t['model']}, {t['num_tokens']} tokens in {t['num_sequences']} sequence(s), "
+        f"{len(t['layer_ids'])} traced layers x {t['num_experts']} experts, top-{t['top_k']}",
+        f"mode {report['mode']}, order {report['order']}, predictors prefetch up to "
+        f"{report['prefetch_n']} experts per layer and step; "
+        + (f"1 expert = {format_bytes(unit)}" if unit else "sizes in experts (no --expert-bytes)"),
+        "demand hit: kept by the cache; ready: resident when needed (cache or prefetch); "
+        "belady: optimal demand cache; per token: summed over the traced layers",
+        "",
+        f"{'budget/layer':<16}{'policy':<14}{'demand hit':>11}{'ready':>8}{'misses/token':>14}"
+        f"{'loaded/token':>16}{'precision':>11}{'recall':>8}",
+    ]
+    for entry in report["results"]:
+        label = f"{entry['slots_per_layer']} ({entry['fraction_of_experts'] * 100:.1f}%)"
+        for name, s in entry["policies"].items():
+            per_token = s["loads"] / t["num_tokens"] if t["num_tokens"] else 0.0
+            loaded = format_bytes(int(s["bytes_per_token"])) if unit else f"{per_token:.2f} experts"
+            lines.append(
+                f"{label:<16}{name:<14}{s['demand_hit_rate']:>11.3f}{s['ready_rate']:>8.3f}"
+                f"{s['misses'] / max(t['num_tokens'], 1):>14.2f}{loaded:>16}"
+                f"{_rate(s['precision']):>11}{_rate(s['recall']):>8}"
+            )
+            label = ""
+    return "\n".join(lines)
+
+
+def compact_json(value: object, depth: int = 0) -> str:
+    """JSON with every innermost object or list on one line (small, and diffs well)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not any(isinstance(child, (dict, list)) for child in children):
+        return json.dumps(value)
+    pad = " " * (depth + 1)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(key)}: {compact_json(child, depth + 1)}" for key, child in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    items = [pad + compact_json(child, depth + 1) for child in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * depth + "]"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+COMMAND = Subcommand(
+    name="simulate",
+    help="replay a routing trace through expert-cache policies and predictors (no vLLM needed)",
+    add_arguments=add_arguments,
+    run=run,
+)
