@@ -29,6 +29,8 @@ _COMMON: dict[str, Any] = {
 }
 
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    # dense (no MoE layers): offload must leave it unchanged
+    "llama": ("LlamaConfig", {"intermediate_size": 256}),
     "mixtral": ("MixtralConfig", {"intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2}),
     "qwen2_moe": (
         "Qwen2MoeConfig",

@@ -72,11 +72,11 @@ class LRUPolicy(ReplacementPolicy):
         self._order.pop(expert, None)
 
     def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
-        for expert in self._order:
-            if expert in resident and expert not in pinned:
-                return expert
         # Resident experts never accessed (e.g. warm-loaded) are the oldest of all.
-        return next(e for e in resident if e not in pinned)
+        for expert in resident:
+            if expert not in self._order and expert not in pinned:
+                return expert
+        return next(e for e in self._order if e in resident and e not in pinned)
 
     def warm_set(self) -> list[int]:
         # Everything fits: load it all once and never miss.

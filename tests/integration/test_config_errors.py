@@ -1,0 +1,62 @@
+"""Bad offload settings fail in the user's process, before any engine starts, and say what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_moe_offload.core.config import OffloadConfigError
+
+
+@pytest.fixture(scope="module")
+def make_llm(tiny_models, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("VLLM_RPC_BASE_PATH", str(tmp_path_factory.mktemp("rpc")))
+    from vllm import LLM
+
+    def make(section):
+        return LLM(
+            model=str(tiny_models["mixtral"]), dtype="bfloat16", max_model_len=256, enforce_eager=True,
+            kv_cache_memory_bytes=32 * 2**20, additional_config={"moe_offload": section},
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"policy": "lru", "budgett": "1GiB"}, r"unknown moe_offload key\(s\) \['budgett'\]; allowed keys"),
+        ({"policy": "lru", "budget": "12 parsecs"}, r"budget '12 parsecs' is malformed; allowed: a size"),
+        ({"policy": "lru", "budget": 0}, r"budget 0 must be positive"),
+        ({"policy": "lru", "budget": "0%"}, r"must be in \(0%, 100%\]"),
+        ({"policy": "lru", "budget": "-1GiB"}, r"budget '-1GiB' is malformed"),
+        ({"policy": "belady"}, r"policy 'belady' is not one of \['off', 'ondemand', 'lru'\]"),
+        ({"policy": "fate"}, r"policy 'fate' is planned but not in this release"),
+        ({"policy": "lru", "io_threads": 0}, r"io_threads 0 is out of range; allowed: 1 to 64"),
+        # 2 MoE layers x top-2 x (3 x 128 x 256 x 2 bytes) = 786432 bytes
+        (
+            {"policy": "lru", "budget": "1KiB"},
+            r"budget 1.00 KiB \(1024 bytes\) is below the minimum one step needs: 786432 bytes .*"
+            r"allowed: 786432 to 3145728 bytes",
+        ),
+        ({"policy": "lru", "budget": "20%"}, r"below the minimum one step needs: 786432 bytes"),
+    ],
+)
+def test_bad_setting_is_refused_with_what_is_allowed(make_llm, section, message):
+    with pytest.raises(OffloadConfigError, match=message):
+        make_llm(section)
+
+
+def test_worker_cls_conflict_is_refused(tiny_models):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="cannot be combined with --moe-offload"):
+        LLM(
+            model=str(tiny_models["mixtral"]), worker_cls="vllm.v1.worker.cpu_worker.CPUWorker",
+            additional_config={"moe_offload": {"policy": "lru"}},
+        )
