@@ -1,0 +1,87 @@
+"""SlotMap with the runtime's policies: capacity, pinning, Load-on-Demand drops, pass packing."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pytest
+
+from vllm_moe_offload.core.cache import LRUPolicy, OnDemandPolicy, SlotMap, make_policy, pack_passes
+
+
+def test_lru_evicts_least_recent_unpinned():
+    slots = SlotMap(8, 2, LRUPolicy(8, 2))
+    for expert in (0, 1):
+        slots.admit(expert)
+        slots.touch(expert, hit=False)
+    slots.touch(0, hit=True)  # 1 is now least recent
+    assert slots.admit(2, pinned={2}).evicted == 1
+    slots.touch(2, hit=False)
+    assert slots.admit(3, pinned={0, 3}).evicted == 2  # 2 is older than 0 but 0 is pinned anyway
+
+
+def test_all_pinned_is_an_error_not_an_overflow():
+    slots = SlotMap(8, 2, LRUPolicy(8, 2))
+    slots.admit(0)
+    slots.admit(1)
+    with pytest.raises(RuntimeError, match="all 2 slots hold experts the current pass needs"):
+        slots.admit(2, pinned={0, 1})
+    assert len(slots) == 2
+
+
+def test_ondemand_keeps_fixed_set_and_drops_the_rest_each_step():
+    policy = OnDemandPolicy(8, 5, scratch=2)
+    assert policy.warm_set() == [0, 1, 2]
+    slots = SlotMap(8, 5, policy)
+    for expert in policy.warm_set():
+        slots.admit(expert)
+    slots.admit(6, pinned={6})
+    assert slots.end_step() == [6]
+    assert set(slots.resident()) == {0, 1, 2}
+
+
+def test_ondemand_with_every_slot_keeps_everything():
+    policy = make_policy("ondemand", 8, 8, top_k=2)
+    assert policy.warm_set() == list(range(8))
+    assert all(policy.keep_after_step(e) for e in range(8))
+
+
+def test_unknown_policy_names_allowed():
+    with pytest.raises(ValueError, match=r"unknown cache policy 'mru'; allowed: \['lru', 'ondemand'\]"):
+        make_policy("mru", 8, 4, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(2, 6),
+    policy_name=st.sampled_from(["lru", "ondemand"]),
+    steps=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=2, unique=True), min_size=1, max_size=40),
+)
+def test_capacity_never_exceeded_and_needed_experts_resident(capacity, policy_name, steps):
+    slots = SlotMap(8, capacity, make_policy(policy_name, 8, capacity, top_k=2))
+    for needed in steps:
+        for expert in needed:
+            if slots.slot_of(expert) is None:
+                slots.admit(expert, pinned=set(needed))
+            slots.touch(expert, hit=False)
+        assert len(slots) <= capacity
+        assert all(slots.slot_of(e) is not None for e in needed)
+        used = [slots.slot_of(e) for e in slots.resident()]
+        assert len(set(used)) == len(used) and all(0 <= s < capacity for s in used)
+        slots.end_step()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_slots=st.integers(2, 6),
+    tokens=st.lists(st.lists(st.integers(0, 15), min_size=2, max_size=2, unique=True), min_size=1, max_size=50),
+)
+def test_pack_passes_keeps_tokens_whole_and_within_slots(num_slots, tokens):
+    passes = pack_passes(tokens, num_slots)
+    assert sorted(i for p in passes for i in p) == list(range(len(tokens)))
+    for p in passes:
+        assert len({e for i in p for e in tokens[i]}) <= num_slots
+
+
+def test_pack_passes_refuses_a_token_wider_than_the_slots():
+    with pytest.raises(ValueError, match="token 0 needs 3 experts but only 2 slots exist"):
+        pack_passes([[0, 1, 2]], 2)

@@ -1,0 +1,81 @@
+"""The configuration object and the slot plan: validation messages and budget arithmetic."""
+
+import pytest
+
+from vllm_moe_offload.core.config import Budget, OffloadConfig, OffloadConfigError, Policy, Tier
+from vllm_moe_offload.core.plan import minimum_bytes, plan_slots
+
+
+@pytest.mark.parametrize(
+    "text, num_bytes",
+    [("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("1048576", 2**20),
+     ("64 kib", 64 * 1024), ("2G", 2 * 2**30), (123, 123)],
+)
+def test_budget_sizes(text, num_bytes):
+    assert Budget.parse(text).num_bytes == num_bytes
+
+
+def test_budget_share():
+    budget = Budget.parse("12.5%")
+    assert budget.fraction == 0.125 and budget.resolve(800) == 100 and str(budget) == "12.5%"
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "4 GiBs", "-1GiB", "0", "0%", "101%", True, None, [1], 0.0])
+def test_bad_budgets_name_value_and_allowed(bad):
+    with pytest.raises(OffloadConfigError, match="allowed: a size such as 4GiB"):
+        Budget.parse(bad)
+
+
+def test_defaults_off_and_frozen():
+    config = OffloadConfig.from_dict(None)
+    assert not config.enabled and config.policy is Policy.OFF
+    with pytest.raises(AttributeError):
+        config.policy = Policy.LRU  # type: ignore[misc]
+
+
+def test_round_trip_through_dict():
+    config = OffloadConfig.from_dict({"policy": "LRU", "budget": "25%", "tier": "disk", "io_threads": 2})
+    assert config.policy is Policy.LRU and config.tier is Tier.DISK and config.io_threads == 2
+    assert OffloadConfig.from_dict(config.to_dict()) == config
+    by_bytes = OffloadConfig.from_dict({"policy": "lru", "budget": "1GiB"})
+    assert OffloadConfig.from_dict(by_bytes.to_dict()) == by_bytes
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"polcy": "lru"}, r"unknown moe_offload key\(s\) \['polcy'\]; allowed keys: \["),
+        ({"policy": "mru"}, r"policy 'mru' is not one of \['off', 'ondemand', 'lru'\]"),
+        ({"policy": "klotski"}, "planned but not in this release"),
+        ({"tier": "tape"}, r"tier 'tape' is not one of \['auto', 'disk', 'host'\]"),
+        ({"io_threads": 1.5}, "io_threads 1.5 is not a int"),
+        ({"io_threads": 100}, "io_threads 100 is out of range; allowed: 1 to 64"),
+        ({"direct_io": "yes"}, "direct_io 'yes' must be true or false"),
+        ({"quant": "int4"}, "arrives with the fate policy"),
+        ({"link_gbps": -1}, "link_gbps -1 is out of range"),
+        ("lru", "moe_offload must be a dict"),
+    ],
+)
+def test_bad_settings(raw, message):
+    with pytest.raises(OffloadConfigError, match=message):
+        OffloadConfig.from_dict(raw)
+
+
+def test_plan_even_split_never_above_budget():
+    plan = plan_slots(Budget(num_bytes=10_000), num_layers=4, num_experts=8, top_k=2, expert_bytes=600)
+    assert plan.slots_per_layer == 4  # 10000 // (4 * 600) = 4
+    assert plan.slot_bytes == 9600 <= plan.budget_bytes
+
+
+def test_plan_caps_at_everything_resident():
+    plan = plan_slots(Budget(num_bytes=10**9), num_layers=2, num_experts=8, top_k=2, expert_bytes=100)
+    assert plan.slots_per_layer == 8 and plan.fully_resident
+
+
+def test_plan_minimum_is_top_k_per_layer_and_stated_in_bytes():
+    assert minimum_bytes(num_layers=3, top_k=2, expert_bytes=100) == 600
+    assert plan_slots(Budget(num_bytes=600), 3, 8, 2, 100).slots_per_layer == 2
+    with pytest.raises(OffloadConfigError, match=r"minimum one step needs: 600 bytes .* allowed: 600 to 2400 bytes"):
+        plan_slots(Budget(num_bytes=599), 3, 8, 2, 100)
+    with pytest.raises(OffloadConfigError, match="minimum"):
+        plan_slots(Budget(fraction=0.2), 3, 8, 2, 100)  # 1 slot of 8

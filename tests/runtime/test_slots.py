@@ -1,0 +1,110 @@
+"""A layer's slot pool over a real checkpoint: loads, remapping, statistics, failed reads."""
+
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_moe_offload.core.cache import SlotMap, make_policy
+from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
+from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
+from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, HostSource
+from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
+
+E, I, H = 6, 8, 4
+PREFIX = "model.layers.0.block_sparse_moe.experts"
+
+
+def _identity(w1, w3, w2):
+    return torch.cat([w1, w3]), w2
+
+
+@pytest.fixture
+def experts(tmp_path):
+    torch.manual_seed(0)
+    tensors = {}
+    for e in range(E):
+        tensors[f"{PREFIX}.{e}.w1.weight"] = torch.randn(I, H)
+        tensors[f"{PREFIX}.{e}.w3.weight"] = torch.randn(I, H)
+        tensors[f"{PREFIX}.{e}.w2.weight"] = torch.randn(H, I)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path, tensors
+
+
+def _slots(folder, num_slots, policy="lru", link=LinkEmulator(), tier="disk"):
+    readers = ThreadLocalReaders(direct_io=True)
+    source = DiskSource(CheckpointIndex(folder), CheckpointNames(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    if tier == "host":
+        source = HostSource(source, E, pin=False)
+    slot_map = SlotMap(E, num_slots, make_policy(policy, E, num_slots, top_k=2))
+    return LayerSlots(
+        0, torch.zeros(num_slots, 2 * I, H), torch.zeros(num_slots, H, I), slot_map, source,
+        ThreadTransferEngine(2), link,
+    )
+
+
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_ensure_loads_the_right_bytes_and_remaps(experts, tier):
+    folder, tensors = experts
+    slots = _slots(folder, 3, tier=tier)
+    slots.ensure([4, 1])
+    ids = torch.tensor([[4, 1], [1, 4]], dtype=torch.int32)
+    slot_ids = slots.remap(ids)
+    assert slot_ids.dtype == torch.int32
+    for expert, slot in ((4, int(slot_ids[0, 0])), (1, int(slot_ids[0, 1]))):
+        w13 = torch.cat([tensors[f"{PREFIX}.{expert}.w1.weight"], tensors[f"{PREFIX}.{expert}.w3.weight"]])
+        assert torch.equal(slots.w13_slots[slot], w13)
+        assert torch.equal(slots.w2_slots[slot], tensors[f"{PREFIX}.{expert}.w2.weight"])
+    assert (slots.stats.hits, slots.stats.misses, slots.stats.loads) == (0, 2, 2)
+    assert slots.stats.bytes_read[tier] > 0
+    slots.ensure([1, 0])
+    assert (slots.stats.hits, slots.stats.misses) == (1, 3)
+
+
+def test_eviction_forgets_the_old_slot(experts):
+    folder, _ = experts
+    slots = _slots(folder, 2)
+    slots.ensure([0, 1])
+    slots.ensure([2, 1])  # evicts 0
+    assert int(slots.remap(torch.tensor([0]))[0]) == -1
+    assert int(slots.remap(torch.tensor([2]))[0]) in (0, 1)
+
+
+def test_ondemand_drops_misses_at_step_end(experts):
+    folder, _ = experts
+    slots = _slots(folder, 4, policy="ondemand")
+    slots.warm()  # experts 0 and 1 stay for good
+    assert slots.stats.loads == 2
+    slots.ensure([0, 5])
+    slots.end_step()
+    slots.ensure([0, 5])
+    assert slots.stats.misses == 2 and slots.stats.hits == 2  # 5 had to be read again
+
+
+def test_a_failed_read_fails_the_step_and_frees_the_slot(experts):
+    folder, _ = experts
+    slots = _slots(folder, 2)
+    slots.ensure([0])
+    path = folder / "model.safetensors"
+    size = path.stat().st_size
+    os.truncate(path, 4096)  # experts past the first block can no longer be read
+    with pytest.raises(ExpertLoadError, match="layer 0: loading expert 5 from the disk tier failed"):
+        slots.ensure([5])
+    assert slots.slot_map.slot_of(5) is None
+    assert int(slots.remap(torch.tensor([5]))[0]) == -1
+    assert len(slots.slot_map) == 1
+    os.truncate(path, size)  # the file is back (zeros): the slot pool still works
+    slots.ensure([5, 0])
+    assert slots.slot_map.slot_of(5) is not None
+
+
+def test_link_emulator_makes_loads_last_at_least_the_emulated_time(experts):
+    folder, _ = experts
+    # 2 loads of one ~12 KiB span each over an emulated 0.001 GB/s link with 20 ms latency
+    slots = _slots(folder, 2, link=LinkEmulator(gbps=0.001, latency_ms=20))
+    started = time.perf_counter()
+    slots.ensure([0, 1])
+    assert time.perf_counter() - started >= 0.02 + 4096 / 1e6
+    assert "EMULATED" in slots.link.describe()
