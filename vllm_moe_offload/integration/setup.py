@@ -16,6 +16,7 @@ from vllm_moe_offload.core.stats import summarize
 from vllm_moe_offload.integration.engine_config import offload_config_of
 from vllm_moe_offload.integration.experts import OffloadRoutedExperts, attach_slots, offloaded_layers
 from vllm_moe_offload.integration.kernel_format import make_converter
+from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
 from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, ExpertSource, HostSource
@@ -71,6 +72,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         )
         return None
     started = time.perf_counter()
+    return_large_frees_to_the_os()
     first = layers[0]
     expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
     plan = plan_slots(config.budget, len(layers), first.global_num_experts, first.top_k, expert_bytes)
