@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the test suite (setting up .venv first when needed). Extra arguments go to
+# pytest, e.g.  bash scripts/test.sh -m "not slow"   (skips the multi-minute tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/vllm ] || ! .venv/bin/python -c "import vllm_moe_offload, vllm, pytest" 2>/dev/null; then
+  bash scripts/setup.sh
+fi
+. .venv/bin/activate
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+# vLLM leaves sockets and compile caches behind unless pointed at a scratch folder
+export VLLM_RPC_BASE_PATH="$scratch/rpc" VLLM_CACHE_ROOT="$scratch/cache"
+mkdir -p "$VLLM_RPC_BASE_PATH"
+exec python -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest" "$@"
