@@ -46,14 +46,14 @@ def test_ondemand_with_every_slot_keeps_everything():
 
 
 def test_unknown_policy_names_allowed():
-    with pytest.raises(ValueError, match=r"unknown cache policy 'mru'; allowed: \['lru', 'ondemand'\]"):
+    with pytest.raises(ValueError, match=r"unknown cache policy 'mru'; allowed: \['arc', 'lru', 'ondemand'\]"):
         make_policy("mru", 8, 4, 2)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     capacity=st.integers(2, 6),
-    policy_name=st.sampled_from(["lru", "ondemand"]),
+    policy_name=st.sampled_from(["lru", "ondemand", "arc"]),
     steps=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=2, unique=True), min_size=1, max_size=40),
 )
 def test_capacity_never_exceeded_and_needed_experts_resident(capacity, policy_name, steps):
@@ -85,3 +85,45 @@ def test_pack_passes_keeps_tokens_whole_and_within_slots(num_slots, tokens):
 def test_pack_passes_refuses_a_token_wider_than_the_slots():
     with pytest.raises(ValueError, match="token 0 needs 3 experts but only 2 slots exist"):
         pack_passes([[0, 1, 2]], 2)
+
+
+def test_arc_keeps_the_frequent_expert_through_a_scan():
+    """Expert 0 is used again and again; a scan of one-off experts must not push it out (LRU would)."""
+    from vllm_moe_offload.core.arc import ARCPolicy
+
+    def run(policy):
+        slots = SlotMap(16, 3, policy)
+        misses = 0
+        for expert in [0, 1, 0, 2, 0, 3, 4, 5, 0, 6, 7, 0]:
+            if slots.slot_of(expert) is None:
+                misses += 1
+                slots.admit(expert, pinned={expert})
+                slots.touch(expert, hit=False)
+            else:
+                slots.touch(expert, hit=True)
+        return misses, slots.slot_of(0) is not None
+
+    arc_misses, arc_keeps_0 = run(ARCPolicy(16, 3))
+    assert arc_keeps_0 and arc_misses == 8  # 0 misses once; 1..7 once each
+
+
+def test_arc_ghost_hit_moves_the_target():
+    from vllm_moe_offload.core.arc import ARCPolicy
+
+    arc = ARCPolicy(8, 2)
+    slots = SlotMap(8, 2, arc)
+
+    def use(expert):
+        if slots.slot_of(expert) is None:
+            slots.admit(expert, pinned={expert})
+            slots.touch(expert, hit=False)
+        else:
+            slots.touch(expert, hit=True)
+
+    for expert in (0, 0, 1, 2):  # 0 is frequent (T2); 2 pushes 1 out of T1 into the ghost list B1
+        use(expert)
+    assert 1 in arc.b1 and 0 in arc.t2 and arc.p == 0
+    slots.admit(1, pinned={1})  # a ghost hit: T1 should have been larger
+    assert arc.p == 1.0 and 1 not in arc.b1
+    slots.touch(1, hit=False)
+    assert 1 in arc.t2

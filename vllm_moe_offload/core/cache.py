@@ -46,6 +46,9 @@ class ReplacementPolicy(ABC):
         not pinned.
         """
 
+    def before_admit(self, expert: int) -> None:
+        """Called when ``expert`` is about to enter, before a victim is chosen."""
+
     def keep_after_step(self, expert: int) -> bool:
         """Whether ``expert`` may stay resident once the step is over."""
         return True
@@ -161,6 +164,7 @@ class SlotMap:
         if expert in self._slot_of:
             raise ValueError(f"expert {expert} is already resident")
         evicted = None
+        self.policy.before_admit(expert)
         if self._free:
             slot = self._free.pop()
         else:
@@ -199,10 +203,14 @@ def make_policy(name: str, num_experts: int, capacity: int, top_k: int) -> Repla
         return OnDemandPolicy(num_experts, capacity, scratch=top_k)
     if name == LRUPolicy.name:
         return LRUPolicy(num_experts, capacity)
+    if name == "arc":
+        from vllm_moe_offload.core.arc import ARCPolicy
+
+        return ARCPolicy(num_experts, capacity)
     raise ValueError(f"unknown cache policy {name!r}; allowed: {sorted(POLICY_NAMES)}")
 
 
-POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name})
+POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name, "arc"})
 
 
 def pack_passes(token_experts: Iterable[Collection[int]], num_slots: int) -> list[list[int]]:

@@ -42,7 +42,7 @@ class LFUPolicy(ReplacementPolicy):
 
 
 #: cache policies the simulator can replay
-SIM_POLICY_NAMES = ("lru", "lfu", "ondemand", "belady")
+SIM_POLICY_NAMES = ("lru", "lfu", "arc", "ondemand", "belady")
 
 
 def make_sim_policy(
