@@ -45,13 +45,13 @@ def test_round_trip_through_dict():
     "raw, message",
     [
         ({"polcy": "lru"}, r"unknown moe_offload key\(s\) \['polcy'\]; allowed keys: \["),
-        ({"policy": "mru"}, r"policy 'mru' is not one of \['off', 'ondemand', 'lru'\]"),
+        ({"policy": "mru"}, r"policy 'mru' is not one of \['off', 'ondemand', 'lru', 'fate'\]"),
         ({"policy": "klotski"}, "planned but not in this release"),
         ({"tier": "tape"}, r"tier 'tape' is not one of \['auto', 'disk', 'host'\]"),
         ({"io_threads": 1.5}, "io_threads 1.5 is not a int"),
         ({"io_threads": 100}, "io_threads 100 is out of range; allowed: 1 to 64"),
         ({"direct_io": "yes"}, "direct_io 'yes' must be true or false"),
-        ({"quant": "int4"}, "arrives with the fate policy"),
+        ({"quant": "int4"}, "quantized expert stores"),
         ({"link_gbps": -1}, "link_gbps -1 is out of range"),
         ("lru", "moe_offload must be a dict"),
     ],
@@ -79,3 +79,15 @@ def test_plan_minimum_is_top_k_per_layer_and_stated_in_bytes():
         plan_slots(Budget(num_bytes=599), 3, 8, 2, 100)
     with pytest.raises(OffloadConfigError, match="minimum"):
         plan_slots(Budget(fraction=0.2), 3, 8, 2, 100)  # 1 slot of 8
+
+
+def test_shallow_favoring_split_keeps_leading_layers_whole():
+    # 4 layers of 8 experts, budget 20 slots: 1 resident layer (8) + 3 x 4
+    plan = plan_slots(Budget(num_bytes=20 * 100), 4, 8, 2, 100, resident_layers=1)
+    assert plan.layer_slots == (8, 4, 4, 4) and plan.resident_layers == 1
+    assert plan.slot_bytes <= plan.budget_bytes
+    # asking for 3 resident layers leaves too little for the last one (20 - 24 < 2): fewer are kept
+    plan = plan_slots(Budget(num_bytes=20 * 100), 4, 8, 2, 100, resident_layers=3)
+    assert plan.layer_slots == (8, 8, 2, 2) and plan.resident_layers == 2
+    # at the minimum nothing can be made resident
+    assert plan_slots(Budget(num_bytes=8 * 100), 4, 8, 2, 100, resident_layers=2).layer_slots == (2, 2, 2, 2)

@@ -46,7 +46,7 @@ def test_serve_help_lists_the_flags():
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--moe-offload ", "--moe-offload-budget", "--moe-offload-tier", "--moe-offload-direct-io"):
         assert flag in out.stdout
-    assert "{off,ondemand,lru}" in out.stdout
+    assert "{off,ondemand,lru,fate}" in out.stdout
 
 
 def test_bad_budget_flag_exits_with_the_reason(tiny_models):

@@ -35,8 +35,8 @@ def monkeypatch_module():
         ({"policy": "lru", "budget": 0}, r"budget 0 must be positive"),
         ({"policy": "lru", "budget": "0%"}, r"must be in \(0%, 100%\]"),
         ({"policy": "lru", "budget": "-1GiB"}, r"budget '-1GiB' is malformed"),
-        ({"policy": "belady"}, r"policy 'belady' is not one of \['off', 'ondemand', 'lru'\]"),
-        ({"policy": "fate"}, r"policy 'fate' is planned but not in this release"),
+        ({"policy": "belady"}, r"policy 'belady' is not one of \['off', 'ondemand', 'lru', 'fate'\]"),
+        ({"policy": "klotski"}, r"policy 'klotski' is planned but not in this release"),
         ({"policy": "lru", "io_threads": 0}, r"io_threads 0 is out of range; allowed: 1 to 64"),
         # 2 MoE layers x top-2 x (3 x 128 x 256 x 2 bytes) = 786432 bytes
         (

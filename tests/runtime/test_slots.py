@@ -108,3 +108,29 @@ def test_link_emulator_makes_loads_last_at_least_the_emulated_time(experts):
     slots.ensure([0, 1])
     assert time.perf_counter() - started >= 0.02 + 4096 / 1e6
     assert "EMULATED" in slots.link.describe()
+
+
+def test_prefetch_makes_experts_ready_and_scores_the_prediction(experts):
+    folder, tensors = experts
+    slots = _slots(folder, 3, policy="arc")
+    slots.prefetch([3, 4, 5])
+    slots.ensure([3, 1])  # 3 was prefetched, 1 was not: it evicts 4 or 5, loaded ahead for nothing
+    assert slots.stats.prefetch_unused == 1
+    assert slots.stats.prefetch_hits == 1 and slots.stats.misses == 1 and slots.stats.hits == 0
+    assert slots.stats.prefetch_loads == 3 and slots.stats.loads == 4
+    assert (slots.stats.predicted, slots.stats.predicted_right, slots.stats.needed_when_predicted) == (3, 1, 2)
+    slot = int(slots.remap(torch.tensor([3]))[0])
+    assert torch.equal(slots.w2_slots[slot], tensors[f"{PREFIX}.3.w2.weight"])
+    slots.ensure([3])  # now a plain cache hit; later passes are not scored again
+    assert slots.stats.hits == 1 and slots.stats.predicted == 3
+    slots.prefetch([0])  # the other unused prefetched expert, still resident, is counted once
+    assert slots.stats.prefetch_unused == 2
+
+
+def test_prefetch_never_evicts_what_is_in_flight(experts):
+    folder, _ = experts
+    slots = _slots(folder, 2, link=LinkEmulator(latency_ms=50))
+    slots.prefetch([0, 1])
+    slots.prefetch([2, 3])  # both slots hold loads in flight or just finished: nothing can be admitted
+    slots.ensure([0, 1])
+    assert slots.stats.prefetch_hits + slots.stats.hits == 2 and slots.stats.misses == 0

@@ -54,8 +54,12 @@ class ReplacementPolicy(ABC):
         return True
 
     def warm_set(self) -> list[int]:
-        """Experts to load before the first step (at most ``capacity``)."""
-        return []
+        """Experts to load before the first step (at most ``capacity``).
+
+        By default everything when everything fits (then nothing ever misses),
+        nothing otherwise.
+        """
+        return list(range(self.num_experts)) if self.capacity >= self.num_experts else []
 
 
 class LRUPolicy(ReplacementPolicy):
@@ -80,10 +84,6 @@ class LRUPolicy(ReplacementPolicy):
             if expert not in self._order and expert not in pinned:
                 return expert
         return next(e for e in self._order if e in resident and e not in pinned)
-
-    def warm_set(self) -> list[int]:
-        # Everything fits: load it all once and never miss.
-        return list(range(self.num_experts)) if self.capacity >= self.num_experts else []
 
 
 class OnDemandPolicy(ReplacementPolicy):

@@ -25,10 +25,11 @@ class Policy(str, enum.Enum):
     OFF = "off"
     ONDEMAND = "ondemand"
     LRU = "lru"
+    FATE = "fate"
 
 
 #: policies described in DESIGN.md that later releases add; refused clearly today
-PLANNED_POLICIES = ("fate", "klotski")
+PLANNED_POLICIES = ("klotski",)
 
 
 class Tier(str, enum.Enum):
@@ -119,6 +120,10 @@ class OffloadConfig:
     quant: Quant = Quant.NONE
     cache_dir: str | None = None
     profile: str | None = None
+    #: fate: leading MoE layers kept fully resident (None: automatic)
+    resident_layers: int | None = None
+    #: fate: experts prefetched per layer at least (None: measured compute/transfer ratio)
+    overfetch: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -157,6 +162,10 @@ class OffloadConfig:
             kw["link_gbps"] = _number(raw["link_gbps"], "link_gbps", float, 1e-3, 1e4)
         if "link_latency_ms" in raw:
             kw["link_latency_ms"] = _number(raw["link_latency_ms"], "link_latency_ms", float, 0.0, 1e4)
+        if "resident_layers" in raw:
+            kw["resident_layers"] = _number(raw["resident_layers"], "resident_layers", int, 0, 4096)
+        if "overfetch" in raw:
+            kw["overfetch"] = _number(raw["overfetch"], "overfetch", int, 1, 4096)
         for key in ("cache_dir", "profile"):
             if key in raw:
                 if not isinstance(raw[key], str) or not raw[key]:
@@ -164,8 +173,8 @@ class OffloadConfig:
                 kw[key] = raw[key]
         if "profile" in kw:
             raise OffloadConfigError(
-                "profile: activation profiles are read by the fate and klotski policies, "
-                "which this release does not have yet; remove the profile setting"
+                "profile: saved activation profiles are not supported in this release; "
+                "remove the profile setting"
             )
         return cls(**kw)
 
@@ -199,7 +208,7 @@ def _parse_policy(value: Any) -> Policy:
 def _parse_quant(value: Any) -> Quant:
     if str(value).lower() in ("int4", "int4+int2"):
         raise OffloadConfigError(
-            f"quant {value!r} arrives with the fate policy and is not in this release; allowed: ['none']"
+            f"quant {value!r} (quantized expert stores) is not in this release; allowed: ['none']"
         )
     return _enum(Quant, value, "quant")
 

@@ -10,16 +10,26 @@ from dataclasses import asdict, dataclass, field
 class LayerStats:
     """What one MoE layer's cache saw.
 
-    ``hits``/``misses`` count (step, expert) needs: an expert needed by several
-    tokens of one pass counts once. ``stall_s`` is the time the forward pass
-    waited for loads to finish.
+    ``hits``/``misses`` count (pass, expert) needs: an expert needed by several
+    tokens of one pass counts once. A hit is a *demand* hit (resident without
+    this step's prefetch); ``prefetch_hits`` are needs that a prefetch made
+    resident, so the ready rate is ``(hits + prefetch_hits) / needs``.
+    ``stall_s`` is the time the forward pass waited for loads to finish.
+    Prediction counts: ``predicted_right`` of ``predicted`` experts were needed,
+    out of ``needed_when_predicted`` needs of the passes that had a prediction.
     """
 
     layer_idx: int = -1
     num_slots: int = 0
     hits: int = 0
     misses: int = 0
+    prefetch_hits: int = 0
     loads: int = 0
+    prefetch_loads: int = 0
+    prefetch_unused: int = 0
+    predicted: int = 0
+    predicted_right: int = 0
+    needed_when_predicted: int = 0
     passes: int = 0
     steps: int = 0
     stall_s: float = 0.0
@@ -31,31 +41,47 @@ class LayerStats:
         self.bytes_read[tier] = self.bytes_read.get(tier, 0) + num_bytes
 
     @property
+    def needs(self) -> int:
+        return self.hits + self.prefetch_hits + self.misses
+
+    @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 1.0
+        return self.hits / self.needs if self.needs else 1.0
+
+    @property
+    def ready_rate(self) -> float:
+        return (self.hits + self.prefetch_hits) / self.needs if self.needs else 1.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["hit_rate"] = self.hit_rate
+        out["ready_rate"] = self.ready_rate
+        out["precision"] = self.predicted_right / self.predicted if self.predicted else None
+        out["recall"] = self.predicted_right / self.needed_when_predicted if self.needed_when_predicted else None
         return out
 
 
 def summarize(layers: Iterable[dict]) -> dict:
     """Sum per-layer stat dicts (as returned by ``LayerStats.to_dict``)."""
-    total = {
-        "layers": 0, "hits": 0, "misses": 0, "loads": 0, "passes": 0,
-        "stall_s": 0.0, "bytes_read": {}, "slot_bytes": 0, "slots": 0, "resident": 0,
-    }
+    summed = (
+        "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
+        "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
+    )
+    total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed}}
     for layer in layers:
         total["layers"] += 1
-        for key in ("hits", "misses", "loads", "passes", "stall_s", "slot_bytes", "resident"):
+        for key in summed:
             total[key] += layer[key]
         total["slots"] += layer["num_slots"]
         for tier, num in layer["bytes_read"].items():
             total["bytes_read"][tier] = total["bytes_read"].get(tier, 0) + num
-    needed = total["hits"] + total["misses"]
+    needed = total["hits"] + total["prefetch_hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / needed if needed else 1.0
+    total["ready_rate"] = (total["hits"] + total["prefetch_hits"]) / needed if needed else 1.0
+    total["precision"] = total["predicted_right"] / total["predicted"] if total["predicted"] else None
+    total["recall"] = (
+        total["predicted_right"] / total["needed_when_predicted"] if total["needed_when_predicted"] else None
+    )
     return total
 
 
@@ -64,7 +90,9 @@ def format_summary(total: dict) -> str:
     reads = ", ".join(f"{t} {n / 2**20:.1f} MiB" for t, n in sorted(total["bytes_read"].items())) or "none"
     return (
         f"{total['layers']} layers, hit rate {total['hit_rate']:.3f} "
-        f"({total['hits']} hits, {total['misses']} misses), {total['loads']} loads, "
+        f"({total['hits']} hits, {total['misses']} misses), ready rate {total['ready_rate']:.3f} "
+        f"({total['prefetch_hits']} made ready by prefetch), {total['loads']} loads "
+        f"({total['prefetch_loads']} prefetched, {total['prefetch_unused']} unused), "
         f"read {reads}, stall {total['stall_s'] * 1e3:.1f} ms, "
         f"{total['resident']}/{total['slots']} slots in use, "
         f"slot memory {total['slot_bytes'] / 2**20:.1f} MiB"

@@ -21,6 +21,7 @@ decisions nor bakes them in.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -48,6 +49,11 @@ class OffloadRoutedExperts(RoutedExperts):
         offload = current_offload_config()
         self.offload_enabled = offload is not None and offload.enabled
         self.slots: LayerSlots | None = None
+        # fate: the next offloaded layer and its router (a GateLinear), set by link_prediction
+        self.next_layer: OffloadRoutedExperts | None = None
+        self.next_gate: torch.nn.Module | None = None
+        self.overfetch: int | None = None
+        self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
         if not self.offload_enabled:
             return quant_method
         if type(quant_method) is not UnquantizedFusedMoEMethod:
@@ -95,6 +101,8 @@ class OffloadRoutedExperts(RoutedExperts):
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
         slots = self.slots
         assert slots is not None
+        if self.next_gate is not None:
+            self._prefetch_next(x)
         unique = torch.unique(topk_ids).tolist()
         try:
             if len(unique) <= slots.num_slots:
@@ -110,8 +118,37 @@ class OffloadRoutedExperts(RoutedExperts):
         finally:
             slots.end_step()
 
+    def _prefetch_next(self, x: torch.Tensor) -> None:
+        """Fate's cross-layer gate: the next layer's router on this layer's router input.
+
+        The residual stream keeps adjacent router inputs close, so the next layer's
+        experts are predicted one layer ahead and loaded while this layer computes.
+        For a batch: the union of every token's top-k, most-needed first, filled up
+        to the over-fetch depth by router probability mass.
+        """
+        nxt = self.next_layer
+        assert nxt is not None and nxt.slots is not None
+        logits = self.next_gate(x)[0].float()  # [T, E]
+        per_token = logits.topk(nxt.top_k, dim=-1).indices  # [T, k]
+        counts = torch.bincount(per_token.flatten(), minlength=logits.shape[-1])  # [E]
+        score = counts * float(x.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
+        depth = max(int((counts > 0).sum()), self._overfetch_depth(nxt))
+        nxt.slots.prefetch(score.topk(min(depth, nxt.slots.num_slots)).indices.tolist())
+
+    def _overfetch_depth(self, nxt: OffloadRoutedExperts) -> int:
+        """Fate's k = compute time / one expert's load time, at least top_k (or the configured value)."""
+        if self.overfetch is not None:
+            return max(self.overfetch, nxt.top_k)
+        load_s = nxt.slots.load_s_ema if nxt.slots is not None else None
+        if not load_s or self.compute_s_ema is None:
+            return nxt.top_k
+        return max(nxt.top_k, int(self.compute_s_ema / load_s))
+
     def _kernel(self, x, topk_weights, slot_ids) -> torch.Tensor:
+        started = time.perf_counter()
         out = super().forward_modular(x, topk_weights, slot_ids, None, None)
+        took_s = time.perf_counter() - started
+        self.compute_s_ema = took_s if self.compute_s_ema is None else 0.9 * self.compute_s_ema + 0.1 * took_s
         if not isinstance(out, torch.Tensor):
             raise NotImplementedError(
                 f"{self.layer_name}: this MoE kernel defers its finalize step, which offload does not support"
@@ -155,6 +192,28 @@ def offloaded_layers(model: torch.nn.Module) -> list[OffloadRoutedExperts]:
     """The model's offloaded MoE layers, in layer order."""
     layers = [m for m in model.modules() if isinstance(m, OffloadRoutedExperts) and m.offload_enabled]
     return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def link_prediction(model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None) -> int:
+    """Give each layer the router of the next offloaded layer (Fate). Returns links made.
+
+    The router is the ``gate`` module beside the experts (``...block_sparse_moe.gate``
+    for Mixtral, ``...mlp.gate`` for Qwen-MoE, OLMoE, DeepSeek). Layers whose next
+    layer keeps every expert resident need no prediction.
+    """
+    links = 0
+    for layer, nxt in zip(layers, layers[1:]):
+        if nxt.slots is None or nxt.slots.fully_resident or nxt.layer_idx != layer.layer_idx + 1:
+            continue
+        gate_name = nxt.layer_name.rsplit(".experts", 1)[0] + ".gate"
+        try:
+            gate = model.get_submodule(gate_name)  # called as gate(x) -> (logits [T, E], bias)
+        except AttributeError:
+            logger.warning("no router found at %s; layer %d is not predicted", gate_name, nxt.layer_idx)
+            continue
+        layer.next_layer, layer.next_gate, layer.overfetch = nxt, gate, overfetch
+        links += 1
+    return links
 
 
 def attach_slots(layer: OffloadRoutedExperts, slots: LayerSlots) -> None:

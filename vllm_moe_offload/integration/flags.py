@@ -22,6 +22,8 @@ FLAG_KEYS = {
     "moe_offload_link_latency_ms": "link_latency_ms",
     "moe_offload_quant": "quant",
     "moe_offload_cache_dir": "cache_dir",
+    "moe_offload_resident_layers": "resident_layers",
+    "moe_offload_overfetch": "overfetch",
 }
 
 GROUP_TITLE = "MoEOffload"
@@ -45,7 +47,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--moe-offload", dest="moe_offload", default=None, choices=[p.value for p in Policy],
         help="Expert offload policy: 'ondemand' (fixed resident set, misses loaded and dropped), "
-        "'lru' (least-recently-used cache over the whole budget), or 'off' (stock vLLM; the default).",
+        "'lru' (least-recently-used cache over the whole budget), 'fate' (cross-layer gate prefetch, "
+        "ARC caches, shallow layers resident), or 'off' (stock vLLM; the default).",
     )
     group.add_argument(
         "--moe-offload-budget", dest="moe_offload_budget", default=None, type=_budget, metavar="SIZE",
@@ -78,6 +81,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--moe-offload-quant", dest="moe_offload_quant", default=None, choices=[q.value for q in Quant],
         help="Storage format of offloaded experts (only 'none', full precision, in this release).",
+    )
+    group.add_argument(
+        "--moe-offload-resident-layers", dest="moe_offload_resident_layers", default=None, type=int,
+        metavar="N", help="fate: keep the first N MoE layers fully resident (default: the first layer, "
+        "which cannot be predicted).",
+    )
+    group.add_argument(
+        "--moe-offload-overfetch", dest="moe_offload_overfetch", default=None, type=int, metavar="K",
+        help="fate: prefetch at least K predicted experts per layer (default: layer compute time over one "
+        "expert's load time, measured while running, and at least top_k).",
     )
     group.add_argument(
         "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",
