@@ -26,7 +26,12 @@ class Subcommand:
 
 
 #: modules defining a ``COMMAND``, in the order ``--help`` lists them
-SUBCOMMAND_MODULES = ["vllm_moe_offload.cli.simulate"]
+SUBCOMMAND_MODULES = [
+    "vllm_moe_offload.cli.simulate",
+    "vllm_moe_offload.cli.pad_model",
+    "vllm_moe_offload.cli.trace",
+    "vllm_moe_offload.cli.bench",
+]
 
 
 def subcommands() -> list[Subcommand]:

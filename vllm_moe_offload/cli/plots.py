@@ -51,3 +51,78 @@ def plot_hit_rates(report: dict, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _bench_axes(report: dict, titles: list[str], height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(titles), height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(titles), squeeze=False)[0]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    return fig, axes
+
+
+def _bench_colors(runs: list[dict]) -> list[str]:
+    """Grey for stock, black for the plugin at 100%, one colour per policy."""
+    palette = {"ondemand": "tab:orange", "lru": "tab:blue"}
+    fixed = {"stock": "0.6", "full": "black"}
+    return [fixed.get(r["kind"]) or palette.get(r.get("policy"), "tab:green") for r in runs]
+
+
+def _bench_footer(fig, report: dict) -> None:
+    model = Path(report["model"]).name
+    fig.suptitle(f"vllm-moe-offload bench: {model}; {report['link']}\n{report['machine']['note']}", fontsize=9)
+    fig.tight_layout()
+
+
+def plot_bench_speed(report: dict, path: str | Path) -> Path:
+    """Decode, prefill and batch tok/s of every run of a ``bench`` report; dashed line: stock."""
+    runs = report["runs"]
+    panels = [("decode", "decode_tok_s", "batch-1 decode tok/s"), ("prefill", "prefill_tok_s", "prefill tok/s"),
+              ("batch", "throughput_tok_s", f"{report['sizes']['batch_requests']} concurrent: generated tok/s")]
+    fig, axes = _bench_axes(report, [p[2] for p in panels])
+    names = [r["name"] for r in runs]
+    for ax, (workload, key, _) in zip(axes, panels):
+        values = [r["workloads"][workload].get(key) or 0.0 for r in runs]
+        ax.bar(range(len(runs)), values, color=_bench_colors(runs))
+        stock = next((v for r, v in zip(runs, values) if r["kind"] == "stock"), None)
+        if stock:
+            ax.axhline(stock, color="0.4", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("tokens / s")
+    _bench_footer(fig, report)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_bench_cache(report: dict, path: str | Path) -> Path:
+    """Demand hit rate and expert MiB read per token of every offload run, per workload."""
+    runs = [r for r in report["runs"] if r["kind"] == "offload"]
+    workloads = ["decode", "prefill", "batch"]
+    fig, axes = _bench_axes(report, ["demand hit rate (share of needed experts cached)",
+                                     "expert MiB read from disk per token"])
+    width = 0.8 / len(workloads)
+    for i, workload in enumerate(workloads):
+        hits, mib = [], []
+        for r in runs:
+            w = r["workloads"][workload]
+            off = w.get("offload") or {}
+            tokens = w.get("prompt_tokens", 0) + w.get("generated_tokens", 0)
+            hits.append(off.get("demand_hit_rate", 0.0))
+            mib.append(off.get("bytes_read", 0) / 2**20 / tokens if tokens else 0.0)
+        x = [j + (i - 1) * width for j in range(len(runs))]
+        axes[0].bar(x, hits, width, label=workload)
+        axes[1].bar(x, mib, width, label=workload)
+    for ax in axes:
+        ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=45, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(0, 1.02)
+    _bench_footer(fig, report)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path

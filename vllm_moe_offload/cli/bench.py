@@ -1,0 +1,315 @@
+"""``vllm-moe-offload bench``: real vLLM engines, stock against offload policies and budgets.
+
+Engines run one after another, never two at once, each in its own process
+(``cli/bench_run.py``; stock vLLM with ``VLLM_PLUGINS=none``): stock with every
+expert resident, the plugin at budget 100%, then every policy at every budget.
+Each measures a batch-1 decode, one long prefill and a batch of concurrent
+requests (see ``--help``). Writes ``bench.json`` (everything), ``bench.md``
+(tables, every figure also as a ratio to stock and to ondemand at the same
+budget) and PNG plots into ``--out``; report text lives in ``cli/bench_report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_moe_offload.cli.main import Subcommand
+
+#: workload sizes in tokens and requests; --quick shrinks them to a smoke test
+FULL = {"decode_prompt": 32, "decode_tokens": 128, "prefill_tokens": 512,
+        "batch_requests": 32, "batch_prompt": 64, "batch_tokens": 64}
+QUICK = {"decode_prompt": 8, "decode_tokens": 8, "prefill_tokens": 32,
+         "batch_requests": 4, "batch_prompt": 8, "batch_tokens": 4}
+
+#: a timed engine waits while other processes keep more than this share of all CPUs busy
+BUSY_SHARE = 0.15
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder (a Mixtral-format MoE; see pad-model for a benchmark copy)")
+    parser.add_argument("--policies", default="ondemand,lru", help="offload policies (default %(default)s)")
+    parser.add_argument("--budgets", default="25%,50%", help="expert budgets, shares or sizes (default %(default)s)")
+    parser.add_argument("--tier", default=None, help="slow tier for every offload run (default: auto)")
+    parser.add_argument("--io-threads", type=int, default=None, help="expert-loading threads (default 1)")
+    parser.add_argument("--link-gbps", type=float, default=None,
+                        help="EMULATED link bandwidth for expert transfers, GB/s (reports are labelled)")
+    parser.add_argument("--link-latency-ms", type=float, default=None, help="EMULATED latency per transfer, ms")
+    parser.add_argument("--tokens", type=Path, default=None,
+                        help="a .npy of token ids the prompts are cut from (default: random ids, seed 0)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="tokens of the batch-1 decode (default 128)")
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="prompt of the prefill run (default 512)")
+    parser.add_argument("--batch", type=int, default=None, help="concurrent requests (default 32)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny workloads, every offload run in one process, no profile")
+    parser.add_argument("--no-drop-cache", action="store_true",
+                        help="do not drop the page cache before each run (dropping needs root)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the cProfile decode of stock and budget 100%% (where the overhead goes)")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="run the engine core in the benchmark's process (VLLM_ENABLE_V1_MULTIPROCESSING=0: "
+                        "starts in 2 s instead of 25 s, but the model then shares its process and cores with the "
+                        "front end); default: vLLM's multiprocess engine, as deployed; --quick implies it")
+    parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="KV cache bytes (default 256 MiB)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="start no engine: rewrite bench.md and the plots from the bench.json in --out")
+    parser.add_argument("--timeout-s", type=int, default=1200, help="limit per engine process (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vllm_moe_offload.cli.bench_report import write_outputs
+
+    if args.rebuild:
+        report = json.loads((args.out / "bench.json").read_text())
+        print("wrote " + ", ".join(str(p) for p in write_outputs(report, args.out)))
+        return 0
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    sizes = dict(QUICK if args.quick else FULL)
+    for key, value in (("decode_tokens", args.decode_tokens), ("prefill_tokens", args.prefill_tokens),
+                       ("batch_requests", args.batch)):
+        if value:
+            sizes[key] = value
+    try:
+        _check_settings(args, policies, budgets)
+        prompts = make_prompts(args.tokens, args.model, sizes)
+    except (ValueError, OSError) as exc:
+        print(f"vllm-moe-offload bench: error: {exc}")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.log").write_text("")
+    jobs = plan_jobs(args, policies, budgets, prompts, sizes)
+    if args.quick:  # timing does not matter: every plugin engine in one process
+        groups = [[j for j in jobs if j["kind"] == "stock"], [j for j in jobs if j["kind"] != "stock"]]
+    else:
+        groups = [[job] for job in jobs]
+    machine = machine_info()
+    results = []
+    for group in tqdm(groups, desc="engines", unit="process"):
+        results += run_group(group, args, stock=group[0]["kind"] == "stock")
+    paths = write_outputs(build_report(args, sizes, machine, results, policies, budgets), args.out)
+    print((args.out / "bench.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _check_settings(args: argparse.Namespace, policies: list[str], budgets: list[str]) -> None:
+    """Every policy and budget through the plugin's own validation (ValueError with its message)."""
+    from vllm_moe_offload.core.config import OffloadConfig
+
+    if not policies or not budgets:
+        raise ValueError("--policies and --budgets need at least one entry each")
+    for policy in policies:
+        for budget in budgets:
+            if not OffloadConfig.from_dict(_offload(args, policy, budget)).enabled:
+                raise ValueError(f"policy {policy!r} does not offload; choose offload policies such as ondemand,lru")
+
+
+def _offload(args: argparse.Namespace, policy: str, budget: str) -> dict:
+    out = {"policy": policy, "budget": budget}
+    for key in ("tier", "io_threads", "link_gbps", "link_latency_ms"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
+def make_prompts(tokens: Path | None, model: str, sizes: dict) -> dict:
+    """Token-id prompts of every workload, the same for every engine."""
+    import numpy as np
+
+    need = sizes["decode_prompt"] + sizes["prefill_tokens"] + sizes["batch_requests"] * sizes["batch_prompt"] + 16
+    if tokens is not None:
+        stream = np.load(tokens).astype(np.int64).ravel()
+        if len(stream) < need:
+            raise ValueError(f"{tokens} holds {len(stream)} tokens; the workloads need {need}")
+    else:
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        stream = np.random.default_rng(0).integers(3, vocab, size=need)
+    stream = stream.tolist()
+    pos = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal pos
+        out, pos = stream[pos:pos + n], pos + n
+        return out
+
+    return {
+        "warmup": [take(8)],
+        "decode": [take(sizes["decode_prompt"])],
+        "prefill": [take(sizes["prefill_tokens"])],
+        "batch": [take(sizes["batch_prompt"]) for _ in range(sizes["batch_requests"])],
+    }
+
+
+def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str], prompts: dict, sizes: dict) -> list:
+    """Stock, the plugin at 100%, then every policy at every budget."""
+    max_len = max(sizes["decode_prompt"] + sizes["decode_tokens"], sizes["prefill_tokens"] + 1,
+                  sizes["batch_prompt"] + sizes["batch_tokens"]) + 16
+    engine = {"dtype": "bfloat16", "max_model_len": max_len, "kv_cache_memory_bytes": args.kv_cache_bytes,
+              "enforce_eager": True, "seed": 0}
+    workloads = {
+        "decode": {"prompts": prompts["decode"], "max_tokens": sizes["decode_tokens"]},
+        "prefill": {"prompts": prompts["prefill"], "max_tokens": 1},
+        "batch": {"prompts": prompts["batch"], "max_tokens": sizes["batch_tokens"]},
+    }
+    model = Path(args.model).resolve() if Path(args.model).exists() else args.model  # children run elsewhere
+    common = {"model": str(model), "engine": engine, "workloads": workloads, "drop_cache": not args.no_drop_cache,
+              "warmup": {"prompts": prompts["warmup"], "max_tokens": 4}}
+    profile = not (args.quick or args.no_profile)
+    jobs = [{**common, "name": "stock", "kind": "stock", "offload": None, "profile": profile}]
+    jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0], "budget": "100%",
+                 "offload": _offload(args, policies[0], "100%"), "profile": profile})
+    for budget in budgets:
+        for policy in policies:
+            jobs.append({**common, "name": f"{policy} {budget}", "kind": "offload", "policy": policy,
+                         "budget": budget, "offload": _offload(args, policy, budget), "profile": False})
+    return jobs
+
+
+def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[dict]:
+    """Run ``jobs`` in one fresh process (stock: with the plugin disabled); their results."""
+    background = None if args.quick else wait_until_quiet()
+    with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        env = dict(os.environ)
+        inprocess = args.inprocess or args.quick
+        env.update(VLLM_RPC_BASE_PATH=str(tmp / "rpc"), VLLM_CACHE_ROOT=str(tmp / "cache"),
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0" if inprocess else "1", TOKENIZERS_PARALLELISM="false")
+        if not inprocess:
+            # the profiler's start/stop functions travel to the engine process by (cloud)pickle
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        (tmp / "rpc").mkdir()
+        if stock:
+            env["VLLM_PLUGINS"] = "none"
+        else:
+            env.pop("VLLM_PLUGINS", None)
+        (tmp / "jobs.json").write_text(json.dumps(jobs))
+        with open(args.out / "bench.log", "a") as log:
+            log.write(f"\n===== {', '.join(j['name'] for j in jobs)} =====\n")
+            log.flush()
+            proc = subprocess.run(
+                [sys.executable, "-m", "vllm_moe_offload.cli.bench_run", str(tmp / "jobs.json"), str(tmp / "out.json")],
+                env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_s, cwd=tmp,
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine process for {[j['name'] for j in jobs]} failed ({proc.returncode}); "
+                               f"see {args.out / 'bench.log'}")
+        results = json.loads((tmp / "out.json").read_text())
+    for job, result in zip(jobs, results):
+        result.update(policy=job.get("policy"), budget=job.get("budget"), background_cpu_busy=background)
+    return results
+
+
+def cpu_busy_share(window_s: float = 2.0) -> float:
+    """Share of all CPU time spent busy over ``window_s`` (from ``/proc/stat``; 0.0 where unreadable).
+
+    Sampled while none of our engines runs, so it measures everyone else.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(window_s)
+        busy1, total1 = sample()
+    except OSError:
+        return 0.0
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_quiet(limit_s: float = 180.0) -> float:
+    """Wait (up to ``limit_s``) until other processes keep less than ``BUSY_SHARE`` of the CPUs busy."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy_share()
+    while busy > BUSY_SHARE and time.monotonic() < deadline:
+        time.sleep(5)
+        busy = cpu_busy_share()
+    return busy
+
+
+def source_info() -> dict:
+    """Commit of the plugin's checkout and its uncommitted files (the code every engine ran)."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": head, "modified": sorted(line[3:] for line in status)}
+
+
+def machine_info() -> dict:
+    return {
+        "source": source_info(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_at_start": list(os.getloadavg()),
+        "note": "figures from a shared development machine (2 cores, no GPU); another developer's work may "
+                "have overlapped some runs",
+    }
+
+
+def build_report(args, sizes, machine, results, policies, budgets) -> dict:
+    """Everything ``bench.json`` holds."""
+    return {
+        "model": str(args.model),
+        "model_info": _model_info(Path(args.model)),
+        "quick": args.quick,
+        "sizes": sizes,
+        "policies": policies,
+        "budgets": budgets,
+        "link": _link_text(args),
+        "machine": {**machine, "load_avg_at_end": list(os.getloadavg())},
+        "runs": results,
+    }
+
+
+def _link_text(args) -> str:
+    if args.link_gbps is None and not args.link_latency_ms:
+        return "none: experts are read from the real disk with direct I/O"
+    bw = f"{args.link_gbps:g} GB/s" if args.link_gbps else "unlimited bandwidth"
+    return f"EMULATED link: {bw}, {args.link_latency_ms or 0:g} ms latency per transfer"
+
+
+def _model_info(folder: Path) -> dict:
+    info: dict = {}
+    for name in ("config.json", "pad_model.json"):
+        path = folder / name
+        if path.exists():
+            info[name] = json.loads(path.read_text())
+    cfg = info.get("config.json", {})
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts", "num_experts_per_tok")
+    return {
+        "config": {k: cfg.get(k) for k in keys},
+        "padding": info.get("pad_model.json"),
+    }
+
+
+COMMAND = Subcommand(
+    name="bench",
+    help="benchmark real vLLM engines: stock vs offload policies at several budgets (decode, prefill, batch)",
+    add_arguments=add_arguments,
+    run=run,
+)
+
+
+if __name__ == "__main__":
+    from vllm_moe_offload.cli.main import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

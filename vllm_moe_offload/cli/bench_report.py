@@ -1,0 +1,290 @@
+"""Tables and files of ``vllm-moe-offload bench``: ``bench.json``, ``bench.md`` and the PNG plots.
+
+Every figure of an offload run is also given as a ratio to stock vLLM and to
+``ondemand`` at the same budget (``x1.00`` means equal; for times and bytes
+lower is better, for rates higher is better). No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MIB = 2**20
+
+#: (label, substring of the cProfile function name) of the MoE layer's host work
+_STOCK_PARTS = (
+    ("whole MoE layer", "(_moe_forward)"),
+    ("router", "fused_moe_router.py"),
+    ("experts (stock RoutedExperts)", "routed_experts.py"),
+)
+_OFFLOAD_PARTS = (
+    ("whole MoE layer", "(_moe_forward)"),
+    ("router", "fused_moe_router.py"),
+    ("offload custom op", "routed_experts>"),
+    ("offloaded_forward", "(offloaded_forward)"),
+    ("- stock experts kernel inside it", "(_kernel)"),
+    ("- torch.unique", "torch._unique2"),
+    ("- .tolist()", "'tolist'"),
+    ("- ensure (cache lookups)", "(ensure)"),
+    ("- remap (ids -> slots)", "(remap)"),
+    ("- end_step", "(end_step)"),
+)
+
+
+def write_outputs(report: dict, out: Path) -> list[Path]:
+    """Mark token equality, strip token lists, write json, markdown and plots; the paths written."""
+    mark_token_equality(report)
+    json_path = out / "bench.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path = out / "bench.md"
+    md_path.write_text(format_markdown(report))
+    from vllm_moe_offload.cli.plots import plot_bench_cache, plot_bench_speed
+
+    return [json_path, md_path, plot_bench_speed(report, out / "bench-speed.png"),
+            plot_bench_cache(report, out / "bench-cache.png")]
+
+
+def mark_token_equality(report: dict) -> None:
+    """Add ``tokens_match_stock`` to every workload (greedy tokens equal to stock's) and drop the tokens."""
+    stock = _stock(report)
+    for run in report["runs"]:
+        for name, w in run["workloads"].items():
+            if stock is not None and "tokens" in stock["workloads"][name] and "tokens" in w:
+                w["tokens_match_stock"] = w["tokens"] == stock["workloads"][name]["tokens"]
+    for run in report["runs"]:
+        for w in run["workloads"].values():
+            w.pop("tokens", None)
+
+
+def _stock(report: dict) -> dict | None:
+    return next((r for r in report["runs"] if r["kind"] == "stock"), None)
+
+
+def _ondemand(report: dict, run: dict) -> dict | None:
+    if run["kind"] != "offload":
+        return None
+    return next((r for r in report["runs"] if r["kind"] == "offload" and r["policy"] == "ondemand"
+                 and r["budget"] == run["budget"]), None)
+
+
+# metric name -> (workload, how to read it from a run, format, column title)
+def _metric(workload: str, key: str):
+    def read(run: dict) -> float | None:
+        w = run["workloads"].get(workload, {})
+        off = w.get("offload") or {}
+        tokens = w.get("prompt_tokens", 0) + w.get("generated_tokens", 0)
+        if key == "mib_per_token":
+            return off["bytes_read"] / MIB / tokens if off and tokens else None
+        if key in ("demand_hit_rate", "ready_rate"):
+            return off.get(key)
+        if key == "stall_ms_per_token":
+            return 1e3 * off["stall_s"] / tokens if off and tokens else None
+        if key in ("ttft_ms", "tpot_ms"):
+            value = w.get(key.replace("_ms", "_s"))
+            return None if value is None else 1e3 * value
+        return w.get(key)
+
+    return read
+
+
+TABLES = {
+    "decode": ("Batch-1 decode", [
+        ("decode tok/s", "decode_tok_s", "{:.1f}"), ("TPOT ms", "tpot_ms", "{:.2f}"),
+        ("TTFT ms", "ttft_ms", "{:.1f}"), ("demand hit", "demand_hit_rate", "{:.3f}"),
+        ("ready", "ready_rate", "{:.3f}"), ("MiB read/token", "mib_per_token", "{:.2f}"),
+        ("stall ms/token", "stall_ms_per_token", "{:.2f}"),
+    ]),
+    "prefill": ("Prefill", [
+        ("prefill tok/s", "prefill_tok_s", "{:.1f}"), ("TTFT ms", "ttft_ms", "{:.1f}"),
+        ("demand hit", "demand_hit_rate", "{:.3f}"), ("MiB read/token", "mib_per_token", "{:.2f}"),
+        ("stall ms/token", "stall_ms_per_token", "{:.2f}"),
+    ]),
+    "batch": ("Concurrent requests (offline LLM.generate)", [
+        ("generated tok/s", "throughput_tok_s", "{:.1f}"), ("prompt+gen tok/s", "total_tok_s", "{:.1f}"),
+        ("mean TTFT ms", "ttft_ms", "{:.0f}"), ("mean TPOT ms", "tpot_ms", "{:.1f}"),
+        ("demand hit", "demand_hit_rate", "{:.3f}"), ("MiB read/token", "mib_per_token", "{:.2f}"),
+        ("stall ms/token", "stall_ms_per_token", "{:.2f}"),
+    ]),
+}
+
+
+def _cell(value: float | None, fmt: str, stock: float | None, ondemand: float | None) -> str:
+    if value is None:
+        return "-"
+    text = fmt.format(value)
+    ratios = [f"x{value / ref:.2f}" if ref else "-" for ref in (stock, ondemand)]
+    if ratios != ["-", "-"]:
+        text += f" ({ratios[0]} / {ratios[1]})"
+    return text
+
+
+def format_markdown(report: dict) -> str:
+    sizes = report["sizes"]
+    stock = _stock(report)
+    lines = [
+        "# vllm-moe-offload bench" + (" (quick smoke test)" if report["quick"] else ""),
+        "",
+        _describe(report),
+        "",
+        "Cells of offload runs: value (x ratio to stock / x ratio to ondemand at the same budget). "
+        "Times and bytes: lower is better; rates: higher is better. *demand hit*: needed experts the cache held "
+        "without this step's prefetch; *ready*: needed experts resident when the layer ran, by cache or prefetch "
+        "(equal for policies that do not prefetch). *MiB read/token*: expert "
+        "bytes read from the slow tier per token processed (prompt + generated). *stall*: time the MoE op "
+        "waited for expert loads.",
+        "",
+    ]
+    workload_text = {
+        "decode": f"{sizes['decode_prompt']}-token prompt, {sizes['decode_tokens']} tokens generated, one request",
+        "prefill": f"one {sizes['prefill_tokens']}-token prompt, 1 token generated",
+        "batch": f"{sizes['batch_requests']} requests of {sizes['batch_prompt']} prompt tokens, "
+                 f"{sizes['batch_tokens']} generated each, submitted together",
+    }
+    for workload, (title, columns) in TABLES.items():
+        lines += [f"## {title} ({workload_text[workload]})", ""]
+        lines.append("| run | " + " | ".join(c[0] for c in columns) + " | tokens = stock |")
+        lines.append("|---" * (len(columns) + 2) + "|")
+        for run in report["runs"]:
+            od = _ondemand(report, run)
+            cells = []
+            for _, key, fmt in columns:
+                read = _metric(workload, key)
+                is_ref = run["kind"] == "stock"
+                cells.append(_cell(read(run), fmt, None if is_ref else (read(stock) if stock else None),
+                                   read(od) if od else None))
+            same = run["workloads"].get(workload, {}).get("tokens_match_stock")
+            cells.append("-" if run["kind"] == "stock" else {True: "yes", False: "**no**", None: "?"}[same])
+            lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _memory_table(report)
+    lines += _runs_table(report)
+    lines += _overhead_section(report)
+    return "\n".join(lines) + "\n"
+
+
+def _describe(report: dict) -> str:
+    info = report["model_info"]
+    cfg = info["config"]
+    pad = info.get("padding")
+    model = (f"`{Path(report['model']).name}`: {cfg['num_hidden_layers']} MoE layers x "
+             f"{cfg['num_local_experts']} experts (top-{cfg['num_experts_per_tok']}), hidden {cfg['hidden_size']}, "
+             f"expert intermediate {cfg['intermediate_size']}")
+    if pad:
+        model += (f"; a pad-model copy of `{Path(pad['source']).name}` (factor {pad['factor']}: one expert "
+                  f"{pad['expert_bytes_after'] / MIB:.2f} MiB, all experts "
+                  f"{pad['all_expert_bytes_after'] / MIB:.0f} MiB, same function)")
+    m = report["machine"]
+    engine = next((r["engine"] for r in report["runs"] if "engine" in r), {})
+    return "\n".join([
+        f"Model: {model}.",
+        f"Link: {report['link']}.",
+        f"Engine: vLLM CPU backend, bf16, eager, "
+        f"{'multiprocess' if engine.get('multiprocessing') else 'in-process'} engine, "
+        f"max_num_batched_tokens {engine.get('max_num_batched_tokens')}, prefix caching "
+        f"{engine.get('enable_prefix_caching')}; one engine at a time, each in its own process "
+        f"(stock with `VLLM_PLUGINS=none`); the page cache is dropped before each run; a 4-token warm-up "
+        f"request precedes the workloads, which then run in the order decode, prefill, batch on the same engine.",
+        f"Machine: {m['cpus']} CPUs, {m['platform']}; load average {m['load_avg_at_start'][0]:.2f} at start, "
+        f"{m['load_avg_at_end'][0]:.2f} at end. **{m['note']}.**",
+        _source_text(m.get("source") or {}),
+    ])
+
+
+def _source_text(source: dict) -> str:
+    if not source:
+        return "Code: not a git checkout."
+    text = f"Code: commit `{source['commit']}`"
+    if source["modified"]:
+        text += " plus uncommitted changes to " + ", ".join(f"`{p}`" for p in source["modified"])
+    return text + "."
+
+
+def _memory_table(report: dict) -> list[str]:
+    lines = [
+        "## Memory, disk reads and the page cache", "",
+        "*expert slots*: fast memory the plugin allocated for experts (its peak; fixed at start) against the "
+        "budget. *experts in page cache*: bytes of the checkpoint's expert tensors resident in the page cache "
+        "(`mincore`) after the page cache was dropped, after start-up, and after the workloads. vLLM's loader "
+        "reads the non-expert tensors through mmap and the kernel's readahead brings neighbouring expert pages "
+        "in at start-up; what proves that the offload reads bypass the page cache is that the residency does "
+        "not grow during the workloads while gigabytes of experts are read (O_DIRECT reads always go to the "
+        "device, cached or not). *read GB/s*: expert bytes loaded over the time the MoE op stalled for them "
+        "(disk read, conversion to the kernel layout and copy into the slot).",
+        "",
+        "| run | slots/layer | expert slots MiB | budget MiB | all experts MiB | peak RSS MiB | read from disk MiB "
+        "| experts in page cache MiB (dropped -> started -> after workloads) | read GB/s |",
+        "|---" * 9 + "|",
+    ]
+    for run in report["runs"]:
+        off = run.get("offload") or {}
+        total = run.get("offload_total") or {}
+        read = sum(total.get("bytes_read", {}).values()) if total else 0
+        before, after = run["page_cache_before"], run["page_cache_after"]
+        started = run.get("page_cache_after_start") or {}
+        stall = total.get("stall_s", 0.0)
+        lines.append(" | ".join([
+            f"| {run['name']}",
+            str(off.get("slots_per_layer", "all")),
+            f"{off['slot_bytes'] / MIB:.1f}" if off else "-",
+            f"{off['budget_bytes'] / MIB:.1f}" if off else "-",
+            f"{off['num_experts'] * off['expert_bytes'] * total.get('layers', 0) / MIB:.1f}" if off else
+            f"{before['expert_bytes'] / MIB:.1f}",
+            f"{run['memory_kib'].get('VmHWM', 0) / 1024:.0f}",
+            f"{read / MIB:.1f}" if off else "-",
+            f"{before['expert_resident_bytes'] / MIB:.1f} -> "
+            + (f"{started['expert_resident_bytes'] / MIB:.1f} -> " if started else "? -> ")
+            + f"{after['expert_resident_bytes'] / MIB:.1f}",
+            (f"{read / stall / 1e9:.2f}" if read and stall else "-") + " |",
+        ]))
+    return lines + [""]
+
+
+def _runs_table(report: dict) -> list[str]:
+    lines = [
+        "## Runs", "",
+        "*other CPU use*: share of all CPUs other processes kept busy just before the engine started (a run "
+        "waits, up to 3 minutes, for it to fall under 15%). *peak RSS*: of the process that holds the model "
+        "(start-up included). *read from disk*: every expert read of the run, start-up warm loads included.",
+        "",
+        "| run | start-up s | other CPU use before start | page cache dropped before start |",
+        "|---" * 4 + "|",
+    ]
+    for run in report["runs"]:
+        busy = run.get("background_cpu_busy")
+        dropped = "not asked" if "drop_cache_error" not in run else (
+            "yes" if run["drop_cache_error"] is None else f"**no** ({run['drop_cache_error']})")
+        lines.append(f"| {run['name']} | {run['startup_s']:.1f} | "
+                     f"{'-' if busy is None else f'{100 * busy:.0f}%'} | {dropped} |")
+    return lines + [""]
+
+
+def _overhead_section(report: dict) -> list[str]:
+    stock = _stock(report)
+    full = next((r for r in report["runs"] if r["kind"] == "full"), None)
+    if stock is None or full is None:
+        return []
+    lines = ["## Budget 100% against stock (the cost of the offload path when nothing is offloaded)", ""]
+    for workload, key, label in (("decode", "tpot_s", "decode TPOT"), ("prefill", "ttft_s", "prefill TTFT"),
+                                 ("batch", "wall_s", "batch wall time")):
+        s, f = stock["workloads"][workload].get(key), full["workloads"][workload].get(key)
+        if s and f:
+            lines.append(f"- {label}: stock {1e3 * s:.2f} ms, plugin at 100% {1e3 * f:.2f} ms: "
+                         f"{100 * (f / s - 1):+.1f}%")
+    layers = (full.get("offload_total") or {}).get("layers")
+    s_tpot, f_tpot = stock["workloads"]["decode"].get("tpot_s"), full["workloads"]["decode"].get("tpot_s")
+    if layers and s_tpot and f_tpot:
+        lines.append(f"- per MoE layer and decode step: {1e6 * (f_tpot - s_tpot) / layers:+.1f} us "
+                     f"({layers} MoE layers)")
+    if (full.get("profile") or {}).get("moe_functions") and (stock.get("profile") or {}).get("moe_functions"):
+        lines += ["", "Where the host time of one MoE layer call goes (cProfile of one batch-1 decode inside the "
+                  "engine process; the profiler inflates Python calls, so compare rows, not absolute times):", "",
+                  "| run | part | function | calls | us per call |", "|---" * 5 + "|"]
+        for run, parts in ((stock, _STOCK_PARTS), (full, _OFFLOAD_PARTS)):
+            rows = run["profile"]["moe_functions"]
+            for label, needle in parts:
+                row = next((r for r in rows if needle in r["function"]), None)
+                if row:
+                    lines.append(f"| {run['name']} | {label} | `{row['function']}` | {row['ncalls']} | "
+                                 f"{1e6 * row['cumtime_s'] / max(row['ncalls'], 1):.1f} |")
+    return lines + [""]
