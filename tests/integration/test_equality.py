@@ -76,10 +76,12 @@ def test_slots_within_budget_and_used(results, name):
     expected_slots = {"100%": 8, "50%": 4, "min": 2}[budget]
     # (fate keeps no layer whole here: 2 layers leave no room for it below 100%)
     assert stats["layer_slots"] == [expected_slots, expected_slots]
-    assert total["hits"] + total["misses"] > 0
     if budget == "100%":
-        assert total["misses"] == 0  # everything was loaded at start-up
+        # everything was loaded once at start-up, each expert in the slot of its id: no lookups after
+        assert total["misses"] == 0 and total["loads"] == 2 * 8
+        assert all(layer["steps"] > 0 for layer in stats["layers"])
     else:
+        assert total["hits"] + total["misses"] > 0
         assert total["misses"] > 0 and total["bytes_read"]
 
 

@@ -57,6 +57,7 @@ class LayerSlots:
         self._pending: dict[int, tuple[int, Future]] = {}  # expert -> (slot, load) started by prefetch
         self._prefetched: set[int] = set()  # resident by prefetch, not needed since
         self._predicted: set[int] | None = None  # the last prediction for this layer's next step
+        self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
         self.stats = LayerStats(
@@ -74,6 +75,22 @@ class LayerSlots:
     @property
     def fully_resident(self) -> bool:
         return self.num_slots >= self.slot_map.num_experts
+
+    @property
+    def identity(self) -> bool:
+        """Every expert is resident in the slot of its own id, for good (budget 100%).
+
+        Then the kernel can take the router's ids as they are; no step counts
+        hits or misses because none is looked up.
+        """
+        if self._identity is None:
+            experts = range(self.slot_map.num_experts)
+            self._identity = (
+                self.fully_resident
+                and all(self.slot_map.slot_of(e) == e for e in experts)
+                and all(self.slot_map.policy.keep_after_step(e) for e in experts)
+            )
+        return self._identity
 
     def prefetch(self, experts: Sequence[int]) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
