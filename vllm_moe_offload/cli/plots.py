@@ -80,7 +80,7 @@ def _bench_footer(fig, report: dict) -> None:
 
 
 def plot_bench_speed(report: dict, path: str | Path) -> Path:
-    """Decode, prefill and batch tok/s of every run of a ``bench`` report; dashed line: stock."""
+    """Decode, prefill and batch tok/s of every run of a ``bench`` report (log scale); dashed line: stock."""
     runs = report["runs"]
     panels = [("decode", "decode_tok_s", "batch-1 decode tok/s"), ("prefill", "prefill_tok_s", "prefill tok/s"),
               ("batch", "throughput_tok_s", f"{report['sizes']['batch_requests']} concurrent: generated tok/s")]
@@ -88,7 +88,9 @@ def plot_bench_speed(report: dict, path: str | Path) -> Path:
     names = [r["name"] for r in runs]
     for ax, (workload, key, _) in zip(axes, panels):
         values = [r["workloads"][workload].get(key) or 0.0 for r in runs]
-        ax.bar(range(len(runs)), values, color=_bench_colors(runs))
+        bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
+        ax.bar_label(bars, [f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=7)
+        ax.set_yscale("log")  # offload runs are often 10-100x below stock
         stock = next((v for r, v in zip(runs, values) if r["kind"] == "stock"), None)
         if stock:
             ax.axhline(stock, color="0.4", linestyle="--", linewidth=1)
