@@ -44,7 +44,7 @@ class OffloadRuntime:
     predicted_layers: int = 0
 
     def stats(self) -> dict:
-        per_layer = [slots.stats.to_dict() for slots in self.layers]
+        per_layer = [slots.stats_dict() for slots in self.layers]
         return {
             "policy": self.config.policy.value,
             "tier": self.tier.value,

@@ -188,7 +188,6 @@ class LayerSlots:
     def _account(self, num_bytes: int) -> None:
         self.stats.add_read(self.source.tier.value, num_bytes)
         self.stats.loads += 1
-        self.stats.resident = len(self.slot_map)
 
     def _load_missing(self, experts: Sequence[int], pinned: set[int]) -> None:
         jobs = []
@@ -210,7 +209,6 @@ class LayerSlots:
             self._account(num_bytes)
         self.stats.stall_s += time.perf_counter() - started
         self._device_table = None
-        self.stats.resident = len(self.slot_map)
         if failures:
             expert, exc = failures[0]
             raise ExpertLoadError(
@@ -244,4 +242,8 @@ class LayerSlots:
         self._finish_pending()  # nothing in flight may be dropped under a load
         for expert in self.slot_map.end_step():
             self._forget(expert)
+
+    def stats_dict(self) -> dict:
+        """The layer's counters, with the slots in use now."""
         self.stats.resident = len(self.slot_map)
+        return self.stats.to_dict()
