@@ -128,3 +128,46 @@ def plot_bench_cache(report: dict, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_prefetch_precision(report: dict, path: str | Path) -> Path:
+    """Precision (solid) and recall (dotted, same colour) against K per predictor; one panel per batch size.
+
+    ``report`` is a ``core.prefetch_eval.prefetch_sweep`` report.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    results = report["results"]
+    batches = list(dict.fromkeys(r["batch"] for r in results))
+    predictors = list(dict.fromkeys(r["predictor"] for r in results))
+    fig = Figure(figsize=(4.2 * len(batches), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(batches), squeeze=False, sharey=True)[0]
+    colors = {"corr": "tab:red", "eap": "tab:blue", "oracle": "black"}
+    for ax, batch in zip(axes, batches):
+        for name in predictors:
+            rows = sorted((r for r in results if r["batch"] == batch and r["predictor"] == name), key=lambda r: r["k"])
+            ks = [r["k"] for r in rows]
+            style = {"color": colors.get(name)} if name in colors else {}
+            (line,) = ax.plot(ks, [r["precision"] for r in rows], marker="o", label=f"{name} precision", **style)
+            ax.plot(ks, [r["recall"] for r in rows], linestyle=":", marker="^", color=line.get_color(),
+                    label=f"{name} recall")
+        ax.set_title(f"batch of {batch} token(s) per step", fontsize=10)
+        ax.set_xlabel("K: experts prefetched per layer and step")
+        ax.set_xticks(sorted({r["k"] for r in results}))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share (precision: of prefetched; recall: of needed)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    trace = report["trace"]
+    fig.suptitle(
+        f"Hot-expert prefetch precision and recall vs K: {trace['name']}\n{trace['model']}, "
+        f"top-{trace['top_k']} of {trace['num_experts']}; predictors warmed up on the first "
+        f"{report['warmup_fraction']:.0%} of the rows, scored on the rest",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path

@@ -2,6 +2,10 @@
 
 Writes ``NAME.json`` (the full report of ``core.simulate.simulate``) and
 ``NAME.png`` (hit rate against budget) into ``--out``, and prints a table.
+With ``--prefetch-sweep K1,K2`` it scores predictors instead (no cache):
+``NAME-prefetch.json`` (``core.prefetch_eval.prefetch_sweep``) and
+``NAME-prefetch.png`` (precision and recall against K, one panel per ``--batch``).
+``--save-profile`` writes the trace's correlation profile (``core.correlation``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from pathlib import Path
 
 from vllm_moe_offload.cli.main import Subcommand
 from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_bytes
+from vllm_moe_offload.core.correlation import CorrelationTable, build_profile_from_trace, load_profile
+from vllm_moe_offload.core.predictors import PREDICTOR_NAMES
 from vllm_moe_offload.core.schedule import SlotBudget, parse_budgets, replay_length
 from vllm_moe_offload.core.simulate import ORDERS, PolicySpec, resolve_policies, simulate
 from vllm_moe_offload.core.traces import Trace, load_trace
 
 DEFAULT_POLICIES = "lru,lfu,ondemand,eap,belady"
+DEFAULT_PREDICTORS = "corr,eap,oracle"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="experts a predictor prefetches per layer and step (default top_k)",
     )
     parser.add_argument("--expert-bytes", default=None, help="size of one expert, e.g. 336MiB (default: 1 expert unit)")
+    parser.add_argument(
+        "--batch", default=None, metavar="B[,B...]",
+        help="regroup the trace's rows, in step order, into steps of B tokens (implies --shared); "
+        "several sizes only with --prefetch-sweep",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, metavar="FRACTION",
+        help="predictors learn from the first FRACTION of the rows (whole steps); the rest is evaluated (default 0)",
+    )
+    parser.add_argument("--profile", type=Path, default=None, help="correlation profile the corr predictor starts from")
+    parser.add_argument(
+        "--save-profile", type=Path, default=None, metavar="PATH",
+        help="write the correlation profile built from the whole trace to PATH (.npz)",
+    )
+    parser.add_argument(
+        "--prefetch-sweep", default=None, metavar="K[,K...]",
+        help="score --predictors at these prefetch sizes per layer and step instead of replaying caches",
+    )
+    parser.add_argument(
+        "--predictors", default=DEFAULT_PREDICTORS,
+        help=f"predictors of --prefetch-sweep, from {', '.join(PREDICTOR_NAMES)} (default %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default %(default)s)")
     parser.add_argument("--name", default="simulate", help="stem of the output files (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,14 +86,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     try:
+        batches = _int_list(args.batch, "--batch") if args.batch else None
+        profile = None if args.profile is None else _load_profile(args.profile, trace)
+        if args.prefetch_sweep:
+            return _run_sweep(args, trace, batches or [1], profile)
+        if batches is not None and len(batches) > 1:
+            raise ValueError("several --batch sizes need --prefetch-sweep")
         expert_bytes = _parse_bytes(args.expert_bytes)
         budgets = _feasible(parse_budgets(args.budgets), trace)
         specs = resolve_policies(args.policies.split(","))
     except (ValueError, OffloadConfigError) as exc:
         print(f"vllm-moe-offload simulate: error: {exc}")
         return 2
-    report = _simulate_with_progress(trace, budgets, specs, args, expert_bytes)
+    if batches is not None:
+        args.mode = "shared"
     args.out.mkdir(parents=True, exist_ok=True)
+    _save_profile(args, trace)
+    report = _simulate_with_progress(trace, budgets, specs, args, expert_bytes, batches[0] if batches else None,
+                                     profile)
     json_path = args.out / f"{args.name}.json"
     json_path.write_text(compact_json(report) + "\n")
     from vllm_moe_offload.cli.plots import plot_hit_rates
@@ -106,17 +145,80 @@ def _feasible(budgets: list[SlotBudget], trace: Trace) -> list[SlotBudget]:
     return kept
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r} must be comma-separated whole numbers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} {text!r} must list numbers >= 1")
+    return values
+
+
+def _load_profile(path: Path, trace: Trace) -> CorrelationTable:
+    meta = trace.meta
+    return load_profile(path, (trace.num_trace_layers, meta.num_experts, meta.top_k))
+
+
+def _save_profile(args: argparse.Namespace, trace: Trace) -> None:
+    if args.save_profile is not None:
+        path = build_profile_from_trace(trace).save(args.save_profile, source=str(args.trace))
+        print(f"wrote correlation profile {path}")
+
+
+def _run_sweep(args: argparse.Namespace, trace: Trace, batches: list[int], profile: CorrelationTable | None) -> int:
+    from vllm_moe_offload.core.prefetch_eval import prefetch_sweep
+
+    ks = _int_list(args.prefetch_sweep, "--prefetch-sweep")
+    predictors = [p.strip() for p in args.predictors.split(",") if p.strip()]
+    unknown = [p for p in predictors if p not in PREDICTOR_NAMES]
+    if unknown or not predictors:
+        raise ValueError(f"unknown predictors {unknown} in --predictors; allowed: {list(PREDICTOR_NAMES)}")
+    report = prefetch_sweep(trace, predictors, ks, batches, warmup=args.warmup, profile=profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _save_profile(args, trace)
+    json_path = args.out / f"{args.name}-prefetch.json"
+    json_path.write_text(compact_json(report) + "\n")
+    from vllm_moe_offload.cli.plots import plot_prefetch_precision
+
+    png_path = plot_prefetch_precision(report, args.out / f"{args.name}-prefetch.png")
+    print(format_sweep(report))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def format_sweep(report: dict) -> str:
+    """One row per batch size, predictor and K: precision and recall over all steps and layers."""
+    t = report["trace"]
+    lines = [
+        f"{t['name']}: {t['model']}, {t['num_tokens']} tokens, {len(t['layer_ids'])} traced layers x "
+        f"{t['num_experts']} experts, top-{t['top_k']}; warm-up {report['warmup_fraction']:.0%} of the rows"
+        + (", corr starts from a profile" if report["profile"] else ""),
+        "precision: predicted experts the step used / predicted; recall: / the step's distinct experts",
+        "",
+        f"{'batch':>6}  {'predictor':<10}{'K':>4}{'precision':>11}{'recall':>8}{'steps':>7}",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"{r['batch']:>6}  {r['predictor']:<10}{r['k']:>4}{_rate(r['precision']):>11}"
+            f"{_rate(r['recall']):>8}{r['steps']:>7}"
+        )
+    return "\n".join(lines)
+
+
 def _simulate_with_progress(
     trace: Trace, budgets: list[SlotBudget], specs: list[PolicySpec], args: argparse.Namespace,
-    expert_bytes: int | None,
+    expert_bytes: int | None, batch: int | None = None, profile: CorrelationTable | None = None,
 ) -> dict:
     from tqdm import tqdm
 
-    total = replay_length(trace, args.mode) * len(budgets) * len(specs)
+    steps = -(-trace.num_tokens // batch) if batch else replay_length(trace, args.mode)  # upper bound with --warmup
+    total = steps * len(budgets) * len(specs)
     with tqdm(total=total, unit="step", disable=args.no_progress or None, leave=False) as bar:
         return simulate(
             trace, budgets, specs, mode=args.mode, order=args.order, prefetch_n=args.prefetch,
-            expert_bytes=expert_bytes, on_step=lambda: bar.update(1),
+            expert_bytes=expert_bytes, on_step=lambda: bar.update(1), batch=batch, warmup=args.warmup,
+            profile=profile,
         )
 
 
@@ -129,7 +231,10 @@ def format_report(report: dict) -> str:
         f"{len(t['layer_ids'])} traced layers x {t['num_experts']} experts, top-{t['top_k']}",
         f"mode {report['mode']}, order {report['order']}, predictors prefetch up to "
         f"{report['prefetch_n']} experts per layer and step; "
-        + (f"1 expert = {format_bytes(unit)}" if unit else "sizes in experts (no --expert-bytes)"),
+        + (f"1 expert = {format_bytes(unit)}" if unit else "sizes in experts (no --expert-bytes)")
+        + (f"; steps regrouped into {report['batch']} tokens" if report.get("batch") else "")
+        + (f"; predictors warmed up on {report['warmup_tokens']} tokens, not replayed"
+           if report.get("warmup_tokens") else ""),
         "demand hit: kept by the cache; ready: resident when needed (cache or prefetch); "
         "belady: optimal demand cache; per token: summed over the traced layers",
         "",

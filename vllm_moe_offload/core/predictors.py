@@ -11,11 +11,13 @@ maps it to the model's ``layer_idx``).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
 
+from vllm_moe_offload.core.correlation import CorrelationTable, build_profile_from_trace
 from vllm_moe_offload.core.traces import Trace
 
 
@@ -134,14 +136,89 @@ class OraclePredictor(Predictor):
         return list(dict.fromkeys(needed))[: self.top_n]
 
 
+class CorrelationPredictor(Predictor):
+    """Klotski's correlation-aware prefetcher (``core.correlation``).
+
+    Layer ``l`` of a step is predicted from the routing the step's tokens just
+    had at layer ``l-1``: their summed successor tendencies, top ``top_n``
+    (layer 0: the most frequent experts). The table starts from ``table`` (a
+    profile or a warm-up; copied, never changed) or empty, and counts every
+    routing the replay shows it after predicting (online, as in the paper).
+    Edge case: an empty table predicts nothing.
+    """
+
+    name = "corr"
+
+    def __init__(self, top_n: int, table: CorrelationTable | None = None) -> None:
+        super().__init__(top_n)
+        self._initial = table
+        self.table: CorrelationTable | None = None
+        self._prev: np.ndarray | None = None
+
+    def reset(self, trace: Trace) -> None:
+        super().reset(trace)
+        meta = trace.meta
+        if self._initial is None:
+            self.table = CorrelationTable(
+                trace.num_trace_layers, meta.num_experts, meta.top_k, model=meta.model, layer_ids=meta.layer_ids
+            )
+        else:
+            self._initial.check_geometry(trace.num_trace_layers, meta.num_experts, meta.top_k)
+            self.table = copy.deepcopy(self._initial)
+        self._prev = None
+
+    def begin_step(self, step: int, rows: np.ndarray) -> None:
+        super().begin_step(step, rows)
+        self._prev = None
+
+    def predict(self, step: int, layer: int) -> list[int]:
+        assert self.table is not None, "reset() was not called"
+        return self.table.hot(layer, self._prev if layer else None, self.top_n)
+
+    def observe(self, step: int, layer: int, topk_ids: np.ndarray) -> None:
+        assert self.table is not None, "reset() was not called"
+        self.table.update(layer, self._prev if layer else None, topk_ids)
+        self._prev = np.asarray(topk_ids)
+
+
+def activation_history(trace: Trace) -> list[np.ndarray]:
+    """Each sequence's ``[L, E]`` activation counts over ``trace`` (warm-up history for ``eap``)."""
+    shape = (trace.num_trace_layers, trace.meta.num_experts)
+    out = []
+    for seq in trace.sequences():
+        ids = trace.topk_ids[trace.seq_ids == seq]  # [T, L, k]
+        matrix = np.zeros(shape)
+        for layer in range(shape[0]):
+            np.add.at(matrix[layer], ids[:, layer].ravel(), 1)
+        out.append(matrix)
+    return out
+
+
 #: predictors the simulator can combine with a cache policy
-PREDICTOR_NAMES = (ActivationPathPredictor.name, OraclePredictor.name)
+PREDICTOR_NAMES = (ActivationPathPredictor.name, CorrelationPredictor.name, OraclePredictor.name)
 
 
-def make_predictor(name: str, top_n: int) -> Predictor:
-    """Build a predictor by name."""
+def make_predictor(
+    name: str, top_n: int, warmup: Trace | None = None, profile: CorrelationTable | None = None
+) -> Predictor:
+    """Build a predictor by name.
+
+    ``warmup``: rows replayed before the evaluation, learnt from up front
+    (``eap``: its sequences become history; ``corr``: counted into the table).
+    ``profile``: the starting table of ``corr`` (the warm-up is added to a copy).
+    ``oracle`` needs neither.
+    """
     if name == ActivationPathPredictor.name:
-        return ActivationPathPredictor(top_n)
+        return ActivationPathPredictor(top_n, activation_history(warmup) if warmup is not None else ())
+    if name == CorrelationPredictor.name:
+        table = copy.deepcopy(profile)
+        if warmup is not None:
+            if table is None:
+                table = build_profile_from_trace(warmup)
+            else:
+                table.check_geometry(warmup.num_trace_layers, warmup.meta.num_experts, warmup.meta.top_k)
+                table.observe_tokens(warmup.topk_ids)
+        return CorrelationPredictor(top_n, table)
     if name == OraclePredictor.name:
         return OraclePredictor(top_n)
     raise ValueError(f"unknown predictor {name!r}; allowed: {list(PREDICTOR_NAMES)}")

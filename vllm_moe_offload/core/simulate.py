@@ -42,8 +42,10 @@ import numpy as np
 
 from vllm_moe_offload.core.belady import BeladyPolicy, ClairvoyantPolicy
 from vllm_moe_offload.core.cache import ReplacementPolicy, SlotMap
+from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.policies_extra import SIM_POLICY_NAMES, make_sim_policy
 from vllm_moe_offload.core.predictors import PREDICTOR_NAMES, Predictor, make_predictor
+from vllm_moe_offload.core.prefetch_eval import rebatch_trace, split_trace
 from vllm_moe_offload.core.schedule import MODES, SlotBudget, StepPlan, build_schedules
 from vllm_moe_offload.core.traces import Trace
 
@@ -278,16 +280,27 @@ def simulate(
     prefetch_n: int | None = None,
     expert_bytes: int | None = None,
     on_step: Callable[[], None] | None = None,
+    batch: int | None = None,
+    warmup: float = 0.0,
+    profile: CorrelationTable | None = None,
 ) -> dict:
     """Replay ``trace`` for every budget and policy; a JSON-ready report.
 
     ``prefetch_n`` (experts per layer and step a predictor may prefetch)
     defaults to ``top_k``; ``expert_bytes`` to the trace's, else 1 (an "expert
-    unit"). Raises ``ValueError`` for a budget below ``top_k`` slots (a token
-    could not run) and for unknown policies or modes.
+    unit"). ``batch``: first regroup the trace into steps of that many tokens
+    (``prefetch_eval.rebatch_trace``; use with ``mode="shared"``). ``warmup``:
+    the share of the rows (first steps) that predictors learn from before the
+    replay, which then covers only the rest (no leakage). ``profile``: the
+    starting table of the ``corr`` predictor. Raises ``ValueError`` for a
+    budget below ``top_k`` slots (a token could not run) and for unknown
+    policies or modes.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {list(MODES)}")
+    if batch is not None:
+        trace = rebatch_trace(trace, batch)
+    warm, trace = split_trace(trace, warmup)
     meta = trace.meta
     specs = resolve_policies(policies)
     prefetch_n = meta.top_k if prefetch_n is None else prefetch_n
@@ -304,7 +317,7 @@ def simulate(
         entry = {"budget": str(budget), "slots_per_layer": slots, "fraction_of_experts": slots / meta.num_experts}
         entry["policies"] = {
             spec.name: summarize(
-                _run_spec(trace, schedules, slots, spec, prefetch_n, order, on_step),
+                _run_spec(trace, schedules, slots, spec, prefetch_n, order, on_step, warm, profile),
                 unit_bytes,
                 trace.num_tokens,
             )
@@ -316,6 +329,10 @@ def simulate(
         "mode": mode,
         "order": order,
         "prefetch_n": prefetch_n,
+        "batch": batch,
+        "warmup_fraction": warmup,
+        "warmup_tokens": 0 if warm is None else warm.num_tokens,
+        "profile": profile is not None,
         "expert_bytes": unit_bytes,
         "expert_bytes_known": bool(expert_bytes or meta.expert_bytes),
         "policies": [spec.name for spec in specs],
@@ -332,13 +349,15 @@ def _run_spec(
     prefetch_n: int,
     order: str,
     on_step: Callable[[], None] | None,
+    warm: Trace | None = None,
+    profile: CorrelationTable | None = None,
 ) -> list[LayerCounts]:
     meta = trace.meta
 
     def make_layer_policy(layer: int, accesses: list[list[int]]) -> ReplacementPolicy:
         return make_sim_policy(spec.cache, meta.num_experts, slots, meta.top_k, accesses)
 
-    predictor = make_predictor(spec.predictor, prefetch_n) if spec.predictor else None
+    predictor = make_predictor(spec.predictor, prefetch_n, warm, profile) if spec.predictor else None
     layer_slots = [slots] * trace.num_trace_layers
     return replay(trace, schedules, layer_slots, make_layer_policy, predictor, order, on_step)
 
