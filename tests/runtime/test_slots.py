@@ -1,6 +1,7 @@
 """A layer's slot pool over a real checkpoint: loads, remapping, statistics, failed reads."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from vllm_moe_offload.core.cache import SlotMap, make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, HostSource
-from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
+from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine, TransferEngineDead
 
 E, I, H = 6, 8, 4
 PREFIX = "model.layers.0.block_sparse_moe.experts"
@@ -83,21 +84,87 @@ def test_ondemand_drops_misses_at_step_end(experts):
     assert slots.stats.misses == 2 and slots.stats.hits == 2  # 5 had to be read again
 
 
-def test_a_failed_read_fails_the_step_and_frees_the_slot(experts):
-    folder, _ = experts
-    slots = _slots(folder, 2)
+def test_a_failed_read_fails_only_its_experts_and_frees_their_slots(experts):
+    folder, tensors = experts
+    slots = _slots(folder, 3)
     slots.ensure([0])
     path = folder / "model.safetensors"
-    size = path.stat().st_size
     os.truncate(path, 4096)  # experts past the first block can no longer be read
-    with pytest.raises(ExpertLoadError, match="layer 0: loading expert 5 from the disk tier failed"):
-        slots.ensure([5])
+    with pytest.raises(ExpertLoadError, match="layer 0: loading expert 5 from the disk tier failed") as info:
+        slots.ensure([5, 0])
+    assert info.value.experts == (5,) and info.value.layer_idx == 0
     assert slots.slot_map.slot_of(5) is None
     assert int(slots.remap(torch.tensor([5]))[0]) == -1
+    assert len(slots.slot_map) == 1 and slots.stats.failed_loads == 1
+    # the resident expert is still served, with its bytes intact
+    slot = int(slots.remap(torch.tensor([0]))[0])
+    assert torch.equal(slots.w2_slots[slot], tensors[f"{PREFIX}.0.w2.weight"])
+
+
+def test_a_checkpoint_changed_after_startup_is_never_read(experts):
+    folder, _ = experts
+    slots = _slots(folder, 3)
+    slots.ensure([0])
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data)  # same bytes, rewritten: the index can no longer vouch for the offsets
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(ExpertLoadError, match="changed after start-up") as info:
+        slots.ensure([1, 2])
+    assert set(info.value.experts) == {1, 2}
     assert len(slots.slot_map) == 1
-    os.truncate(path, size)  # the file is back (zeros): the slot pool still works
-    slots.ensure([5, 0])
-    assert slots.slot_map.slot_of(5) is not None
+
+
+def test_a_slow_load_times_out_keeps_its_slot_reserved_and_lands_later(experts):
+    folder, tensors = experts
+    # every load lasts >= 0.4 s; the forward pass waits 0.1 s at most
+    slots = _slots(folder, 2, link=LinkEmulator(latency_ms=400))
+    slots.load_timeout_s = 0.1
+    started = time.perf_counter()
+    with pytest.raises(ExpertLoadError, match="took longer than 0.1 s") as info:
+        slots.ensure([3])
+    assert time.perf_counter() - started < 0.35
+    assert info.value.experts == (3,)
+    assert slots.slot_map.slot_of(3) is not None  # reserved: the I/O thread still writes it
+    assert int(slots.remap(torch.tensor([3]))[0]) == -1  # but never read
+    with pytest.raises(ExpertLoadError, match="still running"):
+        slots.ensure([3])  # still late
+    time.sleep(0.4)
+    slots.ensure([3])  # it arrived: resident and correct
+    slot = int(slots.remap(torch.tensor([3]))[0])
+    assert torch.equal(slots.w2_slots[slot], tensors[f"{PREFIX}.3.w2.weight"])
+
+
+def test_a_late_load_is_never_evicted_under_its_writer(experts):
+    folder, _ = experts
+    slots = _slots(folder, 2, policy="ondemand", link=LinkEmulator(latency_ms=300))
+    slots.load_timeout_s = 0.05
+    with pytest.raises(ExpertLoadError):
+        slots.ensure([4])
+    slots.end_step()  # ondemand drops step experts, but not one whose load is running
+    assert slots.slot_map.slot_of(4) is not None
+    with pytest.raises(ExpertLoadError) as info:
+        slots.ensure([1, 2])  # both slots: one is reserved by the late load of 4
+    assert 4 not in info.value.experts
+
+
+def test_a_dead_transfer_engine_fails_fast(experts):
+    folder, _ = experts
+    slots = _slots(folder, 2)
+    slots.engine.shutdown()
+    with pytest.raises(TransferEngineDead, match="I/O threads are gone"):
+        slots.ensure([1])
+
+
+def test_a_stuck_io_thread_is_reported_instead_of_hanging():
+    engine = ThreadTransferEngine(1, stuck_after_s=0.1)
+    release = threading.Event()
+    engine.submit(release.wait)
+    time.sleep(0.25)
+    with pytest.raises(TransferEngineDead, match="stuck for"):
+        engine.submit(lambda: None)
+    release.set()
+    engine.shutdown()
 
 
 def test_link_emulator_makes_loads_last_at_least_the_emulated_time(experts):

@@ -189,9 +189,9 @@ class SlotMap:
             self._free.append(slot)
             self.policy.on_evict(expert)
 
-    def end_step(self) -> list[int]:
-        """Drop experts the policy does not keep across steps; return them."""
-        dropped = [e for e in self._slot_of if not self.policy.keep_after_step(e)]
+    def end_step(self, keep: Collection[int] = ()) -> list[int]:
+        """Drop experts the policy does not keep across steps (except ``keep``); return them."""
+        dropped = [e for e in self._slot_of if e not in keep and not self.policy.keep_after_step(e)]
         for expert in dropped:
             self.drop(expert)
         return dropped

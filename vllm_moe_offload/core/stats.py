@@ -17,6 +17,9 @@ class LayerStats:
     ``stall_s`` is the time the forward pass waited for loads to finish.
     Prediction counts: ``predicted_right`` of ``predicted`` experts were needed,
     out of ``needed_when_predicted`` needs of the passes that had a prediction.
+    ``failed_loads`` are needs that could not be met (a read failed or timed
+    out); ``failed_tokens`` the token rows computed without them (their
+    requests fail).
     """
 
     layer_idx: int = -1
@@ -33,6 +36,9 @@ class LayerStats:
     passes: int = 0
     steps: int = 0
     stall_s: float = 0.0
+    failed_loads: int = 0
+    failed_tokens: int = 0
+    low_precision_loads: int = 0
     bytes_read: dict[str, int] = field(default_factory=dict)
     slot_bytes: int = 0
     resident: int = 0
@@ -65,7 +71,7 @@ def summarize(layers: Iterable[dict]) -> dict:
     """Sum per-layer stat dicts (as returned by ``LayerStats.to_dict``)."""
     summed = (
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
-        "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
+        "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed}}
     for layer in layers:
@@ -94,6 +100,8 @@ def format_summary(total: dict) -> str:
         f"({total['prefetch_hits']} made ready by prefetch), {total['loads']} loads "
         f"({total['prefetch_loads']} prefetched, {total['prefetch_unused']} unused), "
         f"read {reads}, stall {total['stall_s'] * 1e3:.1f} ms, "
-        f"{total['resident']}/{total['slots']} slots in use, "
+        + (f"{total['failed_loads']} failed loads ({total['failed_tokens']} tokens failed), "
+           if total.get("failed_loads") else "")
+        + f"{total['resident']}/{total['slots']} slots in use, "
         f"slot memory {total['slot_bytes'] / 2**20:.1f} MiB"
     )

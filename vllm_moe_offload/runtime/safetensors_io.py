@@ -56,8 +56,39 @@ class CheckpointIndex:
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {self.folder}")
         self._where: dict[str, TensorLocation] = {}
+        #: path -> (size, mtime) when indexed: a read from a file that changed since is refused
+        self._stamps: dict[str, tuple[int, int]] = {}
         for path in files:
             self._where.update(_read_header(path))
+            self._stamps[str(path)] = _stamp(os.stat(path))
+
+    def problem(self, name: str) -> str | None:
+        """Why tensor ``name`` cannot be read as indexed (missing, truncated, malformed), or None."""
+        loc = self._where.get(name)
+        if loc is None:
+            return f"{name} is missing"
+        size = self._stamps[loc.path][0]
+        if loc.offset + loc.num_bytes > size:
+            return f"{name} in {loc.path} is truncated (needs bytes up to {loc.offset + loc.num_bytes}, file has {size})"
+        want = loc.dtype.itemsize
+        for dim in loc.shape:
+            want *= dim
+        if want != loc.num_bytes:
+            return f"{name} in {loc.path} is malformed (shape {loc.shape} needs {want} bytes, header says {loc.num_bytes})"
+        return None
+
+    def check_unchanged(self, path: str, now: os.stat_result) -> None:
+        """Raise ``OSError`` when ``path`` was truncated or rewritten after it was indexed.
+
+        The offsets of the index would then point at other bytes: an expert read
+        from them would be torn, so it is never used.
+        """
+        then = self._stamps[path]
+        if _stamp(now) != then:
+            raise OSError(
+                f"{path} changed after start-up (size {then[0]} -> {now.st_size} bytes, "
+                f"mtime {then[1]} -> {now.st_mtime_ns} ns); experts are not read from a changed checkpoint"
+            )
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -70,6 +101,10 @@ class CheckpointIndex:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
 
 
 def _read_header(path: Path) -> dict[str, TensorLocation]:
@@ -142,6 +177,11 @@ class TensorReader:
             raise OSError(f"short read from {path}: wanted {end - start} bytes at {start}, got {len(data)}")
         self.bytes_read += len(data)
         return memoryview(data)
+
+    def stat(self, path: str) -> os.stat_result:
+        """``fstat`` of the descriptor this reader reads ``path`` through."""
+        fd, _ = self._open(path)
+        return os.fstat(fd)
 
     def _open(self, path: str) -> tuple[int, bool]:
         direct = self.direct_io and path not in self._warned and hasattr(os, "O_DIRECT")

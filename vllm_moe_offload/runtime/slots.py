@@ -8,13 +8,22 @@ them; the wait is the stall). :meth:`LayerSlots.prefetch` starts loads without
 waiting, while an earlier layer computes; the next :meth:`ensure` of this layer
 waits for whatever is still in flight before it touches any slot, so a slot is
 never read while a load writes it, and never evicted while a load is pending.
+
+Faults. A load that raises (a short read, a file changed since start-up) frees
+its slot; a load that outlives ``load_timeout_s`` keeps its slot reserved until
+its thread finishes (so a late write never lands in a slot that holds another
+expert) and is "late" until then. Either way :meth:`ensure` raises
+:class:`ExpertLoadError` naming the experts that are not resident, after making
+every other requested expert resident, so the caller can compute the tokens
+that do not need them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -28,7 +37,16 @@ logger = logging.getLogger("vllm.moe_offload.slots")
 
 
 class ExpertLoadError(RuntimeError):
-    """An expert could not be brought into its slot; the step that needed it fails."""
+    """Experts could not be brought into their slots; the tokens that need them fail.
+
+    ``experts`` are the router ids that are not resident; every other expert of
+    the failed :meth:`LayerSlots.ensure` call is.
+    """
+
+    def __init__(self, message: str, layer_idx: int, experts: Sequence[int]) -> None:
+        super().__init__(message)
+        self.layer_idx = layer_idx
+        self.experts = tuple(experts)
 
 
 class LayerSlots:
@@ -41,8 +59,11 @@ class LayerSlots:
         source: ExpertSource,
         engine: TransferEngine,
         link: LinkEmulator,
+        load_timeout_s: float | None = None,
     ) -> None:
         self.layer_idx = layer_idx
+        #: longest wait for one load before the experts it brings count as failed (None: no limit)
+        self.load_timeout_s = load_timeout_s
         self.w13_slots = w13_slots
         self.w2_slots = w2_slots
         self.slot_map = slot_map
@@ -56,6 +77,10 @@ class LayerSlots:
         self._device_table: torch.Tensor | None = None
         self._pending: dict[int, tuple[int, Future]] = {}  # expert -> (slot, load) started by prefetch
         self._prefetched: set[int] = set()  # resident by prefetch, not needed since
+        self._demand: set[int] = set()  # loads started by start_loads: misses whose tokens wait
+        #: the source also has a low-precision copy of each expert (int4+int2 stores)
+        self.has_low_precision = bool(getattr(source, "has_low_precision", False))
+        self._low: set[int] = set()  # resident in low precision: good for one prefill pass only
         self._predicted: set[int] | None = None  # the last prediction for this layer's next step
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
@@ -66,11 +91,21 @@ class LayerSlots:
             slot_bytes=w13_slots.nbytes + w2_slots.nbytes,
         )
 
-    def warm(self) -> None:
-        """Load the policy's warm set (everything when every expert has a slot)."""
-        experts = self.slot_map.policy.warm_set()[: self.num_slots]
-        if experts:
-            self._load_missing(experts, pinned=set(experts))
+    def warm(self, experts: Sequence[int] | None = None) -> None:
+        """Load ``experts`` (default: the policy's warm set, everything when every expert has a slot).
+
+        Runs at start-up: a failed load raises :class:`ExpertLoadError`.
+        """
+        experts = list(self.slot_map.policy.warm_set() if experts is None else experts)[: self.num_slots]
+        if not experts:
+            return
+        failures = self._load_missing(experts, pinned=set(experts))
+        if failures:
+            expert, exc = failures[0]
+            raise ExpertLoadError(
+                f"layer {self.layer_idx}: loading expert {expert} at start-up failed: {exc}",
+                self.layer_idx, [e for e, _ in failures],
+            ) from exc
 
     @property
     def fully_resident(self) -> bool:
@@ -116,17 +151,65 @@ class LayerSlots:
             self.slot_map.touch(expert, hit=False)
             self.stats.prefetch_loads += 1
 
-    def ensure(self, experts: Sequence[int]) -> None:
-        """Make ``experts`` (distinct, at most ``num_slots``) resident; count hits and misses."""
+    def num_missing(self, experts: Iterable[int]) -> int:
+        """How many of ``experts`` are not resident now."""
+        return sum(1 for e in experts if self._expert_to_slot[e] < 0)
+
+    def start_loads(self, experts: Sequence[int], pinned: Collection[int], low: Collection[int] = ()) -> None:
+        low = low if self.has_low_precision else ()
+        """Start loading those of ``experts`` that are not resident, without waiting.
+
+        For misses whose tokens can wait while other tokens compute: the next
+        :meth:`ensure` that needs them waits for them and counts them as misses.
+        ``pinned`` experts (the pass's) are not evicted for them; ``low`` ones
+        are loaded in low precision.
+        """
+        self._score_prediction(pinned)  # the pass's needs, before its ensure calls split them
+        pinned = set(pinned) | set(self._pending)
+        for expert in experts:
+            if self.slot_map.slot_of(expert) is not None:
+                continue
+            try:
+                admission = self.slot_map.admit(expert, pinned)
+            except RuntimeError:
+                return  # slots held by late loads: ensure reports what cannot be loaded
+            if admission.evicted is not None:
+                self._forget(admission.evicted)
+            self._pending[expert] = (
+                admission.slot, self.engine.submit(self._load, expert, admission.slot, expert in low),
+            )
+            self._demand.add(expert)
+            if expert in low:
+                self._low.add(expert)
+                self.stats.low_precision_loads += 1
+
+    def ensure(self, experts: Sequence[int], low: Collection[int] = ()) -> None:
+        """Make ``experts`` (distinct, at most ``num_slots``) resident; count hits and misses.
+
+        Misses among ``low`` are loaded in low precision when the source has it
+        (Fate: the least-needed experts of a prefill); an expert resident in low
+        precision and not in ``low`` is loaded again in full.
+        """
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts requested at once but layer has {self.num_slots} slots")
-        self._finish_pending()
+        self._finish_pending(set(experts))
+        for expert in [e for e in experts if e in self._low and e not in low and e not in self._pending]:
+            self.slot_map.drop(expert)  # upgrade: its int2 copy served a prefill, not this pass
+            self._forget(expert)
         self._score_prediction(experts)
-        pinned = set(experts)
+        pinned = set(experts) | set(self._pending)
         missing = []
+        late = [e for e in experts if e in self._pending]  # a load outlived its timeout, still running
         for expert in experts:
+            if expert in self._pending:
+                continue
             if self.slot_map.slot_of(expert) is None:
                 missing.append(expert)
+                continue
+            if expert in self._demand:  # started by start_loads: a miss that had company
+                self._demand.discard(expert)
+                self.slot_map.touch(expert, hit=False)
+                self.stats.misses += 1
                 continue
             self.slot_map.touch(expert, hit=True)
             if expert in self._prefetched:
@@ -134,12 +217,25 @@ class LayerSlots:
                 self.stats.prefetch_hits += 1
             else:
                 self.stats.hits += 1
-        self.stats.misses += len(missing)
+        self.stats.misses += len(missing) + len(late)
         self.stats.passes += 1
+        failures: list[tuple[int, BaseException]] = []
         if missing:
-            self._load_missing(missing, pinned)
+            # loads in flight hold their slots: let them land (they queue ahead of these anyway)
+            self._finish_pending()
+            pinned = set(experts) | set(self._pending)
+            failures = self._load_missing(missing, pinned, low)
             for expert in missing:
                 self.slot_map.touch(expert, hit=False)
+        failures += [(e, TimeoutError(f"its load is still running after {self.load_timeout_s:g} s")) for e in late]
+        if failures:
+            self.stats.failed_loads += len(failures)
+            expert, exc = failures[0]
+            raise ExpertLoadError(
+                f"layer {self.layer_idx}: loading expert {expert} from the {self.source.tier.value} tier "
+                f"failed: {exc}" + (f" (and {len(failures) - 1} more experts)" if len(failures) > 1 else ""),
+                self.layer_idx, [e for e, _ in failures],
+            ) from exc
 
     def _score_prediction(self, experts: Sequence[int]) -> None:
         if self._predicted is None:
@@ -150,14 +246,34 @@ class LayerSlots:
         self.stats.needed_when_predicted += len(needed)
         self._predicted = None  # later passes of the same step are not predictions
 
-    def _finish_pending(self) -> None:
-        """Wait for prefetches in flight (the wait is stall) and map what arrived."""
+    def _finish_pending(self, needed: Collection[int] | None = None) -> None:
+        """Wait for loads in flight (of ``needed`` experts, or all) and map what arrived.
+
+        The wait is stall. A load still running after ``load_timeout_s`` stays
+        pending (its slot reserved); :meth:`ensure` reports it as failed for
+        this step. Loads not waited for stay pending, their slots reserved.
+        """
         if not self._pending:
             return
         started = time.perf_counter()
         for expert, (slot, job) in list(self._pending.items()):
-            self._finish(expert, slot, job)
+            if needed is not None and expert not in needed:
+                if job.done():
+                    self._finish(expert, slot, job)
+                continue
+            if self._wait(job, started):
+                self._finish(expert, slot, job)
         self.stats.stall_s += time.perf_counter() - started
+
+    def _wait(self, job: Future, started: float) -> bool:
+        """Wait for ``job`` until ``load_timeout_s`` after ``started``; True when it is done."""
+        if self.load_timeout_s is None:
+            concurrent.futures.wait([job])
+            return True
+        remaining_s = started + self.load_timeout_s - time.perf_counter()
+        if not job.done() and remaining_s > 0:
+            concurrent.futures.wait([job], timeout=remaining_s)
+        return job.done()
 
     def _collect_finished(self) -> None:
         for expert, (slot, job) in list(self._pending.items()):
@@ -168,18 +284,23 @@ class LayerSlots:
         del self._pending[expert]
         try:
             num_bytes = job.result()
-        except Exception:  # noqa: BLE001 - a failed prefetch is only a lost guess
-            logger.warning("layer %d: prefetch of expert %d failed; it will be loaded on demand",
-                           self.layer_idx, expert, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - a failed prefetch is only a lost guess
+            logger.warning("layer %d: load of expert %d failed (%s); it will be loaded on demand",
+                           self.layer_idx, expert, exc)
             self.slot_map.drop(expert)
+            self._demand.discard(expert)
+            self._low.discard(expert)
             return
         self._expert_to_slot[expert] = slot
         self._device_table = None
-        self._prefetched.add(expert)
+        if expert not in self._demand:
+            self._prefetched.add(expert)
         self._account(num_bytes)
 
     def _forget(self, expert: int) -> None:
         self._expert_to_slot[expert] = -1
+        self._demand.discard(expert)
+        self._low.discard(expert)
         if expert in self._prefetched:
             self._prefetched.discard(expert)
             self.stats.prefetch_unused += 1  # loaded ahead, evicted before any use
@@ -189,45 +310,62 @@ class LayerSlots:
         self.stats.add_read(self.source.tier.value, num_bytes)
         self.stats.loads += 1
 
-    def _load_missing(self, experts: Sequence[int], pinned: set[int]) -> None:
+    def _load_missing(
+        self, experts: Sequence[int], pinned: set[int], low: Collection[int] = (),
+    ) -> list[tuple[int, BaseException]]:
+        """Load ``experts`` and wait; returns the (expert, error) of those that did not arrive."""
         jobs = []
+        failures: list[tuple[int, BaseException]] = []
         for expert in experts:
-            admission = self.slot_map.admit(expert, pinned)
+            try:
+                admission = self.slot_map.admit(expert, pinned)
+            except RuntimeError:
+                if not self._pending:
+                    raise  # more experts at once than slots: the caller's bug
+                failures.append((expert, RuntimeError(f"{len(self._pending)} slots are held by loads still running")))
+                continue
             if admission.evicted is not None:
                 self._forget(admission.evicted)
-            jobs.append((expert, admission.slot, self.engine.submit(self._load, expert, admission.slot)))
+            is_low = self.has_low_precision and expert in low
+            jobs.append((expert, admission.slot, self.engine.submit(self._load, expert, admission.slot, is_low)))
+            if is_low:
+                self._low.add(expert)
+                self.stats.low_precision_loads += 1
         started = time.perf_counter()
-        failures = []
         for expert, slot, job in jobs:
+            if not self._wait(job, started):
+                # the thread still writes this slot: keep it reserved until it is done
+                self._pending[expert] = (slot, job)
+                failures.append((expert, TimeoutError(f"the load took longer than {self.load_timeout_s:g} s")))
+                continue
             try:
                 num_bytes = job.result()
-            except Exception as exc:  # noqa: BLE001 - reported below, slot released
+            except Exception as exc:  # noqa: BLE001 - returned to the caller, slot released
                 failures.append((expert, exc))
                 self.slot_map.drop(expert)
+                self._low.discard(expert)
                 continue
             self._expert_to_slot[expert] = slot
             self._account(num_bytes)
         self.stats.stall_s += time.perf_counter() - started
         self._device_table = None
-        if failures:
-            expert, exc = failures[0]
-            raise ExpertLoadError(
-                f"layer {self.layer_idx}: loading expert {expert} from the {self.source.tier.value} tier "
-                f"failed: {exc}"
-            ) from exc
+        return failures
 
-    def _load(self, expert: int, slot: int) -> int:
-        """Runs on an I/O thread: fetch one expert and copy it into its slot."""
+    def _load(self, expert: int, slot: int, low: bool = False) -> int:
+        """Runs on an I/O thread: fetch one expert (its low-precision copy when ``low``) into its slot."""
         started = time.perf_counter()
-        got = self.source.fetch(expert)
+        got = self.source.fetch(expert, low_precision=True) if low else self.source.fetch(expert)
         self.link.pace(got.bytes_read, started)
         took_s = time.perf_counter() - started
         self.load_s_ema = took_s if self.load_s_ema is None else 0.9 * self.load_s_ema + 0.1 * took_s
+        if self.w13_slots.is_cuda:
+            # CudaTransferEngine: on its copy stream via pinned staging, no host sync; the compute
+            # stream waits on the copy's event when ensure() takes this load's result
+            self.engine.copy_in((self.w13_slots[slot], self.w2_slots[slot]), (got.w13, got.w2))
+            return got.bytes_read
         # [2I', H'] -> slot row; non_blocking only matters for pinned host -> GPU
         self.w13_slots[slot].copy_(got.w13, non_blocking=True)
         self.w2_slots[slot].copy_(got.w2, non_blocking=True)
-        if self.w13_slots.is_cuda:
-            torch.cuda.current_stream(self.w13_slots.device).synchronize()
         return got.bytes_read
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +378,8 @@ class LayerSlots:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
         self.stats.steps += 1
         self._finish_pending()  # nothing in flight may be dropped under a load
-        for expert in self.slot_map.end_step():
+        self._demand.clear()  # loaded for tokens that failed: from now on plain residents
+        for expert in self.slot_map.end_step(keep=self._pending):
             self._forget(expert)
 
     def stats_dict(self) -> dict:

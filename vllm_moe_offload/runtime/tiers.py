@@ -24,6 +24,7 @@ Converter = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[to
 class TierKind(str, enum.Enum):
     DISK = "disk"
     HOST = "host"
+    QUANT = "quant"  # a quantized expert store on disk (runtime/quant_source.py)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class DiskSource:
     tier = TierKind.DISK
 
     def __init__(
-        self, index: CheckpointIndex, names: CheckpointNames, convert: Converter, readers: ThreadLocalReaders
+        self, index: CheckpointIndex, names: CheckpointNames, convert: Converter, readers: ThreadLocalReaders,
+        num_experts: int = 1,
     ) -> None:
         self.index = index
         self.names = names
@@ -74,12 +76,19 @@ class DiskSource:
                 f"expert tensors {missing} are not in the checkpoint at {index.folder}; "
                 "this checkpoint's expert naming is not supported by vllm-moe-offload"
             )
+        # every expert checked at start-up: a broken checkpoint fails here, not in a request
+        problems = [p for e in range(num_experts) for n in names.of(e) if (p := index.problem(n))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"the checkpoint at {index.folder} cannot be offloaded: {problems[0]}{more}")
 
     def fetch(self, expert_idx: int) -> ExpertTensors:
         locs = [self.index[n] for n in self.names.of(expert_idx)]
         reader = self.readers.get()
         before = reader.bytes_read
         tensors = reader.read(locs)
+        for path in {loc.path for loc in locs}:
+            self.index.check_unchanged(path, reader.stat(path))
         w1, w2 = tensors[0], tensors[-1]
         w3 = tensors[1] if len(tensors) == 3 else None
         w13, w2k = self.convert(w1, w3, w2)

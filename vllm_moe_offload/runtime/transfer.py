@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,19 +43,71 @@ class TransferEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-class ThreadTransferEngine:
-    """Runs loads on a small pool of background threads."""
+class TransferEngineDead(RuntimeError):
+    """The I/O workers cannot run loads any more; the engine must stop rather than hang."""
 
-    def __init__(self, num_threads: int = 1) -> None:
+
+class ThreadTransferEngine:
+    """Runs loads on a small pool of background threads.
+
+    A load that raises is reported through its future and the thread lives on.
+    The pool itself counts as dead once it is shut down, or when one load has
+    run longer than ``stuck_after_s`` (a read blocked in the kernel never
+    returns, and every later load would queue behind it): :meth:`submit` then
+    raises :class:`TransferEngineDead` instead of queueing work that never runs.
+    """
+
+    def __init__(self, num_threads: int = 1, stuck_after_s: float | None = None) -> None:
+        self.num_threads = num_threads
+        self.stuck_after_s = stuck_after_s
         self._pool = ThreadPoolExecutor(
             max_workers=num_threads, thread_name_prefix="moe-offload-io", initializer=_one_openmp_thread,
         )
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[float, str]] = {}  # job id -> (start time, what)
+        self._next_id = 0
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        return self._pool.submit(fn, *args)
+        self.check_alive()
+        with self._lock:
+            job_id, self._next_id = self._next_id, self._next_id + 1
+        what = f"{getattr(fn, '__qualname__', fn)}{args}"
+
+        def run() -> T:
+            with self._lock:
+                self._running[job_id] = (time.monotonic(), what)
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._running.pop(job_id, None)
+
+        try:
+            return self._pool.submit(run)
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+            raise TransferEngineDead(f"the expert I/O threads are gone ({exc}); the engine cannot load experts") from exc
+
+    def check_alive(self) -> None:
+        """Raise :class:`TransferEngineDead` when a load has been stuck past ``stuck_after_s``."""
+        if self.stuck_after_s is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            stuck = [(now - t, what) for t, what in self._running.values() if now - t > self.stuck_after_s]
+        if stuck:
+            age_s, what = max(stuck)
+            raise TransferEngineDead(
+                f"an expert I/O thread has been stuck for {age_s:.1f} s (limit {self.stuck_after_s:g} s) in {what}; "
+                "the slow tier does not answer, so the engine stops instead of hanging"
+            )
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.check_alive()
+            wait = True
+        except TransferEngineDead:
+            wait = False  # joining a thread blocked in a read would hang the shutdown
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 @dataclass(frozen=True)

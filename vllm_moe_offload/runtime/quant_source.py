@@ -1,0 +1,44 @@
+"""The quantized tier: experts read from the expert store, dequantized, converted to the kernel layout."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_moe_offload.runtime.expert_store import ExpertStore
+from vllm_moe_offload.runtime.quant import dequantize
+from vllm_moe_offload.runtime.safetensors_io import ThreadLocalReaders
+from vllm_moe_offload.runtime.tiers import Converter, ExpertTensors, TierKind
+
+
+class QuantSource:
+    """One layer's experts from the quantized store (int4; int2 on request when stored).
+
+    ``bytes_read`` counts what crossed the slow tier: the quantized bytes, rounded
+    up to whole 4 KiB blocks under direct I/O, as the disk tier counts them.
+    """
+
+    tier = TierKind.QUANT
+
+    def __init__(
+        self, store: ExpertStore, layer_key: str, convert: Converter, readers: ThreadLocalReaders, dtype: torch.dtype
+    ) -> None:
+        self.store = store
+        self.layer_key = layer_key
+        self.convert = convert
+        self.readers = readers
+        self.dtype = dtype  # what the dequantized projections are written as (the layer's params dtype)
+        self.has_low_precision = "int2" in store.precisions
+
+    def fetch(self, expert_idx: int, low_precision: bool = False) -> ExpertTensors:
+        """Expert ``expert_idx`` in kernel layout; ``low_precision`` takes its int2 copy (``int4+int2`` only)."""
+        precision = "int2" if low_precision else "int4"
+        reader = self.readers.get()
+        before = reader.bytes_read
+        parts = self.store.read(self.layer_key, expert_idx, precision, reader)  # gate, [up,] down
+        w = [dequantize(q, self.dtype) for q in parts]  # [I, H], [I, H], [H, I] checkpoint layout
+        w1, w3, w2 = w[0], (w[1] if len(w) == 3 else None), w[-1]
+        w13, w2k = self.convert(w1, w3, w2)
+        return ExpertTensors(w13, w2k, reader.bytes_read - before)
+
+    def close(self) -> None:
+        pass
