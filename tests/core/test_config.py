@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_moe_offload.core.config import Budget, OffloadConfig, OffloadConfigError, Policy, Tier
+from vllm_moe_offload.core.config import Budget, OffloadConfig, OffloadConfigError, Policy, Quant, Tier
 from vllm_moe_offload.core.plan import minimum_bytes, plan_slots
 
 
@@ -45,13 +45,16 @@ def test_round_trip_through_dict():
     "raw, message",
     [
         ({"polcy": "lru"}, r"unknown moe_offload key\(s\) \['polcy'\]; allowed keys: \["),
-        ({"policy": "mru"}, r"policy 'mru' is not one of \['off', 'ondemand', 'lru', 'fate'\]"),
-        ({"policy": "klotski"}, "planned but not in this release"),
+        ({"policy": "mru"}, r"policy 'mru' is not one of \['off', 'ondemand', 'lru', 'fate', 'klotski', 'eap'\]"),
+        ({"profile": "/no/such/profile.npz"}, r"profile '/no/such/profile.npz' is not a file"),
+        ({"save_profile": "/no/such/dir/p.npz"}, "its directory does not exist"),
+        ({"load_timeout_s": 200, "io_stuck_s": 100}, r"io_stuck_s 100(\.0)? must exceed load_timeout_s 200"),
         ({"tier": "tape"}, r"tier 'tape' is not one of \['auto', 'disk', 'host'\]"),
         ({"io_threads": 1.5}, "io_threads 1.5 is not a int"),
         ({"io_threads": 100}, "io_threads 100 is out of range; allowed: 1 to 64"),
         ({"direct_io": "yes"}, "direct_io 'yes' must be true or false"),
-        ({"quant": "int4"}, "quantized expert stores"),
+        ({"quant": "int8"}, r"quant 'int8' is not one of \['none', 'int4', 'int4\+int2'\]"),
+        ({"quant": "int4", "tier": "host"}, "quant 'int4' contradicts tier 'host'"),
         ({"link_gbps": -1}, "link_gbps -1 is out of range"),
         ("lru", "moe_offload must be a dict"),
     ],
@@ -91,3 +94,11 @@ def test_shallow_favoring_split_keeps_leading_layers_whole():
     assert plan.layer_slots == (8, 8, 2, 2) and plan.resident_layers == 2
     # at the minimum nothing can be made resident
     assert plan_slots(Budget(num_bytes=8 * 100), 4, 8, 2, 100, resident_layers=2).layer_slots == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("value, quant", [("int4", Quant.INT4), ("INT4+int2", Quant.INT4_INT2), ("none", Quant.NONE)])
+def test_quant_values(value, quant):
+    config = OffloadConfig.from_dict({"policy": "lru", "quant": value, "tier": "disk"})
+    assert config.quant is quant
+    assert OffloadConfig.from_dict(config.to_dict()) == config
+    assert OffloadConfig.from_dict({"policy": "lru", "quant": value}).tier is Tier.AUTO  # auto resolves to disk

@@ -9,6 +9,7 @@ is allowed.
 from __future__ import annotations
 
 import enum
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -26,10 +27,13 @@ class Policy(str, enum.Enum):
     ONDEMAND = "ondemand"
     LRU = "lru"
     FATE = "fate"
+    KLOTSKI = "klotski"
+    #: the MoE-Infinity-style baseline: activation-path matching per request, LRU cache
+    EAP = "eap"
 
 
 #: policies described in DESIGN.md that later releases add; refused clearly today
-PLANNED_POLICIES = ("klotski",)
+PLANNED_POLICIES: tuple[str, ...] = ()
 
 
 class Tier(str, enum.Enum):
@@ -41,7 +45,11 @@ class Tier(str, enum.Enum):
 
 
 class Quant(str, enum.Enum):
-    NONE = "none"
+    """How offloaded experts are stored (see runtime/expert_store.py)."""
+
+    NONE = "none"  # full precision: the checkpoint's own safetensors
+    INT4 = "int4"  # int4, groups of 64, in a store written once under the cache directory
+    INT4_INT2 = "int4+int2"  # both int4 and int2 (groups of 32) of every expert; int2 on request
 
 
 _UNITS = {
@@ -119,11 +127,20 @@ class OffloadConfig:
     link_latency_ms: float = 0.0
     quant: Quant = Quant.NONE
     cache_dir: str | None = None
+    #: a saved activation profile (correlation table) that warms the cache and the predictor at start
     profile: str | None = None
+    #: write the activation profile seen while serving here at shutdown
+    save_profile: str | None = None
     #: fate: leading MoE layers kept fully resident (None: automatic)
     resident_layers: int | None = None
     #: fate: experts prefetched per layer at least (None: measured compute/transfer ratio)
     overfetch: int | None = None
+    #: longest a forward pass waits for one expert load; past it the tokens that need the
+    #: expert fail (their requests end with an error) and the load finishes in the background
+    load_timeout_s: float = 30.0
+    #: an I/O thread busy longer than this on one load is declared stuck: the engine stops
+    #: with an error instead of hanging behind it (must exceed load_timeout_s)
+    io_stuck_s: float = 120.0
 
     @property
     def enabled(self) -> bool:
@@ -166,16 +183,29 @@ class OffloadConfig:
             kw["resident_layers"] = _number(raw["resident_layers"], "resident_layers", int, 0, 4096)
         if "overfetch" in raw:
             kw["overfetch"] = _number(raw["overfetch"], "overfetch", int, 1, 4096)
-        for key in ("cache_dir", "profile"):
+        if "load_timeout_s" in raw:
+            kw["load_timeout_s"] = _number(raw["load_timeout_s"], "load_timeout_s", float, 1e-3, 3600.0)
+        if "io_stuck_s" in raw:
+            kw["io_stuck_s"] = _number(raw["io_stuck_s"], "io_stuck_s", float, 1e-3, 86400.0)
+        timeout_s = kw.get("load_timeout_s", cls.load_timeout_s)
+        if kw.get("io_stuck_s", cls.io_stuck_s) <= timeout_s:
+            raise OffloadConfigError(
+                f"io_stuck_s {kw.get('io_stuck_s', cls.io_stuck_s)!r} must exceed load_timeout_s {timeout_s!r}: "
+                "a load is declared stuck only after the forward pass stopped waiting for it"
+            )
+        for key in ("cache_dir", "profile", "save_profile"):
             if key in raw:
                 if not isinstance(raw[key], str) or not raw[key]:
                     raise OffloadConfigError(f"{key} {raw[key]!r} must be a non-empty path")
                 kw[key] = raw[key]
-        if "profile" in kw:
+        _check_quant(kw)
+        if "profile" in kw and not os.path.isfile(kw["profile"]):
             raise OffloadConfigError(
-                "profile: saved activation profiles are not supported in this release; "
-                "remove the profile setting"
+                f"profile {kw['profile']!r} is not a file; give a profile written by "
+                "`vllm-moe-offload simulate TRACE --save-profile PATH` or by save_profile"
             )
+        if "save_profile" in kw and not os.path.isdir(os.path.dirname(os.path.abspath(kw["save_profile"]))):
+            raise OffloadConfigError(f"save_profile {kw['save_profile']!r}: its directory does not exist")
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,11 +236,17 @@ def _parse_policy(value: Any) -> Policy:
 
 
 def _parse_quant(value: Any) -> Quant:
-    if str(value).lower() in ("int4", "int4+int2"):
-        raise OffloadConfigError(
-            f"quant {value!r} (quantized expert stores) is not in this release; allowed: ['none']"
-        )
     return _enum(Quant, value, "quant")
+
+
+def _check_quant(kw: dict[str, Any]) -> None:
+    """The quantized store is a disk tier of its own: a host-memory copy of dequantized experts
+    would cost full-precision memory and keep only the error, so ``tier host`` contradicts it."""
+    if kw.get("quant", Quant.NONE) is not Quant.NONE and kw.get("tier") is Tier.HOST:
+        raise OffloadConfigError(
+            f"quant {kw['quant'].value!r} contradicts tier 'host': quantized experts are read from their "
+            "store on disk; use tier 'disk' or 'auto' with quant, or quant 'none' with tier 'host'"
+        )
 
 
 def _number(value: Any, key: str, kind: type, low: float, high: float) -> Any:
