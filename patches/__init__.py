@@ -55,7 +55,9 @@ def mark(wrapper: Callable, original: Callable) -> Callable:
 
 def apply_all() -> None:
     """Apply every runtime patch (idempotent). Called by ``register()``."""
-    from vllm_moe_offload.patches import default_loader, engine_args
+    from vllm_moe_offload.patches import async_llm, default_loader, engine_args, scheduler
 
     engine_args.apply()
     default_loader.apply()
+    scheduler.apply()
+    async_llm.apply()

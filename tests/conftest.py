@@ -10,6 +10,7 @@ its own subprocess with the plugin disabled (``VLLM_PLUGINS=none``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -63,6 +64,26 @@ def run_engines(tmp: Path, jobs: list[dict], stock: bool, multiprocess: bool = F
     for r in results.values():
         r["log"] = str(log_file)
     return results
+
+
+@pytest.fixture(autouse=True)
+def _vllm_logs_reach_caplog(request):
+    """Let ``caplog`` see the plugin's records in any test order.
+
+    Once an engine ran in the test process, vLLM's logging config has set
+    ``propagate=False`` on the "vllm" logger, so records under it never reach
+    the root logger that ``caplog`` listens on.
+    """
+    if "caplog" not in request.fixturenames:
+        yield
+        return
+    handler = request.getfixturevalue("caplog").handler
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        vllm_logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

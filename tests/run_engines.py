@@ -38,11 +38,22 @@ def run_job(job: dict) -> dict:
         return result
     result["startup_s"] = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 16), ignore_eos=True)
-    prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    result["generate_s"] = time.perf_counter() - t0
-    result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    rounds = []
+    # "rounds": [{"prompts", "faults", "pause_s"}...] run one after another on the same engine
+    for spec in job.get("rounds", [{"prompts": job.get("prompts")}]):
+        for fault in spec.get("faults", []):
+            apply_fault(fault)
+        prompts = [{"prompt_token_ids": p} for p in spec.get("prompts") or job["prompts"]]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rounds.append({
+            "generate_s": time.perf_counter() - t0,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "finish_reasons": [o.outputs[0].finish_reason for o in outs],
+        })
+        time.sleep(spec.get("pause_s", 0))
+    result.update(rounds[0])
+    result["rounds"] = rounds
     try:
         result["stats"] = llm.collective_rpc("moe_offload_stats")
     except Exception:  # noqa: BLE001 - stock workers have no such method
@@ -51,6 +62,14 @@ def run_job(job: dict) -> dict:
     del llm
     gc.collect()
     return result
+
+
+def apply_fault(fault: dict) -> None:
+    """A fault injected between rounds: {"truncate": PATH, "at_bytes": N}."""
+    if "truncate" in fault:
+        os.truncate(fault["truncate"], fault["at_bytes"])
+    else:
+        raise ValueError(f"unknown fault {fault}")
 
 
 def main() -> None:

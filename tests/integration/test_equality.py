@@ -46,7 +46,11 @@ def results(tiny_models, tmp_path_factory):
 def _policies(arch):
     # every architecture with lru; the others where they add a code path:
     # ondemand drops misses, fate prefetches with the next layer's router
-    return {"mixtral": ("lru", "ondemand", "fate"), "qwen2_moe": ("lru", "fate"), "deepseek_v2": ("lru", "fate")}.get(
+    # klotski prefetches hot experts from the correlation table, eap from per-request activation paths
+    return {
+        "mixtral": ("lru", "ondemand", "fate", "klotski", "eap"), "qwen2_moe": ("lru", "fate"),
+        "deepseek_v2": ("lru", "fate", "klotski"),
+    }.get(
         arch, ("lru",)
     )
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
-from vllm_moe_offload.core.config import CONFIG_KEY, OffloadConfig
-from vllm_moe_offload.core.plan import plan_slots
+from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfig, OffloadConfigError
+from vllm_moe_offload.core.plan import SlotPlan, plan_slots
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -49,6 +50,8 @@ def before_config(engine_args: EngineArgs) -> OffloadConfig | None:
     engine_args.additional_config = {**additional, CONFIG_KEY: offload.to_dict()}
     if not offload.enabled:
         return None
+    check_parallel(engine_args)  # EngineArgs has the ParallelConfig's field names
+    check_expert_tensors(engine_args.model)  # before vLLM itself opens the checkpoint
     from vllm.platforms import current_platform
 
     kind = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
@@ -66,29 +69,178 @@ def before_config(engine_args: EngineArgs) -> OffloadConfig | None:
     return offload
 
 
+#: the offloaded layer's custom op (integration/experts.py); graphs must not capture it
+MOE_OP = "vllm_moe_offload::routed_experts"
+
+#: the MoE backend that takes remapped ids on CUDA: monolithic kernels (FlashInfer
+#: TRT-LLM, ...) route inside the kernel and would never see slot ids
+CUDA_MOE_BACKEND = "triton"
+
+
 def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
-    """Refuse what the offloaded layer cannot do, and check the budget when the model allows."""
+    """Refuse what the offloaded layer cannot do, adapt graphs and kernels, and check the budget."""
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        raise NotImplementedError(
-            "MoE offload runs with tensor_parallel_size=1 and pipeline_parallel_size=1 in this release; "
-            f"got TP={parallel.tensor_parallel_size}, PP={parallel.pipeline_parallel_size}"
-        )
-    if parallel.enable_expert_parallel:
-        raise NotImplementedError("MoE offload cannot be combined with expert parallelism in this release")
-    geometry = estimate_geometry(vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize)
+    check_parallel(parallel)
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        force_moe_backend(vllm_config.kernel_config)
+        split_graphs_at_moe(vllm_config.compilation_config)
+    tp = parallel.tensor_parallel_size
+    geometry = estimate_geometry(
+        vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
+    )
+    check_expert_tensors(vllm_config.model_config.model)
     if geometry is None:
         logger.warning("could not read the MoE geometry from the model config; the budget is checked at load")
         return
-    plan = plan_slots(offload.budget, **geometry)  # raises OffloadConfigError when too small
+    plan = plan_rank_slots(offload.budget, tp, **geometry)
     logger.info(
-        "MoE offload: policy %s, budget %s -> about %d of %d experts per layer in %d MoE layers",
+        "MoE offload: policy %s, budget %s -> about %d of %d experts per layer in %d MoE layers%s",
         offload.policy.value, offload.budget, plan.slots_per_layer, plan.num_experts, plan.num_layers,
+        _tp_note(tp),
+    )
+    if plan.budget_bytes > plan.total_expert_bytes:
+        logger.warning(
+            "MoE offload: the budget %s (%d bytes) is more than all experts need (%d bytes): every expert "
+            "stays resident and nothing is offloaded; --moe-offload off gives the same with no plugin in the path",
+            offload.budget, plan.budget_bytes, plan.total_expert_bytes,
+        )
+
+
+def check_expert_tensors(model: str) -> None:
+    """Refuse a local checkpoint whose expert tensors are truncated or malformed, naming file and tensor.
+
+    Runs in the user's process before any engine starts (the worker checks
+    again, and that every expert of every layer is present, when it builds the
+    slots). Models from the hub are checked only by the worker.
+    """
+    if not os.path.isdir(model):
+        return
+    from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
+
+    try:
+        index = CheckpointIndex(model)
+    except FileNotFoundError:
+        return  # not a safetensors checkpoint: vLLM's loader reports it
+    problems = [p for name in index.names() if ".experts." in name and (p := index.problem(name))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"MoE offload: the checkpoint at {model} cannot be offloaded: {problems[0]}{more}")
+
+
+def check_parallel(parallel: Any) -> None:
+    """Tensor parallel is supported (each rank offloads its shard); the rest is refused.
+
+    Pipeline parallel would need the budget split by stage and is untested.
+    Expert parallel would need each rank's slot map restricted to its local
+    experts, the remap composed with vLLM's global-to-local ``expert_map`` (ids
+    arrive global, and all2all backends dispatch tokens before the kernel), and
+    the budget split over local experts. Data parallel flattens the MoE layers'
+    tensor parallelism across replicas (untested).
+    """
+    if parallel.pipeline_parallel_size > 1:
+        raise NotImplementedError(
+            f"MoE offload does not support pipeline parallelism yet (pipeline_parallel_size="
+            f"{parallel.pipeline_parallel_size}); allowed: pipeline_parallel_size=1 with any tensor_parallel_size"
+        )
+    if parallel.enable_expert_parallel:
+        raise NotImplementedError(
+            "MoE offload cannot be combined with expert parallelism (--enable-expert-parallel) yet: each rank "
+            "would hold only its own experts' slots; use tensor parallelism instead (each rank then offloads "
+            "its shard of every expert)"
+        )
+    if parallel.data_parallel_size > 1:
+        raise NotImplementedError(
+            f"MoE offload does not support data parallelism yet (data_parallel_size="
+            f"{parallel.data_parallel_size}); run one engine per replica, or use tensor parallelism"
+        )
+
+
+def per_rank_budget(budget: Budget, tp_size: int) -> Budget:
+    """Each tensor-parallel rank's share: a size is split evenly; a share of the experts stays as it is.
+
+    Every rank holds 1/tp of every expert, so a share of "the model's expert
+    bytes" means the same share of the rank's shard.
+    """
+    if tp_size <= 1 or budget.fraction is not None:
+        return budget
+    assert budget.num_bytes is not None
+    return Budget(num_bytes=budget.num_bytes // tp_size)
+
+
+def plan_rank_slots(budget: Budget, tp_size: int, **geometry: Any) -> SlotPlan:
+    """:func:`plan_slots` for one tensor-parallel rank; a too-small budget names the per-rank split."""
+    try:
+        return plan_slots(per_rank_budget(budget, tp_size), **geometry)
+    except OffloadConfigError as exc:
+        if tp_size <= 1:
+            raise
+        raise OffloadConfigError(
+            f"{exc} [per rank: with tensor_parallel_size={tp_size} each rank offloads its 1/{tp_size} shard "
+            f"of every expert with 1/{tp_size} of the budget {budget}]"
+        ) from exc
+
+
+def _tp_note(tp_size: int) -> str:
+    if tp_size <= 1:
+        return ""
+    return (
+        f" (per rank: each of {tp_size} tensor-parallel ranks offloads its 1/{tp_size} shard of every expert; "
+        f"a size budget is split evenly between them, a share applies to each rank's shard)"
     )
 
 
-def estimate_geometry(hf_config: Any, dtype_bytes: int) -> dict[str, int] | None:
-    """MoE layer count, experts, top-k and bytes per expert from a HF config, if recognisable.
+def force_moe_backend(kernel_config: Any) -> None:
+    """On CUDA, run the MoE kernel that takes (remapped) ``topk_ids`` from outside: Triton."""
+    backend = kernel_config.moe_backend
+    if backend == "auto":
+        logger.info("MoE offload: using moe_backend=%s (its kernels take remapped expert ids)", CUDA_MOE_BACKEND)
+        kernel_config.moe_backend = CUDA_MOE_BACKEND
+    elif backend != CUDA_MOE_BACKEND:
+        raise NotImplementedError(
+            f"MoE offload on CUDA needs --moe-backend {CUDA_MOE_BACKEND} (or auto); got {backend!r}, whose kernels "
+            "route inside and cannot take slot ids"
+        )
+
+
+def split_graphs_at_moe(compilation: Any) -> None:
+    """Keep CUDA graphs for everything but the offloaded MoE op.
+
+    The op makes host-side cache decisions (which expert in which slot, loads on
+    a miss) that a captured graph would freeze. vLLM's piecewise capture splits
+    its graph at ``splitting_ops`` and runs them eagerly between captured pieces,
+    so the op goes there; full graphs (which capture splitting ops too) are
+    downgraded to piecewise, or to none where nothing is compiled into pieces.
+    """
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    mode = compilation.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return
+    if compilation.mode != CompilationMode.VLLM_COMPILE:
+        if mode.has_full_cudagraphs():
+            logger.info(
+                "MoE offload: cudagraph_mode %s would capture the offloaded MoE op and compilation mode %s "
+                "cannot split it out; CUDA graphs are turned off", mode.name, compilation.mode,
+            )
+            compilation.cudagraph_mode = CUDAGraphMode.NONE
+            compilation.max_cudagraph_capture_size = 0
+            compilation.cudagraph_capture_sizes = []
+        return
+    ops = list(compilation.splitting_ops or [])
+    if MOE_OP not in ops:
+        compilation.splitting_ops = [*ops, MOE_OP]
+    if mode.has_full_cudagraphs():
+        logger.info(
+            "MoE offload: cudagraph_mode %s would capture the offloaded MoE op's host-side decisions; "
+            "using PIECEWISE (graphs split at %s, which runs eagerly)", mode.name, MOE_OP,
+        )
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
+def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dict[str, int] | None:
+    """MoE layer count, experts, top-k and bytes per expert (one rank's shard) from a HF config.
 
     Covers the conventions of Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V2. The
     worker makes the exact check with the kernel's own layout; this early one
@@ -108,7 +260,7 @@ def estimate_geometry(hf_config: Any, dtype_bytes: int) -> dict[str, int] | None
         "num_layers": len(layers),
         "num_experts": num_experts,
         "top_k": top_k,
-        "expert_bytes": 3 * hidden * inter * dtype_bytes,
+        "expert_bytes": 3 * hidden * (inter // tp_size) * dtype_bytes,
     }
 
 

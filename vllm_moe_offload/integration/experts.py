@@ -32,13 +32,18 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.integration.engine_config import current_offload_config
-from vllm_moe_offload.runtime.slots import LayerSlots
+from vllm_moe_offload.integration import faults
+from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
 logger = logging.getLogger("vllm.moe_offload.experts")
 
 #: layer_name -> offloaded layer, so the custom op (which takes only tensors and
 #: a string) can find its layer. Filled per worker process.
 _LAYERS: dict[str, OffloadRoutedExperts] = {}
+
+#: passes with fewer tokens are not prefills worth trading precision for (a decode batch of
+#: requests needs each expert it routes to in full)
+_LOW_PRECISION_MIN_TOKENS = 64
 
 
 class OffloadRoutedExperts(RoutedExperts):
@@ -54,6 +59,9 @@ class OffloadRoutedExperts(RoutedExperts):
         self.next_gate: torch.nn.Module | None = None
         self.overfetch: int | None = None
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
+        # klotski / profiles: sees every step's routing (integration/observer.py)
+        self.observer = None
+        self._step_low: set[int] = set()  # this step's experts that may load in low precision
         if not self.offload_enabled:
             return quant_method
         if type(quant_method) is not UnquantizedFusedMoEMethod:
@@ -101,26 +109,128 @@ class OffloadRoutedExperts(RoutedExperts):
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
         slots = self.slots
         assert slots is not None
+        if self.observer is not None:
+            self.observer.on_route(self, topk_ids)
+        try:
+            return self._offloaded_forward(x, topk_weights, topk_ids)
+        finally:
+            if self.observer is not None:
+                self.observer.on_computed()
+
+    def _offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        slots = self.slots
+        assert slots is not None
         if self.next_gate is not None:
             self._prefetch_next(x)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
             slots.stats.steps += 1
             return self._kernel(x, topk_weights, topk_ids)
-        unique = torch.unique(topk_ids).tolist()
+        failed: dict[int, str] = {}  # expert -> why it could not be loaded
+        self._step_low = self._least_needed_of_step(topk_ids)
         try:
+            unique = torch.unique(topk_ids).tolist()
             if len(unique) <= slots.num_slots:
-                slots.ensure(unique)
-                return self._kernel(x, topk_weights, slots.remap(topk_ids))
-            out = torch.empty_like(x)
-            for token_idx in pack_passes(topk_ids.tolist(), slots.num_slots):
-                idx = torch.tensor(token_idx, device=x.device)
-                ids = topk_ids[idx]  # [t, k]
-                slots.ensure(torch.unique(ids).tolist())
-                out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
+                if x.shape[0] == 1 or not slots.num_missing(unique):  # nothing to compute while loading
+                    try:
+                        slots.ensure(unique, low=self._step_low)
+                        return self._kernel(x, topk_weights, slots.remap(topk_ids))
+                    except ExpertLoadError as err:
+                        failed.update(dict.fromkeys(err.experts, str(err)))
+                passes = [list(range(x.shape[0]))]
+            else:
+                rows = topk_ids.tolist()
+                passes = pack_passes(rows, slots.num_slots)
+                # passes served by resident experts first: they run before any load
+                # (and before a failing load can evict what they need)
+                passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
+            out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
+            for token_idx in passes:
+                self._run_pass(torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed)
+            if failed:
+                self._fail_tokens(topk_ids, out, failed)
             return out
         finally:
             slots.end_step()
+
+    def _run_pass(self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str]) -> None:
+        """Compute the rows ``idx`` into ``out``, except those that need an expert in ``failed``.
+
+        Experts whose load fails on the way join ``failed``; the pass then goes
+        on with the rows that do not need them.
+        """
+        slots = self.slots
+        while idx.numel():
+            if failed:
+                gone = torch.tensor(sorted(failed), device=topk_ids.device)
+                idx = idx[~torch.isin(topk_ids[idx], gone).any(dim=-1)]
+                if not idx.numel():
+                    return
+            try:
+                idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out)
+                if not idx.numel():
+                    return
+                ids = topk_ids[idx]  # [t, k]
+                slots.ensure(torch.unique(ids).tolist(), low=self._step_low)
+            except ExpertLoadError as err:
+                failed.update(dict.fromkeys(err.experts, str(err)))
+                continue
+            out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
+            return
+
+    def _ready_rows_first(self, idx, x, topk_weights, topk_ids, out) -> torch.Tensor:
+        """Start the pass's missing loads, compute the rows that need none of them meanwhile.
+
+        Tokens stay whole, so results are exact. Returns the rows still to compute.
+        """
+        slots = self.slots
+        if idx.numel() < 2:
+            return idx
+        ids = topk_ids[idx]  # [t, k]
+        experts = torch.unique(ids).tolist()
+        missing = [e for e in experts if slots.num_missing((e,))]
+        if not missing:
+            return idx
+        ready = ~torch.isin(ids, torch.tensor(missing, device=ids.device)).any(dim=-1)  # [t]
+        if not ready.any():
+            return idx
+        slots.start_loads(missing, experts, low=self._step_low)
+        ready_ids = ids[ready]
+        slots.ensure(torch.unique(ready_ids).tolist())  # all resident: no wait for the loads just started
+        rows = idx[ready]
+        out[rows] = self._kernel(x[rows], topk_weights[rows], slots.remap(ready_ids))
+        return idx[~ready]
+
+    def _least_needed_of_step(self, topk_ids: torch.Tensor) -> set[int]:
+        """Experts of a prefill step ``topk_ids [T, k]`` that get their int2 copy (``int4+int2`` stores only).
+
+        Fate loads the least-needed experts of a prefill in int2: they touch the
+        fewest tokens, so their extra error costs least, and every byte saved
+        shortens the prefill's loads. Here: the quarter of the step's distinct
+        experts with the fewest tokens (a share of ours; the paper fixes none).
+        Steps under ``_LOW_PRECISION_MIN_TOKENS`` tokens never use int2.
+        """
+        if not self.slots.has_low_precision or topk_ids.shape[0] < _LOW_PRECISION_MIN_TOKENS:
+            return set()
+        experts, counts = torch.unique(topk_ids, return_counts=True)
+        order = counts.argsort(stable=True)[: len(experts) // 4]
+        return set(experts[order].tolist())
+
+    def _fail_tokens(self, topk_ids, out, failed: dict[int, str]) -> None:
+        """Zero the rows computed without an expert and fail their requests (see ``faults.py``)."""
+        gone = torch.tensor(sorted(failed), device=topk_ids.device)
+        rows = torch.isin(topk_ids, gone).any(dim=-1).nonzero().flatten()  # [f]
+        out[rows] = 0
+        reason = next(iter(failed.values()))
+        requests = faults.requests_of_rows(rows.tolist())
+        if requests is None:  # no request to blame (a dummy run, several ranks): stop the engine
+            raise ExpertLoadError(reason, self.slots.layer_idx, sorted(failed))
+        self.slots.stats.failed_tokens += int(rows.numel())
+        logger.error(
+            "%s: %d tokens need experts %s that could not be loaded; failing requests %s (%s)",
+            self.layer_name, rows.numel(), sorted(failed), sorted(requests), reason,
+        )
+        faults.report(requests, reason)
 
     def _prefetch_next(self, x: torch.Tensor) -> None:
         """Fate's cross-layer gate: the next layer's router on this layer's router input.

@@ -24,6 +24,10 @@ FLAG_KEYS = {
     "moe_offload_cache_dir": "cache_dir",
     "moe_offload_resident_layers": "resident_layers",
     "moe_offload_overfetch": "overfetch",
+    "moe_offload_load_timeout_s": "load_timeout_s",
+    "moe_offload_io_stuck_s": "io_stuck_s",
+    "moe_offload_profile": "profile",
+    "moe_offload_save_profile": "save_profile",
 }
 
 GROUP_TITLE = "MoEOffload"
@@ -48,7 +52,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--moe-offload", dest="moe_offload", default=None, choices=[p.value for p in Policy],
         help="Expert offload policy: 'ondemand' (fixed resident set, misses loaded and dropped), "
         "'lru' (least-recently-used cache over the whole budget), 'fate' (cross-layer gate prefetch, "
-        "ARC caches, shallow layers resident), or 'off' (stock vLLM; the default).",
+        "ARC caches, shallow layers resident), 'klotski' (correlation-table prefetch of the hot experts of "
+        "the next layer, sized by an I/O-compute planner; for batches), 'eap' (baseline: each request's "
+        "expert activation path matched against finished requests, MoE-Infinity style), or 'off' (stock vLLM; "
+        "the default).",
     )
     group.add_argument(
         "--moe-offload-budget", dest="moe_offload_budget", default=None, type=_budget, metavar="SIZE",
@@ -80,7 +87,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--moe-offload-quant", dest="moe_offload_quant", default=None, choices=[q.value for q in Quant],
-        help="Storage format of offloaded experts (only 'none', full precision, in this release).",
+        help="Storage format of offloaded experts: 'none' (full precision, the checkpoint itself; the "
+        "default), 'int4' (int4 in groups of 64, written once to a store under the cache directory, "
+        "dequantized on load), 'int4+int2' (the store also holds int2, groups of 32, for the least-needed "
+        "experts). Needs the disk tier ('auto' picks it).",
     )
     group.add_argument(
         "--moe-offload-resident-layers", dest="moe_offload_resident_layers", default=None, type=int,
@@ -93,8 +103,28 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "expert's load time, measured while running, and at least top_k).",
     )
     group.add_argument(
+        "--moe-offload-load-timeout-s", dest="moe_offload_load_timeout_s", default=None, type=float,
+        metavar="S", help="Longest a step waits for one expert load (default 30). Past it, the requests whose "
+        "tokens need that expert end with an error; other requests go on.",
+    )
+    group.add_argument(
+        "--moe-offload-io-stuck-s", dest="moe_offload_io_stuck_s", default=None, type=float, metavar="S",
+        help="An I/O thread busy this long on one load is declared stuck and the engine stops with an error "
+        "instead of hanging (default 120; must exceed the load timeout).",
+    )
+    group.add_argument(
+        "--moe-offload-profile", dest="moe_offload_profile", default=None, metavar="PATH",
+        help="A saved activation profile (.npz, from `vllm-moe-offload simulate TRACE --save-profile` or "
+        "--moe-offload-save-profile): the cache starts with each layer's most used experts and klotski's "
+        "correlation table starts from it.",
+    )
+    group.add_argument(
+        "--moe-offload-save-profile", dest="moe_offload_save_profile", default=None, metavar="PATH",
+        help="Write the activation profile seen while serving to PATH at shutdown (for --moe-offload-profile).",
+    )
+    group.add_argument(
         "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",
-        help="Directory for derived expert stores (default under vLLM's cache root).",
+        help="Directory for the quantized expert stores (default: $VLLM_CACHE_ROOT/moe_offload/stores).",
     )
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap, make_policy
-from vllm_moe_offload.core.config import OffloadConfig, Policy, Tier, format_bytes
-from vllm_moe_offload.core.plan import SlotPlan, plan_slots
+from vllm_moe_offload.core.config import OffloadConfig, Policy, Quant, Tier, format_bytes
+from vllm_moe_offload.core.plan import SlotPlan
 from vllm_moe_offload.core.stats import summarize
-from vllm_moe_offload.integration.engine_config import offload_config_of
+from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
     OffloadRoutedExperts,
     attach_slots,
@@ -21,11 +21,15 @@ from vllm_moe_offload.integration.experts import (
     offloaded_layers,
 )
 from vllm_moe_offload.integration.kernel_format import make_converter
+from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
+from vllm_moe_offload.runtime.expert_store import ExpertStore, LayerSpec, open_or_build, store_directory
 from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
+from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
+from vllm_moe_offload.runtime.cuda_transfer import make_transfer_engine
 from vllm_moe_offload.runtime.slots import LayerSlots
 from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, ExpertSource, HostSource
-from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
+from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
 
 logger = logging.getLogger("vllm.moe_offload.setup")
 
@@ -38,10 +42,11 @@ class OffloadRuntime:
     plan: SlotPlan
     tier: Tier
     layers: list[LayerSlots]
-    engine: ThreadTransferEngine
+    engine: TransferEngine
     readers: ThreadLocalReaders
     link: LinkEmulator
     predicted_layers: int = 0
+    observer: RoutingObserver | None = None
 
     def stats(self) -> dict:
         per_layer = [slots.stats_dict() for slots in self.layers]
@@ -58,9 +63,13 @@ class OffloadRuntime:
             "predicted_layers": self.predicted_layers,
             "layers": per_layer,
             "total": summarize(per_layer),
+            **({"klotski": self.observer.stats()} if self.observer is not None else {}),
         }
 
     def close(self) -> None:
+        if self.observer is not None and self.config.save_profile:
+            path = self.observer.table.save(self.config.save_profile, source="serving")
+            logger.info("MoE offload: activation profile written to %s", path)
         self.engine.shutdown()
         self.readers.close()
         for slots in self.layers:
@@ -83,23 +92,34 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     return_large_frees_to_the_os()
     first = layers[0]
     expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
-    plan = plan_slots(
-        config.budget, len(layers), first.global_num_experts, first.top_k, expert_bytes,
-        resident_layers=_resident_layers(config),
+    # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget
+    plan = plan_rank_slots(
+        config.budget, first.moe_config.tp_size, num_layers=len(layers), num_experts=first.global_num_experts,
+        top_k=first.top_k, expert_bytes=expert_bytes, resident_layers=_resident_layers(config),
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
     )
-    tier = _resolve_tier(config.tier, first.w13_weight.device)
+    if first.moe_config.tp_size > 1:
+        logger.info(
+            "MoE offload on tensor-parallel rank %d of %d: slots hold this rank's shard of each expert; "
+            "budget for this rank %s (the budget %s shared by %d ranks)", first.moe_config.tp_rank,
+            first.moe_config.tp_size, format_bytes(plan.budget_bytes), config.budget, first.moe_config.tp_size,
+        )
+    tier = _resolve_tier(config.tier, first.w13_weight.device, config.quant)
     index = CheckpointIndex(_checkpoint_folder(vllm_config))
     readers = ThreadLocalReaders(config.direct_io)
-    engine = ThreadTransferEngine(config.io_threads)
+    engine = make_transfer_engine(
+        first.w13_weight.device, config.io_threads, expert_bytes, stuck_after_s=config.io_stuck_s,
+    )
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
     runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link)
+    store = _open_store(layers, index, readers, config)
     for layer, num_slots in zip(layers, plan.layer_slots):
-        source = _source_for(layer, index, readers, tier)
+        source = _source_for(layer, index, readers, tier, store)
         runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link))
-    for slots in runtime.layers:
-        slots.warm()
+    runtime.observer = _observer(layers, config, vllm_config)
+    for ordinal, slots in enumerate(runtime.layers):
+        slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     if config.policy is Policy.FATE:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch)
     _log_plan(runtime, vllm_config, time.perf_counter() - started)
@@ -107,7 +127,30 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
 
 
 #: the cache policy behind each offload policy (Fate caches deep layers with ARC)
-_CACHE_POLICY = {Policy.ONDEMAND: "ondemand", Policy.LRU: "lru", Policy.FATE: "arc"}
+_CACHE_POLICY = {
+    Policy.ONDEMAND: "ondemand", Policy.LRU: "lru", Policy.FATE: "arc", Policy.KLOTSKI: "lru", Policy.EAP: "lru",
+}
+
+
+def _observer(layers, config: OffloadConfig, vllm_config) -> RoutingObserver | None:
+    """Klotski's routing observer; also for any policy that starts from or saves a profile."""
+    predictors = {Policy.KLOTSKI: "klotski", Policy.EAP: "eap"}
+    if config.policy not in predictors and config.profile is None and config.save_profile is None:
+        return None
+    table = make_table(layers, config.profile, vllm_config.model_config.model)
+    observer = RoutingObserver(
+        table, layers, predict=predictors.get(config.policy), kv_max_seqs=vllm_config.scheduler_config.max_num_seqs,
+    )
+    for layer in layers:
+        layer.observer = observer
+    return observer
+
+
+def _warm_set(observer: RoutingObserver | None, config: OffloadConfig, ordinal: int, slots: LayerSlots):
+    """With a profile, a cached layer starts with the experts the profile saw most (None: policy's own)."""
+    if observer is None or config.profile is None or slots.fully_resident or config.policy is Policy.ONDEMAND:
+        return None
+    return profile_warm_set(observer.table, ordinal, slots.num_slots) or None
 
 
 def _resident_layers(config: OffloadConfig) -> int:
@@ -117,9 +160,11 @@ def _resident_layers(config: OffloadConfig) -> int:
     return 1 if config.resident_layers is None else config.resident_layers
 
 
-def _resolve_tier(tier: Tier, device: torch.device) -> Tier:
+def _resolve_tier(tier: Tier, device: torch.device, quant: Quant = Quant.NONE) -> Tier:
     if tier is not Tier.AUTO:
         return tier
+    if quant is not Quant.NONE:
+        return Tier.DISK  # quantized experts are read from their store on disk
     return Tier.DISK if device.type == "cpu" else Tier.HOST
 
 
@@ -135,12 +180,32 @@ def _checkpoint_folder(vllm_config) -> str:
     )
 
 
-def _source_for(layer: OffloadRoutedExperts, index, readers, tier: Tier) -> ExpertSource:
-    names = CheckpointNames(
+def _names(layer: OffloadRoutedExperts) -> CheckpointNames:
+    return CheckpointNames(
         prefix=layer.layer_name, gate=layer.ckpt_gate_proj_name, up=layer.ckpt_up_proj_name,
         down=layer.ckpt_down_proj_name,
     )
-    disk = DiskSource(index, names, make_converter(layer), readers)
+
+
+def _open_store(layers: list[OffloadRoutedExperts], index, readers, config: OffloadConfig) -> ExpertStore | None:
+    """The quantized expert store (built on first use, rebuilt when stale); None without quant."""
+    if config.quant is Quant.NONE:
+        return None
+    import vllm.envs as envs
+
+    root = config.cache_dir or os.path.join(envs.VLLM_CACHE_ROOT, "moe_offload", "stores")
+    specs = [LayerSpec(_names(layer), layer.global_num_experts) for layer in layers]
+    scheme = config.quant.value
+    return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
+
+
+def _source_for(
+    layer: OffloadRoutedExperts, index, readers, tier: Tier, store: ExpertStore | None = None
+) -> ExpertSource:
+    names = _names(layer)
+    if store is not None:
+        return QuantSource(store, names.prefix, make_converter(layer), readers, layer.params_dtype)
+    disk = DiskSource(index, names, make_converter(layer), readers, num_experts=layer.global_num_experts)
     if tier is Tier.DISK:
         return disk
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")
@@ -153,19 +218,13 @@ def _slots_for(layer, num_slots: int, plan: SlotPlan, source, config: OffloadCon
     policy = make_policy(_CACHE_POLICY[config.policy], plan.num_experts, num_slots, layer.top_k)
     slots = LayerSlots(
         layer.layer_idx, w13_slots, w2_slots, SlotMap(plan.num_experts, num_slots, policy), source, engine, link,
+        load_timeout_s=config.load_timeout_s,
     )
     attach_slots(layer, slots)
     return slots
 
 
 def _log_plan(runtime: OffloadRuntime, vllm_config, took_s: float) -> None:
-    plan = runtime.plan
-    logger.info(
-        "MoE offload ready in %.2f s: policy %s, %d MoE layers (%d fully resident, %d predicted), "
-        "%d/%d experts per offloaded layer (%s of slots for a budget of %s; all experts %s), %s tier%s, %s",
-        took_s, runtime.config.policy.value, plan.num_layers, plan.resident_layers, runtime.predicted_layers,
-        plan.slots_per_layer, plan.num_experts,
-        format_bytes(plan.slot_bytes), format_bytes(plan.budget_bytes), format_bytes(plan.total_expert_bytes),
-        runtime.tier.value, " (direct I/O)" if runtime.config.direct_io and runtime.tier is Tier.DISK else "",
-        runtime.link.describe(),
-    )
+    from vllm_moe_offload.integration.startup_plan import log_startup_plan
+
+    log_startup_plan(runtime, vllm_config.model_config.model, took_s)

@@ -12,6 +12,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_moe_offload.core.stats import format_summary
+from vllm_moe_offload.integration import faults
 
 logger = logging.getLogger("vllm.moe_offload.worker")
 
@@ -27,6 +28,13 @@ class OffloadWorkerMixin:
         super().load_model(*args, **kwargs)
         with set_current_vllm_config(self.vllm_config):
             self._moe_offload = build_offload(self.model_runner.get_model(), self.vllm_config)
+        if self._moe_offload is not None and self.vllm_config.parallel_config.world_size == 1:
+            # one rank: the scheduler is in this process and can fail single requests
+            faults.bind_runner(self.model_runner)
+
+    def execute_model(self, *args, **kwargs):
+        with faults.step():
+            return super().execute_model(*args, **kwargs)
 
     def moe_offload_stats(self) -> dict:
         """Per-layer and total counters of this worker's expert cache ({} when inactive)."""

@@ -1,0 +1,113 @@
+"""The startup plan: one INFO block saying what is resident, what is offloaded and where, and how fast it loads.
+
+Logged once per worker when the offload runtime is ready (``setup._log_plan``),
+through vLLM's logger namespace so it shows with vLLM's default logging. The
+link speed is measured, not assumed: one expert of an offloaded layer is
+fetched from its tier (and copied to the slots' device) while the block is
+being written. The expected hit rate needs an activation trace of the
+workload; none is read at startup yet, so the block says how to estimate it
+(``vllm-moe-offload trace`` then ``simulate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_moe_offload.core.config import Policy, Tier, format_bytes
+
+if TYPE_CHECKING:
+    from vllm_moe_offload.integration.setup import OffloadRuntime
+    from vllm_moe_offload.runtime.slots import LayerSlots
+
+logger = logging.getLogger("vllm.moe_offload.startup_plan")
+
+
+def log_startup_plan(runtime: OffloadRuntime, model: str, took_s: float) -> None:
+    """Log :func:`plan_lines` as one INFO record."""
+    logger.info("%s", "\n".join(plan_lines(runtime, model, took_s)))
+
+
+def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
+    config, plan = runtime.config, runtime.plan
+    layers = runtime.layers
+    resident = [s.layer_idx for s in layers if s.fully_resident]
+    offloaded = [s for s in layers if not s.fully_resident]
+    first = layers[0]
+    lines = [
+        f"MoE offload ready in {took_s:.2f} s: policy {config.policy.value}, {model}",
+        f"  layers     {plan.num_layers} MoE layers x {plan.num_experts} experts of "
+        f"{format_bytes(plan.expert_bytes)} each",
+        "  resident   " + (f"{_ranges(resident)} (every expert in fast memory)" if resident else "none"),
+        "  offloaded  " + (
+            ", ".join(f"{_ranges(ids)}: {n}/{plan.num_experts} slots" for n, ids in _by_slots(offloaded))
+            or "none (the budget holds every expert)"
+        ),
+        f"  where      {_where(runtime, first)}",
+        f"  budget     {format_bytes(plan.budget_bytes)}; slots use {format_bytes(plan.slot_bytes)}; "
+        f"all experts {format_bytes(plan.total_expert_bytes)}",
+        f"  link       {_measure_link(runtime, offloaded)}",
+    ]
+    if config.policy is Policy.FATE:
+        lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
+    lines.append(
+        "  hit rate   expected: unknown (no trace at startup; `vllm-moe-offload trace` then "
+        "`vllm-moe-offload simulate` estimates it for a budget)"
+    )
+    return lines
+
+
+def _where(runtime: OffloadRuntime, first: LayerSlots) -> str:
+    device = first.w13_slots.device
+    folder = getattr(getattr(first.source, "index", None), "folder", None)
+    if runtime.tier is Tier.DISK:
+        io = "direct I/O" if runtime.config.direct_io else "buffered I/O (page cache)"
+        return f"slots on {device}; offloaded experts read from {folder} ({io})"
+    pinned = " (pinned)" if device.type == "cuda" else ""
+    return f"slots on {device}; offloaded experts held in host memory{pinned}, copied from the checkpoint at startup"
+
+
+def _measure_link(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> str:
+    """Time one expert load from the slow tier to the slots' device: bytes/s of the real path."""
+    if not offloaded:
+        return "not measured (nothing is offloaded)"
+    slots = offloaded[-1]
+    expert_idx = slots.slot_map.num_experts - 1
+    device = slots.w13_slots.device
+    started = time.perf_counter()
+    got = slots.source.fetch(expert_idx)
+    runtime.link.pace(got.bytes_read, started)
+    w13 = got.w13.to(device, non_blocking=True)  # [2I', H'] kernel layout, like a slot row
+    w2 = got.w2.to(device, non_blocking=True)  # [H', I']
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    took_s = time.perf_counter() - started
+    del w13, w2
+    speed = got.bytes_read / took_s if took_s > 0 else float("inf")
+    return (
+        f"measured {format_bytes(got.bytes_read)} (one expert, {runtime.tier.value} -> {device}) in "
+        f"{took_s * 1e3:.2f} ms = {speed / 1e9:.3f} GB/s; {runtime.link.describe()}"
+    )
+
+
+def _by_slots(layers: list[LayerSlots]) -> list[tuple[int, list[int]]]:
+    """Layers grouped by slot count, in layer order of the first of each group."""
+    groups: dict[int, list[int]] = {}
+    for slots in layers:
+        groups.setdefault(slots.num_slots, []).append(slots.layer_idx)
+    return list(groups.items())
+
+
+def _ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``layers 0-2, 5``."""
+    if not ids:
+        return ""
+    parts, start = [], ids[0]
+    for prev, cur in zip(ids, [*ids[1:], None]):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("layer " if len(ids) == 1 else "layers ") + ", ".join(parts)
