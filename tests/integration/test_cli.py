@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROMPTS, engine_env, run_engines
-
-VLLM = str(Path(sys.executable).parent / "vllm")
+from tests.server_utils import VLLM, free_port, stop, wait_healthy
 
 
 def test_flags_fold_into_additional_config():
@@ -46,7 +38,7 @@ def test_serve_help_lists_the_flags():
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--moe-offload ", "--moe-offload-budget", "--moe-offload-tier", "--moe-offload-direct-io"):
         assert flag in out.stdout
-    assert "{off,ondemand,lru,fate}" in out.stdout
+    assert "{off,ondemand,lru,fate,klotski,eap}" in out.stdout
 
 
 def test_bad_budget_flag_exits_with_the_reason(tiny_models):
@@ -61,12 +53,6 @@ def test_vllm_version_works_with_the_cpu_wheel():
     assert out.stdout.strip().startswith("0.32")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.engine
 def test_serve_with_offload_answers_openai_client_like_stock(tiny_models, tmp_path):
@@ -79,7 +65,7 @@ def test_serve_with_offload_answers_openai_client_like_stock(tiny_models, tmp_pa
         [{"name": "stock", "model": str(model), "prompts": PROMPTS[:2], "max_tokens": 16}],
         stock=True,
     )["stock"]["tokens"]
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [VLLM, "serve", str(model), "--moe-offload", "lru", "--moe-offload-budget", "50%",
@@ -89,7 +75,7 @@ def test_serve_with_offload_answers_openai_client_like_stock(tiny_models, tmp_pa
         start_new_session=True,
     )
     try:
-        _wait_healthy(port, server, tmp_path / "serve.log")
+        wait_healthy(port, server, tmp_path / "serve.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         for prompt, expected in zip(PROMPTS[:2], stock):
             done = client.completions.create(
@@ -99,26 +85,9 @@ def test_serve_with_offload_answers_openai_client_like_stock(tiny_models, tmp_pa
             assert done.choices[0].token_ids == expected
             assert done.usage.completion_tokens == 16
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
         log.close()
     served = (tmp_path / "serve.log").read_text()
     assert "MoE offload ready" in served and "policy lru" in served
     assert "MoE offload at shutdown" in served
 
-
-def _wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"server exited with {server.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"server not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")

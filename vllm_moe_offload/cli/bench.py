@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=None, help="tokens of the batch-1 decode (default 128)")
     parser.add_argument("--prefill-tokens", type=int, default=None, help="prompt of the prefill run (default 512)")
     parser.add_argument("--batch", type=int, default=None, help="concurrent requests (default 32)")
+    parser.add_argument("--batch-prompt-tokens", type=int, default=None,
+                        help="prompt of each concurrent request (default 64)")
+    parser.add_argument("--batch-new-tokens", type=int, default=None,
+                        help="tokens each concurrent request generates (default 64)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny workloads, every offload run in one process, no profile")
     parser.add_argument("--no-drop-cache", action="store_true",
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     sizes = dict(QUICK if args.quick else FULL)
     for key, value in (("decode_tokens", args.decode_tokens), ("prefill_tokens", args.prefill_tokens),
-                       ("batch_requests", args.batch)):
+                       ("batch_requests", args.batch), ("batch_prompt", args.batch_prompt_tokens),
+                       ("batch_tokens", args.batch_new_tokens)):
         if value:
             sizes[key] = value
     try:

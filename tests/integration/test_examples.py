@@ -1,0 +1,39 @@
+"""The examples run as documented (the client example runs against the test server in test_server.py)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, engine_env
+
+pytestmark = pytest.mark.engine
+
+
+def test_pick_budget_traces_simulates_and_names_a_budget(tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\ndef fibonacci(n):\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "pick_budget.py"), str(tiny_models["mixtral"]),
+         "--prompts", str(prompts), "--max-tokens", "8", "--target", "0.5", "--work", str(tmp_path / "work")],
+        env=engine_env(tmp_path, stock=False), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "work" / "trace.npz").exists()
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)%\s+([\d.]+)$", out.stdout, re.MULTILINE)
+    slots = [int(n) for n, _, _ in rows]
+    assert slots == list(range(slots[0], 9)) and slots[0] <= 2  # from top_k (2) up to every expert (8)
+    rates = [float(rate) for _, _, rate in rows]
+    assert rates[-1] > rates[0]  # a slot for every expert misses only the first use of each
+    chosen = re.search(r"serve with --moe-offload lru --moe-offload-budget ([\d.]+)%", out.stdout)
+    assert chosen, out.stdout
+    first_ok = next(i for i, rate in enumerate(rates) if rate >= 0.5)
+    assert float(chosen.group(1)) == pytest.approx(100 * slots[first_ok] / 8)
+
+
+def test_benchmark_example_is_valid_bash():
+    out = subprocess.run(["bash", "-n", str(REPO / "examples" / "benchmark.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
