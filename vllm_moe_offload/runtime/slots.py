@@ -141,13 +141,8 @@ class LayerSlots:
         for expert in wanted:
             if self.slot_map.slot_of(expert) is not None:
                 continue
-            try:
-                admission = self.slot_map.admit(expert, pinned)
-            except RuntimeError:
+            if not self._start_load(expert, pinned):
                 break  # every slot holds a wanted expert or a load in flight
-            if admission.evicted is not None:
-                self._forget(admission.evicted)
-            self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot))
             self.slot_map.touch(expert, hit=False)
             self.stats.prefetch_loads += 1
 
@@ -156,32 +151,35 @@ class LayerSlots:
         return sum(1 for e in experts if self._expert_to_slot[e] < 0)
 
     def start_loads(self, experts: Sequence[int], pinned: Collection[int], low: Collection[int] = ()) -> None:
-        low = low if self.has_low_precision else ()
         """Start loading those of ``experts`` that are not resident, without waiting.
 
         For misses whose tokens can wait while other tokens compute: the next
         :meth:`ensure` that needs them waits for them and counts them as misses.
         ``pinned`` experts (the pass's) are not evicted for them; ``low`` ones
-        are loaded in low precision.
+        are loaded in low precision when the source has it.
         """
         self._score_prediction(pinned)  # the pass's needs, before its ensure calls split them
         pinned = set(pinned) | set(self._pending)
         for expert in experts:
             if self.slot_map.slot_of(expert) is not None:
                 continue
-            try:
-                admission = self.slot_map.admit(expert, pinned)
-            except RuntimeError:
+            if not self._start_load(expert, pinned, self.has_low_precision and expert in low):
                 return  # slots held by late loads: ensure reports what cannot be loaded
-            if admission.evicted is not None:
-                self._forget(admission.evicted)
-            self._pending[expert] = (
-                admission.slot, self.engine.submit(self._load, expert, admission.slot, expert in low),
-            )
             self._demand.add(expert)
-            if expert in low:
-                self._low.add(expert)
-                self.stats.low_precision_loads += 1
+
+    def _start_load(self, expert: int, pinned: set[int], low: bool = False) -> bool:
+        """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned."""
+        try:
+            admission = self.slot_map.admit(expert, pinned)
+        except RuntimeError:
+            return False
+        if admission.evicted is not None:
+            self._forget(admission.evicted)
+        self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
+        if low:
+            self._low.add(expert)
+            self.stats.low_precision_loads += 1
+        return True
 
     def ensure(self, experts: Sequence[int], low: Collection[int] = ()) -> None:
         """Make ``experts`` (distinct, at most ``num_slots``) resident; count hits and misses.
