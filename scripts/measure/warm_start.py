@@ -69,7 +69,7 @@ def _requests_to_warm(curve: list[dict], tolerance: float = 0.02) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help="output folder")
     parser.add_argument("--budget", default="25%")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -78,6 +78,8 @@ def main() -> None:
         job = json.loads(Path(args.child[0]).read_text())
         Path(args.child[1]).write_text(json.dumps(_child(job)))
         return
+    if args.out is None:
+        parser.error("the output folder is required")
     args.out.mkdir(parents=True, exist_ok=True)
     profile = args.out / "profile.npz"
     base = {"tokens": args.tokens}
