@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a local Mixtral/Qwen-MoE/OLMoE/DeepSeek-V2 checkpoint folder "
                         "(default: make a tiny random Mixtral in .scratch/demo-mixtral)")
-    parser.add_argument("--policy", default="lru", choices=["ondemand", "lru"])
+    parser.add_argument("--policy", default="lru", choices=["ondemand", "lru", "fate", "klotski", "eap"])
     parser.add_argument("--budget", default="50%", help="e.g. 50%%, 2MiB (default 50%%)")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()

@@ -37,3 +37,14 @@ def test_pick_budget_traces_simulates_and_names_a_budget(tiny_models, tmp_path):
 def test_benchmark_example_is_valid_bash():
     out = subprocess.run(["bash", "-n", str(REPO / "examples" / "benchmark.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_setup_demo_generates_with_offload(tmp_path):
+    """``bash scripts/setup.sh --demo`` runs this example with no arguments: a tiny model made locally."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "offline_generate.py"), "--max-tokens", "8"],
+        env=engine_env(tmp_path, stock=False), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / ".scratch" / "demo-mixtral" / "config.json").exists()
+    assert "hit rate" in out.stdout + out.stderr
