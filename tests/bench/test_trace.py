@@ -26,15 +26,17 @@ def trace(tmp_path_factory):
     # With offload on (LRU at 25%): the recorder must see through the offloaded layer.
     cmd = [sys.executable, "-m", "vllm_moe_offload.cli.trace", str(TINY_MIXTRAL), "--prompts", str(prompts),
            "--out", str(out), "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--hidden",
+           "--save-profile", str(tmp / "profile.npz"),
            "--moe-offload", "lru", "--moe-offload-budget", "25%"]
     proc = subprocess.run(cmd, env=engine_env(tmp, stock=False), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "wrote" in proc.stdout
-    return load_trace(out)
+    return load_trace(out), tmp / "profile.npz"
 
 
 def test_trace_layout(trace):
+    trace, _ = trace
     meta = trace.meta
     assert (meta.num_experts, meta.top_k, meta.layer_ids) == (16, 2, tuple(range(8)))
     assert meta.seq_names == tuple(PROMPT_LINES)
@@ -56,6 +58,7 @@ def test_trace_layout(trace):
 
 
 def test_topk_ids_match_the_checkpoint_gates(trace):
+    trace, _ = trace
     """topk(x @ W_gate^T) from the recorded router inputs gives the recorded experts."""
     import torch
     from safetensors import safe_open
@@ -77,3 +80,12 @@ def test_topk_ids_match_the_checkpoint_gates(trace):
             probs = torch.softmax(logits, dim=-1).gather(1, torch.from_numpy(trace.topk_ids[:, column].astype(np.int64)))
             probs = probs / probs.sum(-1, keepdim=True)
             np.testing.assert_allclose(probs.numpy()[same], trace.topk_weights[:, column][same], atol=0.03)
+
+
+def test_the_trace_profile_counts_every_token(trace):
+    from vllm_moe_offload.core.correlation import load_profile
+
+    trace, profile = trace
+    table = load_profile(profile, (trace.num_trace_layers, trace.meta.num_experts, trace.meta.top_k))
+    assert table.tokens_seen == trace.num_tokens
+    assert table.counts.sum() == trace.num_tokens * trace.num_trace_layers * trace.meta.top_k

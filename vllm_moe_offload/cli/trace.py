@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt cut from a .npy "
                         "(default %(default)s)")
     parser.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input")
+    parser.add_argument("--save-profile", type=Path, default=None, metavar="PATH",
+                        help="also write the activation profile of the trace (for --moe-offload-profile)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="sequences per engine step (1: batch-1 steps; default vLLM's)")
@@ -59,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         f"{trace.num_steps} steps, {t.num_trace_layers} MoE layers x top-{t.meta.top_k} of "
         f"{t.meta.num_experts} experts" + (", with router inputs" if t.hidden is not None else "")
     )
+    if args.save_profile is not None:
+        from vllm_moe_offload.core.correlation import build_profile_from_trace
+
+        saved = build_profile_from_trace(t).save(args.save_profile, source=str(path))
+        print(f"wrote {saved}: the activation profile of this trace (serve with --moe-offload-profile {saved})")
     return 0
 
 
