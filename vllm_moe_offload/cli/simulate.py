@@ -104,14 +104,19 @@ def run(args: argparse.Namespace) -> int:
     _save_profile(args, trace)
     report = _simulate_with_progress(trace, budgets, specs, args, expert_bytes, batches[0] if batches else None,
                                      profile)
-    json_path = args.out / f"{args.name}.json"
-    json_path.write_text(compact_json(report) + "\n")
     from vllm_moe_offload.cli.plots import plot_hit_rates
 
-    png_path = plot_hit_rates(report, args.out / f"{args.name}.png")
-    print(format_report(report))
-    print(f"\nwrote {json_path} and {png_path}")
+    _write(report, args.out / args.name, plot_hit_rates, format_report(report))
     return 0
+
+
+def _write(report: dict, stem: Path, plot, text: str) -> None:
+    """``stem``.json and ``stem``.png (drawn by ``plot``), then ``text`` and where they went."""
+    json_path = stem.with_name(stem.name + ".json")
+    json_path.write_text(compact_json(report) + "\n")
+    png_path = plot(report, stem.with_name(stem.name + ".png"))
+    print(text)
+    print(f"\nwrote {json_path} and {png_path}")
 
 
 def _positive_int(text: str) -> int:
@@ -177,13 +182,9 @@ def _run_sweep(args: argparse.Namespace, trace: Trace, batches: list[int], profi
     report = prefetch_sweep(trace, predictors, ks, batches, warmup=args.warmup, profile=profile)
     args.out.mkdir(parents=True, exist_ok=True)
     _save_profile(args, trace)
-    json_path = args.out / f"{args.name}-prefetch.json"
-    json_path.write_text(compact_json(report) + "\n")
     from vllm_moe_offload.cli.plots import plot_prefetch_precision
 
-    png_path = plot_prefetch_precision(report, args.out / f"{args.name}-prefetch.png")
-    print(format_sweep(report))
-    print(f"\nwrote {json_path} and {png_path}")
+    _write(report, args.out / f"{args.name}-prefetch", plot_prefetch_precision, format_sweep(report))
     return 0
 
 

@@ -61,7 +61,6 @@ class OffloadRoutedExperts(RoutedExperts):
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
         # klotski / profiles: sees every step's routing (integration/observer.py)
         self.observer = None
-        self._step_low: set[int] = set()  # this step's experts that may load in low precision
         if not self.offload_enabled:
             return quant_method
         if type(quant_method) is not UnquantizedFusedMoEMethod:
@@ -127,13 +126,13 @@ class OffloadRoutedExperts(RoutedExperts):
             slots.stats.steps += 1
             return self._kernel(x, topk_weights, topk_ids)
         failed: dict[int, str] = {}  # expert -> why it could not be loaded
-        self._step_low = self._least_needed_of_step(topk_ids)
+        low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision
         try:
             unique = torch.unique(topk_ids).tolist()
             if len(unique) <= slots.num_slots:
                 if x.shape[0] == 1 or not slots.num_missing(unique):  # nothing to compute while loading
                     try:
-                        slots.ensure(unique, low=self._step_low)
+                        slots.ensure(unique, low=low)
                         return self._kernel(x, topk_weights, slots.remap(topk_ids))
                     except ExpertLoadError as err:
                         failed.update(dict.fromkeys(err.experts, str(err)))
@@ -146,14 +145,14 @@ class OffloadRoutedExperts(RoutedExperts):
                 passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
             out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
             for token_idx in passes:
-                self._run_pass(torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed)
+                self._run_pass(torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed, low)
             if failed:
                 self._fail_tokens(topk_ids, out, failed)
             return out
         finally:
             slots.end_step()
 
-    def _run_pass(self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str]) -> None:
+    def _run_pass(self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str], low: set[int]) -> None:
         """Compute the rows ``idx`` into ``out``, except those that need an expert in ``failed``.
 
         Experts whose load fails on the way join ``failed``; the pass then goes
@@ -167,18 +166,18 @@ class OffloadRoutedExperts(RoutedExperts):
                 if not idx.numel():
                     return
             try:
-                idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out)
+                idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out, low)
                 if not idx.numel():
                     return
                 ids = topk_ids[idx]  # [t, k]
-                slots.ensure(torch.unique(ids).tolist(), low=self._step_low)
+                slots.ensure(torch.unique(ids).tolist(), low=low)
             except ExpertLoadError as err:
                 failed.update(dict.fromkeys(err.experts, str(err)))
                 continue
             out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
             return
 
-    def _ready_rows_first(self, idx, x, topk_weights, topk_ids, out) -> torch.Tensor:
+    def _ready_rows_first(self, idx, x, topk_weights, topk_ids, out, low: set[int]) -> torch.Tensor:
         """Start the pass's missing loads, compute the rows that need none of them meanwhile.
 
         Tokens stay whole, so results are exact. Returns the rows still to compute.
@@ -188,13 +187,13 @@ class OffloadRoutedExperts(RoutedExperts):
             return idx
         ids = topk_ids[idx]  # [t, k]
         experts = torch.unique(ids).tolist()
-        missing = [e for e in experts if slots.num_missing((e,))]
+        missing = slots.missing(experts)
         if not missing:
             return idx
         ready = ~torch.isin(ids, torch.tensor(missing, device=ids.device)).any(dim=-1)  # [t]
         if not ready.any():
             return idx
-        slots.start_loads(missing, experts, low=self._step_low)
+        slots.start_loads(missing, experts, low=low)
         ready_ids = ids[ready]
         slots.ensure(torch.unique(ready_ids).tolist())  # all resident: no wait for the loads just started
         rows = idx[ready]

@@ -25,7 +25,6 @@ no request to blame: the layer re-raises and the engine stops with the error.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 from collections.abc import Iterable
@@ -57,29 +56,21 @@ class step:  # noqa: N801 - used as a context manager, like a function
 
 
 def requests_of_rows(rows: Iterable[int]) -> set[str] | None:
-    """Request ids of the token rows ``rows`` of the step being executed; None when unknown.
+    """Request ids of the token rows ``rows`` of the step being executed; None when unknown."""
+    rows = list(rows)
+    owners = request_of_each_row(max(rows, default=-1) + 1)
+    if owners is None:
+        return None
+    return {owners[row] for row in rows if owners[row] is not None}
+
+
+def request_of_each_row(num_rows: int) -> list[str | None] | None:
+    """The request id of each of the step's ``num_rows`` token rows (None: padding); None when unknown.
 
     Rows follow the runner's input batch: request ``i`` owns rows
     ``[query_start_loc[i], query_start_loc[i + 1])``; rows past the last request
     are padding and belong to nobody.
     """
-    runner = _runner
-    if runner is None or not _in_step:
-        return None
-    batch = runner.input_batch
-    num_reqs = batch.num_reqs
-    starts = runner.query_start_loc.np[: num_reqs + 1].tolist()  # [R + 1] cumulative token counts
-    req_ids = batch.req_ids[:num_reqs]
-    out = set()
-    for row in rows:
-        i = bisect.bisect_right(starts, row) - 1
-        if 0 <= i < num_reqs:
-            out.add(req_ids[i])
-    return out
-
-
-def request_of_each_row(num_rows: int) -> list[str | None] | None:
-    """The request id of each of the step's ``num_rows`` token rows (None: padding); None when unknown."""
     runner = _runner
     if runner is None or not _in_step:
         return None

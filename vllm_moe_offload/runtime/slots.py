@@ -146,9 +146,13 @@ class LayerSlots:
             self.slot_map.touch(expert, hit=False)
             self.stats.prefetch_loads += 1
 
+    def missing(self, experts: Iterable[int]) -> list[int]:
+        """Those of ``experts`` that are not resident now."""
+        return [e for e in experts if self._expert_to_slot[e] < 0]
+
     def num_missing(self, experts: Iterable[int]) -> int:
         """How many of ``experts`` are not resident now."""
-        return sum(1 for e in experts if self._expert_to_slot[e] < 0)
+        return len(self.missing(experts))
 
     def start_loads(self, experts: Sequence[int], pinned: Collection[int], low: Collection[int] = ()) -> None:
         """Start loading those of ``experts`` that are not resident, without waiting.
@@ -312,30 +316,25 @@ class LayerSlots:
         self, experts: Sequence[int], pinned: set[int], low: Collection[int] = (),
     ) -> list[tuple[int, BaseException]]:
         """Load ``experts`` and wait; returns the (expert, error) of those that did not arrive."""
-        jobs = []
+        late = len(self._pending)  # loads still running past their timeout hold their slots
         failures: list[tuple[int, BaseException]] = []
+        started_loads = []
         for expert in experts:
-            try:
-                admission = self.slot_map.admit(expert, pinned)
-            except RuntimeError:
-                if not self._pending:
-                    raise  # more experts at once than slots: the caller's bug
-                failures.append((expert, RuntimeError(f"{len(self._pending)} slots are held by loads still running")))
-                continue
-            if admission.evicted is not None:
-                self._forget(admission.evicted)
-            is_low = self.has_low_precision and expert in low
-            jobs.append((expert, admission.slot, self.engine.submit(self._load, expert, admission.slot, is_low)))
-            if is_low:
-                self._low.add(expert)
-                self.stats.low_precision_loads += 1
+            if self._start_load(expert, pinned, self.has_low_precision and expert in low):
+                started_loads.append(expert)
+            elif not late:  # more experts at once than slots: the caller's bug
+                raise RuntimeError(f"all {self.num_slots} slots hold experts the current pass needs; "
+                                   f"cannot admit expert {expert}")
+            else:
+                failures.append((expert, RuntimeError(f"{late} slots are held by loads still running")))
         started = time.perf_counter()
-        for expert, slot, job in jobs:
+        for expert in started_loads:
+            slot, job = self._pending[expert]
             if not self._wait(job, started):
-                # the thread still writes this slot: keep it reserved until it is done
-                self._pending[expert] = (slot, job)
+                # the thread still writes this slot: it stays pending, reserved until it is done
                 failures.append((expert, TimeoutError(f"the load took longer than {self.load_timeout_s:g} s")))
                 continue
+            del self._pending[expert]
             try:
                 num_bytes = job.result()
             except Exception as exc:  # noqa: BLE001 - returned to the caller, slot released
