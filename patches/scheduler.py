@@ -1,7 +1,10 @@
 """Patch of ``vllm.v1.core.sched.scheduler.Scheduler.update_from_output``: requests an expert read failed.
 
 What: after each step's output, takes the requests whose tokens needed an
-expert that could not be loaded (``integration/faults.py``), drops the tokens
+expert that could not be loaded, which the workers attach to the step's
+``ModelRunnerOutput`` (``integration/faults.py``; with tensor parallelism the
+union over the ranks, carried from the worker processes by vLLM's executor
+with the output it sends anyway), drops the tokens
 sampled for them in that step, finishes them with ``FINISHED_ERROR`` (clients
 see an error; the OpenAI server answers 500 or an error event) and evicts
 their KV blocks from the prefix cache.
@@ -27,6 +30,7 @@ logger = logging.getLogger("vllm.moe_offload.patches.scheduler")
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import RequestStatus
 
     if is_patched(Scheduler, "update_from_output"):
@@ -37,11 +41,14 @@ def apply() -> None:
             raise PatchContractError(f"vllm-moe-offload: Scheduler.{method} is missing; this vLLM is not supported")
     if not hasattr(RequestStatus, "FINISHED_ERROR"):
         raise PatchContractError("vllm-moe-offload: RequestStatus.FINISHED_ERROR is missing; this vLLM is not supported")
+    if hasattr(ModelRunnerOutput, "__slots__"):
+        # the failed requests ride on the output as an extra attribute, which must survive pickling
+        raise PatchContractError("vllm-moe-offload: ModelRunnerOutput has __slots__; this vLLM is not supported")
 
     def update_from_output(self, scheduler_output, model_runner_output):
         from vllm_moe_offload.integration import faults
 
-        failed = {r: why for r, why in faults.take().items() if r in self.requests}
+        failed = {r: why for r, why in faults.failed_of(model_runner_output).items() if r in self.requests}
         if not failed:
             return original(self, scheduler_output, model_runner_output)
         sampled = model_runner_output.sampled_token_ids

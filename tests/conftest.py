@@ -47,16 +47,22 @@ def engine_env(tmp: Path, stock: bool, multiprocess: bool = False) -> dict[str, 
     return env
 
 
-def run_engines(tmp: Path, jobs: list[dict], stock: bool, multiprocess: bool = False, timeout_s: int = 900) -> dict:
-    """Run ``jobs`` (see tests/run_engines.py) in one subprocess; results by job name."""
+def run_engines(
+    tmp: Path, jobs: list[dict], stock: bool, multiprocess: bool = False, timeout_s: int = 900,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run ``jobs`` (see tests/run_engines.py) in one subprocess; results by job name.
+
+    ``env``: variables set on top of :func:`engine_env`'s (it wins over them).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file, log_file = tmp / "jobs.json", tmp / "out.json", tmp / "log.txt"
     jobs_file.write_text(json.dumps(jobs))
     with open(log_file, "w") as log:
         proc = subprocess.run(
             [sys.executable, str(REPO / "tests" / "run_engines.py"), str(jobs_file), str(out_file)],
-            env=engine_env(tmp, stock, multiprocess), stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-            cwd=tmp,
+            env={**engine_env(tmp, stock, multiprocess), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            timeout=timeout_s, cwd=tmp,
         )
     if proc.returncode != 0:
         raise AssertionError(f"engine runner failed ({proc.returncode}):\n{log_file.read_text()[-6000:]}")

@@ -39,13 +39,16 @@ def run_job(job: dict) -> dict:
     result["startup_s"] = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 16), ignore_eos=True)
     rounds = []
-    # "rounds": [{"prompts", "faults", "pause_s"}...] run one after another on the same engine
+    # "rounds": [{"prompts", "faults", "pause_s", "max_tokens"}...] run one after another on the same engine
     for spec in job.get("rounds", [{"prompts": job.get("prompts")}]):
         for fault in spec.get("faults", []):
             apply_fault(fault)
         prompts = [{"prompt_token_ids": p} for p in spec.get("prompts") or job["prompts"]]
+        round_params = params
+        if "max_tokens" in spec:
+            round_params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts, round_params, use_tqdm=False)
         rounds.append({
             "generate_s": time.perf_counter() - t0,
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
@@ -56,8 +59,9 @@ def run_job(job: dict) -> dict:
     result["rounds"] = rounds
     try:
         result["stats"] = llm.collective_rpc("moe_offload_stats")
-    except Exception:  # noqa: BLE001 - stock workers have no such method
+    except Exception as exc:  # noqa: BLE001 - stock workers have no such method
         result["stats"] = None
+        result["stats_error"] = f"{type(exc).__name__}: {exc}"
     result["rss_anon_kib"] = rss_anon_kib()
     del llm
     gc.collect()

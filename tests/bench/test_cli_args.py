@@ -58,3 +58,17 @@ def test_trace_prompts_from_text_and_npy(tmp_path):
         assert "fewer than 20 prompts x 10" in str(exc)
     else:
         raise AssertionError("too few tokens were accepted")
+
+
+def test_bench_policy_entries_carry_settings_for_ablations(tmp_path, capsys):
+    from vllm_moe_offload.cli.bench import policy_settings, split_policies
+
+    entries = split_policies("lru, klotski[klotski_features=hot+reorder;klotski_max_group=2],klotski[klotski_features=none]")
+    assert entries == ["lru", "klotski[klotski_features=hot+reorder;klotski_max_group=2]", "klotski[klotski_features=none]"]
+    assert policy_settings(entries[1]) == {"policy": "klotski", "klotski_features": "hot,reorder", "klotski_max_group": "2"}
+    out = tmp_path / "out"
+    assert main(["bench", str(TINY_MIXTRAL), "--policies", "klotski[klotski_features=fast]", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_MIXTRAL), "--policies", "klotski[oops]", "--out", str(out)]) == 2
+    printed = capsys.readouterr().out
+    assert "unknown ['fast']" in printed and "'oops' is not key=value" in printed
+    assert not out.exists()

@@ -127,3 +127,76 @@ def test_arc_ghost_hit_moves_the_target():
     assert arc.p == 1.0 and 1 not in arc.b1
     slots.touch(1, hit=False)
     assert 1 in arc.t2
+
+
+def _use(slots: SlotMap, expert: int) -> None:
+    """One pass's need of ``expert``: a hit, or a miss that is admitted."""
+    if slots.slot_of(expert) is None:
+        slots.admit(expert, pinned={expert})
+        slots.touch(expert, hit=False)
+    else:
+        slots.touch(expert, hit=True)
+
+
+def test_prefetch_admission_spares_experts_used_in_the_last_two_steps():
+    slots = SlotMap(8, 2, LRUPolicy(8, 2))
+    _use(slots, 0)
+    slots.end_step()
+    _use(slots, 1)
+    slots.end_step()
+    assert slots.steps_since_use(0) == 2 and slots.steps_since_use(1) == 1
+    with pytest.raises(RuntimeError, match="or useful ones"):
+        slots.admit(5, spare_useful=True)
+    assert slots.resident() == {0: 0, 1: 1}  # nothing changed on refusal
+    assert slots.admit(5).evicted == 0  # a demand load evicts as before
+    slots.end_step()
+    slots.end_step()
+    # 1 was last used 3 steps ago: a prefetch may take its slot; 5 came in without a use
+    assert not slots.useful(1) and not slots.useful(5)
+    assert slots.admit(6, spare_useful=True).evicted == 5  # never accessed: LRU's oldest
+    slots.touch(6, hit=False, demand=False)
+    assert slots.admit(7, spare_useful=True, pinned={6}).evicted == 1
+
+
+def test_a_prefetched_expert_never_used_is_not_useful():
+    slots = SlotMap(8, 2, LRUPolicy(8, 2))
+    slots.admit(3)
+    slots.touch(3, hit=False, demand=False)  # a prefetch: no pass used it
+    assert slots.steps_since_use(3) is None and not slots.useful(3)
+    slots.touch(3, hit=True)
+    assert slots.steps_since_use(3) == 0 and slots.useful(3)
+    slots.drop(3)
+    assert slots.steps_since_use(3) is None
+
+
+def test_prefetch_admission_takes_a_free_slot_whatever_is_useful():
+    slots = SlotMap(8, 2, LRUPolicy(8, 2))
+    _use(slots, 0)
+    assert slots.admit(1, spare_useful=True).evicted is None
+    slots.touch(1, hit=True)  # a pass used it
+    with pytest.raises(RuntimeError):
+        slots.admit(2, spare_useful=True)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    policy_name=st.sampled_from(["lru", "arc"]),
+    ops=st.lists(st.tuples(st.sampled_from(["use", "prefetch", "end"]), st.integers(0, 7)), max_size=60),
+)
+def test_prefetch_never_evicts_a_useful_expert(policy_name, ops):
+    slots = SlotMap(8, 3, make_policy(policy_name, 8, 3, top_k=2))
+    for op, expert in ops:
+        if op == "end":
+            slots.end_step()
+        elif op == "use":
+            _use(slots, expert)
+        elif slots.slot_of(expert) is None:
+            useful = {e for e in slots.resident() if slots.useful(e)}
+            try:
+                evicted = slots.admit(expert, spare_useful=True).evicted
+            except RuntimeError:
+                assert len(useful) == len(slots) == slots.num_slots
+                continue
+            assert evicted is None or evicted not in useful
+            slots.touch(expert, hit=False, demand=False)
+        assert len(slots) <= slots.num_slots

@@ -102,3 +102,33 @@ def test_quant_values(value, quant):
     assert config.quant is quant
     assert OffloadConfig.from_dict(config.to_dict()) == config
     assert OffloadConfig.from_dict({"policy": "lru", "quant": value}).tier is Tier.AUTO  # auto resolves to disk
+
+
+@pytest.mark.parametrize(
+    "value, features",
+    [("all", ("groups", "hot", "reorder")), ("none", ()), ("reorder,hot", ("hot", "reorder")),
+     (["groups"], ("groups",)), (" Hot , groups ", ("groups", "hot"))],
+)
+def test_klotski_features_parse_in_canonical_order(value, features):
+    config = OffloadConfig.from_dict({"policy": "klotski", "klotski_features": value})
+    assert config.klotski_features == features
+    assert OffloadConfig.from_dict(config.to_dict()) == config  # survives the trip through additional_config
+
+
+def test_klotski_switches_default_to_everything_and_survive_other_policies():
+    assert OffloadConfig.from_dict({"policy": "klotski"}).klotski_features == ("groups", "hot", "reorder")
+    lru = OffloadConfig.from_dict({"policy": "lru"})
+    assert "klotski_features" not in lru.to_dict() and OffloadConfig.from_dict(lru.to_dict()) == lru
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [({"policy": "klotski", "klotski_features": "hot,fast"}, r"unknown \['fast'\]; allowed: 'all', 'none'"),
+     ({"policy": "klotski", "klotski_features": 3}, "is not a list of features"),
+     ({"policy": "lru", "klotski_features": "none"}, "only apply to policy 'klotski', not 'lru'"),
+     ({"policy": "fate", "klotski_max_group": 2}, "only apply to policy 'klotski', not 'fate'"),
+     ({"policy": "klotski", "klotski_max_group": 0}, "klotski_max_group 0 is out of range; allowed: 1 to 64")],
+)
+def test_bad_klotski_switches_name_value_and_allowed(raw, message):
+    with pytest.raises(OffloadConfigError, match=message):
+        OffloadConfig.from_dict(raw)

@@ -38,13 +38,14 @@ def monkeypatch_module():
         ({"policy": "belady"}, r"policy 'belady' is not one of \['off', 'ondemand', 'lru', 'fate', 'klotski', 'eap'\]"),
         ({"policy": "lru", "profile": "/no/such/profile.npz"}, r"profile '/no/such/profile.npz' is not a file"),
         ({"policy": "lru", "io_threads": 0}, r"io_threads 0 is out of range; allowed: 1 to 64"),
-        # 2 MoE layers x top-2 x (3 x 128 x 256 x 2 bytes) = 786432 bytes
+        # slots: 2 MoE layers x top-2 x (3 x 128 x 256 x 2 bytes) = 786432 bytes, plus the staging of one
+        # I/O thread: read buffer 200704 + conversion 589824 = 790528 bytes
         (
             {"policy": "lru", "budget": "1KiB"},
-            r"budget 1.00 KiB \(1024 bytes\) is below the minimum one step needs: 786432 bytes .*"
-            r"allowed: 786432 to 3145728 bytes",
+            r"budget 1.00 KiB \(1024 bytes\) is below the minimum one step needs: 1576960 bytes .*"
+            r"slots 786432 .* \+ staging 790528 .* allowed: 1576960 to 3936256 bytes",
         ),
-        ({"policy": "lru", "budget": "20%"}, r"below the minimum one step needs: 786432 bytes"),
+        ({"policy": "lru", "budget": "20%"}, r"below the minimum one step needs: 1576960 bytes"),
     ],
 )
 def test_bad_setting_is_refused_with_what_is_allowed(make_llm, section, message):
@@ -93,11 +94,12 @@ def test_tensor_parallel_budget_error_names_the_per_rank_split(tiny_models):
     """TP=2 is accepted; the budget check (in the user's process) is made for one rank's half."""
     from vllm import LLM
 
-    # per rank: 2 layers x top-2 x 98304-byte shards = 393216 bytes; 1 MiB / 2 = 512 KiB is enough,
-    # 512 KiB / 2 = 256 KiB is not
+    # per rank: 2 layers x top-2 x 98304-byte shards = 393216 bytes, plus the staging 593920 bytes (a read
+    # buffer of 200704 for the whole unsharded expert, conversion 196608 + 2 x 98304): 987136 bytes;
+    # 2 MiB / 2 is enough, 512 KiB / 2 = 256 KiB is not
     with pytest.raises(
         OffloadConfigError,
-        match=r"budget 256.00 KiB \(262144 bytes\) is below the minimum one step needs: 393216 bytes .*"
+        match=r"budget 256.00 KiB \(262144 bytes\) is below the minimum one step needs: 987136 bytes .*"
         r"\[per rank: with tensor_parallel_size=2 each rank offloads its 1/2 shard of every expert with 1/2 "
         r"of the budget 512.00 KiB\]",
     ):

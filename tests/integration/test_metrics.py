@@ -69,6 +69,8 @@ def test_families_carry_the_workers_counters(runs):
     assert _sum(samples, "vllm:moe_offload_resident_experts") == total["resident"]
     assert _sum(samples, "vllm:moe_offload_budget_bytes") == stats[0]["budget_bytes"]
     assert _sum(samples, "vllm:moe_offload_slot_bytes") == stats[0]["slot_bytes"]
+    assert _sum(samples, "vllm:moe_offload_staging_bytes") == stats[0]["staging_bytes"] > 0
+    assert 0 < _sum(samples, "vllm:moe_offload_peak_held_bytes") <= stats[0]["budget_bytes"]
     layer0 = stats[0]["layers"][0]
     assert _sum(samples, "vllm:moe_offload_hits_total", layer=str(layer0["layer_idx"]), rank="0") == layer0["hits"]
     assert _sum(samples, "vllm:moe_offload_slots", layer=str(layer0["layer_idx"])) == layer0["num_slots"]
@@ -106,7 +108,7 @@ def test_startup_plan_block(runs):
     assert "  resident   none\n" in lru
     assert "  offloaded  layers 0-1: 4/8 slots\n" in lru
     assert re.search(r"  where      slots on cpu; offloaded experts read from /\S+ \(direct I/O\)", lru), lru
-    assert re.search(r"  budget     1.50 MiB; slots use 1.50 MiB; all experts 3.00 MiB", lru), lru
+    assert re.search(r"  budget     2.25 MiB; slots use 1.50 MiB; staging 772.00 KiB; all experts 3.00 MiB", lru), lru
     assert re.search(r"  link       measured [\d.]+ KiB \(one expert, disk -> cpu\) in [\d.]+ ms = [\d.]+ GB/s", lru)
     assert "  hit rate   expected: unknown" in lru
     assert "prediction" not in lru

@@ -4,28 +4,48 @@ Stock vLLM TP=2 runs here with one core per rank (``VLLM_CPU_OMP_THREADS_BIND='0
 the default binding refuses on one NUMA node). TP needs vLLM's multiprocess mode,
 so every engine costs about 30 s to start: one subprocess runs the stock engines,
 one the offloaded ones.
+
+A failed expert read fails only the requests that needed the expert, as with one
+rank (``test_faults.py``): the checkpoint is truncated after start-up, the worker
+processes' failed requests reach the scheduler in the engine-core process, and the
+engine goes on serving.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
-from tests.conftest import PROMPTS, run_engines
+from tests.conftest import PROMPTS, REPO, run_engines
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 TP = 2
 #: the tiny mixtral's experts: 2 MoE layers x 8 experts x 3 x 128 x 256 x 2 bytes = 3 MiB in all;
-#: 1.5 MiB is half, so each rank gets 768 KiB for its half-size shards: 4 of 8 experts per layer
-BYTES_BUDGET = "1.5MiB"
-RANK_BUDGET_BYTES = 786432
+#: each rank gets 1.375 MiB: 580 KiB of staging (a read buffer for a whole unsharded expert and the
+#: conversion of one) and 828 KiB for its half-size shards: 4 of 8 experts per layer
+BYTES_BUDGET = "2.75MiB"
+RANK_BUDGET_BYTES = 1441792
 SHARD_EXPERT_BYTES = 3 * 128 * 256 * 2 // TP
 
 CASES = {
     "mixtral/lru/50%": ("mixtral", {"policy": "lru", "budget": "50%"}),
-    "mixtral/fate/1.5MiB": ("mixtral", {"policy": "fate", "budget": BYTES_BUDGET}),
+    "mixtral/fate/2.75MiB": ("mixtral", {"policy": "fate", "budget": BYTES_BUDGET}),
     "qwen2_moe/lru/50%": ("qwen2_moe", {"policy": "lru", "budget": "50%"}),
 }
+
+
+#: the fault job (as in test_faults.py): one-token prompts, LRU at 75% (6 of 8 experts per layer and rank);
+#: the two "warm" prompts run first, so their experts are resident when the checkpoint is truncated
+WARM = [[65], [66]]
+FAULT_PROMPTS = WARM + [[t] for t in range(67, 81)]
+FAULT = "mixtral/lru/75%/truncated"
 
 
 def _job(name, model, section=None):
@@ -35,17 +55,35 @@ def _job(name, model, section=None):
     return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": 24}
 
 
+def _fault_job(model):
+    job = _job(FAULT, model, {"policy": "lru", "budget": "75%"})
+    checkpoint = next(model.glob("*.safetensors"))
+    job["rounds"] = [
+        {"prompts": WARM, "max_tokens": 1},
+        {"prompts": FAULT_PROMPTS, "max_tokens": 1, "faults": [{"truncate": str(checkpoint), "at_bytes": 4096}]},
+        {"prompts": FAULT_PROMPTS, "max_tokens": 1},
+    ]
+    return job
+
+
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
+    truncated = tmp / "mixtral-truncated"
+    shutil.copytree(tiny_models["mixtral"], truncated)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
         archs = sorted({arch for arch, _ in CASES.values()})
-        stock = run_engines(
-            tmp / "stock", [_job(arch, tiny_models[arch]) for arch in archs], stock=True, multiprocess=True,
-        )
+        stock_jobs = [_job(arch, tiny_models[arch]) for arch in archs]
+        # the fault job's prompts too, in a second round of the same stock engine
+        stock_jobs[archs.index("mixtral")]["rounds"] = [
+            {"prompts": PROMPTS}, {"prompts": FAULT_PROMPTS, "max_tokens": 1},
+        ]
+        stock = run_engines(tmp / "stock", stock_jobs, stock=True, multiprocess=True)
         offload = run_engines(
-            tmp / "offload", [_job(name, tiny_models[arch], section) for name, (arch, section) in CASES.items()],
+            tmp / "offload",
+            [_job(name, tiny_models[arch], section) for name, (arch, section) in CASES.items()]
+            + [_fault_job(truncated)],
             stock=False, multiprocess=True,
         )
     return stock, offload
@@ -74,11 +112,75 @@ def test_stats_rpc_answers_one_dict_per_rank(results, name):
 
 
 def test_each_rank_holds_its_shard_with_its_share_of_the_budget(results):
-    for name in ("mixtral/lru/50%", "mixtral/fate/1.5MiB"):
+    for name in ("mixtral/lru/50%", "mixtral/fate/2.75MiB"):
         for rank in results[1][name]["stats"]:
             assert rank["expert_bytes"] == SHARD_EXPERT_BYTES
             assert rank["slots_per_layer"] == 4
-    for rank in results[1]["mixtral/fate/1.5MiB"]["stats"]:
+    for rank in results[1]["mixtral/fate/2.75MiB"]["stats"]:
         assert rank["budget_bytes"] == RANK_BUDGET_BYTES
-    log = open(results[1]["mixtral/fate/1.5MiB"]["log"]).read()
+    log = open(results[1]["mixtral/fate/2.75MiB"]["log"]).read()
     assert "tensor-parallel rank 1 of 2" in log
+
+
+def _split(result, stock_tokens):
+    """(succeeded, failed) prompt indices of a round; a success must equal stock TP=2."""
+    ok, failed = [], []
+    for i, (tokens, reason) in enumerate(zip(result["tokens"], result["finish_reasons"])):
+        if reason == "error":
+            assert tokens == [], f"prompt {i} failed but streamed tokens {tokens}"
+            failed.append(i)
+        else:
+            assert tokens == stock_tokens[i], f"prompt {i} succeeded with other tokens than stock TP=2"
+            ok.append(i)
+    return ok, failed
+
+
+def test_truncated_checkpoint_fails_only_the_requests_that_needed_a_lost_expert(results):
+    stock, offload = results
+    stock_tokens = stock["mixtral"]["rounds"][1]["tokens"]
+    result = offload[FAULT]
+    assert "error" not in result, result.get("error")
+    assert result["rounds"][0]["tokens"] == stock_tokens[:2]
+    ok, failed = _split(result["rounds"][1], stock_tokens)
+    assert {0, 1} <= set(ok), "requests served by resident experts must go on"
+    assert failed, "requests that needed an unreadable expert must fail"
+    again_ok, _ = _split(result["rounds"][2], stock_tokens)  # the engine goes on
+    assert {0, 1} <= set(again_ok)
+    log = open(result["log"]).read()
+    assert "changed after start-up" in log or "short read" in log
+    lines = log.splitlines()
+    for rank in range(TP):  # every rank found the failed rows and their requests
+        assert any(line.startswith(f"(Worker_TP{rank} ") and "failing requests" in line for line in lines)
+    # the workers' reports crossed into the engine-core process, where the scheduler failed the requests
+    assert len([line for line in lines if line.startswith("(EngineCore ") and " failed: " in line]) >= len(failed)
+    for rank in result["stats"]:
+        assert rank["total"]["failed_loads"] > 0 and rank["total"]["failed_tokens"] >= len(failed)
+
+
+#: two processes on a gloo group, as a TP group's CPU group: each reports other requests (or none)
+_COMBINE = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from vllm_moe_offload.integration import faults
+    rank, init, cases = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    print(json.dumps([faults.combine(case[rank], dist.group.WORLD) for case in cases]))
+""")
+
+
+def test_ranks_fail_the_union_of_their_failed_requests(tmp_path):
+    cases = [
+        [{"a": "rank 0 lost expert 3"}, {"b": "rank 1 timed out", "a": "rank 1 lost expert 3"}],
+        [{}, {"c": "only rank 1"}],
+        [{}, {}],
+    ]
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _COMBINE, str(rank), init, json.dumps(cases)],
+                         stdout=subprocess.PIPE, cwd=REPO, env={**os.environ, "VLLM_PLUGINS": "none"})
+        for rank in range(2)
+    ]
+    outs = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    expected = [{"a": "rank 0 lost expert 3", "b": "rank 1 timed out"}, {"c": "only rank 1"}, {}]
+    assert outs[0] == outs[1] == expected

@@ -13,6 +13,8 @@ from vllm_moe_offload.runtime.cuda_transfer import (
     StagingRing,
     make_transfer_engine,
 )
+from vllm_moe_offload.core.plan import staging_for
+from vllm_moe_offload.runtime.ledger import BudgetExceeded, BudgetLedger
 from vllm_moe_offload.runtime.transfer import ThreadTransferEngine, TransferEngineDead
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,6 +87,20 @@ def test_staging_ring_refuses_an_expert_larger_than_its_buffers():
     ring = StagingRing(buffer_bytes=1024, depth=2, pin=False)
     with pytest.raises(ValueError, match="does not fit a 1024-byte staging buffer"):
         ring.stage([torch.zeros(300)])  # 1200 bytes
+
+
+def test_staging_ring_is_reserved_in_the_ledger_as_planned():
+    engine = CudaTransferEngine(torch.device("cpu"), num_threads=2, max_expert_bytes=1000, ledger=BudgetLedger(10**6))
+    try:
+        planned = staging_for(io_threads=2, expert_bytes=1000, read_span_bytes=1000, cuda=True).ring_bytes
+        ring = engine.staging
+        assert ring.depth * ring.buffer_bytes == planned == 3 * 1280
+    finally:
+        engine.shutdown()
+    ledger = BudgetLedger(3 * 1280 - 1)
+    with pytest.raises(BudgetExceeded, match=r"the staging ring \(3 x 1280\) \(staging_ring, 3840 bytes\)"):
+        StagingRing(buffer_bytes=1280, depth=3, pin=False, ledger=ledger)
+    assert ledger.held_bytes == 0
 
 
 @needs_cuda

@@ -9,7 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, TensorReader
+from vllm_moe_offload.core.plan import read_buffer_bytes
+from vllm_moe_offload.runtime.ledger import BudgetExceeded, BudgetLedger, MemoryKind
+from vllm_moe_offload.runtime.safetensors_io import (
+    CheckpointIndex,
+    ReadBuffers,
+    TensorReader,
+    ThreadLocalReaders,
+    read_groups,
+)
 
 
 @pytest.fixture
@@ -117,3 +125,100 @@ def test_missing_tensor_names_the_key(checkpoint):
 def test_folder_without_safetensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
         CheckpointIndex(tmp_path)
+
+
+def _experts_checkpoint(folder, num_experts=3, rows=40, cols=129):
+    """Mixtral-style expert tensors (odd sizes: spans straddle blocks) and one unrelated tensor."""
+    torch.manual_seed(1)
+    tensors = {"model.embed_tokens.weight": torch.randn(300, 64, dtype=torch.bfloat16)}
+    for e in range(num_experts):
+        for proj in ("w1", "w2", "w3"):
+            tensors[f"model.layers.0.block_sparse_moe.experts.{e}.{proj}.weight"] = torch.randn(
+                rows, cols, dtype=torch.bfloat16
+            )
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, 3 * rows * cols * 2
+
+
+def test_largest_expert_span_is_what_one_expert_read_covers(tmp_path):
+    folder, expert_bytes = _experts_checkpoint(tmp_path)
+    index = CheckpointIndex(folder)
+    assert index.largest_expert_span() == expert_bytes  # three neighbours, one span, nothing else
+    names = [f"model.layers.0.block_sparse_moe.experts.1.{p}.weight" for p in ("w1", "w3", "w2")]
+    assert len(read_groups([index[n] for n in names])) == 1
+
+
+def test_far_apart_tensors_are_read_separately(tmp_path):
+    folder, _ = _experts_checkpoint(tmp_path)
+    index = CheckpointIndex(folder)
+    # expert 0's w1 and expert 2's w3 have four projections between them: two reads, not one wide one
+    far = [index["model.layers.0.block_sparse_moe.experts.0.w1.weight"],
+           index["model.layers.0.block_sparse_moe.experts.2.w3.weight"]]
+    assert [len(g) for g in read_groups(far)] == [1, 1]
+    ledger = BudgetLedger(10**6)
+    reader = TensorReader(direct_io=True, buffers=ReadBuffers(1, ledger))
+    got = reader.read(far[::-1])
+    expected = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(got[0], expected["model.layers.0.block_sparse_moe.experts.2.w3.weight"])
+    assert torch.equal(got[1], expected["model.layers.0.block_sparse_moe.experts.0.w1.weight"])
+    assert ledger.held_bytes <= read_buffer_bytes(far[0].num_bytes)
+    reader.close()
+
+
+def test_read_buffers_grow_through_the_ledger_and_stay_within_the_planned_size(tmp_path):
+    folder, expert_bytes = _experts_checkpoint(tmp_path)
+    index = CheckpointIndex(folder)
+    ledger = BudgetLedger(10**6)
+    readers = ThreadLocalReaders(direct_io=True, lanes=1, ledger=ledger, convert_bytes=1000)
+    expected = load_file(str(folder / "model.safetensors"))
+    for e in range(3):
+        names = [f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight" for p in ("w1", "w3", "w2")]
+        with readers.fetching(f"expert {e}") as reader:
+            assert ledger.held(MemoryKind.CONVERT) == 1000  # the conversion's temporaries, while it runs
+            got = reader.read([index[n] for n in names])
+        assert all(torch.equal(t, expected[n]) for t, n in zip(got, names))
+        assert 0 < ledger.held_bytes == readers.buffers.held_bytes <= read_buffer_bytes(expert_bytes)
+    assert ledger.peak_bytes <= read_buffer_bytes(expert_bytes) + 1000
+    readers.close()
+    assert ledger.held_bytes == 0
+
+
+def test_a_read_buffer_past_the_budget_is_refused_before_it_is_mapped(tmp_path):
+    folder, expert_bytes = _experts_checkpoint(tmp_path)
+    index = CheckpointIndex(folder)
+    ledger = BudgetLedger(20_000)  # one projection's read (16384 bytes aligned) fits, a whole expert's does not
+    reader = TensorReader(direct_io=True, buffers=ReadBuffers(1, ledger))
+    names = [f"model.layers.0.block_sparse_moe.experts.0.{p}.weight" for p in ("w1", "w3", "w2")]
+    with pytest.raises(BudgetExceeded, match=r"growing a read buffer to \d+ bytes \(read_buffer, \d+ bytes\) does "
+                                             r"not fit the expert budget: 0 bytes already held \(nothing\)"):
+        reader.read([index[n] for n in names])
+    assert ledger.held_bytes == 0
+    assert reader.read([index[names[0]]])[0].shape == (40, 129)  # a smaller read still fits
+    reader.close()
+
+
+def test_lanes_bound_the_fetches_that_run_at_once(tmp_path):
+    import threading
+    import time
+
+    ledger = BudgetLedger(2 * 500)
+    readers = ThreadLocalReaders(direct_io=True, lanes=2, ledger=ledger, convert_bytes=500)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def fetch():
+        with readers.fetching("an expert"):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 2 and ledger.peak_bytes == 1000 and ledger.held_bytes == 0
+    readers.close()

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,10 @@ BUSY_SHARE = 0.15
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder (a Mixtral-format MoE; see pad-model for a benchmark copy)")
-    parser.add_argument("--policies", default="ondemand,lru", help="offload policies (default %(default)s)")
+    parser.add_argument("--policies", default="ondemand,lru",
+                        help="offload policies (default %(default)s); a policy may carry settings in brackets, "
+                        "e.g. 'klotski[klotski_features=hot+reorder;klotski_max_group=2]' ('+' separates list "
+                        "items), for ablations")
     parser.add_argument("--budgets", default="25%,50%", help="expert budgets, shares or sizes (default %(default)s)")
     parser.add_argument("--tier", default=None, help="slow tier for every offload run (default: auto)")
     parser.add_argument("--io-threads", type=int, default=None, help="expert-loading threads (default 1)")
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         report = json.loads((args.out / "bench.json").read_text())
         print("wrote " + ", ".join(str(p) for p in write_outputs(report, args.out)))
         return 0
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = split_policies(args.policies)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     sizes = dict(QUICK if args.quick else FULL)
     for key, value in (("decode_tokens", args.decode_tokens), ("prefill_tokens", args.prefill_tokens),
@@ -120,8 +124,27 @@ def _check_settings(args: argparse.Namespace, policies: list[str], budgets: list
                 raise ValueError(f"policy {policy!r} does not offload; choose offload policies such as ondemand,lru")
 
 
+def split_policies(text: str) -> list[str]:
+    """``"lru,klotski[a=1;b=x+y]"`` -> ``["lru", "klotski[a=1;b=x+y]"]`` (commas inside brackets are kept)."""
+    return [p.strip() for p in re.split(r",(?![^\[]*\])", text) if p.strip()]
+
+
+def policy_settings(policy: str) -> dict:
+    """The ``moe_offload`` settings a bench policy entry stands for: ``klotski[k=v;k=v]`` -> policy and keys."""
+    m = re.fullmatch(r"\s*([\w-]+)\s*(?:\[(.*)\])?\s*", policy)
+    if not m:
+        raise ValueError(f"policy entry {policy!r} is malformed; write NAME or NAME[key=value;key=value]")
+    out = {"policy": m.group(1)}
+    for item in filter(None, (m.group(2) or "").split(";")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"policy entry {policy!r}: {item!r} is not key=value")
+        out[key.strip()] = value.strip().replace("+", ",")
+    return out
+
+
 def _offload(args: argparse.Namespace, policy: str, budget: str) -> dict:
-    out = {"policy": policy, "budget": budget}
+    out = {**policy_settings(policy), "budget": budget}
     for key in ("tier", "io_threads", "link_gbps", "link_latency_ms"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)

@@ -182,6 +182,7 @@ def run_workload(llm, name: str, prompts: list[list[int]], max_tokens: int) -> d
     timed = [r for r in per_request if "ttft_s" in r]
     if timed:
         result["ttft_s"] = float(np.mean([r["ttft_s"] for r in timed]))
+        result["p99_ttft_s"] = float(np.percentile([r["ttft_s"] for r in timed], 99))
         result["prefill_tok_s"] = float(np.mean([r["prompt_tokens"] / r["prefill_s"] for r in timed]))
         tpots = [r["tpot_s"] for r in timed if r["tpot_s"] is not None]
         if tpots:

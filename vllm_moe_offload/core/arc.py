@@ -10,7 +10,8 @@ Edge cases, as part of the contract:
 * pinned experts (needed by the pass being prepared) are never chosen; when the
   list ARC prefers holds only pinned experts, the other list gives the victim;
 * resident experts ARC never heard of (warm-loaded) are evicted before any other;
-* ghost lists hold at most ``capacity`` ids together with their resident list.
+* ghost lists hold at most ``capacity`` ids together with their resident list;
+* a prefetch spares (:meth:`ARCPolicy.useful`) experts in ``T2`` and those the last step used.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ class ARCPolicy(ReplacementPolicy):
             self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
             del self.b2[expert]
             self._ghost = "b2"
+
+    #: ARC's own notion of value is T2; recency adds the experts the last step used
+    useful_steps = 1
+
+    def useful(self, expert: int, steps_since_use: int | None) -> bool:
+        """In the frequency list ``T2`` (wanted again since it entered), or used by the last step."""
+        return expert in self.t2 or super().useful(expert, steps_since_use)
 
     def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
         for expert in resident:

@@ -32,6 +32,14 @@ class Policy(str, enum.Enum):
     EAP = "eap"
 
 
+#: Klotski's parts that can be switched off one by one, to reproduce the paper's ablation
+#: (``klotski_features``): ``groups`` lets a step take up to ``klotski_max_group`` times the
+#: token budget so each expert load serves more tokens (multi-batch); ``hot`` prefetches only
+#: the next layer's hot experts from the correlation table (without it: the whole next layer,
+#: as many experts as fit); ``reorder`` computes the tokens whose experts are resident while the
+#: others' experts load, passes served by resident experts first (expert-aware order).
+KLOTSKI_FEATURES: tuple[str, ...] = ("groups", "hot", "reorder")
+
 #: policies described in DESIGN.md that later releases add; refused clearly today
 PLANNED_POLICIES: tuple[str, ...] = ()
 
@@ -141,6 +149,11 @@ class OffloadConfig:
     #: an I/O thread busy longer than this on one load is declared stuck: the engine stops
     #: with an error instead of hanging behind it (must exceed load_timeout_s)
     io_stuck_s: float = 120.0
+    #: klotski: which of its parts run (see KLOTSKI_FEATURES); all by default, none for the
+    #: ablation's first row (whole next layer prefetched, no grouping, no reordering)
+    klotski_features: tuple[str, ...] = KLOTSKI_FEATURES
+    #: klotski with ``groups``: a step may schedule up to this many times the engine's token budget
+    klotski_max_group: int = 4
 
     @property
     def enabled(self) -> bool:
@@ -187,6 +200,11 @@ class OffloadConfig:
             kw["load_timeout_s"] = _number(raw["load_timeout_s"], "load_timeout_s", float, 1e-3, 3600.0)
         if "io_stuck_s" in raw:
             kw["io_stuck_s"] = _number(raw["io_stuck_s"], "io_stuck_s", float, 1e-3, 86400.0)
+        if "klotski_features" in raw:
+            kw["klotski_features"] = _parse_features(raw["klotski_features"])
+        if "klotski_max_group" in raw:
+            kw["klotski_max_group"] = _number(raw["klotski_max_group"], "klotski_max_group", int, 1, 64)
+        _check_klotski(kw, raw)
         timeout_s = kw.get("load_timeout_s", cls.load_timeout_s)
         if kw.get("io_stuck_s", cls.io_stuck_s) <= timeout_s:
             raise OffloadConfigError(
@@ -215,6 +233,10 @@ class OffloadConfig:
         out["budget"] = str(self.budget) if self.budget.fraction is not None else self.budget.num_bytes
         out["tier"] = self.tier.value
         out["quant"] = self.quant.value
+        if self.policy is Policy.KLOTSKI:
+            out["klotski_features"] = ",".join(self.klotski_features) or "none"
+        else:  # they only apply to klotski, and from_dict refuses them elsewhere
+            del out["klotski_features"], out["klotski_max_group"]
         return out
 
 
@@ -237,6 +259,32 @@ def _parse_policy(value: Any) -> Policy:
 
 def _parse_quant(value: Any) -> Quant:
     return _enum(Quant, value, "quant")
+
+
+def _parse_features(value: Any) -> tuple[str, ...]:
+    """``"all"``, ``"none"``, ``"groups,hot"`` or a list of names -> the features, in canonical order."""
+    allowed = f"'all', 'none' or a comma-separated subset of {list(KLOTSKI_FEATURES)}"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return KLOTSKI_FEATURES
+        names = [] if text == "none" else [n.strip() for n in text.split(",")]
+    elif isinstance(value, (list, tuple)):
+        names = [str(n).strip().lower() for n in value]
+    else:
+        raise OffloadConfigError(f"klotski_features {value!r} is not a list of features; allowed: {allowed}")
+    unknown = [n for n in names if n not in KLOTSKI_FEATURES]
+    if unknown:
+        raise OffloadConfigError(f"klotski_features {value!r}: unknown {unknown}; allowed: {allowed}")
+    return tuple(f for f in KLOTSKI_FEATURES if f in names)
+
+
+def _check_klotski(kw: dict[str, Any], raw: dict[str, Any]) -> None:
+    """Klotski's switches mean nothing to another policy: refuse them rather than ignore them."""
+    given = [key for key in ("klotski_features", "klotski_max_group") if key in raw]
+    if given and kw.get("policy") is not Policy.KLOTSKI:
+        policy = kw.get("policy", Policy.OFF).value
+        raise OffloadConfigError(f"{', '.join(given)} only apply to policy 'klotski', not {policy!r}")
 
 
 def _check_quant(kw: dict[str, Any]) -> None:

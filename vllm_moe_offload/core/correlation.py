@@ -27,6 +27,11 @@ JSON: ``format`` = ``"vllm-moe-offload-correlation"``, ``format_version`` 1,
 ``decay``, ``tokens_seen``, ``source``), ``pair_counts`` ``[L, E, E]`` float32
 (row ``a`` of layer ``l`` counts the successors at ``l`` of expert ``a`` at
 ``l-1``; layer 0's block is zero) and ``counts`` ``[L, E]`` float32 (marginal).
+Optional (older profiles lack it and still load): ``prediction_recall`` ``[L]``
+float32, the share of each layer's needed experts that Fate's cross-layer
+prediction named while serving (NaN: not measured, e.g. a resident layer), with
+``prediction_recall_version`` 1 in ``meta``; a profile with another version of
+it loads without it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from vllm_moe_offload.core.traces import Trace
 
 PROFILE_FORMAT = "vllm-moe-offload-correlation"
 PROFILE_VERSION = 1
+#: version of the optional ``prediction_recall`` array (readers skip versions they do not know)
+RECALL_VERSION = 1
 
 #: ``[T, top_k]`` expert ids, as a nested list or an array
 TopkIds = Sequence[Sequence[int]] | np.ndarray
@@ -88,6 +95,8 @@ class CorrelationTable:
         self.pair_counts = np.zeros((num_layers, num_experts, num_experts))  # [L, E(prev), E]
         self.counts = np.zeros((num_layers, num_experts))  # [L, E]
         self.tokens_seen = 0  # tokens observed at layer 0 (undecayed)
+        #: [L] recall of the cross-layer prediction measured while serving (NaN: not measured), or None
+        self.prediction_recall: np.ndarray | None = None
 
     @property
     def geometry(self) -> tuple[int, int, int]:
@@ -186,14 +195,25 @@ class CorrelationTable:
             "tokens_seen": self.tokens_seen,
             "source": source,
         }
+        extra = {}
+        if self.prediction_recall is not None:
+            meta["prediction_recall_version"] = RECALL_VERSION
+            extra["prediction_recall"] = np.asarray(self.prediction_recall, dtype=np.float32)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez_compressed(
                 f, meta=np.array(json.dumps(meta)),
-                pair_counts=self.pair_counts.astype(np.float32), counts=self.counts.astype(np.float32),
+                pair_counts=self.pair_counts.astype(np.float32), counts=self.counts.astype(np.float32), **extra,
             )
         os.replace(tmp, path)
         return path
+
+    def note_recall(self, recall: Sequence[float | None]) -> None:
+        """Record each layer's measured prediction recall; layers not measured (None) keep the old value."""
+        if len(recall) != self.num_layers:
+            raise ValueError(f"{len(recall)} recall values for {self.num_layers} layers")
+        old = self.prediction_recall if self.prediction_recall is not None else np.full(self.num_layers, np.nan)
+        self.prediction_recall = np.array([o if r is None else r for o, r in zip(old, recall)], dtype=np.float64)
 
     def _check_layer(self, layer_idx: int) -> None:
         if not 0 <= layer_idx < self.num_layers:
@@ -228,6 +248,7 @@ def load_profile(path: str | os.PathLike, geometry: tuple[int, int, int] | None 
             meta = json.loads(str(data["meta"]))
             pair_counts = np.asarray(data["pair_counts"], dtype=np.float64)
             counts = np.asarray(data["counts"], dtype=np.float64)
+            recall = np.asarray(data["prediction_recall"], dtype=np.float64) if "prediction_recall" in data else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ProfileError(f"{path} is not a readable correlation profile: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != PROFILE_FORMAT:
@@ -254,6 +275,11 @@ def load_profile(path: str | os.PathLike, geometry: tuple[int, int, int] | None 
         raise ProfileError(f"{path}: counts must be finite and non-negative")
     table.pair_counts, table.counts = pair_counts, counts
     table.tokens_seen = int(meta.get("tokens_seen", 0))
+    if recall is not None and meta.get("prediction_recall_version") == RECALL_VERSION:
+        measured = recall[~np.isnan(recall)]
+        if recall.shape != (num_layers,) or measured.min(initial=0) < 0 or measured.max(initial=0) > 1:
+            raise ProfileError(f"{path}: prediction_recall must be [{num_layers}] shares in [0, 1] or NaN")
+        table.prediction_recall = recall
     if geometry is not None:
         table.check_geometry(*geometry)
     return table

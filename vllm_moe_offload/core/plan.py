@@ -6,15 +6,89 @@ from dataclasses import dataclass
 
 from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_bytes
 
+#: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
+#: 4 KiB covers every disk and filesystem we run on (the read buffers are rounded to it)
+READ_ALIGN_BYTES = 4096
+#: byte alignment of each tensor inside a CUDA staging buffer: any dtype's view is aligned,
+#: and 256 bytes matches CUDA's allocation granularity for coalesced DMA reads
+STAGING_ALIGN_BYTES = 256
+
+
+def round_up(num_bytes: int, align: int) -> int:
+    return -(-num_bytes // align) * align
+
+
+def read_buffer_bytes(read_span_bytes: int) -> int:
+    """Size of the aligned buffer one read of ``read_span_bytes`` needs (as ``TensorReader`` allocates it).
+
+    The span is widened to whole blocks at both ends: at most one block more
+    than the span rounded up.
+    """
+    return round_up(read_span_bytes, READ_ALIGN_BYTES) + READ_ALIGN_BYTES
+
+
+def ring_buffer_bytes(expert_bytes: int) -> int:
+    """One CUDA staging buffer: an expert's tensors, each starting aligned (as ``StagingRing`` allocates it)."""
+    return round_up(expert_bytes, STAGING_ALIGN_BYTES) + STAGING_ALIGN_BYTES
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Memory the expert loads need besides the slots; it comes out of the budget too.
+
+    Each I/O thread has one read buffer (the largest read span, block-aligned)
+    and converts one expert at a time, whose temporaries are the read tensors
+    (one span) plus two experts in kernel layout (the loader's buffers and the
+    converted result). On CUDA, the pinned staging ring holds ``io_threads + 1``
+    buffers of one expert each.
+    """
+
+    io_threads: int
+    read_buffer_bytes: int  # one I/O thread's read buffer
+    convert_bytes: int  # one expert's conversion temporaries
+    ring_bytes: int = 0  # the CUDA staging ring, all its buffers (0 off CUDA)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.io_threads * (self.read_buffer_bytes + self.convert_bytes) + self.ring_bytes
+
+    def describe(self) -> str:
+        ring = f" + CUDA staging ring {self.ring_bytes}" if self.ring_bytes else ""
+        threads = f"{self.io_threads} I/O thread{'s' if self.io_threads > 1 else ''}"
+        return f"{threads} x (read buffer {self.read_buffer_bytes} + conversion {self.convert_bytes}){ring}"
+
+
+def staging_for(io_threads: int, expert_bytes: int, read_span_bytes: int, cuda: bool = False) -> Staging:
+    """The staging reservation for ``io_threads`` loaders of experts of ``expert_bytes`` (kernel layout).
+
+    ``read_span_bytes`` is the largest single read of one expert's checkpoint
+    tensors (all tensor-parallel shards: the reader takes whole projections).
+    The one function the user's process (from the model config) and the worker
+    (from the checkpoint and the kernel layout) both plan with.
+    """
+    if io_threads < 1 or expert_bytes < 1 or read_span_bytes < 1:
+        raise ValueError(
+            f"bad staging geometry: {io_threads} I/O threads, {expert_bytes} bytes per expert, "
+            f"{read_span_bytes} bytes per read"
+        )
+    ring = (io_threads + 1) * ring_buffer_bytes(expert_bytes) if cuda else 0
+    return Staging(io_threads, read_buffer_bytes(read_span_bytes), read_span_bytes + 2 * expert_bytes, ring)
+
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """Slots of every MoE layer, in layer order; their bytes never exceed ``budget_bytes``."""
+    """Slots of every MoE layer, in layer order; they and the staging never exceed ``budget_bytes``."""
 
     layer_slots: tuple[int, ...]
     num_experts: int
     expert_bytes: int
     budget_bytes: int
+    staging: Staging | None = None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes reserved for staging the loads (read buffers, conversion, CUDA ring)."""
+        return self.staging.total_bytes if self.staging is not None else 0
 
     @property
     def num_layers(self) -> int:
@@ -57,17 +131,21 @@ def minimum_bytes(num_layers: int, top_k: int, expert_bytes: int) -> int:
 
 def plan_slots(
     budget: Budget, num_layers: int, num_experts: int, top_k: int, expert_bytes: int, resident_layers: int = 0,
-    min_rest_slots: int | None = None,
+    min_rest_slots: int | None = None, staging: Staging | None = None,
 ) -> SlotPlan:
-    """Split ``budget`` over ``num_layers`` layers of ``num_experts`` experts.
+    """Split ``budget``, less the ``staging`` reservation, over ``num_layers`` layers of ``num_experts`` experts.
 
-    The first ``resident_layers`` layers get every expert (Fate's shallow-favoring
-    split: shallow layers predict worst) as long as each later layer keeps at
-    least ``min_rest_slots`` (default ``top_k``) slots; fewer leading layers are
-    made resident otherwise. The
-    rest of the budget is split evenly. A budget above the model's expert bytes
-    is capped at everything resident. Raises :class:`OffloadConfigError` naming
-    the minimum in bytes when the budget cannot give every layer ``top_k`` slots.
+    A size budget holds the staging and the slots: the staging comes out of it
+    before the slots are split. A share budget is a share of the model's
+    expert bytes for the slots, and the staging is added to it (``25%`` keeps
+    a quarter of the experts, ``100%`` every expert). The first
+    ``resident_layers`` layers get every expert (Fate's shallow-favoring split:
+    shallow layers predict worst) as long as each later layer keeps at least
+    ``min_rest_slots`` (default ``top_k``) slots; fewer leading layers are made
+    resident otherwise. The rest is split evenly. A budget above the model's
+    expert bytes and the staging is capped at everything resident. Raises
+    :class:`OffloadConfigError` naming the minimum in bytes, and its parts, when
+    the budget cannot give every layer ``top_k`` slots besides the staging.
     """
     if num_layers < 1 or num_experts < 1 or expert_bytes < 1 or not 1 <= top_k <= num_experts:
         raise ValueError(
@@ -75,18 +153,15 @@ def plan_slots(
             f"{expert_bytes} bytes per expert"
         )
     total = num_layers * num_experts * expert_bytes
-    budget_bytes = budget.resolve(total)
-    even = min(num_experts, budget_bytes // (num_layers * expert_bytes))
-    minimum = minimum_bytes(num_layers, top_k, expert_bytes)
+    staging_bytes = staging.total_bytes if staging is not None else 0
+    budget_bytes = budget.resolve(total) + (staging_bytes if budget.fraction is not None else 0)
+    slot_budget_bytes = max(0, budget_bytes - staging_bytes)
+    even = min(num_experts, slot_budget_bytes // (num_layers * expert_bytes))
     if even < top_k:
-        raise OffloadConfigError(
-            f"budget {budget} ({budget_bytes} bytes) is below the minimum one step needs: "
-            f"{minimum} bytes ({format_bytes(minimum)}: top_k={top_k} experts x {num_layers} MoE layers x "
-            f"{expert_bytes} bytes per expert); allowed: {minimum} to {total} bytes "
-            f"({100 * top_k / num_experts:.4g}% to 100% of expert bytes)"
-        )
+        raise OffloadConfigError(_below_minimum(budget, budget_bytes, num_layers, num_experts, top_k, expert_bytes,
+                                                staging))
     layer_slots = [even] * num_layers
-    slots_total = budget_bytes // expert_bytes
+    slots_total = slot_budget_bytes // expert_bytes
     for resident in range(min(resident_layers, num_layers - 1), 0, -1):
         if even >= num_experts:
             break
@@ -94,4 +169,23 @@ def plan_slots(
         if rest >= max(top_k, min_rest_slots or 0):
             layer_slots = [num_experts] * resident + [rest] * (num_layers - resident)
             break
-    return SlotPlan(tuple(layer_slots), num_experts, expert_bytes, budget_bytes)
+    return SlotPlan(tuple(layer_slots), num_experts, expert_bytes, budget_bytes, staging)
+
+
+def _below_minimum(
+    budget: Budget, budget_bytes: int, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
+    staging: Staging | None,
+) -> str:
+    slots = minimum_bytes(num_layers, top_k, expert_bytes)
+    total = num_layers * num_experts * expert_bytes
+    staged = staging.total_bytes if staging is not None else 0
+    minimum, most = slots + staged, total + staged
+    parts = f"top_k={top_k} experts x {num_layers} MoE layers x {expert_bytes} bytes per expert"
+    if staging is not None:
+        parts = f"slots {slots} ({parts}) + staging {staged} ({staging.describe()})"
+    staged_note = "" if staging is None else "; a share gets the staging on top"
+    return (
+        f"budget {budget} ({budget_bytes} bytes) is below the minimum one step needs: {minimum} bytes "
+        f"({format_bytes(minimum)}: {parts}); allowed: {minimum} to {most} bytes "
+        f"({100 * top_k / num_experts:.4g}% to 100% of expert bytes{staged_note})"
+    )

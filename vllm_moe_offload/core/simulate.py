@@ -115,10 +115,11 @@ class LayerCounts:
 class _LayerCache:
     """One layer's slot map plus its counters, serving one step at a time."""
 
-    def __init__(self, slot_map: SlotMap, counts: LayerCounts, order: str) -> None:
+    def __init__(self, slot_map: SlotMap, counts: LayerCounts, order: str, spare_useful: bool = False) -> None:
         self.slots = slot_map
         self.counts = counts
         self.order = order
+        self.spare_useful = spare_useful
         self._pass = 0
 
     def run_step(self, passes: list[list[int]], predicted: list[int] | None) -> None:
@@ -137,14 +138,23 @@ class _LayerCache:
             c.step_needed += len(step_needed)
 
     def _prefetch(self, predicted: list[int]) -> set[int]:
-        """Load the predicted experts that are missing (at most ``num_slots`` of them)."""
+        """Load the predicted experts that are missing (at most ``num_slots`` of them).
+
+        ``spare_useful`` (as the live Fate prefetch): a load takes only a free slot
+        or one whose expert the policy deems not useful; at the first expert with no
+        such slot the rest of the prediction is skipped.
+        """
         fetched: set[int] = set()
         for expert in predicted:
             if self.slots.slot_of(expert) is None:
-                self.slots.admit(expert, pinned=fetched)
+                try:
+                    self.slots.admit(expert, pinned=fetched, spare_useful=self.spare_useful)
+                except RuntimeError:
+                    break
                 fetched.add(expert)
-                # A prefetch counts as a use: the policy must not evict it before the pass.
-                self.slots.touch(expert, hit=False)
+                # A prefetch counts as an access (the policy must not evict it before the
+                # pass) but not as a use (it is not useful until a pass needs it).
+                self.slots.touch(expert, hit=False, demand=False)
                 self.counts.prefetch_loads += 1
         return fetched
 
@@ -180,10 +190,12 @@ def replay(
     predictor: Predictor | None = None,
     order: str = "sequential",
     on_step: Callable[[], None] | None = None,
+    spare_useful: bool = False,
 ) -> list[LayerCounts]:
     """Replay ``schedules`` (each with fresh, empty caches); counts summed per layer.
 
     The predictor is reset once and lives across schedules (its history grows).
+    ``spare_useful``: prefetches never evict experts the policy deems useful (live Fate's rule).
     """
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; allowed: {list(ORDERS)}")
@@ -197,6 +209,7 @@ def replay(
                 SlotMap(trace.meta.num_experts, n, make_layer_policy(layer, _accesses(schedule, layer))),
                 counts[layer],
                 order,
+                spare_useful,
             )
             for layer, n in enumerate(slots)
         ]
@@ -283,6 +296,7 @@ def simulate(
     batch: int | None = None,
     warmup: float = 0.0,
     profile: CorrelationTable | None = None,
+    spare_useful: bool = False,
 ) -> dict:
     """Replay ``trace`` for every budget and policy; a JSON-ready report.
 
@@ -292,7 +306,9 @@ def simulate(
     (``prefetch_eval.rebatch_trace``; use with ``mode="shared"``). ``warmup``:
     the share of the rows (first steps) that predictors learn from before the
     replay, which then covers only the rest (no leakage). ``profile``: the
-    starting table of the ``corr`` predictor. Raises ``ValueError`` for a
+    starting table of the ``corr`` predictor. ``spare_useful``: prefetches
+    never evict experts the policy deems useful (``SlotMap.useful``, the live
+    Fate prefetch's rule). Raises ``ValueError`` for a
     budget below ``top_k`` slots (a token could not run) and for unknown
     policies or modes.
     """
@@ -317,7 +333,7 @@ def simulate(
         entry = {"budget": str(budget), "slots_per_layer": slots, "fraction_of_experts": slots / meta.num_experts}
         entry["policies"] = {
             spec.name: summarize(
-                _run_spec(trace, schedules, slots, spec, prefetch_n, order, on_step, warm, profile),
+                _run_spec(trace, schedules, slots, spec, prefetch_n, order, on_step, warm, profile, spare_useful),
                 unit_bytes,
                 trace.num_tokens,
             )
@@ -333,6 +349,7 @@ def simulate(
         "warmup_fraction": warmup,
         "warmup_tokens": 0 if warm is None else warm.num_tokens,
         "profile": profile is not None,
+        "spare_useful": spare_useful,
         "expert_bytes": unit_bytes,
         "expert_bytes_known": bool(expert_bytes or meta.expert_bytes),
         "policies": [spec.name for spec in specs],
@@ -351,6 +368,7 @@ def _run_spec(
     on_step: Callable[[], None] | None,
     warm: Trace | None = None,
     profile: CorrelationTable | None = None,
+    spare_useful: bool = False,
 ) -> list[LayerCounts]:
     meta = trace.meta
 
@@ -359,7 +377,7 @@ def _run_spec(
 
     predictor = make_predictor(spec.predictor, prefetch_n, warm, profile) if spec.predictor else None
     layer_slots = [slots] * trace.num_trace_layers
-    return replay(trace, schedules, layer_slots, make_layer_policy, predictor, order, on_step)
+    return replay(trace, schedules, layer_slots, make_layer_policy, predictor, order, on_step, spare_useful)
 
 
 _SUMMED = ("passes", "needed", "cache_hits", "prefetch_hits", "misses", "prefetch_loads",

@@ -17,6 +17,11 @@ class LayerStats:
     ``stall_s`` is the time the forward pass waited for loads to finish.
     Prediction counts: ``predicted_right`` of ``predicted`` experts were needed,
     out of ``needed_when_predicted`` needs of the passes that had a prediction.
+    ``prefetch_skipped``: predictions cut short because no slot was free or held
+    an expert the policy deems not useful; ``prefetch_cancelled``: queued loads of
+    a farther prediction that a nearer one dropped (not counted in ``prefetch_loads``).
+    ``distance_*``: prediction counts by look-ahead distance (recall per distance
+    is ``distance_right / distance_needed``).
     ``failed_loads`` are needs that could not be met (a read failed or timed
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
@@ -39,12 +44,24 @@ class LayerStats:
     failed_loads: int = 0
     failed_tokens: int = 0
     low_precision_loads: int = 0
+    prefetch_skipped: int = 0
+    prefetch_cancelled: int = 0
+    #: per look-ahead distance (layers between predictor and predicted): the same three counts
+    distance_predicted: dict[int, int] = field(default_factory=dict)
+    distance_right: dict[int, int] = field(default_factory=dict)
+    distance_needed: dict[int, int] = field(default_factory=dict)
     bytes_read: dict[str, int] = field(default_factory=dict)
     slot_bytes: int = 0
     resident: int = 0
 
     def add_read(self, tier: str, num_bytes: int) -> None:
         self.bytes_read[tier] = self.bytes_read.get(tier, 0) + num_bytes
+
+    def add_distance(self, distance: int, predicted: int, right: int, needed: int) -> None:
+        """Count one scored prediction made ``distance`` layers ahead."""
+        for counts, num in ((self.distance_predicted, predicted), (self.distance_right, right),
+                            (self.distance_needed, needed)):
+            counts[distance] = counts.get(distance, 0) + num
 
     @property
     def needs(self) -> int:
@@ -64,6 +81,9 @@ class LayerStats:
         out["ready_rate"] = self.ready_rate
         out["precision"] = self.predicted_right / self.predicted if self.predicted else None
         out["recall"] = self.predicted_right / self.needed_when_predicted if self.needed_when_predicted else None
+        out["recall_by_distance"] = {
+            d: self.distance_right[d] / n for d, n in sorted(self.distance_needed.items()) if n
+        }
         return out
 
 
@@ -72,15 +92,20 @@ def summarize(layers: Iterable[dict]) -> dict:
     summed = (
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
+        "prefetch_skipped", "prefetch_cancelled",
     )
-    total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed}}
+    total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
+             **{key: {} for key in _BY_DISTANCE}}
     for layer in layers:
         total["layers"] += 1
         for key in summed:
-            total[key] += layer[key]
+            total[key] += layer.get(key, 0)
         total["slots"] += layer["num_slots"]
         for tier, num in layer["bytes_read"].items():
             total["bytes_read"][tier] = total["bytes_read"].get(tier, 0) + num
+        for key in _BY_DISTANCE:
+            for distance, num in layer.get(key, {}).items():
+                total[key][int(distance)] = total[key].get(int(distance), 0) + num
     needed = total["hits"] + total["prefetch_hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / needed if needed else 1.0
     total["ready_rate"] = (total["hits"] + total["prefetch_hits"]) / needed if needed else 1.0
@@ -88,7 +113,23 @@ def summarize(layers: Iterable[dict]) -> dict:
     total["recall"] = (
         total["predicted_right"] / total["needed_when_predicted"] if total["needed_when_predicted"] else None
     )
+    total["recall_by_distance"] = {
+        d: total["distance_right"].get(d, 0) / n for d, n in sorted(total["distance_needed"].items()) if n
+    }
     return total
+
+
+def layer_recall(layers: Iterable[LayerStats], distance: int = 1) -> list[float | None]:
+    """Each layer's recall of predictions made ``distance`` layers ahead; None where none was scored."""
+    return [
+        stats.distance_right.get(distance, 0) / stats.distance_needed[distance]
+        if stats.distance_needed.get(distance) else None
+        for stats in layers
+    ]
+
+
+#: per-distance prediction counts, summed key by key
+_BY_DISTANCE = ("distance_predicted", "distance_right", "distance_needed")
 
 
 def format_summary(total: dict) -> str:

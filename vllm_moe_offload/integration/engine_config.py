@@ -6,8 +6,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfig, OffloadConfigError
-from vllm_moe_offload.core.plan import SlotPlan, plan_slots
+from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfig, OffloadConfigError, Policy
+from vllm_moe_offload.core.plan import SlotPlan, plan_slots, staging_for
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -86,6 +86,8 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
     if current_platform.is_cuda():
         force_moe_backend(vllm_config.kernel_config)
         split_graphs_at_moe(vllm_config.compilation_config)
+    if offload.policy is Policy.KLOTSKI and "groups" in offload.klotski_features:
+        group_steps(vllm_config.scheduler_config, offload.klotski_max_group)
     tp = parallel.tensor_parallel_size
     geometry = estimate_geometry(
         vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
@@ -94,17 +96,20 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
     if geometry is None:
         logger.warning("could not read the MoE geometry from the model config; the budget is checked at load")
         return
-    plan = plan_rank_slots(offload.budget, tp, **geometry)
+    plan = plan_rank_slots(
+        offload.budget, tp, io_threads=offload.io_threads, cuda=current_platform.is_cuda(),
+        read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model), **geometry,
+    )
     logger.info(
         "MoE offload: policy %s, budget %s -> about %d of %d experts per layer in %d MoE layers%s",
         offload.policy.value, offload.budget, plan.slots_per_layer, plan.num_experts, plan.num_layers,
         _tp_note(tp),
     )
-    if plan.budget_bytes > plan.total_expert_bytes:
+    if plan.budget_bytes > plan.total_expert_bytes + plan.staging_bytes:
         logger.warning(
-            "MoE offload: the budget %s (%d bytes) is more than all experts need (%d bytes): every expert "
-            "stays resident and nothing is offloaded; --moe-offload off gives the same with no plugin in the path",
-            offload.budget, plan.budget_bytes, plan.total_expert_bytes,
+            "MoE offload: the budget %s (%d bytes) is more than all experts need with their staging (%d bytes): "
+            "every expert stays resident and nothing is offloaded; --moe-offload off gives the same with no "
+            "plugin in the path", offload.budget, plan.budget_bytes, plan.total_expert_bytes + plan.staging_bytes,
         )
 
 
@@ -169,10 +174,22 @@ def per_rank_budget(budget: Budget, tp_size: int) -> Budget:
     return Budget(num_bytes=budget.num_bytes // tp_size)
 
 
-def plan_rank_slots(budget: Budget, tp_size: int, **geometry: Any) -> SlotPlan:
-    """:func:`plan_slots` for one tensor-parallel rank; a too-small budget names the per-rank split."""
+def plan_rank_slots(
+    budget: Budget, tp_size: int, io_threads: int = 1, cuda: bool = False, read_span_bytes: int | None = None,
+    **geometry: Any,
+) -> SlotPlan:
+    """:func:`plan_slots` for one tensor-parallel rank; a too-small budget names the per-rank split.
+
+    The staging of ``io_threads`` loaders (``core.plan.staging_for``) comes out of
+    the rank's budget first. ``read_span_bytes`` is the largest read of one
+    expert from the checkpoint (:func:`checkpoint_expert_span`); unknown (a hub
+    model in the user's process), it is taken as one whole expert in the
+    model's dtype: ``expert_bytes`` of every rank's shard.
+    """
+    expert_bytes = geometry["expert_bytes"]
+    staging = staging_for(io_threads, expert_bytes, read_span_bytes or expert_bytes * tp_size, cuda)
     try:
-        return plan_slots(per_rank_budget(budget, tp_size), **geometry)
+        return plan_slots(per_rank_budget(budget, tp_size), staging=staging, **geometry)
     except OffloadConfigError as exc:
         if tp_size <= 1:
             raise
@@ -180,6 +197,18 @@ def plan_rank_slots(budget: Budget, tp_size: int, **geometry: Any) -> SlotPlan:
             f"{exc} [per rank: with tensor_parallel_size={tp_size} each rank offloads its 1/{tp_size} shard "
             f"of every expert with 1/{tp_size} of the budget {budget}]"
         ) from exc
+
+
+def checkpoint_expert_span(model: str) -> int | None:
+    """The largest read of one routed expert from a local safetensors checkpoint; None when not local."""
+    if not os.path.isdir(model):
+        return None
+    from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
+
+    try:
+        return CheckpointIndex(model).largest_expert_span()
+    except FileNotFoundError:
+        return None
 
 
 def _tp_note(tp_size: int) -> str:
@@ -202,6 +231,23 @@ def force_moe_backend(kernel_config: Any) -> None:
             f"MoE offload on CUDA needs --moe-backend {CUDA_MOE_BACKEND} (or auto); got {backend!r}, whose kernels "
             "route inside and cannot take slot ids"
         )
+
+
+def group_steps(scheduler_config: Any, max_group: int) -> None:
+    """klotski ``groups``: the plugin's scheduler may widen steps (``integration/scheduler.py``)."""
+    from vllm_moe_offload.integration.scheduler import widen_token_budget
+
+    if scheduler_config.scheduler_cls is not None:
+        raise ValueError(
+            f"--scheduler-cls {scheduler_config.scheduler_cls} cannot be combined with klotski's 'groups' feature, "
+            "which runs the plugin's own scheduler; pass --moe-offload-klotski-features without 'groups' "
+            "(e.g. hot,reorder) to keep your scheduler"
+        )
+    base = widen_token_budget(scheduler_config, max_group)
+    logger.info(
+        "MoE offload (klotski groups): a step may take up to %d x %d tokens while expert loads dominate "
+        "(the model runner is sized for %d)", max_group, base, scheduler_config.max_num_batched_tokens,
+    )
 
 
 def split_graphs_at_moe(compilation: Any) -> None:

@@ -21,6 +21,7 @@ decisions nor bakes them in.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -45,6 +46,11 @@ _LAYERS: dict[str, OffloadRoutedExperts] = {}
 #: requests needs each expert it routes to in full)
 _LOW_PRECISION_MIN_TOKENS = 64
 
+#: Fate looks one layer ahead; we look up to this many when loads take longer than a layer's
+#: compute. Deeper guesses get worse (recall per distance is in the stats) and their loads
+#: queue ahead of nearer ones on the I/O threads, so farther buys little.
+_MAX_LOOKAHEAD = 3
+
 
 class OffloadRoutedExperts(RoutedExperts):
     """``RoutedExperts`` whose expert weights live in a bounded slot pool."""
@@ -54,11 +60,16 @@ class OffloadRoutedExperts(RoutedExperts):
         offload = current_offload_config()
         self.offload_enabled = offload is not None and offload.enabled
         self.slots: LayerSlots | None = None
-        # fate: the next offloaded layer and its router (a GateLinear), set by link_prediction
+        # fate: the nearest predicted layer and its router (a GateLinear), set by link_prediction
         self.next_layer: OffloadRoutedExperts | None = None
         self.next_gate: torch.nn.Module | None = None
+        # fate: every layer predicted from here, nearest first: (distance in layers, layer, its router)
+        self.lookahead: list[tuple[int, OffloadRoutedExperts, torch.nn.Module]] = []
         self.overfetch: int | None = None
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
+        #: compute the tokens whose experts are resident while the others load, resident passes first
+        #: (off only for klotski's ablation without "reorder")
+        self.ready_first = True
         # klotski / profiles: sees every step's routing (integration/observer.py)
         self.observer = None
         if not self.offload_enabled:
@@ -129,8 +140,10 @@ class OffloadRoutedExperts(RoutedExperts):
         low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision
         try:
             unique = torch.unique(topk_ids).tolist()
+            slots.score_prediction(unique)  # the whole step's needs, before passes split them
             if len(unique) <= slots.num_slots:
-                if x.shape[0] == 1 or not slots.num_missing(unique):  # nothing to compute while loading
+                if x.shape[0] == 1 or not self.ready_first or not slots.num_missing(unique):
+                    # nothing to compute while loading (or the ablation's plain order)
                     try:
                         slots.ensure(unique, low=low)
                         return self._kernel(x, topk_weights, slots.remap(topk_ids))
@@ -142,7 +155,8 @@ class OffloadRoutedExperts(RoutedExperts):
                 passes = pack_passes(rows, slots.num_slots)
                 # passes served by resident experts first: they run before any load
                 # (and before a failing load can evict what they need)
-                passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
+                if self.ready_first:
+                    passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
             out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
             for token_idx in passes:
                 self._run_pass(torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed, low)
@@ -166,9 +180,10 @@ class OffloadRoutedExperts(RoutedExperts):
                 if not idx.numel():
                     return
             try:
-                idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out, low)
-                if not idx.numel():
-                    return
+                if self.ready_first:
+                    idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out, low)
+                    if not idx.numel():
+                        return
                 ids = topk_ids[idx]  # [t, k]
                 slots.ensure(torch.unique(ids).tolist(), low=low)
             except ExpertLoadError as err:
@@ -222,7 +237,7 @@ class OffloadRoutedExperts(RoutedExperts):
         out[rows] = 0
         reason = next(iter(failed.values()))
         requests = faults.requests_of_rows(rows.tolist())
-        if requests is None:  # no request to blame (a dummy run, several ranks): stop the engine
+        if requests is None:  # no request to blame (a dummy run, pipeline parallelism): stop the engine
             raise ExpertLoadError(reason, self.slots.layer_idx, sorted(failed))
         self.slots.stats.failed_tokens += int(rows.numel())
         logger.error(
@@ -232,30 +247,58 @@ class OffloadRoutedExperts(RoutedExperts):
         faults.report(requests, reason)
 
     def _prefetch_next(self, x: torch.Tensor) -> None:
-        """Fate's cross-layer gate: the next layer's router on this layer's router input.
+        """Fate's cross-layer gate: later layers' routers on this layer's router input.
 
-        The residual stream keeps adjacent router inputs close, so the next layer's
-        experts are predicted one layer ahead and loaded while this layer computes.
-        For a batch: the union of every token's top-k, most-needed first, filled up
-        to the over-fetch depth by router probability mass.
+        The residual stream keeps nearby router inputs close, so layer ``i + d``'s
+        experts are predicted ``d`` layers ahead and loaded while the layers in
+        between compute. For a batch: the union of every token's top-k, most-needed
+        first, filled up to the over-fetch depth by router probability mass. Each
+        predicted layer is looked at from as far as its loads need
+        (:meth:`_lookahead_depth`); the nearer prediction, made again at the next
+        layer, wins. Loads never evict experts the cache deems useful.
         """
-        nxt = self.next_layer
-        assert nxt is not None and nxt.slots is not None
-        logits = self.next_gate(x)[0].float()  # [T, E]
-        per_token = logits.topk(nxt.top_k, dim=-1).indices  # [T, k]
-        counts = torch.bincount(per_token.flatten(), minlength=logits.shape[-1])  # [E]
-        score = counts * float(x.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
-        depth = max(int((counts > 0).sum()), self._overfetch_depth(nxt))
-        nxt.slots.prefetch(score.topk(min(depth, nxt.slots.num_slots)).indices.tolist())
+        for distance, nxt, gate in self.lookahead:
+            if distance > 1 and distance > self._lookahead_depth(nxt):
+                continue
+            logits = gate(x)[0].float()  # [T, E]
+            per_token = logits.topk(nxt.top_k, dim=-1).indices  # [T, k]
+            counts = torch.bincount(per_token.flatten(), minlength=logits.shape[-1])  # [E]
+            score = counts * float(x.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
+            depth = max(int((counts > 0).sum()), self._overfetch_depth(nxt, distance))
+            experts = score.topk(min(depth, nxt.slots.num_slots)).indices.tolist()
+            nxt.slots.prefetch(experts, spare_useful=True, distance=distance)
 
-    def _overfetch_depth(self, nxt: OffloadRoutedExperts) -> int:
-        """Fate's k = compute time / one expert's load time, at least top_k (or the configured value)."""
+    def _lookahead_depth(self, nxt: OffloadRoutedExperts) -> int:
+        """How many layers ahead ``nxt`` is predicted: its loads' time over this layer's compute.
+
+        The loads a prediction needs are the experts it found missing (smoothed)
+        times one expert's load time; each layer in between hides one kernel time.
+        At least 1, at most ``_MAX_LOOKAHEAD`` (farther guesses are worse, and
+        their loads queue ahead of nearer ones) and at most the transfer engine's
+        lanes (I/O threads): with one lane, loads that outlast compute already
+        keep the link busy, and looking farther only adds wrong guesses' bytes
+        (measured on the padded tiny Mixtral, one lane, 50%: 4.64 MiB read per
+        token with look-ahead up to 3 against 4.36 with 1). 1 until both times
+        are measured.
+        """
+        slots = nxt.slots
+        if not slots.load_s_ema or not self.compute_s_ema or slots.prefetch_missing_ema is None:
+            return 1
+        lanes = getattr(slots.engine, "num_threads", 1)
+        need_s = slots.prefetch_missing_ema * slots.load_s_ema
+        return max(1, min(_MAX_LOOKAHEAD, lanes, math.ceil(need_s / self.compute_s_ema)))
+
+    def _overfetch_depth(self, nxt: OffloadRoutedExperts, distance: int = 1) -> int:
+        """Fate's k = compute time / one expert's load time, at least top_k (or the configured value).
+
+        A prediction ``distance`` layers ahead has ``distance`` layers' compute to load in.
+        """
         if self.overfetch is not None:
             return max(self.overfetch, nxt.top_k)
         load_s = nxt.slots.load_s_ema if nxt.slots is not None else None
         if not load_s or self.compute_s_ema is None:
             return nxt.top_k
-        return max(nxt.top_k, int(self.compute_s_ema / load_s))
+        return max(nxt.top_k, int(distance * self.compute_s_ema / load_s))
 
     def _kernel(self, x, topk_weights, slot_ids) -> torch.Tensor:
         started = time.perf_counter()
@@ -307,25 +350,38 @@ def offloaded_layers(model: torch.nn.Module) -> list[OffloadRoutedExperts]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def link_prediction(model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None) -> int:
-    """Give each layer the router of the next offloaded layer (Fate). Returns links made.
+def link_prediction(
+    model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None,
+    max_depth: int | None = None,
+) -> int:
+    """Give each layer the routers of the offloaded layers up to ``max_depth`` ahead (Fate). Returns layers linked.
 
     The router is the ``gate`` module beside the experts (``...block_sparse_moe.gate``
-    for Mixtral, ``...mlp.gate`` for Qwen-MoE, OLMoE, DeepSeek). Layers whose next
-    layer keeps every expert resident need no prediction.
+    for Mixtral, ``...mlp.gate`` for Qwen-MoE, OLMoE, DeepSeek). Layers that keep
+    every expert resident need no prediction. ``max_depth`` defaults to
+    ``_MAX_LOOKAHEAD``; how far each layer really looks is decided while serving.
     """
+    max_depth = _MAX_LOOKAHEAD if max_depth is None else max_depth
     links = 0
-    for layer, nxt in zip(layers, layers[1:]):
-        if nxt.slots is None or nxt.slots.fully_resident or nxt.layer_idx != layer.layer_idx + 1:
-            continue
-        gate_name = nxt.layer_name.rsplit(".experts", 1)[0] + ".gate"
-        try:
-            gate = model.get_submodule(gate_name)  # called as gate(x) -> (logits [T, E], bias)
-        except AttributeError:
-            logger.warning("no router found at %s; layer %d is not predicted", gate_name, nxt.layer_idx)
-            continue
-        layer.next_layer, layer.next_gate, layer.overfetch = nxt, gate, overfetch
-        links += 1
+    for pos, layer in enumerate(layers):
+        layer.lookahead = []
+        for nxt in layers[pos + 1:]:
+            distance = nxt.layer_idx - layer.layer_idx
+            if distance > max_depth:
+                break
+            if nxt.slots is None or nxt.slots.fully_resident:
+                continue
+            gate_name = nxt.layer_name.rsplit(".experts", 1)[0] + ".gate"
+            try:
+                gate = model.get_submodule(gate_name)  # called as gate(x) -> (logits [T, E], bias)
+            except AttributeError:
+                logger.warning("no router found at %s; layer %d is not predicted", gate_name, nxt.layer_idx)
+                continue
+            layer.lookahead.append((distance, nxt, gate))
+        if layer.lookahead:
+            _, layer.next_layer, layer.next_gate = layer.lookahead[0]
+            layer.overfetch = overfetch
+            links += 1
     return links
 
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfigError, Policy, Quant, Tier
+from vllm_moe_offload.core.config import (
+    CONFIG_KEY,
+    KLOTSKI_FEATURES,
+    Budget,
+    OffloadConfigError,
+    Policy,
+    Quant,
+    Tier,
+)
 
 #: argparse dest -> key of additional_config["moe_offload"]
 FLAG_KEYS = {
@@ -28,6 +36,8 @@ FLAG_KEYS = {
     "moe_offload_io_stuck_s": "io_stuck_s",
     "moe_offload_profile": "profile",
     "moe_offload_save_profile": "save_profile",
+    "moe_offload_klotski_features": "klotski_features",
+    "moe_offload_klotski_max_group": "klotski_max_group",
 }
 
 GROUP_TITLE = "MoEOffload"
@@ -121,6 +131,18 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--moe-offload-save-profile", dest="moe_offload_save_profile", default=None, metavar="PATH",
         help="Write the activation profile seen while serving to PATH at shutdown (for --moe-offload-profile).",
+    )
+    group.add_argument(
+        "--moe-offload-klotski-features", dest="moe_offload_klotski_features", default=None, metavar="LIST",
+        help=f"klotski: which of its parts run, 'all' (the default), 'none', or a comma-separated subset of "
+        f"{','.join(KLOTSKI_FEATURES)}: 'groups' lets a step schedule more tokens so each expert load serves "
+        "more of them, 'hot' prefetches only the next layer's hot experts (else the whole next layer, as many "
+        "as fit), 'reorder' computes tokens whose experts are resident while the others load. For ablations.",
+    )
+    group.add_argument(
+        "--moe-offload-klotski-max-group", dest="moe_offload_klotski_max_group", default=None, type=int,
+        metavar="N", help="klotski with 'groups': a step may take up to N times the engine's token budget "
+        "(--max-num-batched-tokens; the runner's buffers are sized for N times it). Default 4.",
     )
     group.add_argument(
         "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",

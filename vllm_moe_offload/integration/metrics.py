@@ -76,8 +76,16 @@ def families(per_worker: list[dict], model_name: str) -> list[Metric]:
         PREFIX + "slots", "Slots the planner gave the layer (= num_experts when fully resident).",
         labels=[*base, "layer"],
     )
-    budget = GaugeMetricFamily(PREFIX + "budget_bytes", "Memory budget for expert slots.", labels=base)
+    budget = GaugeMetricFamily(PREFIX + "budget_bytes", "Memory budget for expert slots and staging.", labels=base)
     slot_bytes = GaugeMetricFamily(PREFIX + "slot_bytes", "Memory the expert slots use.", labels=base)
+    staging = GaugeMetricFamily(
+        PREFIX + "staging_bytes", "Memory reserved for loads in flight (read buffers, conversion, CUDA staging).",
+        labels=base,
+    )
+    held = GaugeMetricFamily(PREFIX + "held_bytes", "Expert memory held now (slots and staging).", labels=base)
+    peak_held = GaugeMetricFamily(
+        PREFIX + "peak_held_bytes", "Most expert memory held at once (never above budget_bytes).", labels=base,
+    )
     expert_bytes = GaugeMetricFamily(PREFIX + "expert_bytes", "Size of one expert in kernel layout.", labels=base)
     info = GaugeMetricFamily(
         PREFIX + "info", "The planner's decisions (value 1).",
@@ -89,6 +97,9 @@ def families(per_worker: list[dict], model_name: str) -> list[Metric]:
         worker = [model_name, str(rank)]
         budget.add_metric(worker, stats["budget_bytes"])
         slot_bytes.add_metric(worker, stats["slot_bytes"])
+        staging.add_metric(worker, stats["staging_bytes"])
+        held.add_metric(worker, stats["held_bytes"])
+        peak_held.add_metric(worker, stats["peak_held_bytes"])
         expert_bytes.add_metric(worker, stats["expert_bytes"])
         fully_resident = sum(1 for n in stats["layer_slots"] if n >= stats["num_experts"])
         info.add_metric(
@@ -104,7 +115,9 @@ def families(per_worker: list[dict], model_name: str) -> list[Metric]:
                 bytes_read.add_metric([*labels, tier], num_bytes)
             resident.add_metric(labels, layer["resident"])
             slots.add_metric(labels, layer["num_slots"])
-    return [*counters.values(), bytes_read, resident, slots, budget, slot_bytes, expert_bytes, info]
+    return [
+        *counters.values(), bytes_read, resident, slots, budget, slot_bytes, staging, held, peak_held, expert_bytes, info,
+    ]
 
 
 class _Source:

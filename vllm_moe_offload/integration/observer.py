@@ -18,8 +18,14 @@ with ``--moe-offload-save-profile``) and prefetches the next layer's experts:
 Those loads run while this layer's experts and the next layer's attention
 compute. With a profile (``--moe-offload-profile``) the table starts from it.
 
-Not here (see the closing notes of issue 5): regrouping requests across steps
-(multi-batch groups) and prefetching deeper than one layer.
+Klotski's switches (``klotski_features``, for the paper's ablation): without
+``hot`` the observer prefetches the whole next layer, as many of its experts as
+fit, most used first (the ablation's first row, "simple overlap"). Each plan's
+verdict (overlapped or not) goes to the grouping scheduler
+(``integration/scheduler.py``, feature ``groups``), which widens steps while
+loads dominate.
+
+Not here (see the closing notes of issue 5): prefetching deeper than one layer.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import torch
 from vllm_moe_offload.core.activation_paths import ActivationPaths
 from vllm_moe_offload.core.correlation import CorrelationTable, load_profile
 from vllm_moe_offload.core.klotski_plan import KlotskiCosts, KlotskiLimits, KlotskiPlan, plan_klotski
-from vllm_moe_offload.integration import faults
+from vllm_moe_offload.core.config import KLOTSKI_FEATURES
+from vllm_moe_offload.integration import faults, scheduler
 
 logger = logging.getLogger("vllm.moe_offload.observer")
 
@@ -49,8 +56,13 @@ class RoutingObserver:
     baseline) or None (count only, for profiles).
     """
 
-    def __init__(self, table: CorrelationTable, layers: list, predict: str | None, kv_max_seqs: int) -> None:
+    def __init__(
+        self, table: CorrelationTable, layers: list, predict: str | None, kv_max_seqs: int,
+        features: tuple[str, ...] = KLOTSKI_FEATURES,
+    ) -> None:
         self.table = table
+        self.features = features
+        scheduler.reset()  # this engine's scheduler (built after the workers) starts from nothing
         self.layers = layers  # OffloadRoutedExperts in MoE order; ordinal i is table layer i
         self.predict = predict
         self.paths = (
@@ -92,7 +104,10 @@ class RoutingObserver:
         if i == 0 or self.plan is None:
             self._replan(ids.shape[0])
         assert self.plan is not None
-        nxt.slots.prefetch(self.table.hot(i + 1, ids, self.plan.hot_experts))
+        if "hot" in self.features:
+            nxt.slots.prefetch(self.table.hot(i + 1, ids, self.plan.hot_experts))
+        else:  # simple overlap: the whole next layer, as much of it as fits, most used first
+            nxt.slots.prefetch(self.table.hot(i + 1, None, nxt.slots.num_slots) or range(nxt.slots.num_slots))
 
     def _observe_paths(self, i: int, ids: np.ndarray) -> None:
         """eap: add the step's routing at MoE layer ``i`` to each request's activation matrix."""
@@ -132,6 +147,8 @@ class RoutingObserver:
         plan = plan_klotski(costs, limits, num_tokens)
         old = self.plan
         self.plan = plan
+        # a plan from unmeasured costs (the first steps, before any load or kernel was timed) says nothing
+        scheduler.note_plan(plan.overlapped if costs.expert_load_ms > 0 and compute_ms > 0 else None)
         if old is None or (old.group_size, old.hot_experts, old.prefetch_depth) != (
             plan.group_size, plan.hot_experts, plan.prefetch_depth
         ):
@@ -149,6 +166,8 @@ class RoutingObserver:
                 "describe": plan.describe(),
             },
             "plan_changes": self.plan_changes,
+            "features": list(self.features),
+            **scheduler.counts(),
             "between_layers_ms": self.between_ms_ema,
             "tokens_seen": int(self.table.tokens_seen),
             **({"eap_history": len(self.paths)} if self.paths is not None else {}),

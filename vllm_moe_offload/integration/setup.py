@@ -7,12 +7,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap, make_policy
 from vllm_moe_offload.core.config import OffloadConfig, Policy, Quant, Tier, format_bytes
 from vllm_moe_offload.core.plan import SlotPlan
-from vllm_moe_offload.core.stats import summarize
+from vllm_moe_offload.core.correlation import ProfileError, load_profile
+from vllm_moe_offload.core.stats import layer_recall, summarize
 from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
     OffloadRoutedExperts,
@@ -23,6 +25,7 @@ from vllm_moe_offload.integration.experts import (
 from vllm_moe_offload.integration.kernel_format import make_converter
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import ExpertStore, LayerSpec, open_or_build, store_directory
+from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
@@ -47,6 +50,8 @@ class OffloadRuntime:
     link: LinkEmulator
     predicted_layers: int = 0
     observer: RoutingObserver | None = None
+    #: every fast-memory allocation for experts (slots, read buffers, conversion, CUDA staging ring)
+    ledger: BudgetLedger | None = None
 
     def stats(self) -> dict:
         per_layer = [slots.stats_dict() for slots in self.layers]
@@ -55,6 +60,8 @@ class OffloadRuntime:
             "tier": self.tier.value,
             "budget_bytes": self.plan.budget_bytes,
             "slot_bytes": self.plan.slot_bytes,
+            "staging_bytes": self.plan.staging_bytes,  # reserved for read buffers, conversion, CUDA ring
+            **(self.ledger.stats() if self.ledger is not None else {}),  # held / peak bytes, by kind
             "slots_per_layer": self.plan.slots_per_layer,
             "layer_slots": list(self.plan.layer_slots),
             "num_experts": self.plan.num_experts,
@@ -68,6 +75,8 @@ class OffloadRuntime:
 
     def close(self) -> None:
         if self.observer is not None and self.config.save_profile:
+            if self.config.policy is Policy.FATE:  # what the next start's resident layers are chosen from
+                self.observer.table.note_recall(layer_recall(slots.stats for slots in self.layers))
             path = self.observer.table.save(self.config.save_profile, source="serving")
             logger.info("MoE offload: activation profile written to %s", path)
         self.engine.shutdown()
@@ -92,13 +101,18 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     return_large_frees_to_the_os()
     first = layers[0]
     expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
-    # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget
+    index = CheckpointIndex(_checkpoint_folder(vllm_config))
+    # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget;
+    # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
     plan = plan_rank_slots(
-        config.budget, first.moe_config.tp_size, num_layers=len(layers), num_experts=first.global_num_experts,
+        config.budget, first.moe_config.tp_size, io_threads=config.io_threads,
+        cuda=first.w13_weight.device.type == "cuda", read_span_bytes=index.largest_expert_span(),
+        num_layers=len(layers), num_experts=first.global_num_experts,
         top_k=first.top_k, expert_bytes=expert_bytes, resident_layers=_resident_layers(config),
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
     )
+    ledger = BudgetLedger(plan.budget_bytes)
     if first.moe_config.tp_size > 1:
         logger.info(
             "MoE offload on tensor-parallel rank %d of %d: slots hold this rank's shard of each expert; "
@@ -106,17 +120,18 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
             first.moe_config.tp_size, format_bytes(plan.budget_bytes), config.budget, first.moe_config.tp_size,
         )
     tier = _resolve_tier(config.tier, first.w13_weight.device, config.quant)
-    index = CheckpointIndex(_checkpoint_folder(vllm_config))
-    readers = ThreadLocalReaders(config.direct_io)
+    # one fetch per I/O thread at a time, each with the conversion temporaries the plan reserved
+    convert_bytes = plan.staging.convert_bytes if plan.staging is not None else 0
+    readers = ThreadLocalReaders(config.direct_io, lanes=config.io_threads, ledger=ledger, convert_bytes=convert_bytes)
     engine = make_transfer_engine(
-        first.w13_weight.device, config.io_threads, expert_bytes, stuck_after_s=config.io_stuck_s,
+        first.w13_weight.device, config.io_threads, expert_bytes, ledger=ledger, stuck_after_s=config.io_stuck_s,
     )
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
-    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link)
+    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger)
     store = _open_store(layers, index, readers, config)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
-        runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link))
+        runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger))
     runtime.observer = _observer(layers, config, vllm_config)
     for ordinal, slots in enumerate(runtime.layers):
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
@@ -140,9 +155,12 @@ def _observer(layers, config: OffloadConfig, vllm_config) -> RoutingObserver | N
     table = make_table(layers, config.profile, vllm_config.model_config.model)
     observer = RoutingObserver(
         table, layers, predict=predictors.get(config.policy), kv_max_seqs=vllm_config.scheduler_config.max_num_seqs,
+        features=config.klotski_features,
     )
     for layer in layers:
         layer.observer = observer
+        # klotski without "reorder" (ablation): a pass waits for all its experts, in packing order
+        layer.ready_first = config.policy is not Policy.KLOTSKI or "reorder" in config.klotski_features
     return observer
 
 
@@ -153,11 +171,48 @@ def _warm_set(observer: RoutingObserver | None, config: OffloadConfig, ordinal: 
     return profile_warm_set(observer.table, ordinal, slots.num_slots) or None
 
 
+#: Fate makes a leading layer resident when its measured prediction recall is below this. The
+#: paper's cross-layer prediction averages about 0.79 over layers; under 0.75 more than a quarter of
+#: the layer's needs go unpredicted (each an on-demand load), a layer that predicts worse than a
+#: typical one, which is where keeping every expert pays most (the shallow-favoring rationale).
+_RESIDENT_BELOW_RECALL = 0.75
+
+
 def _resident_layers(config: OffloadConfig) -> int:
-    """Fate keeps shallow layers whole: at least the first, which nothing can predict."""
+    """Fate keeps shallow layers whole: at least the first, which nothing can predict.
+
+    With a profile that carries the prediction recall measured while serving
+    (``save_profile`` of an earlier Fate run) and no explicit ``resident_layers``,
+    layer 0 and the leading layers whose recall is below ``_RESIDENT_BELOW_RECALL``
+    (a layer the profile did not measure, being resident then, counts as below).
+    ``plan_slots`` keeps fewer when the budget cannot leave the other layers room.
+    """
     if config.policy is not Policy.FATE:
         return 0
-    return 1 if config.resident_layers is None else config.resident_layers
+    if config.resident_layers is not None:
+        return config.resident_layers
+    recall = _profile_recall(config.profile)
+    if recall is None:
+        return 1
+    resident = 1
+    while resident < len(recall) and not recall[resident] >= _RESIDENT_BELOW_RECALL:  # NaN: not measured
+        resident += 1
+    logger.info(
+        "MoE offload: fate keeps the first %d MoE layers resident (budget permitting): layer 0 and those "
+        "whose prediction recall in profile %s is below %.2f; recall by layer: %s", resident, config.profile,
+        _RESIDENT_BELOW_RECALL, ", ".join("-" if np.isnan(r) else f"{r:.2f}" for r in recall),
+    )
+    return resident
+
+
+def _profile_recall(profile: str | None) -> np.ndarray | None:
+    """The per-layer prediction recall saved in ``profile``; None without one (errors surface in make_table)."""
+    if profile is None:
+        return None
+    try:
+        return load_profile(profile).prediction_recall
+    except ProfileError:
+        return None
 
 
 def _resolve_tier(tier: Tier, device: torch.device, quant: Quant = Quant.NONE) -> Tier:
@@ -211,8 +266,12 @@ def _source_for(
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")
 
 
-def _slots_for(layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link) -> LayerSlots:
+def _slots_for(
+    layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link, ledger: BudgetLedger,
+) -> LayerSlots:
     w13, w2 = layer.w13_weight, layer.w2_weight  # [1, ...] placeholders in kernel layout
+    pool_bytes = num_slots * (w13[0].nbytes + w2[0].nbytes)
+    ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
     w13_slots = torch.empty((num_slots, *w13.shape[1:]), dtype=w13.dtype, device=w13.device)
     w2_slots = torch.empty((num_slots, *w2.shape[1:]), dtype=w2.dtype, device=w2.device)
     policy = make_policy(_CACHE_POLICY[config.policy], plan.num_experts, num_slots, layer.top_k)

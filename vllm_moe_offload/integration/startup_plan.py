@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_moe_offload.core.config import Policy, Tier, format_bytes
+from vllm_moe_offload.runtime.ledger import MemoryKind
 
 if TYPE_CHECKING:
     from vllm_moe_offload.integration.setup import OffloadRuntime
@@ -48,7 +49,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
         ),
         f"  where      {_where(runtime, first)}",
         f"  budget     {format_bytes(plan.budget_bytes)}; slots use {format_bytes(plan.slot_bytes)}; "
-        f"all experts {format_bytes(plan.total_expert_bytes)}",
+        f"staging {format_bytes(plan.staging_bytes)}; all experts {format_bytes(plan.total_expert_bytes)}",
         f"  link       {_measure_link(runtime, offloaded)}",
     ]
     if config.policy is Policy.FATE:
@@ -80,12 +81,18 @@ def _measure_link(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> str:
     started = time.perf_counter()
     got = slots.source.fetch(expert_idx)
     runtime.link.pace(got.bytes_read, started)
+    # a copy on another device is fast memory too: the ledger has room for it after start-up (no load runs)
+    probe_bytes = got.w13.nbytes + got.w2.nbytes if device != got.w13.device else 0
+    if runtime.ledger is not None:
+        runtime.ledger.reserve(MemoryKind.PROBE, probe_bytes, "the expert copied to measure the link")
     w13 = got.w13.to(device, non_blocking=True)  # [2I', H'] kernel layout, like a slot row
     w2 = got.w2.to(device, non_blocking=True)  # [H', I']
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     took_s = time.perf_counter() - started
     del w13, w2
+    if runtime.ledger is not None:
+        runtime.ledger.release(MemoryKind.PROBE, probe_bytes)
     speed = got.bytes_read / took_s if took_s > 0 else float("inf")
     return (
         f"measured {format_bytes(got.bytes_read)} (one expert, {runtime.tier.value} -> {device}) in "

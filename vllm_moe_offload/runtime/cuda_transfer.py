@@ -35,15 +35,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from vllm_moe_offload.core.plan import STAGING_ALIGN_BYTES, ring_buffer_bytes
+from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.transfer import ThreadTransferEngine, TransferEngine
 
 T = TypeVar("T")
 
 logger = logging.getLogger("vllm.moe_offload.cuda_transfer")
-
-#: byte alignment of each tensor inside a staging buffer: any dtype's view is aligned,
-#: and 256 bytes matches CUDA's allocation granularity for coalesced DMA reads
-STAGING_ALIGN_BYTES = 256
 
 
 class _CopyFuture(Future):
@@ -67,15 +65,19 @@ class StagingRing:
 
     :meth:`stage` copies host tensors into the next buffer and returns views of
     them; :meth:`release` attaches the event of the device copy that reads the
-    buffer, and the next :meth:`stage` of that buffer first waits for it.
+    buffer, and the next :meth:`stage` of that buffer first waits for it. The
+    ring's bytes are reserved in ``ledger`` (when given) before it is allocated.
     """
 
-    def __init__(self, buffer_bytes: int, depth: int, pin: bool) -> None:
+    def __init__(self, buffer_bytes: int, depth: int, pin: bool, ledger: BudgetLedger | None = None) -> None:
         if buffer_bytes < 1 or depth < 1:
             raise ValueError(f"staging ring needs positive sizes, got {buffer_bytes} bytes x {depth}")
         self.buffer_bytes = buffer_bytes
         self.depth = depth
         self.pinned = pin
+        if ledger is not None:
+            what = f"the staging ring ({depth} x {buffer_bytes})"
+            ledger.reserve(MemoryKind.STAGING_RING, depth * buffer_bytes, what)
         self._buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(depth)]
         self._events: list[Any] = [None] * depth
         self._next = 0
@@ -118,14 +120,18 @@ class CudaTransferEngine(ThreadTransferEngine):
     stuck-load detection are the base class's.
     """
 
-    def __init__(self, device: torch.device, num_threads: int = 1, max_expert_bytes: int = 0, **options: Any) -> None:
+    def __init__(
+        self, device: torch.device, num_threads: int = 1, max_expert_bytes: int = 0,
+        ledger: BudgetLedger | None = None, **options: Any,
+    ) -> None:
         super().__init__(num_threads, **options)
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         # one buffer per thread staging, plus one draining: a thread never waits on its own last copy
+        # (core/plan.py staging_for reserves the same: ring_buffer_bytes x (io_threads + 1))
         self.staging = (
-            StagingRing(_align(max_expert_bytes) + STAGING_ALIGN_BYTES, num_threads + 1, pin=self.is_cuda)
+            StagingRing(ring_buffer_bytes(max_expert_bytes), num_threads + 1, pin=self.is_cuda, ledger=ledger)
             if max_expert_bytes > 0 else None
         )
 
@@ -184,15 +190,18 @@ def _settle(outer: _CopyFuture, inner: Future) -> None:
     outer.set_result(value)
 
 
-def make_transfer_engine(device: torch.device, num_threads: int, max_expert_bytes: int, **options: Any) -> TransferEngine:
+def make_transfer_engine(
+    device: torch.device, num_threads: int, max_expert_bytes: int, ledger: BudgetLedger | None = None, **options: Any,
+) -> TransferEngine:
     """The engine for slots on ``device``: CUDA streams and pinned staging on a GPU, threads otherwise.
 
-    ``options`` go to :class:`ThreadTransferEngine` (e.g. ``stuck_after_s``).
+    The staging ring's bytes are reserved in ``ledger``. ``options`` go to
+    :class:`ThreadTransferEngine` (e.g. ``stuck_after_s``).
     """
     if torch.device(device).type == "cuda":
         logger.info(
             "MoE offload transfers: CUDA copy stream, %d I/O thread(s), pinned staging %d x %d bytes",
-            num_threads, num_threads + 1, max_expert_bytes,
+            num_threads, num_threads + 1, ring_buffer_bytes(max_expert_bytes),
         )
-        return CudaTransferEngine(device, num_threads, max_expert_bytes, **options)
+        return CudaTransferEngine(device, num_threads, max_expert_bytes, ledger, **options)
     return ThreadTransferEngine(num_threads, **options)

@@ -32,13 +32,13 @@ class QuantSource:
     def fetch(self, expert_idx: int, low_precision: bool = False) -> ExpertTensors:
         """Expert ``expert_idx`` in kernel layout; ``low_precision`` takes its int2 copy (``int4+int2`` only)."""
         precision = "int2" if low_precision else "int4"
-        reader = self.readers.get()
-        before = reader.bytes_read
-        parts = self.store.read(self.layer_key, expert_idx, precision, reader)  # gate, [up,] down
-        w = [dequantize(q, self.dtype) for q in parts]  # [I, H], [I, H], [H, I] checkpoint layout
-        w1, w3, w2 = w[0], (w[1] if len(w) == 3 else None), w[-1]
-        w13, w2k = self.convert(w1, w3, w2)
-        return ExpertTensors(w13, w2k, reader.bytes_read - before)
+        with self.readers.fetching(f"expert {expert_idx} of {self.layer_key} ({precision})") as reader:
+            before = reader.bytes_read
+            parts = self.store.read(self.layer_key, expert_idx, precision, reader)  # gate, [up,] down
+            w = [dequantize(q, self.dtype) for q in parts]  # [I, H], [I, H], [H, I] checkpoint layout
+            w1, w3, w2 = w[0], (w[1] if len(w) == 3 else None), w[-1]
+            w13, w2k = self.convert(w1, w3, w2)
+            return ExpertTensors(w13, w2k, reader.bytes_read - before)
 
     def close(self) -> None:
         pass

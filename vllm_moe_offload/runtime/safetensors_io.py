@@ -16,18 +16,28 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vllm_moe_offload.core.plan import READ_ALIGN_BYTES
+from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
+
 logger = logging.getLogger("vllm.moe_offload.safetensors_io")
 
-#: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical
-#: block size; 4 KiB covers every disk and filesystem we run on.
-ALIGN_BYTES = 4096
+#: O_DIRECT alignment (see core/plan.py, which sizes the read buffers with it)
+ALIGN_BYTES = READ_ALIGN_BYTES
+#: the most bytes of other tensors one read may skip over to take neighbours in one request;
+#: farther apart, they are read separately (the buffer never grows to cover unrelated tensors)
+MAX_READ_GAP_BYTES = READ_ALIGN_BYTES
+#: a routed expert's tensors: "<prefix>.experts.<e>.<proj>.weight" (shared experts have no index)
+_EXPERT_NAME = re.compile(r"^(.*\.experts\.\d+)\.")
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -102,6 +112,38 @@ class CheckpointIndex:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def largest_expert_span(self) -> int | None:
+        """The largest single read of one routed expert's tensors (bytes); None without routed experts.
+
+        What a read buffer must hold: reads are grouped as :meth:`TensorReader.read` groups them.
+        """
+        experts: dict[str, list[TensorLocation]] = {}
+        for name, loc in self._where.items():
+            if m := _EXPERT_NAME.match(name):
+                experts.setdefault(m.group(1), []).append(loc)
+        spans = [span_bytes(group) for locs in experts.values() for group in read_groups(locs)]
+        return max(spans, default=None)
+
+
+def read_groups(locations: list[TensorLocation]) -> list[list[TensorLocation]]:
+    """``locations`` split into reads: neighbours in one file, at most ``MAX_READ_GAP_BYTES`` apart."""
+    groups: list[list[TensorLocation]] = []
+    for loc in sorted(locations, key=lambda loc: (loc.path, loc.offset)):
+        last = groups[-1][-1] if groups else None
+        if last is not None and last.path == loc.path and loc.offset - _end(last) <= MAX_READ_GAP_BYTES:
+            groups[-1].append(loc)
+        else:
+            groups.append([loc])
+    return groups
+
+
+def span_bytes(group: list[TensorLocation]) -> int:
+    return max(_end(loc) for loc in group) - min(loc.offset for loc in group)
+
+
+def _end(loc: TensorLocation) -> int:
+    return loc.offset + loc.num_bytes
+
 
 def _stamp(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
@@ -124,59 +166,121 @@ def _read_header(path: Path) -> dict[str, TensorLocation]:
     return out
 
 
-class TensorReader:
-    """Reads tensors by location; one instance per I/O thread (it owns a buffer)."""
+class ReadBuffers:
+    """At most ``count`` page-aligned read buffers, lent to readers one read at a time.
 
-    def __init__(self, direct_io: bool = True) -> None:
+    A buffer grows to the largest read it serves; the growth is reserved in
+    ``ledger`` (when given) before the new buffer is mapped, so the read
+    buffers never take the plugin past its budget.
+    """
+
+    def __init__(self, count: int = 1, ledger: BudgetLedger | None = None) -> None:
+        if count < 1:
+            raise ValueError(f"need at least one read buffer, got {count}")
+        self.ledger = ledger
+        self._free: list[mmap.mmap | None] = [None] * count
+        self._available = threading.Semaphore(count)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, num_bytes: int) -> Iterator[mmap.mmap]:
+        """A buffer of at least ``num_bytes``, this caller's until the ``with`` block ends."""
+        with self._available:
+            with self._lock:
+                buf = self._free.pop()
+            try:
+                have = len(buf) if buf is not None else 0
+                if have < num_bytes:
+                    want = max(num_bytes, ALIGN_BYTES)
+                    if self.ledger is not None:  # raises past the budget, before anything changes
+                        what = f"growing a read buffer to {want} bytes"
+                        self.ledger.reserve(MemoryKind.READ_BUFFER, want - have, what)
+                    if buf is not None:
+                        buf.close()
+                        buf = None
+                    try:
+                        buf = mmap.mmap(-1, want)  # anonymous maps are page-aligned, which satisfies O_DIRECT
+                    except BaseException:
+                        if self.ledger is not None:
+                            self.ledger.release(MemoryKind.READ_BUFFER, want)
+                        raise
+                yield buf
+            finally:
+                with self._lock:
+                    self._free.append(buf)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the buffers not lent out at the moment."""
+        with self._lock:
+            return sum(len(b) for b in self._free if b is not None)
+
+    def close(self) -> None:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf is not None:
+                    num_bytes = len(buf)
+                    buf.close()
+                    if self.ledger is not None:
+                        self.ledger.release(MemoryKind.READ_BUFFER, num_bytes)
+                self._free[i] = None
+
+
+class TensorReader:
+    """Reads tensors by location; one instance per thread (it owns its file descriptors).
+
+    Direct reads go through a buffer of ``buffers`` (its own single one when not given).
+    """
+
+    def __init__(self, direct_io: bool = True, buffers: ReadBuffers | None = None) -> None:
         self.direct_io = direct_io
-        self._buffer: mmap.mmap | None = None
+        self._own_buffers = buffers is None
+        self._buffers = ReadBuffers(1) if buffers is None else buffers
         self._fds: dict[tuple[str, bool], int] = {}
         self._warned: set[str] = set()
         self.bytes_read = 0
 
     def read(self, locations: list[TensorLocation]) -> list[torch.Tensor]:
-        """Read tensors that sit in one file; returns fresh tensors (copies).
+        """Read tensors; returns fresh tensors (copies), in the order of ``locations``.
 
-        Neighbouring tensors are read with one request covering their span, so
-        an expert's three projections usually cost one read.
+        Neighbouring tensors of one file are read with one request covering
+        their span (see :func:`read_groups`), so an expert's three projections
+        usually cost one read.
         """
-        if not locations:
-            return []
-        paths = {loc.path for loc in locations}
-        if len(paths) > 1:
-            return [t for loc in locations for t in self.read([loc])]
-        path = locations[0].path
-        start = min(loc.offset for loc in locations)
-        end = max(loc.offset + loc.num_bytes for loc in locations)
-        span = self._read_span(path, start, end)  # memoryview of [start, end)
-        out = []
-        for loc in locations:
-            rel = loc.offset - start
-            raw = span[rel : rel + loc.num_bytes]
-            out.append(torch.frombuffer(bytearray(raw), dtype=loc.dtype).reshape(loc.shape))
-        return out
+        got: dict[int, torch.Tensor] = {}
+        for group in read_groups(locations):
+            for loc, tensor in zip(group, self._read_group(group)):
+                got[id(loc)] = tensor
+        return [got[id(loc)] for loc in locations]
 
-    def _read_span(self, path: str, start: int, end: int) -> memoryview:
+    def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
+        path = group[0].path
+        start = min(loc.offset for loc in group)
+        end = max(_end(loc) for loc in group)
         fd, direct = self._open(path)
-        if direct:
-            lo = start - start % ALIGN_BYTES
-            hi = -(-end // ALIGN_BYTES) * ALIGN_BYTES
-            buf = self._aligned(hi - lo)
+        if not direct:
+            data = os.pread(fd, end - start, start)
+            if len(data) != end - start:
+                raise OSError(f"short read from {path}: wanted {end - start} bytes at {start}, got {len(data)}")
+            self.bytes_read += len(data)
+            return _copies(memoryview(data), start, group)
+        lo = start - start % ALIGN_BYTES
+        hi = -(-end // ALIGN_BYTES) * ALIGN_BYTES
+        with self._buffers.borrow(hi - lo) as buf:
             view = memoryview(buf)[: hi - lo]
             try:
                 got = os.preadv(fd, [view], lo)
             except OSError as exc:
+                view.release()
                 self._fallback(path, exc)
-                return self._read_span(path, start, end)
+                return self._read_group(group)
             if got < end - lo:
+                view.release()
                 raise OSError(f"short read from {path}: wanted {end - lo} bytes at {lo}, got {got}")
             self.bytes_read += got
-            return view[start - lo : end - lo]
-        data = os.pread(fd, end - start, start)
-        if len(data) != end - start:
-            raise OSError(f"short read from {path}: wanted {end - start} bytes at {start}, got {len(data)}")
-        self.bytes_read += len(data)
-        return memoryview(data)
+            out = _copies(view[start - lo : end - lo], start, group)
+            view.release()  # a mapped buffer cannot be closed or regrown while a view of it lives
+            return out
 
     def stat(self, path: str) -> os.stat_result:
         """``fstat`` of the descriptor this reader reads ``path`` through."""
@@ -205,28 +309,40 @@ class TensorReader:
             )
         self._warned.add(path)
 
-    def _aligned(self, num_bytes: int) -> mmap.mmap:
-        # Anonymous mmaps are page-aligned, which satisfies O_DIRECT.
-        if self._buffer is None or len(self._buffer) < num_bytes:
-            if self._buffer is not None:
-                self._buffer.close()
-            self._buffer = mmap.mmap(-1, max(num_bytes, ALIGN_BYTES))
-        return self._buffer
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
+        if self._own_buffers:
+            self._buffers.close()
+
+
+def _copies(span: memoryview, start: int, group: list[TensorLocation]) -> list[torch.Tensor]:
+    """Fresh tensors of ``group`` out of ``span``, the file's bytes from offset ``start``."""
+    out = []
+    for loc in group:
+        rel = loc.offset - start
+        out.append(torch.frombuffer(bytearray(span[rel : rel + loc.num_bytes]), dtype=loc.dtype).reshape(loc.shape))
+    return out
 
 
 class ThreadLocalReaders:
-    """One :class:`TensorReader` per thread (buffers are not shareable)."""
+    """One :class:`TensorReader` per thread, and the staging every expert fetch goes through.
 
-    def __init__(self, direct_io: bool) -> None:
+    ``lanes`` fetches (one per I/O thread) run at a time, whichever threads
+    make them: each borrows one of ``lanes`` read buffers per read and, while
+    it converts, holds ``convert_bytes`` of conversion temporaries in
+    ``ledger``. So the staging never exceeds the plan's reservation.
+    """
+
+    def __init__(
+        self, direct_io: bool, lanes: int = 1, ledger: BudgetLedger | None = None, convert_bytes: int = 0,
+    ) -> None:
         self.direct_io = direct_io
+        self.ledger = ledger
+        self.convert_bytes = convert_bytes
+        self.buffers = ReadBuffers(lanes, ledger)
+        self._lanes = threading.Semaphore(lanes)
         self._local = threading.local()
         self._all: list[TensorReader] = []
         self._lock = threading.Lock()
@@ -234,14 +350,25 @@ class ThreadLocalReaders:
     def get(self) -> TensorReader:
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = TensorReader(self.direct_io)
+            reader = TensorReader(self.direct_io, self.buffers)
             self._local.reader = reader
             with self._lock:
                 self._all.append(reader)
         return reader
+
+    @contextmanager
+    def fetching(self, what: str) -> Iterator[TensorReader]:
+        """One expert fetch (read and convert): waits for a free lane, holds its conversion temporaries."""
+        with self._lanes:
+            if self.ledger is None:
+                yield self.get()
+                return
+            with self.ledger.holding(MemoryKind.CONVERT, self.convert_bytes, f"converting {what}"):
+                yield self.get()
 
     def close(self) -> None:
         with self._lock:
             for reader in self._all:
                 reader.close()
             self._all.clear()
+        self.buffers.close()

@@ -81,10 +81,13 @@ class LayerSlots:
         #: the source also has a low-precision copy of each expert (int4+int2 stores)
         self.has_low_precision = bool(getattr(source, "has_low_precision", False))
         self._low: set[int] = set()  # resident in low precision: good for one prefill pass only
-        self._predicted: set[int] | None = None  # the last prediction for this layer's next step
+        # this layer's predictions for its next pass, by distance (layers ahead they were made)
+        self._predictions: dict[int, set[int]] = {}
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
+        #: predicted experts not resident when a step's first prediction came, smoothed (look-ahead depth)
+        self.prefetch_missing_ema: float | None = None
         self.stats = LayerStats(
             layer_idx=layer_idx,
             num_slots=self.num_slots,
@@ -127,24 +130,55 @@ class LayerSlots:
             )
         return self._identity
 
-    def prefetch(self, experts: Sequence[int]) -> None:
+    def prefetch(self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
         At most ``num_slots`` are kept; experts already resident or in flight cost nothing.
+        ``spare_useful`` (Fate): a load may take only a free slot or one whose expert the
+        cache policy deems not useful (:meth:`SlotMap.useful`); at the first expert with no
+        such slot the rest of the prediction is skipped (each skipped expert that is needed
+        becomes an on-demand miss, as without prediction). ``distance``: layers between the
+        layer that predicted and this one. Several predictions of one step may arrive
+        (deeper look-ahead); the nearest is scored as ``predicted`` and its loads win:
+        queued loads of a farther prediction that the nearer one drops are cancelled.
         """
         self._collect_finished()
-        self.stats.prefetch_unused += len(self._prefetched)
-        self._prefetched.clear()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
-        self._predicted = set(wanted)
+        if not self._predictions:  # the step's first prediction: the last step's are over
+            self.stats.prefetch_unused += len(self._prefetched)
+            self._prefetched.clear()
+            missing = sum(self.slot_map.slot_of(e) is None for e in wanted)
+            ema = self.prefetch_missing_ema
+            self.prefetch_missing_ema = missing if ema is None else 0.9 * ema + 0.1 * missing
+        if self._predictions and distance < min(self._predictions):
+            self._cancel_queued_prefetches(keep=set(wanted))
+        self._predictions[distance] = set(wanted)
         pinned = set(wanted) | set(self._pending)
         for expert in wanted:
             if self.slot_map.slot_of(expert) is not None:
                 continue
-            if not self._start_load(expert, pinned):
-                break  # every slot holds a wanted expert or a load in flight
-            self.slot_map.touch(expert, hit=False)
+            if not self._start_load(expert, pinned, spare_useful=spare_useful):
+                if spare_useful:
+                    self.stats.prefetch_skipped += 1
+                break  # every slot holds a wanted (or useful) expert or a load in flight
+            self.slot_map.touch(expert, hit=False, demand=False)
             self.stats.prefetch_loads += 1
+
+    def _cancel_queued_prefetches(self, keep: set[int]) -> None:
+        """Cancel prefetch loads not yet started whose expert is not in ``keep``; free their slots.
+
+        Only a thread pool's own future stops its job when cancelled before it runs;
+        a wrapping future (the CUDA engine's) would not stop the copy into the slot,
+        so those loads are left to land.
+        """
+        for expert, (_, job) in list(self._pending.items()):
+            if expert in keep or expert in self._demand or type(job) is not Future or not job.cancel():
+                continue
+            del self._pending[expert]
+            self.slot_map.drop(expert)
+            self._forget(expert)
+            self.stats.prefetch_loads -= 1
+            self.stats.prefetch_cancelled += 1
 
     def missing(self, experts: Iterable[int]) -> list[int]:
         """Those of ``experts`` that are not resident now."""
@@ -162,7 +196,7 @@ class LayerSlots:
         ``pinned`` experts (the pass's) are not evicted for them; ``low`` ones
         are loaded in low precision when the source has it.
         """
-        self._score_prediction(pinned)  # the pass's needs, before its ensure calls split them
+        self.score_prediction(pinned)  # the pass's needs, before its ensure calls split them
         pinned = set(pinned) | set(self._pending)
         for expert in experts:
             if self.slot_map.slot_of(expert) is not None:
@@ -171,10 +205,13 @@ class LayerSlots:
                 return  # slots held by late loads: ensure reports what cannot be loaded
             self._demand.add(expert)
 
-    def _start_load(self, expert: int, pinned: set[int], low: bool = False) -> bool:
-        """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned."""
+    def _start_load(self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False) -> bool:
+        """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned.
+
+        ``spare_useful``: useful experts count as pinned (prefetches, see :meth:`prefetch`).
+        """
         try:
-            admission = self.slot_map.admit(expert, pinned)
+            admission = self.slot_map.admit(expert, pinned, spare_useful=spare_useful)
         except RuntimeError:
             return False
         if admission.evicted is not None:
@@ -198,7 +235,7 @@ class LayerSlots:
         for expert in [e for e in experts if e in self._low and e not in low and e not in self._pending]:
             self.slot_map.drop(expert)  # upgrade: its int2 copy served a prefill, not this pass
             self._forget(expert)
-        self._score_prediction(experts)
+        self.score_prediction(experts)
         pinned = set(experts) | set(self._pending)
         missing = []
         late = [e for e in experts if e in self._pending]  # a load outlived its timeout, still running
@@ -239,14 +276,22 @@ class LayerSlots:
                 self.layer_idx, [e for e, _ in failures],
             ) from exc
 
-    def _score_prediction(self, experts: Sequence[int]) -> None:
-        if self._predicted is None:
+    def score_prediction(self, experts: Sequence[int]) -> None:
+        """Score the predictions for this step against ``experts``: the nearest overall, each by distance.
+
+        The layer calls it once per step with every expert the step needs, before
+        splitting it into passes; otherwise the first pass's needs are used.
+        """
+        if not self._predictions:
             return
         needed = set(experts)
-        self.stats.predicted += len(self._predicted)
-        self.stats.predicted_right += len(self._predicted & needed)
+        nearest = self._predictions[min(self._predictions)]
+        self.stats.predicted += len(nearest)
+        self.stats.predicted_right += len(nearest & needed)
         self.stats.needed_when_predicted += len(needed)
-        self._predicted = None  # later passes of the same step are not predictions
+        for distance, predicted in self._predictions.items():
+            self.stats.add_distance(distance, len(predicted), len(predicted & needed), len(needed))
+        self._predictions = {}  # later passes of the same step are not predictions
 
     def _finish_pending(self, needed: Collection[int] | None = None) -> None:
         """Wait for loads in flight (of ``needed`` experts, or all) and map what arrived.

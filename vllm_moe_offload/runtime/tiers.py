@@ -84,15 +84,15 @@ class DiskSource:
 
     def fetch(self, expert_idx: int) -> ExpertTensors:
         locs = [self.index[n] for n in self.names.of(expert_idx)]
-        reader = self.readers.get()
-        before = reader.bytes_read
-        tensors = reader.read(locs)
-        for path in {loc.path for loc in locs}:
-            self.index.check_unchanged(path, reader.stat(path))
-        w1, w2 = tensors[0], tensors[-1]
-        w3 = tensors[1] if len(tensors) == 3 else None
-        w13, w2k = self.convert(w1, w3, w2)
-        return ExpertTensors(w13, w2k, reader.bytes_read - before)
+        with self.readers.fetching(f"expert {expert_idx} of {self.names.prefix}") as reader:
+            before = reader.bytes_read
+            tensors = reader.read(locs)
+            for path in {loc.path for loc in locs}:
+                self.index.check_unchanged(path, reader.stat(path))
+            w1, w2 = tensors[0], tensors[-1]
+            w3 = tensors[1] if len(tensors) == 3 else None
+            w13, w2k = self.convert(w1, w3, w2)
+            return ExpertTensors(w13, w2k, reader.bytes_read - before)
 
     def close(self) -> None:
         pass
