@@ -115,6 +115,32 @@ def test_a_checkpoint_changed_after_startup_is_never_read(experts):
     assert len(slots.slot_map) == 1
 
 
+def test_a_checkpoint_removed_after_startup_serves_intact_bytes_or_fails_clearly(experts):
+    """A reader that already holds the file open reads the indexed inode, whose bytes are intact;
+    one that must open it afresh fails its loads naming the file, and residents are still served."""
+    folder, tensors = experts
+    index = CheckpointIndex(folder)
+    names = CheckpointNames(PREFIX, "w1", "w3", "w2")
+
+    def slots_over(readers):
+        source = DiskSource(index, names, _identity, readers)
+        slot_map = SlotMap(E, 3, make_policy("lru", E, 3, top_k=2))
+        return LayerSlots(0, torch.zeros(3, 2 * I, H), torch.zeros(3, H, I), slot_map, source,
+                          ThreadTransferEngine(1), LinkEmulator())
+
+    opened = slots_over(ThreadLocalReaders(direct_io=True))
+    opened.ensure([0])  # its one I/O thread opened the file
+    os.remove(folder / "model.safetensors")
+    opened.ensure([1, 0])
+    for expert in (0, 1):
+        slot = int(opened.remap(torch.tensor([expert]))[0])
+        assert torch.equal(opened.w2_slots[slot], tensors[f"{PREFIX}.{expert}.w2.weight"])
+    fresh = slots_over(ThreadLocalReaders(direct_io=True))
+    with pytest.raises(ExpertLoadError, match="loading expert 2 from the disk tier failed: .*model.safetensors") as info:
+        fresh.ensure([2])
+    assert info.value.experts == (2,) and len(fresh.slot_map) == 0
+
+
 def test_a_slow_load_times_out_keeps_its_slot_reserved_and_lands_later(experts):
     folder, tensors = experts
     # every load lasts >= 0.4 s; the forward pass waits 0.1 s at most

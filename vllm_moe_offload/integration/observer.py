@@ -104,8 +104,8 @@ class RoutingObserver:
         if i == 0 or self.plan is None:
             self._replan(ids.shape[0])
         assert self.plan is not None
-        if "hot" in self.features:
-            nxt.slots.prefetch(self.table.hot(i + 1, ids, self.plan.hot_experts))
+        if "hot" in self.features:  # never evicting what the cache deems useful, as fate
+            nxt.slots.prefetch(self.table.hot(i + 1, ids, self.plan.hot_experts), spare_useful=True)
         else:  # simple overlap: the whole next layer, as much of it as fits, most used first
             nxt.slots.prefetch(self.table.hot(i + 1, None, nxt.slots.num_slots) or range(nxt.slots.num_slots))
 
