@@ -72,6 +72,28 @@ def run_engines(
     return results
 
 
+def split_round(result: dict, stock_tokens: list, reference: str = "stock") -> tuple[list[int], list[int]]:
+    """(succeeded, failed) prompt indices of a round with faults; a success must equal ``stock_tokens``."""
+    ok, failed = [], []
+    for i, (tokens, reason) in enumerate(zip(result["tokens"], result["finish_reasons"])):
+        if reason == "error":
+            assert tokens == [], f"prompt {i} failed but streamed tokens {tokens}"
+            failed.append(i)
+        else:
+            assert tokens == stock_tokens[i], f"prompt {i} succeeded with other tokens than {reference}"
+            ok.append(i)
+    return ok, failed
+
+
+def use_expert(slots, expert: int) -> None:
+    """One pass's need of ``expert`` in a ``SlotMap``: a hit, or a miss that is admitted."""
+    if slots.slot_of(expert) is None:
+        slots.admit(expert, pinned={expert})
+        slots.touch(expert, hit=False)
+    else:
+        slots.touch(expert, hit=True)
+
+
 @pytest.fixture(autouse=True)
 def _vllm_logs_reach_caplog(request):
     """Let ``caplog`` see the plugin's records in any test order.

@@ -2,28 +2,21 @@
 
 import pytest
 
+from tests.conftest import use_expert
 from vllm_moe_offload.core.arc import ARCPolicy
 from vllm_moe_offload.core.cache import SlotMap
-
-
-def _use(slots: SlotMap, expert: int) -> None:
-    if slots.slot_of(expert) is None:
-        slots.admit(expert, pinned={expert})
-        slots.touch(expert, hit=False)
-    else:
-        slots.touch(expert, hit=True)
 
 
 def test_frequent_or_last_step_experts_are_useful_others_not():
     arc = ARCPolicy(16, 3)
     slots = SlotMap(16, 3, arc)
-    _use(slots, 0)
-    _use(slots, 0)  # in T2: frequent
-    _use(slots, 1)  # T1, used this step
-    _use(slots, 2)
+    use_expert(slots, 0)
+    use_expert(slots, 0)  # in T2: frequent
+    use_expert(slots, 1)  # T1, used this step
+    use_expert(slots, 2)
     for _ in range(3):
         slots.end_step()
-    _use(slots, 2)  # T2 now, but let 1 age
+    use_expert(slots, 2)  # T2 now, but let 1 age
     slots.end_step()
     slots.end_step()
     assert 0 in arc.t2 and slots.useful(0)  # frequent, however old
@@ -34,11 +27,11 @@ def test_frequent_or_last_step_experts_are_useful_others_not():
 def test_t1_expert_of_the_last_step_is_spared_and_a_refusal_changes_nothing():
     arc = ARCPolicy(16, 2)
     slots = SlotMap(16, 2, arc)
-    _use(slots, 0)
-    _use(slots, 0)  # T2
-    _use(slots, 1)  # T1
+    use_expert(slots, 0)
+    use_expert(slots, 0)  # T2
+    use_expert(slots, 1)  # T1
     slots.end_step()
-    _use(slots, 2)  # evicts 1 (T1) into the ghost list B1 ... 
+    use_expert(slots, 2)  # evicts 1 (T1) into the ghost list B1 ... 
     assert 1 in arc.b1 and slots.steps_since_use(2) == 0
     slots.end_step()
     state = (arc.p, list(arc.t1), list(arc.t2), list(arc.b1), list(arc.b2))

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 import pytest
 
+from tests.conftest import use_expert
 from vllm_moe_offload.core.cache import LRUPolicy, OnDemandPolicy, SlotMap, make_policy, pack_passes
 
 
@@ -129,20 +130,11 @@ def test_arc_ghost_hit_moves_the_target():
     assert 1 in arc.t2
 
 
-def _use(slots: SlotMap, expert: int) -> None:
-    """One pass's need of ``expert``: a hit, or a miss that is admitted."""
-    if slots.slot_of(expert) is None:
-        slots.admit(expert, pinned={expert})
-        slots.touch(expert, hit=False)
-    else:
-        slots.touch(expert, hit=True)
-
-
 def test_prefetch_admission_spares_experts_used_in_the_last_two_steps():
     slots = SlotMap(8, 2, LRUPolicy(8, 2))
-    _use(slots, 0)
+    use_expert(slots, 0)
     slots.end_step()
-    _use(slots, 1)
+    use_expert(slots, 1)
     slots.end_step()
     assert slots.steps_since_use(0) == 2 and slots.steps_since_use(1) == 1
     with pytest.raises(RuntimeError, match="or useful ones"):
@@ -171,7 +163,7 @@ def test_a_prefetched_expert_never_used_is_not_useful():
 
 def test_prefetch_admission_takes_a_free_slot_whatever_is_useful():
     slots = SlotMap(8, 2, LRUPolicy(8, 2))
-    _use(slots, 0)
+    use_expert(slots, 0)
     assert slots.admit(1, spare_useful=True).evicted is None
     slots.touch(1, hit=True)  # a pass used it
     with pytest.raises(RuntimeError):
@@ -189,7 +181,7 @@ def test_prefetch_never_evicts_a_useful_expert(policy_name, ops):
         if op == "end":
             slots.end_step()
         elif op == "use":
-            _use(slots, expert)
+            use_expert(slots, expert)
         elif slots.slot_of(expert) is None:
             useful = {e for e in slots.resident() if slots.useful(e)}
             try:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_engines
+from tests.conftest import run_engines, split_round
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
 
 pytestmark = pytest.mark.engine
@@ -43,19 +43,6 @@ def stock(tiny_models, tmp_path_factory):
     return run_engines(tmp, [_job("stock", tiny_models["mixtral"])], stock=True)["stock"]
 
 
-def _split(result, stock_tokens):
-    """(succeeded, failed) prompt indices of a round; a success must equal stock."""
-    ok, failed = [], []
-    for i, (tokens, reason) in enumerate(zip(result["tokens"], result["finish_reasons"])):
-        if reason == "error":
-            assert tokens == [], f"prompt {i} failed but streamed tokens {tokens}"
-            failed.append(i)
-        else:
-            assert tokens == stock_tokens[i], f"prompt {i} succeeded with other tokens than stock"
-            ok.append(i)
-    return ok, failed
-
-
 def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny_models, stock, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_models["mixtral"], model)
@@ -67,10 +54,10 @@ def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny
     ]
     result = run_engines(tmp_path / "run", [_job("truncated", model, {}, rounds)], stock=False)["truncated"]
     assert result["rounds"][0]["tokens"] == stock["tokens"][:2]
-    ok, failed = _split(result["rounds"][1], stock["tokens"])
+    ok, failed = split_round(result["rounds"][1], stock["tokens"])
     assert {0, 1} <= set(ok), "requests served by resident experts must go on"
     assert failed, "requests that needed an unreadable expert must fail"
-    again_ok, _ = _split(result["rounds"][2], stock["tokens"])  # the engine goes on
+    again_ok, _ = split_round(result["rounds"][2], stock["tokens"])  # the engine goes on
     assert {0, 1} <= set(again_ok)
     log = open(result["log"]).read()
     assert "changed after start-up" in log or "short read" in log
@@ -87,10 +74,10 @@ def test_loads_past_the_timeout_fail_their_requests_without_hanging(tiny_models,
     started = time.perf_counter()
     result = run_engines(tmp_path, [_job("slow", tiny_models["mixtral"], offload, rounds)], stock=False)["slow"]
     assert time.perf_counter() - started < 240
-    first_ok, first_failed = _split(result["rounds"][0], stock["tokens"][:2])
+    first_ok, first_failed = split_round(result["rounds"][0], stock["tokens"][:2])
     assert first_failed == [0, 1] and not first_ok  # nothing was resident and every load was late
-    _split(result["rounds"][1], stock["tokens"][:2])
-    ok, failed = _split(result["rounds"][2], stock["tokens"])
+    split_round(result["rounds"][1], stock["tokens"][:2])
+    ok, failed = split_round(result["rounds"][2], stock["tokens"])
     assert {0, 1} <= set(ok), "the late loads must have landed in their slots and be used"
     assert failed
     assert "took longer than 0.1 s" in open(result["log"]).read()

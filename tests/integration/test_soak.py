@@ -80,15 +80,16 @@ def test_64_concurrent_streams_at_25_percent(tiny_models, tmp_path):
     latencies = [r["latency_s"] for r in done]
     slot_bytes = total(samples, "vllm:moe_offload_slot_bytes")
     budget_bytes = total(samples, "vllm:moe_offload_budget_bytes")
+    peak_held_bytes = total(samples, "vllm:moe_offload_peak_held_bytes")  # slots and staging, at most
     figures = {
         "requests": NUM_REQUESTS, "finished": len(done), "failed": len(failures), "mismatched_vs_stock": len(mismatches),
         "wall_s": wall_s, "p50_latency_s": _percentile(latencies, 0.5), "p99_latency_s": _percentile(latencies, 0.99),
         "p50_ttft_s": _percentile([r["ttft_s"] for r in done], 0.5),
-        "slot_bytes": slot_bytes, "budget_bytes": budget_bytes,
+        "slot_bytes": slot_bytes, "peak_held_bytes": peak_held_bytes, "budget_bytes": budget_bytes,
         "hits": total(samples, "vllm:moe_offload_hits_total"), "misses": total(samples, "vllm:moe_offload_misses_total"),
     }
     (tmp_path / "soak.json").write_text(json.dumps(figures, indent=1))
     print("soak figures:", json.dumps(figures))
     assert not failures, failures[:3]
     assert not mismatches, f"requests {mismatches} differ from stock"
-    assert 0 < slot_bytes <= budget_bytes
+    assert 0 < slot_bytes < peak_held_bytes <= budget_bytes

@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import PROMPTS, REPO, run_engines
+from tests.conftest import PROMPTS, REPO, run_engines, split_round
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -122,29 +122,16 @@ def test_each_rank_holds_its_shard_with_its_share_of_the_budget(results):
     assert "tensor-parallel rank 1 of 2" in log
 
 
-def _split(result, stock_tokens):
-    """(succeeded, failed) prompt indices of a round; a success must equal stock TP=2."""
-    ok, failed = [], []
-    for i, (tokens, reason) in enumerate(zip(result["tokens"], result["finish_reasons"])):
-        if reason == "error":
-            assert tokens == [], f"prompt {i} failed but streamed tokens {tokens}"
-            failed.append(i)
-        else:
-            assert tokens == stock_tokens[i], f"prompt {i} succeeded with other tokens than stock TP=2"
-            ok.append(i)
-    return ok, failed
-
-
 def test_truncated_checkpoint_fails_only_the_requests_that_needed_a_lost_expert(results):
     stock, offload = results
     stock_tokens = stock["mixtral"]["rounds"][1]["tokens"]
     result = offload[FAULT]
     assert "error" not in result, result.get("error")
     assert result["rounds"][0]["tokens"] == stock_tokens[:2]
-    ok, failed = _split(result["rounds"][1], stock_tokens)
+    ok, failed = split_round(result["rounds"][1], stock_tokens, "stock TP=2")
     assert {0, 1} <= set(ok), "requests served by resident experts must go on"
     assert failed, "requests that needed an unreadable expert must fail"
-    again_ok, _ = _split(result["rounds"][2], stock_tokens)  # the engine goes on
+    again_ok, _ = split_round(result["rounds"][2], stock_tokens, "stock TP=2")  # the engine goes on
     assert {0, 1} <= set(again_ok)
     log = open(result["log"]).read()
     assert "changed after start-up" in log or "short read" in log
