@@ -135,10 +135,11 @@ def test_resident_layer_rule_without_engine(tmp_path):
     table = CorrelationTable(4, 8, 2)
     table.note_recall([None, 0.5, 0.9, 0.6])  # layer 1 predicts badly; 3 too, but it is not leading
     table.save(tmp_path / "p.npz")
+    profile = load_profile(tmp_path / "p.npz")
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "50%", "profile": str(tmp_path / "p.npz")})
-    assert _resident_layers(config) == 2
+    assert _resident_layers(config, profile) == 2
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "50%"})
-    assert _resident_layers(config) == 1
+    assert _resident_layers(config, None) == 1
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "50%", "resident_layers": 3,
                                      "profile": str(tmp_path / "p.npz")})
-    assert _resident_layers(config) == 3  # an explicit count wins
+    assert _resident_layers(config, profile) == 3  # an explicit count wins

@@ -92,7 +92,6 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
     geometry = estimate_geometry(
         vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
     )
-    check_expert_tensors(vllm_config.model_config.model)
     if geometry is None:
         logger.warning("could not read the MoE geometry from the model config; the budget is checked at load")
         return
@@ -120,14 +119,9 @@ def check_expert_tensors(model: str) -> None:
     again, and that every expert of every layer is present, when it builds the
     slots). Models from the hub are checked only by the worker.
     """
-    if not os.path.isdir(model):
-        return
-    from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
-
-    try:
-        index = CheckpointIndex(model)
-    except FileNotFoundError:
-        return  # not a safetensors checkpoint: vLLM's loader reports it
+    index = _local_index(model)
+    if index is None:
+        return  # a hub model, or not a safetensors checkpoint: vLLM's loader reports it
     problems = [p for name in index.names() if ".experts." in name and (p := index.problem(name))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -201,12 +195,18 @@ def plan_rank_slots(
 
 def checkpoint_expert_span(model: str) -> int | None:
     """The largest read of one routed expert from a local safetensors checkpoint; None when not local."""
+    index = _local_index(model)
+    return index.largest_expert_span() if index is not None else None
+
+
+def _local_index(model: str):
+    """The safetensors index of a local checkpoint folder; None for a hub model or no safetensors."""
     if not os.path.isdir(model):
         return None
     from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
 
     try:
-        return CheckpointIndex(model).largest_expert_span()
+        return CheckpointIndex(model)
     except FileNotFoundError:
         return None
 

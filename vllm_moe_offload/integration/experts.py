@@ -60,10 +60,8 @@ class OffloadRoutedExperts(RoutedExperts):
         offload = current_offload_config()
         self.offload_enabled = offload is not None and offload.enabled
         self.slots: LayerSlots | None = None
-        # fate: the nearest predicted layer and its router (a GateLinear), set by link_prediction
-        self.next_layer: OffloadRoutedExperts | None = None
-        self.next_gate: torch.nn.Module | None = None
-        # fate: every layer predicted from here, nearest first: (distance in layers, layer, its router)
+        # fate: every layer predicted from here, nearest first: (distance in layers, layer, its router),
+        # set by link_prediction
         self.lookahead: list[tuple[int, OffloadRoutedExperts, torch.nn.Module]] = []
         self.overfetch: int | None = None
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
@@ -130,7 +128,7 @@ class OffloadRoutedExperts(RoutedExperts):
     def _offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         slots = self.slots
         assert slots is not None
-        if self.next_gate is not None:
+        if self.lookahead:
             self._prefetch_next(x)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
@@ -273,20 +271,15 @@ class OffloadRoutedExperts(RoutedExperts):
 
         The loads a prediction needs are the experts it found missing (smoothed)
         times one expert's load time; each layer in between hides one kernel time.
-        At least 1, at most ``_MAX_LOOKAHEAD`` (farther guesses are worse, and
-        their loads queue ahead of nearer ones) and at most the transfer engine's
-        lanes (I/O threads): with one lane, loads that outlast compute already
-        keep the link busy, and looking farther only adds wrong guesses' bytes
-        (measured on the padded tiny Mixtral, one lane, 50%: 4.64 MiB read per
-        token with look-ahead up to 3 against 4.36 with 1). 1 until both times
-        are measured.
+        At least 1; at most how far :func:`link_prediction` linked (farther guesses
+        are worse, and their loads queue ahead of nearer ones). 1 until both
+        times are measured.
         """
         slots = nxt.slots
         if not slots.load_s_ema or not self.compute_s_ema or slots.prefetch_missing_ema is None:
             return 1
-        lanes = getattr(slots.engine, "num_threads", 1)
         need_s = slots.prefetch_missing_ema * slots.load_s_ema
-        return max(1, min(_MAX_LOOKAHEAD, lanes, math.ceil(need_s / self.compute_s_ema)))
+        return max(1, math.ceil(need_s / self.compute_s_ema))
 
     def _overfetch_depth(self, nxt: OffloadRoutedExperts, distance: int = 1) -> int:
         """Fate's k = compute time / one expert's load time, at least top_k (or the configured value).
@@ -351,17 +344,20 @@ def offloaded_layers(model: torch.nn.Module) -> list[OffloadRoutedExperts]:
 
 
 def link_prediction(
-    model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None,
-    max_depth: int | None = None,
+    model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None, io_lanes: int = 1,
 ) -> int:
-    """Give each layer the routers of the offloaded layers up to ``max_depth`` ahead (Fate). Returns layers linked.
+    """Give each layer the routers of the offloaded layers up to ``_MAX_LOOKAHEAD`` ahead (Fate).
 
-    The router is the ``gate`` module beside the experts (``...block_sparse_moe.gate``
-    for Mixtral, ``...mlp.gate`` for Qwen-MoE, OLMoE, DeepSeek). Layers that keep
-    every expert resident need no prediction. ``max_depth`` defaults to
-    ``_MAX_LOOKAHEAD``; how far each layer really looks is decided while serving.
+    Returns the layers linked. The router is the ``gate`` module beside the
+    experts (``...block_sparse_moe.gate`` for Mixtral, ``...mlp.gate`` for
+    Qwen-MoE, OLMoE, DeepSeek). Layers that keep every expert resident need no
+    prediction. How far each layer really looks is decided while serving, but
+    never beyond ``io_lanes`` (the transfer engine's I/O threads): with one lane,
+    loads that outlast compute already keep the link busy, and looking farther
+    only adds wrong guesses' bytes (measured on the padded tiny Mixtral, one
+    lane, 50%: 4.64 MiB read per token with look-ahead up to 3 against 4.36 with 1).
     """
-    max_depth = _MAX_LOOKAHEAD if max_depth is None else max_depth
+    max_depth = max(1, min(_MAX_LOOKAHEAD, io_lanes))
     links = 0
     for pos, layer in enumerate(layers):
         layer.lookahead = []
@@ -379,7 +375,6 @@ def link_prediction(
                 continue
             layer.lookahead.append((distance, nxt, gate))
         if layer.lookahead:
-            _, layer.next_layer, layer.next_gate = layer.lookahead[0]
             layer.overfetch = overfetch
             links += 1
     return links

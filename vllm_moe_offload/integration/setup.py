@@ -13,7 +13,7 @@ import torch
 from vllm_moe_offload.core.cache import SlotMap, make_policy
 from vllm_moe_offload.core.config import OffloadConfig, Policy, Quant, Tier, format_bytes
 from vllm_moe_offload.core.plan import SlotPlan
-from vllm_moe_offload.core.correlation import ProfileError, load_profile
+from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
 from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
@@ -102,13 +102,15 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     first = layers[0]
     expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
     index = CheckpointIndex(_checkpoint_folder(vllm_config))
+    # a saved profile is read once: it may choose fate's resident layers and starts the observer's table
+    profile = make_table(layers, config.profile, vllm_config.model_config.model) if config.profile else None
     # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget;
     # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
     plan = plan_rank_slots(
         config.budget, first.moe_config.tp_size, io_threads=config.io_threads,
         cuda=first.w13_weight.device.type == "cuda", read_span_bytes=index.largest_expert_span(),
         num_layers=len(layers), num_experts=first.global_num_experts,
-        top_k=first.top_k, expert_bytes=expert_bytes, resident_layers=_resident_layers(config),
+        top_k=first.top_k, expert_bytes=expert_bytes, resident_layers=_resident_layers(config, profile),
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
     )
@@ -132,11 +134,11 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
         runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger))
-    runtime.observer = _observer(layers, config, vllm_config)
+    runtime.observer = _observer(layers, config, vllm_config, profile)
     for ordinal, slots in enumerate(runtime.layers):
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     if config.policy is Policy.FATE:
-        runtime.predicted_layers = link_prediction(model, layers, config.overfetch)
+        runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
     _log_plan(runtime, vllm_config, time.perf_counter() - started)
     return runtime
 
@@ -147,12 +149,14 @@ _CACHE_POLICY = {
 }
 
 
-def _observer(layers, config: OffloadConfig, vllm_config) -> RoutingObserver | None:
-    """Klotski's routing observer; also for any policy that starts from or saves a profile."""
+def _observer(
+    layers, config: OffloadConfig, vllm_config, profile: CorrelationTable | None,
+) -> RoutingObserver | None:
+    """Klotski's routing observer; also for any policy that starts from (``profile``) or saves a profile."""
     predictors = {Policy.KLOTSKI: "klotski", Policy.EAP: "eap"}
     if config.policy not in predictors and config.profile is None and config.save_profile is None:
         return None
-    table = make_table(layers, config.profile, vllm_config.model_config.model)
+    table = profile or make_table(layers, None, vllm_config.model_config.model)
     observer = RoutingObserver(
         table, layers, predict=predictors.get(config.policy), kv_max_seqs=vllm_config.scheduler_config.max_num_seqs,
         features=config.klotski_features,
@@ -178,7 +182,7 @@ def _warm_set(observer: RoutingObserver | None, config: OffloadConfig, ordinal: 
 _RESIDENT_BELOW_RECALL = 0.75
 
 
-def _resident_layers(config: OffloadConfig) -> int:
+def _resident_layers(config: OffloadConfig, profile: CorrelationTable | None) -> int:
     """Fate keeps shallow layers whole: at least the first, which nothing can predict.
 
     With a profile that carries the prediction recall measured while serving
@@ -191,7 +195,7 @@ def _resident_layers(config: OffloadConfig) -> int:
         return 0
     if config.resident_layers is not None:
         return config.resident_layers
-    recall = _profile_recall(config.profile)
+    recall = profile.prediction_recall if profile is not None else None
     if recall is None:
         return 1
     resident = 1
@@ -203,16 +207,6 @@ def _resident_layers(config: OffloadConfig) -> int:
         _RESIDENT_BELOW_RECALL, ", ".join("-" if np.isnan(r) else f"{r:.2f}" for r in recall),
     )
     return resident
-
-
-def _profile_recall(profile: str | None) -> np.ndarray | None:
-    """The per-layer prediction recall saved in ``profile``; None without one (errors surface in make_table)."""
-    if profile is None:
-        return None
-    try:
-        return load_profile(profile).prediction_recall
-    except ProfileError:
-        return None
 
 
 def _resolve_tier(tier: Tier, device: torch.device, quant: Quant = Quant.NONE) -> Tier:

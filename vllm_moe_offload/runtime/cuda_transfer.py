@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from vllm_moe_offload.core.plan import STAGING_ALIGN_BYTES, ring_buffer_bytes
+from vllm_moe_offload.core.plan import STAGING_ALIGN_BYTES, ring_buffer_bytes, round_up
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.transfer import ThreadTransferEngine, TransferEngine
 
@@ -110,7 +110,7 @@ class StagingRing:
 
 
 def _align(num_bytes: int) -> int:
-    return -(-num_bytes // STAGING_ALIGN_BYTES) * STAGING_ALIGN_BYTES
+    return round_up(num_bytes, STAGING_ALIGN_BYTES)
 
 
 class CudaTransferEngine(ThreadTransferEngine):

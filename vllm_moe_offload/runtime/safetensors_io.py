@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_offload.core.plan import READ_ALIGN_BYTES
+from vllm_moe_offload.core.plan import READ_ALIGN_BYTES, round_up
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 
 logger = logging.getLogger("vllm.moe_offload.safetensors_io")
@@ -265,7 +265,7 @@ class TensorReader:
             self.bytes_read += len(data)
             return _copies(memoryview(data), start, group)
         lo = start - start % ALIGN_BYTES
-        hi = -(-end // ALIGN_BYTES) * ALIGN_BYTES
+        hi = round_up(end, ALIGN_BYTES)
         with self._buffers.borrow(hi - lo) as buf:
             view = memoryview(buf)[: hi - lo]
             try:
