@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_moe_offload.core.cache import SlotMap, make_policy, pack_passes  # noqa: E402
 from vllm_moe_offload.runtime.cuda_transfer import CudaTransferEngine  # noqa: E402
 from vllm_moe_offload.runtime.slots import LayerSlots  # noqa: E402
-from vllm_moe_offload.runtime.tiers import ExpertTensors, TierKind  # noqa: E402
+from vllm_moe_offload.runtime.tiers import ExpertTensors, Into, TierKind, fill  # noqa: E402
 from vllm_moe_offload.runtime.transfer import LinkEmulator  # noqa: E402
 
 #: PCIe per-lane signalling rate (GT/s) by generation, and the line-code efficiency
@@ -51,8 +51,8 @@ class TensorSource:
         self._w13 = [t.pin_memory() if pin else t.clone() for t in w13]
         self._w2 = [t.pin_memory() if pin else t.clone() for t in w2]
 
-    def fetch(self, expert_idx: int) -> ExpertTensors:
-        w13, w2 = self._w13[expert_idx], self._w2[expert_idx]
+    def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
+        w13, w2 = fill(into, (self._w13[expert_idx], self._w2[expert_idx]))
         return ExpertTensors(w13, w2, w13.nbytes + w2.nbytes)
 
     def close(self) -> None:

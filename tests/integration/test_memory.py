@@ -60,5 +60,8 @@ def test_rss_anon_drops_by_the_offloaded_expert_bytes(tmp_path):
     assert 0 < stats["peak_by_kind"]["read_buffer"] <= staging.read_buffer_bytes
     assert stats["peak_by_kind"]["convert"] == staging.convert_bytes
     assert stats["held_bytes"] <= stats["peak_held_bytes"] <= stats["budget_bytes"]
+    # loads write their slot: vLLM's CPU prepack straight into it, no fresh tensor per load (and the
+    # tokens above equal stock's, so the direct prepack gives vLLM's bytes)
+    assert len(stats["conversion"]) == 1 and stats["conversion"][0].startswith("prepacked into the slots"), stats
     # at least half of the 75% that is offloaded must really be gone from anonymous memory
     assert saved_kib * 1024 > 0.5 * 0.75 * expert_bytes, report

@@ -34,7 +34,7 @@ def _names(layer_idx: int) -> CheckpointNames:
     return CheckpointNames(prefix=f"model.layers.{layer_idx}.block_sparse_moe.experts", gate="w1", up="w3", down="w2")
 
 
-def _cat(w1, w3, w2):
+def _cat(w1, w3, w2, into=None):
     return torch.cat([w1, w3]), w2  # [2I, H], [H, I]: the Triton kernel layout
 
 

@@ -78,7 +78,7 @@ def test_an_expert_fetch_past_the_budget_raises_naming_the_conversion(tmp_path):
     expert_bytes = 3 * 16 * 64 * 2
     staging = staging_for(io_threads=1, expert_bytes=expert_bytes, read_span_bytes=index.largest_expert_span())
 
-    def convert(w1, w3, w2):  # checkpoint -> [2I, H] and [H, I], as the unsharded CPU layout
+    def convert(w1, w3, w2, into=None):  # checkpoint -> [2I, H] and [H, I], as the unsharded CPU layout
         return torch.cat([w1, w3]), w2.t().contiguous()
 
     def source(budget_bytes):

@@ -222,3 +222,47 @@ def test_lanes_bound_the_fetches_that_run_at_once(tmp_path):
         t.join()
     assert most[0] == 2 and ledger.peak_bytes == 1000 and ledger.held_bytes == 0
     readers.close()
+
+
+def test_read_then_hands_views_of_the_read_and_copies_out_what_stays_in_the_buffer(tmp_path):
+    folder, expert_bytes = _experts_checkpoint(tmp_path)
+    index = CheckpointIndex(folder)
+    expected = load_file(str(folder / "model.safetensors"))
+    reader = TensorReader(direct_io=True)
+    names = [f"model.layers.0.block_sparse_moe.experts.{{}}.{p}.weight" for p in ("w1", "w3", "w2")]
+    seen = []
+
+    def keep_raw(tensors):  # returns the buffer's own views: they must come back as copies
+        seen.append([t.data_ptr() for t in tensors])
+        return tensors[0], tensors[2] * 1  # a view, and a fresh tensor
+    first = reader.read_then([index[n.format(0)] for n in names], keep_raw)
+    second = reader.read_then([index[n.format(1)] for n in names], keep_raw)  # reuses the buffer
+    ptrs = seen[0] + seen[1]  # views into the one read buffer both times, no copy of the read
+    assert max(ptrs) - min(ptrs) < read_buffer_bytes(expert_bytes)
+    assert torch.equal(first[0], expected[names[0].format(0)])  # the copied-out view is intact
+    assert torch.equal(first[1], expected[names[2].format(0)] * 1)
+    assert torch.equal(second[0], expected[names[0].format(1)])
+    far = [index[names[0].format(0)], index[names[2].format(2)]]  # two reads: plain copies
+    got = reader.read_then(far, lambda tensors: tensors)
+    assert torch.equal(got[1], expected[names[2].format(2)])
+    reader.close()
+
+
+def test_lane_scratch_is_reused_and_counted_inside_the_conversion_hold(tmp_path):
+    ledger = BudgetLedger(10_000)
+    readers = ThreadLocalReaders(direct_io=True, lanes=1, ledger=ledger, convert_bytes=1000)
+    assert readers.scratch("w13", (10, 10), torch.float32).shape == (10, 10)  # outside a fetch: plain tensor
+    ptrs = []
+    for _ in range(3):
+        with readers.fetching("an expert"):
+            w = readers.scratch("w13", (100,), torch.float32)  # 400 bytes out of the 1000 held
+            ptrs.append(w.data_ptr())
+            assert ledger.held(MemoryKind.CONVERT) == 1000
+        assert ledger.held(MemoryKind.CONVERT) == 400  # the scratch stays; the rest is released
+    assert len(set(ptrs)) == 1
+    with readers.fetching("a bigger expert"):
+        readers.scratch("w13", (300,), torch.float32)  # grows by 800: 600 from the hold, 200 more
+        assert ledger.held(MemoryKind.CONVERT) == 1200
+    assert ledger.held(MemoryKind.CONVERT) == 1200
+    readers.close()
+    assert ledger.held_bytes == 0

@@ -18,7 +18,7 @@ E, I, H = 6, 8, 4
 PREFIX = "model.layers.0.block_sparse_moe.experts"
 
 
-def _identity(w1, w3, w2):
+def _identity(w1, w3, w2, into=None):
     return torch.cat([w1, w3]), w2
 
 
@@ -207,6 +207,7 @@ def test_prefetch_makes_experts_ready_and_scores_the_prediction(experts):
     folder, tensors = experts
     slots = _slots(folder, 3, policy="arc")
     slots.prefetch([3, 4, 5])
+    slots.finish_loads()  # all three landed (a queued one the pass does not need would be cancelled)
     slots.ensure([3, 1])  # 3 was prefetched, 1 was not: it evicts 4 or 5, loaded ahead for nothing
     assert slots.stats.prefetch_unused == 1
     assert slots.stats.prefetch_hits == 1 and slots.stats.misses == 1 and slots.stats.hits == 0

@@ -19,7 +19,8 @@ class LayerStats:
     out of ``needed_when_predicted`` needs of the passes that had a prediction.
     ``prefetch_skipped``: predictions cut short because no slot was free or held
     an expert the policy deems not useful; ``prefetch_cancelled``: queued loads of
-    a farther prediction that a nearer one dropped (not counted in ``prefetch_loads``).
+    a farther prediction that a nearer one dropped, or of experts the step's
+    routing did not need (not counted in ``prefetch_loads``).
     ``distance_*``: prediction counts by look-ahead distance (recall per distance
     is ``distance_right / distance_needed``).
     ``failed_loads`` are needs that could not be met (a read failed or timed

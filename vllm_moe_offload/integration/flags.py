@@ -38,6 +38,7 @@ FLAG_KEYS = {
     "moe_offload_save_profile": "save_profile",
     "moe_offload_klotski_features": "klotski_features",
     "moe_offload_klotski_max_group": "klotski_max_group",
+    "moe_offload_klotski_hold_ms": "klotski_hold_ms",
 }
 
 GROUP_TITLE = "MoEOffload"
@@ -143,6 +144,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--moe-offload-klotski-max-group", dest="moe_offload_klotski_max_group", default=None, type=int,
         metavar="N", help="klotski with 'groups': a step may take up to N times the engine's token budget "
         "(--max-num-batched-tokens; the runner's buffers are sized for N times it). Default 4.",
+    )
+    group.add_argument(
+        "--moe-offload-klotski-hold-ms", dest="moe_offload_klotski_hold_ms", default=None, type=float,
+        metavar="MS", help="klotski with 'groups': while expert loads dominate, hold a decode-only step with no "
+        "request waiting up to MS ms (at most one step's planned loads) so that arriving requests join it; "
+        "an arrival ends the hold at once. Default 0 (off): without arrivals a hold only delays the step.",
     )
     group.add_argument(
         "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from vllm_moe_offload.core.cache import SlotMap, make_policy
 from vllm_moe_offload.core.config import OffloadConfig, Policy, Quant, Tier, format_bytes
 from vllm_moe_offload.core.plan import SlotPlan
+from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
 from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
@@ -22,7 +25,7 @@ from vllm_moe_offload.integration.experts import (
     link_prediction,
     offloaded_layers,
 )
-from vllm_moe_offload.integration.kernel_format import make_converter
+from vllm_moe_offload.integration.kernel_format import describe_conversion, make_converter
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import ExpertStore, LayerSpec, open_or_build, store_directory
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
@@ -67,11 +70,16 @@ class OffloadRuntime:
             "num_experts": self.plan.num_experts,
             "expert_bytes": self.plan.expert_bytes,
             "link": self.link.describe(),
+            # how loads reach kernel layout: vLLM's conversion into fresh tensors, or prepacked into the slot
+            "conversion": sorted({d for d in map(describe_conversion, self._converters()) if d}),
             "predicted_layers": self.predicted_layers,
             "layers": per_layer,
             "total": summarize(per_layer),
             **({"klotski": self.observer.stats()} if self.observer is not None else {}),
         }
+
+    def _converters(self) -> list:
+        return [getattr(slots.source, "convert", None) for slots in self.layers]  # the host tier has none
 
     def close(self) -> None:
         if self.observer is not None and self.config.save_profile:
@@ -106,14 +114,14 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     profile = make_table(layers, config.profile, vllm_config.model_config.model) if config.profile else None
     # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget;
     # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
-    plan = plan_rank_slots(
-        config.budget, first.moe_config.tp_size, io_threads=config.io_threads,
+    plan_with = functools.partial(
+        plan_rank_slots, config.budget, first.moe_config.tp_size, io_threads=config.io_threads,
         cuda=first.w13_weight.device.type == "cuda", read_span_bytes=index.largest_expert_span(),
-        num_layers=len(layers), num_experts=first.global_num_experts,
-        top_k=first.top_k, expert_bytes=expert_bytes, resident_layers=_resident_layers(config, profile),
+        num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
     )
+    plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
     ledger = BudgetLedger(plan.budget_bytes)
     if first.moe_config.tp_size > 1:
         logger.info(
@@ -160,6 +168,7 @@ def _observer(
     observer = RoutingObserver(
         table, layers, predict=predictors.get(config.policy), kv_max_seqs=vllm_config.scheduler_config.max_num_seqs,
         features=config.klotski_features,
+        max_group=config.klotski_max_group if "groups" in config.klotski_features else 1,
     )
     for layer in layers:
         layer.observer = observer
@@ -175,38 +184,39 @@ def _warm_set(observer: RoutingObserver | None, config: OffloadConfig, ordinal: 
     return profile_warm_set(observer.table, ordinal, slots.num_slots) or None
 
 
-#: Fate makes a leading layer resident when its measured prediction recall is below this. The
-#: paper's cross-layer prediction averages about 0.79 over layers; under 0.75 more than a quarter of
-#: the layer's needs go unpredicted (each an on-demand load), a layer that predicts worse than a
-#: typical one, which is where keeping every expert pays most (the shallow-favoring rationale).
-_RESIDENT_BELOW_RECALL = 0.75
-
-
-def _resident_layers(config: OffloadConfig, profile: CorrelationTable | None) -> int:
+def _resident_layers(
+    config: OffloadConfig, profile: CorrelationTable | None, plan_with: Callable[..., SlotPlan],
+) -> int:
     """Fate keeps shallow layers whole: at least the first, which nothing can predict.
 
-    With a profile that carries the prediction recall measured while serving
-    (``save_profile`` of an earlier Fate run) and no explicit ``resident_layers``,
-    layer 0 and the leading layers whose recall is below ``_RESIDENT_BELOW_RECALL``
-    (a layer the profile did not measure, being resident then, counts as below).
-    ``plan_slots`` keeps fewer when the budget cannot leave the other layers room.
+    With a saved profile and no explicit ``resident_layers``, the count of leading
+    resident layers with the fewest expected expert loads per token under this
+    budget (``core.resident``): each resident layer's misses go, the others share
+    fewer slots; each layer's misses come from the profile's per-layer expert
+    counts. ``plan_with(resident_layers=R)`` is the budget's plan for ``R``. Every
+    load counts in full: the profile does not record how much of a prefetch's
+    load compute hid, and on a slow link (a load lasting many layers' compute)
+    it hides almost nothing, so the measured recall is logged, not weighed.
     """
     if config.policy is not Policy.FATE:
         return 0
     if config.resident_layers is not None:
         return config.resident_layers
-    recall = profile.prediction_recall if profile is not None else None
-    if recall is None:
+    if profile is None:
         return 1
-    resident = 1
-    while resident < len(recall) and not recall[resident] >= _RESIDENT_BELOW_RECALL:  # NaN: not measured
-        resident += 1
+    demand = layer_demand(profile.counts, profile.top_k)
+    # from 0: measured, keeping no layer whole loaded least on this host (trained tiny Mixtral at 50%, replay:
+    # 1194 loads with none resident, 1729 with layer 0); layer 0 is then an ordinary demand-cached layer
+    choice = choose_resident_layers(demand, lambda r: plan_with(resident_layers=r).layer_slots,
+                                    profile.prediction_recall, hidden=0.0, min_resident=0)
+    recall = profile.prediction_recall
     logger.info(
-        "MoE offload: fate keeps the first %d MoE layers resident (budget permitting): layer 0 and those "
-        "whose prediction recall in profile %s is below %.2f; recall by layer: %s", resident, config.profile,
-        _RESIDENT_BELOW_RECALL, ", ".join("-" if np.isnan(r) else f"{r:.2f}" for r in recall),
+        "MoE offload: fate keeps the first %d MoE layers resident: the fewest expected expert loads per token "
+        "under budget %s from profile %s (by resident layers: %s); prediction recall by layer: %s",
+        choice.resident_layers, config.budget, config.profile, choice.describe(),
+        "not measured" if recall is None else ", ".join("-" if np.isnan(r) else f"{r:.2f}" for r in recall),
     )
-    return resident
+    return choice.resident_layers
 
 
 def _resolve_tier(tier: Tier, device: torch.device, quant: Quant = Quant.NONE) -> Tier:
@@ -252,9 +262,10 @@ def _source_for(
     layer: OffloadRoutedExperts, index, readers, tier: Tier, store: ExpertStore | None = None
 ) -> ExpertSource:
     names = _names(layer)
+    convert = make_converter(layer, readers.scratch)
     if store is not None:
-        return QuantSource(store, names.prefix, make_converter(layer), readers, layer.params_dtype)
-    disk = DiskSource(index, names, make_converter(layer), readers, num_experts=layer.global_num_experts)
+        return QuantSource(store, names.prefix, convert, readers, layer.params_dtype)
+    disk = DiskSource(index, names, convert, readers, num_experts=layer.global_num_experts)
     if tier is Tier.DISK:
         return disk
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")

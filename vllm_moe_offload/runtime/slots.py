@@ -5,9 +5,13 @@ The fused-experts kernel reads ``w13 [S, 2I', H']`` and ``w2 [S, H', I']`` and
 ids into slot ids, and :meth:`LayerSlots.ensure` makes a set of experts
 resident first (loading misses through the transfer engine and waiting for
 them; the wait is the stall). :meth:`LayerSlots.prefetch` starts loads without
-waiting, while an earlier layer computes; the next :meth:`ensure` of this layer
-waits for whatever is still in flight before it touches any slot, so a slot is
-never read while a load writes it, and never evicted while a load is pending.
+waiting, while an earlier layer computes. A slot is never read while a load
+writes it, and never evicted while a load is pending: a load maps its expert
+only once it is done. The next :meth:`ensure` of this layer (the real routing is
+known then) cancels queued prefetches of experts the step does not need, freeing
+their slots, and waits only for the loads of the experts it needs, plus the
+oldest other loads in flight while its misses lack a slot; the rest land in the
+background (or at a later call).
 
 Faults. A load that raises (a short read, a file changed since start-up) frees
 its slot; a load that outlives ``load_timeout_s`` keeps its slot reserved until
@@ -77,6 +81,7 @@ class LayerSlots:
         self._device_table: torch.Tensor | None = None
         self._pending: dict[int, tuple[int, Future]] = {}  # expert -> (slot, load) started by prefetch
         self._prefetched: set[int] = set()  # resident by prefetch, not needed since
+        self._step_needs: set[int] | None = None  # every expert this step needs, once known
         self._demand: set[int] = set()  # loads started by start_loads: misses whose tokens wait
         #: the source also has a low-precision copy of each expert (int4+int2 stores)
         self.has_low_precision = bool(getattr(source, "has_low_precision", False))
@@ -231,6 +236,8 @@ class LayerSlots:
         """
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts requested at once but layer has {self.num_slots} slots")
+        # the routing is known: a queued guess the step does not need would only delay the loads behind it
+        self._cancel_queued_prefetches(keep=set(experts) | (self._step_needs or set()))
         self._finish_pending(set(experts))
         for expert in [e for e in experts if e in self._low and e not in low and e not in self._pending]:
             self.slot_map.drop(expert)  # upgrade: its int2 copy served a prefill, not this pass
@@ -260,8 +267,8 @@ class LayerSlots:
         self.stats.passes += 1
         failures: list[tuple[int, BaseException]] = []
         if missing:
-            # loads in flight hold their slots: let them land (they queue ahead of these anyway)
-            self._finish_pending()
+            # loads in flight hold their slots: wait for the oldest ones only while the misses lack room
+            self._make_room(len(missing), set(experts))
             pinned = set(experts) | set(self._pending)
             failures = self._load_missing(missing, pinned, low)
             for expert in missing:
@@ -282,6 +289,8 @@ class LayerSlots:
         The layer calls it once per step with every expert the step needs, before
         splitting it into passes; otherwise the first pass's needs are used.
         """
+        if self._step_needs is None:
+            self._step_needs = set(experts)
         if not self._predictions:
             return
         needed = set(experts)
@@ -292,6 +301,10 @@ class LayerSlots:
         for distance, predicted in self._predictions.items():
             self.stats.add_distance(distance, len(predicted), len(predicted & needed), len(needed))
         self._predictions = {}  # later passes of the same step are not predictions
+
+    def finish_loads(self) -> None:
+        """Wait for every load in flight (prefetches included) and map what arrived; the wait is stall."""
+        self._finish_pending()
 
     def _finish_pending(self, needed: Collection[int] | None = None) -> None:
         """Wait for loads in flight (of ``needed`` experts, or all) and map what arrived.
@@ -307,6 +320,27 @@ class LayerSlots:
             if needed is not None and expert not in needed:
                 if job.done():
                     self._finish(expert, slot, job)
+                continue
+            if self._wait(job, started):
+                self._finish(expert, slot, job)
+        self.stats.stall_s += time.perf_counter() - started
+
+    def _room(self, pinned: Collection[int]) -> int:
+        """Slots that could take a new expert now: free, or holding an expert outside ``pinned`` and not loading."""
+        held = set(pinned) | set(self._pending)
+        return self.num_slots - sum(e in held for e in self.slot_map.resident())
+
+    def _make_room(self, count: int, pinned: set[int]) -> None:
+        """Wait for loads in flight, oldest first, until ``count`` slots are free or evictable.
+
+        A landed load becomes an ordinary resident (evictable unless ``pinned``).
+        Loads not waited for keep running, their slots reserved. The wait is stall.
+        """
+        started = time.perf_counter()
+        for expert, (slot, job) in list(self._pending.items()):
+            if self._room(pinned) >= count:
+                break
+            if expert in pinned:  # a needed load past its timeout: landing it frees no slot
                 continue
             if self._wait(job, started):
                 self._finish(expert, slot, job)
@@ -396,7 +430,10 @@ class LayerSlots:
     def _load(self, expert: int, slot: int, low: bool = False) -> int:
         """Runs on an I/O thread: fetch one expert (its low-precision copy when ``low``) into its slot."""
         started = time.perf_counter()
-        got = self.source.fetch(expert, low_precision=True) if low else self.source.fetch(expert)
+        # host slots: the source writes the slot itself (no fresh tensor, no copy); a slot being
+        # loaded is never read by a kernel until this load's result is taken
+        into = None if self.w13_slots.is_cuda else (self.w13_slots[slot], self.w2_slots[slot])
+        got = self.source.fetch(expert, low_precision=True, into=into) if low else self.source.fetch(expert, into=into)
         self.link.pace(got.bytes_read, started)
         took_s = time.perf_counter() - started
         self.load_s_ema = took_s if self.load_s_ema is None else 0.9 * self.load_s_ema + 0.1 * took_s
@@ -404,10 +441,6 @@ class LayerSlots:
             # CudaTransferEngine: on its copy stream via pinned staging, no host sync; the compute
             # stream waits on the copy's event when ensure() takes this load's result
             self.engine.copy_in((self.w13_slots[slot], self.w2_slots[slot]), (got.w13, got.w2))
-            return got.bytes_read
-        # [2I', H'] -> slot row; non_blocking only matters for pinned host -> GPU
-        self.w13_slots[slot].copy_(got.w13, non_blocking=True)
-        self.w2_slots[slot].copy_(got.w2, non_blocking=True)
         return got.bytes_read
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -419,7 +452,10 @@ class LayerSlots:
     def end_step(self) -> None:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
         self.stats.steps += 1
-        self._finish_pending()  # nothing in flight may be dropped under a load
+        self._step_needs = None
+        # loads still running (a guess the step did not need) land later: no wait here, and
+        # nothing in flight is dropped under its load (``keep``)
+        self._collect_finished()
         self._demand.clear()  # loaded for tokens that failed: from now on plain residents
         for expert in self.slot_map.end_step(keep=self._pending):
             self._forget(expert)

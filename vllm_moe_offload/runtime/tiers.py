@@ -17,8 +17,23 @@ import torch
 
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 
-#: (w1, w3 or None, w2) in checkpoint layout -> (w13, w2) in kernel layout, no expert dim
-Converter = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: where a fetch may write the expert: (w13, w2) of its slot, in kernel layout on the host; None: fresh tensors
+Into = tuple[torch.Tensor, torch.Tensor] | None
+#: (w1, w3 or None, w2) in checkpoint layout, into -> (w13, w2) in kernel layout, no expert dim: ``into``
+#: itself when the converter wrote there, otherwise fresh tensors
+Converter = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, Into], tuple[torch.Tensor, torch.Tensor]]
+#: (name, shape, dtype) -> a reusable tensor of the running fetch (``ThreadLocalReaders.scratch``)
+Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def fill(into: Into, got: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``got`` written into ``into`` (unless it is already there), or ``got`` itself without ``into``."""
+    if into is None:
+        return got
+    for dst, src in zip(into, got):
+        if src.data_ptr() != dst.data_ptr():
+            dst.copy_(src)
+    return into
 
 
 class TierKind(str, enum.Enum):
@@ -37,7 +52,9 @@ class ExpertTensors:
 class ExpertSource(Protocol):
     tier: TierKind
 
-    def fetch(self, expert_idx: int) -> ExpertTensors: ...
+    def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
+        """Expert ``expert_idx`` in kernel layout, written into ``into`` when given (then its tensors)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -82,16 +99,19 @@ class DiskSource:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ValueError(f"the checkpoint at {index.folder} cannot be offloaded: {problems[0]}{more}")
 
-    def fetch(self, expert_idx: int) -> ExpertTensors:
+    def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
         locs = [self.index[n] for n in self.names.of(expert_idx)]
         with self.readers.fetching(f"expert {expert_idx} of {self.names.prefix}") as reader:
             before = reader.bytes_read
-            tensors = reader.read(locs)
-            for path in {loc.path for loc in locs}:
-                self.index.check_unchanged(path, reader.stat(path))
-            w1, w2 = tensors[0], tensors[-1]
-            w3 = tensors[1] if len(tensors) == 3 else None
-            w13, w2k = self.convert(w1, w3, w2)
+
+            def convert(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                for path in {loc.path for loc in locs}:  # bytes of a file changed since start-up are never used
+                    self.index.check_unchanged(path, reader.stat(path))
+                w3 = tensors[1] if len(tensors) == 3 else None
+                return fill(into, self.convert(tensors[0], w3, tensors[-1], into))
+
+            # converted straight out of the read buffer: what comes back is fresh, or ``into``
+            w13, w2k = reader.read_then(locs, convert)
             return ExpertTensors(w13, w2k, reader.bytes_read - before)
 
     def close(self) -> None:
@@ -118,8 +138,8 @@ class HostSource:
     def num_bytes(self) -> int:
         return sum(t.nbytes for t in self._w13) + sum(t.nbytes for t in self._w2)
 
-    def fetch(self, expert_idx: int) -> ExpertTensors:
-        w13, w2 = self._w13[expert_idx], self._w2[expert_idx]
+    def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
+        w13, w2 = fill(into, (self._w13[expert_idx], self._w2[expert_idx]))
         return ExpertTensors(w13, w2, w13.nbytes + w2.nbytes)
 
     def close(self) -> None:
