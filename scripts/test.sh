@@ -12,4 +12,5 @@ trap 'rm -rf "$scratch"' EXIT
 # vLLM leaves sockets and compile caches behind unless pointed at a scratch folder
 export VLLM_RPC_BASE_PATH="$scratch/rpc" VLLM_CACHE_ROOT="$scratch/cache"
 mkdir -p "$VLLM_RPC_BASE_PATH"
-exec python -m pytest -q -p no:cacheprovider --basetemp="$scratch/pytest" "$@"
+# the slowest tests in the log: where to look when the suite grows past its time
+exec python -m pytest -q -p no:cacheprovider --durations=25 --basetemp="$scratch/pytest" "$@"

@@ -121,3 +121,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_modelinfo_cache(tmp_path_factory):
+    """One folder of vLLM's model-info cache for every engine runner of the session.
+
+    Without it each :func:`run_engines` call inspects each architecture again in
+    a fresh Python process (6-20 s a time here); see tests/run_engines.py.
+    """
+    from tests.run_engines import SHARED_MODELINFO_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SHARED_MODELINFO_ENV, str(tmp_path_factory.mktemp("modelinfos")))
+        yield

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import engine_env
+from tests.run_engines import SHARED_MODELINFO_ENV, copy_modelinfos
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 
@@ -72,6 +73,9 @@ def stop(server: subprocess.Popen) -> None:
 def serve(model: Path, tmp: Path, flags: tuple[str, ...] = (), stock: bool = False) -> Iterator[Server]:
     """``vllm serve MODEL FLAGS`` (plus :data:`BASE_FLAGS`) until the block ends; its output goes to tmp/serve.log."""
     tmp.mkdir(parents=True, exist_ok=True)
+    shared = os.environ.get(SHARED_MODELINFO_ENV)
+    if shared:  # vLLM's model-info cache of the session (tests/run_engines.py): skips an inspection process
+        copy_modelinfos(Path(shared), tmp / "vllm-cache" / "modelinfos")
     port = free_port()
     log_path = tmp / "serve.log"
     with open(log_path, "w") as log:
