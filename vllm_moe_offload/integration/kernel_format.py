@@ -161,6 +161,8 @@ def _prepack_isa(fused_experts, moe, w13_shape: tuple[int, int], w2_shape: tuple
         return None  # another backend, or a subclass that converts differently
     if getattr(fused_experts, "_use_zentorch", True):  # set by vLLM's conversion of the layer at load time
         return None
+    if not callable(getattr(fused_experts, "_padded_intermediate_size", None)):  # another vLLM: convert through it
+        return None
     padded = fused_experts._padded_intermediate_size(moe)
     if padded != moe.intermediate_size_per_partition or w2_shape[1] != padded or w13_shape[0] % padded:
         return None
