@@ -182,6 +182,10 @@ class SlotMap:
         """Whether resident ``expert`` is one a prefetch must not evict (the policy decides)."""
         return self.policy.useful(expert, self.steps_since_use(expert))
 
+    def spare_slots(self) -> int:
+        """Slots a prefetch that spares useful experts may take: free ones and those of experts not :meth:`useful`."""
+        return self.num_slots - sum(1 for e in self._slot_of if self.useful(e))
+
     def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False) -> Admission:
         """Reserve a slot for a non-resident ``expert``, evicting if needed.
 

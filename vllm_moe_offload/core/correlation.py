@@ -162,10 +162,18 @@ class CorrelationTable:
         prev = self._ids(prev_topk_ids)
         # How often each expert of layer l-1 was chosen in this step: the weights of the rows.
         uses = np.bincount(prev.ravel(), minlength=self.num_experts).astype(np.float64)  # [E]
+        return uses @ self.transition(layer_idx)
+
+    def transition(self, layer_idx: int) -> np.ndarray:
+        """``[E(prev), E]``: row ``a`` is where a token at expert ``a`` of ``layer_idx - 1`` goes next.
+
+        The pair counts with rows normalised to 1; a row never seen is the
+        layer's normalised marginal.
+        """
+        marginal = _normalised(self.counts[layer_idx])  # [E]
         rows = self.pair_counts[layer_idx]  # [E, E]
         sums = rows.sum(axis=1, keepdims=True)  # [E, 1]
-        probs = np.where(sums > 0, rows / np.where(sums > 0, sums, 1.0), marginal[None, :])  # [E, E]
-        return uses @ probs
+        return np.where(sums > 0, rows / np.where(sums > 0, sums, 1.0), marginal[None, :])
 
     def hot(self, layer_idx: int, prev_topk_ids: TopkIds | None, k: int) -> list[int]:
         """The ``k`` experts of ``layer_idx`` the step's tokens want most, most wanted first.
@@ -174,9 +182,16 @@ class CorrelationTable:
         then the lower id. Only experts with a positive tendency are returned, so
         fewer than ``k`` (none, for an empty table) can come back.
         """
+        return self.rank(layer_idx, self.tendencies(layer_idx, prev_topk_ids), k)
+
+    def rank(self, layer_idx: int, scores: np.ndarray, k: int) -> list[int]:
+        """The ``k`` experts of ``layer_idx`` with the highest ``scores`` ``[E]``, highest first.
+
+        Ties go to the more frequent expert (marginal), then the lower id; only
+        experts with a positive score are returned.
+        """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        scores = self.tendencies(layer_idx, prev_topk_ids)
         order = np.lexsort((np.arange(self.num_experts), -self.counts[layer_idx], -scores))
         return [int(e) for e in order[:k] if scores[e] > 0]
 

@@ -386,26 +386,15 @@ def tendencies_ahead(table: CorrelationTable, layer_idx: int, prev_topk_ids, dis
         raise ValueError(f"cannot look {distance} layers from MoE layer {layer_idx - 1} of {table.num_layers}")
     scores = table.tendencies(layer_idx, prev_topk_ids)  # [E]
     for layer in range(layer_idx + 1, layer_idx + distance):
-        rows = table.pair_counts[layer]  # [E(prev), E]
-        sums = rows.sum(axis=1, keepdims=True)  # [E, 1]
-        marginal = table.counts[layer] / max(float(table.counts[layer].sum()), 1e-300)  # [E]
-        probs = np.where(sums > 0, rows / np.where(sums > 0, sums, 1.0), marginal[None, :])  # [E, E]
-        scores = scores @ probs
+        scores = scores @ table.transition(layer)  # [E] @ [E, E]
     return scores
 
 
 def hot_ahead(table: CorrelationTable, layer_idx: int, prev_topk_ids, distance: int, k: int) -> list[int]:
     """The ``k`` experts of MoE layer ``layer_idx + distance - 1`` the step wants most, most wanted first.
 
-    ``CorrelationTable.hot`` for ``distance`` 1; farther, ranked by
-    :func:`tendencies_ahead` with the same ties (more frequent, then lower id).
-    Only experts with a positive score come back.
+    ``CorrelationTable.hot`` for ``distance`` 1; farther, ranked the same way
+    (``CorrelationTable.rank``) by :func:`tendencies_ahead`.
     """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if distance == 1:
-        return table.hot(layer_idx, prev_topk_ids, k)
-    target = layer_idx + distance - 1
     scores = tendencies_ahead(table, layer_idx, prev_topk_ids, distance)
-    order = np.lexsort((np.arange(table.num_experts), -table.counts[target], -scores))
-    return [int(e) for e in order[:k] if scores[e] > 0]
+    return table.rank(layer_idx + distance - 1, scores, k)

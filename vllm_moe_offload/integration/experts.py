@@ -49,7 +49,7 @@ _LOW_PRECISION_MIN_TOKENS = 64
 #: Fate looks one layer ahead; we look up to this many when loads take longer than a layer's
 #: compute. Deeper guesses get worse (recall per distance is in the stats) and their loads
 #: queue ahead of nearer ones on the I/O threads, so farther buys little.
-_MAX_LOOKAHEAD = 3
+MAX_LOOKAHEAD = 3
 
 
 class OffloadRoutedExperts(RoutedExperts):
@@ -346,7 +346,7 @@ def offloaded_layers(model: torch.nn.Module) -> list[OffloadRoutedExperts]:
 def link_prediction(
     model: torch.nn.Module, layers: list[OffloadRoutedExperts], overfetch: int | None, io_lanes: int = 1,
 ) -> int:
-    """Give each layer the routers of the offloaded layers up to ``_MAX_LOOKAHEAD`` ahead (Fate).
+    """Give each layer the routers of the offloaded layers up to ``MAX_LOOKAHEAD`` ahead (Fate).
 
     Returns the layers linked. The router is the ``gate`` module beside the
     experts (``...block_sparse_moe.gate`` for Mixtral, ``...mlp.gate`` for
@@ -357,7 +357,7 @@ def link_prediction(
     only adds wrong guesses' bytes (measured on the padded tiny Mixtral, one
     lane, 50%: 4.64 MiB read per token with look-ahead up to 3 against 4.36 with 1).
     """
-    max_depth = max(1, min(_MAX_LOOKAHEAD, io_lanes))
+    max_depth = max(1, min(MAX_LOOKAHEAD, io_lanes))
     links = 0
     for pos, layer in enumerate(layers):
         layer.lookahead = []

@@ -55,12 +55,9 @@ from vllm_moe_offload.core.klotski_plan import (
 )
 from vllm_moe_offload.core.config import KLOTSKI_FEATURES
 from vllm_moe_offload.integration import faults, scheduler
+from vllm_moe_offload.integration.experts import MAX_LOOKAHEAD
 
 logger = logging.getLogger("vllm.moe_offload.observer")
-
-#: the farthest a hot prefetch looks, as Fate's look-ahead (``experts._MAX_LOOKAHEAD``): chained
-#: predictions get worse with every layer, and their loads queue ahead of nearer ones
-_MAX_DEPTH = 3
 
 
 class RoutingObserver:
@@ -73,7 +70,7 @@ class RoutingObserver:
 
     def __init__(
         self, table: CorrelationTable, layers: list, predict: str | None, kv_max_seqs: int,
-        features: tuple[str, ...] = KLOTSKI_FEATURES, max_group: int = 1,
+        features: tuple[str, ...] = KLOTSKI_FEATURES, max_group: int = 1, io_lanes: int = 1,
     ) -> None:
         self.table = table
         self.features = features
@@ -96,7 +93,9 @@ class RoutingObserver:
         self._moe_started: tuple[float, float] | None = None  # (perf_counter, the layer's stall_s) at start
         self.between_fit = StepCostFit()
         self.moe_fit = StepCostFit()
-        self.max_depth = max(1, min(_MAX_DEPTH, _io_lanes(layers), len(layers) - 1))
+        # as far as Fate's look-ahead goes (chained predictions get worse with every layer, and their
+        # loads queue ahead of nearer ones), at most the I/O threads, within the model
+        self.max_depth = max(1, min(MAX_LOOKAHEAD, io_lanes, len(layers) - 1))
         self.max_group = max_group
         self.plan: KlotskiPlan | None = None  # this step's: K and depth of its prefetches
         self.group_plan: KlotskiPlan | None = None  # Klotski's choice of n for steps of this size
@@ -268,19 +267,9 @@ def profile_warm_set(table: CorrelationTable, ordinal: int, num_slots: int) -> l
     return table.hot(ordinal, None, num_slots)
 
 
-def _io_lanes(layers: list) -> int:
-    """Loads in flight at once: the transfer engine's I/O threads (1 when unknown)."""
-    engines = [layer.slots.engine for layer in layers if layer.slots is not None]
-    return min((getattr(engine, "num_threads", 1) for engine in engines), default=1)
-
-
 def _spare_slots(slots: list) -> int | None:
     """The fewest slots of any offloaded layer that a prefetch may fill without evicting a useful expert."""
-    spare = [
-        s.num_slots - sum(1 for e in list(s.slot_map.resident()) if s.slot_map.useful(e))
-        for s in slots if not s.fully_resident
-    ]
-    return min(spare, default=None)
+    return min((s.slot_map.spare_slots() for s in slots if not s.fully_resident), default=None)
 
 
 def _line(fit: StepCostFit) -> dict | None:

@@ -268,11 +268,45 @@ class TensorReader:
         thread. Otherwise ``use`` gets fresh copies, as from :meth:`read`.
         """
         groups = read_groups(locations)
-        if len(groups) != 1 or not self._open(locations[0].path)[1]:
-            return tuple(use(self.read(locations)))
-        group = groups[0]
+        if len(groups) == 1:
+            with self._direct(groups[0]) as span:
+                if span is not None:
+                    view, lo = span
+                    by_loc = {id(loc): t for loc, t in zip(groups[0], _views(view, lo, groups[0]))}
+                    out = use([by_loc[id(loc)] for loc in locations])
+                    whole = torch.frombuffer(view, dtype=torch.uint8)  # [span bytes]
+                    inside = range(whole.data_ptr(), whole.data_ptr() + whole.numel())
+                    # the buffer serves the next read: nothing returned may stay in it
+                    return tuple(t.clone() if t.untyped_storage().data_ptr() in inside else t for t in out)
+        return tuple(use(self.read(locations)))
+
+    def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
+        start = min(loc.offset for loc in group)
+        end = max(_end(loc) for loc in group)
+        with self._direct(group) as span:
+            if span is not None:
+                view, lo = span
+                return _copies(view[start - lo : end - lo], start, group)
         path = group[0].path
-        fd, _ = self._open(path)
+        data = os.pread(self._open(path)[0], end - start, start)
+        if len(data) != end - start:
+            raise OSError(f"short read from {path}: wanted {end - start} bytes at {start}, got {len(data)}")
+        self.bytes_read += len(data)
+        return _copies(memoryview(data), start, group)
+
+    @contextmanager
+    def _direct(self, group: list[TensorLocation]) -> Iterator[tuple[memoryview, int] | None]:
+        """``group``'s span read with O_DIRECT into a borrowed buffer: ``(view, file offset of view[0])``.
+
+        None where the file is not read directly (direct I/O off, or refused:
+        then the caller reads it buffered). The view is released when the block
+        ends: a mapped buffer cannot be closed or regrown while a view of it lives.
+        """
+        path = group[0].path
+        fd, direct = self._open(path)
+        if not direct:
+            yield None
+            return
         start, end = min(loc.offset for loc in group), max(_end(loc) for loc in group)
         lo, hi = start - start % ALIGN_BYTES, round_up(end, ALIGN_BYTES)
         with self._buffers.borrow(hi - lo) as buf:
@@ -282,47 +316,14 @@ class TensorReader:
                     got = os.preadv(fd, [view], lo)
                 except OSError as exc:
                     self._fallback(path, exc)
-                    return tuple(use(self.read(locations)))
-                if got < end - lo:
-                    raise OSError(f"short read from {path}: wanted {end - lo} bytes at {lo}, got {got}")
-                self.bytes_read += got
-                whole = torch.frombuffer(view, dtype=torch.uint8)  # [hi - lo]
-                by_loc = {id(loc): t for loc, t in zip(group, _views(view, lo, group))}
-                out = use([by_loc[id(loc)] for loc in locations])
-                span = range(whole.data_ptr(), whole.data_ptr() + whole.numel())
-                # the buffer serves the next read: nothing returned may stay in it
-                return tuple(t.clone() if t.untyped_storage().data_ptr() in span else t for t in out)
+                    got = None
+                if got is not None:
+                    if got < end - lo:
+                        raise OSError(f"short read from {path}: wanted {end - lo} bytes at {lo}, got {got}")
+                    self.bytes_read += got
+                yield None if got is None else (view, lo)
             finally:
                 view.release()
-
-    def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
-        path = group[0].path
-        start = min(loc.offset for loc in group)
-        end = max(_end(loc) for loc in group)
-        fd, direct = self._open(path)
-        if not direct:
-            data = os.pread(fd, end - start, start)
-            if len(data) != end - start:
-                raise OSError(f"short read from {path}: wanted {end - start} bytes at {start}, got {len(data)}")
-            self.bytes_read += len(data)
-            return _copies(memoryview(data), start, group)
-        lo = start - start % ALIGN_BYTES
-        hi = round_up(end, ALIGN_BYTES)
-        with self._buffers.borrow(hi - lo) as buf:
-            view = memoryview(buf)[: hi - lo]
-            try:
-                got = os.preadv(fd, [view], lo)
-            except OSError as exc:
-                view.release()
-                self._fallback(path, exc)
-                return self._read_group(group)
-            if got < end - lo:
-                view.release()
-                raise OSError(f"short read from {path}: wanted {end - lo} bytes at {lo}, got {got}")
-            self.bytes_read += got
-            out = _copies(view[start - lo : end - lo], start, group)
-            view.release()  # a mapped buffer cannot be closed or regrown while a view of it lives
-            return out
 
     def stat(self, path: str) -> os.stat_result:
         """``fstat`` of the descriptor this reader reads ``path`` through."""
@@ -429,17 +430,12 @@ class ThreadLocalReaders:
         with self._lanes:
             with self._lock:
                 lane = self._free_lanes.pop()
-            lane.unspent = max(0, self.convert_bytes - lane.scratch_bytes) if self.ledger is not None else 0
             try:
-                if lane.unspent:
-                    self.ledger.reserve(MemoryKind.CONVERT, lane.unspent, f"converting {what}")
-            except BaseException:
-                lane.unspent = 0
-                with self._lock:
-                    self._free_lanes.append(lane)
-                raise
-            self._local.lane = lane
-            try:
+                hold = max(0, self.convert_bytes - lane.scratch_bytes) if self.ledger is not None else 0
+                if hold:
+                    self.ledger.reserve(MemoryKind.CONVERT, hold, f"converting {what}")
+                lane.unspent = hold
+                self._local.lane = lane
                 yield self.get()
             finally:
                 self._local.lane = None
