@@ -94,7 +94,7 @@ def test_cache_dir_setting_places_the_store(results):
 def test_unwritable_cache_dir_fails_at_startup_naming_it(results):
     tmp, _, offload = results
     error = offload["unwritable"].get("error", "")
-    assert f"cannot write the quantized expert store under {tmp / 'a-file' / 'stores'}" in error
+    assert f"cannot write the int4 expert store under {tmp / 'a-file' / 'stores'}" in error
     assert "cache_dir" in error
 
 

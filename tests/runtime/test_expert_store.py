@@ -247,7 +247,7 @@ def test_corrupted_or_torn_expert_is_refused(checkpoint, tmp_path, readers):
 def test_cache_dir_under_a_file_is_a_clear_error(checkpoint, tmp_path, readers):
     folder, _ = checkpoint
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(OffloadConfigError, match=rf"cannot write the quantized expert store under {tmp_path}/a-file"):
+    with pytest.raises(OffloadConfigError, match=rf"cannot write the int4 expert store under {tmp_path}/a-file"):
         _open(folder, tmp_path / "a-file", readers)
 
 
@@ -259,7 +259,7 @@ def test_unwritable_cache_dir_is_a_clear_error(checkpoint, tmp_path, readers):
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: permissions do not stop writes")
-        with pytest.raises(OffloadConfigError, match=rf"cannot write the quantized expert store under {locked}"):
+        with pytest.raises(OffloadConfigError, match=rf"cannot write the int4 expert store under {locked}"):
             _open(folder, locked, readers)
     finally:
         locked.chmod(0o700)

@@ -60,6 +60,13 @@ class Quant(str, enum.Enum):
     INT4_INT2 = "int4+int2"  # both int4 and int2 (groups of 32) of every expert; int2 on request
 
 
+class Store(str, enum.Enum):
+    """Where the disk tier reads full-precision experts from."""
+
+    CHECKPOINT = "checkpoint"  # the checkpoint's safetensors; every load converts to the kernel layout
+    KERNEL = "kernel"  # a copy in the kernel layout, written once under the cache directory; loads only read
+
+
 _UNITS = {
     "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -134,6 +141,8 @@ class OffloadConfig:
     link_gbps: float | None = None
     link_latency_ms: float = 0.0
     quant: Quant = Quant.NONE
+    #: full precision on disk: the checkpoint itself, or a store in the kernel's layout (no conversion per load)
+    store: Store = Store.CHECKPOINT
     cache_dir: str | None = None
     #: a saved activation profile (correlation table) that warms the cache and the predictor at start
     profile: str | None = None
@@ -187,6 +196,8 @@ class OffloadConfig:
             kw["tier"] = _enum(Tier, raw["tier"], "tier")
         if "quant" in raw:
             kw["quant"] = _parse_quant(raw["quant"])
+        if "store" in raw:
+            kw["store"] = _enum(Store, raw["store"], "store")
         if "direct_io" in raw:
             if not isinstance(raw["direct_io"], bool):
                 raise OffloadConfigError(f"direct_io {raw['direct_io']!r} must be true or false")
@@ -240,6 +251,7 @@ class OffloadConfig:
         out["budget"] = str(self.budget) if self.budget.fraction is not None else self.budget.num_bytes
         out["tier"] = self.tier.value
         out["quant"] = self.quant.value
+        out["store"] = self.store.value
         if self.policy is Policy.KLOTSKI:
             out["klotski_features"] = ",".join(self.klotski_features) or "none"
         else:  # they only apply to klotski, and from_dict refuses them elsewhere
@@ -295,12 +307,24 @@ def _check_klotski(kw: dict[str, Any], raw: dict[str, Any]) -> None:
 
 
 def _check_quant(kw: dict[str, Any]) -> None:
-    """The quantized store is a disk tier of its own: a host-memory copy of dequantized experts
-    would cost full-precision memory and keep only the error, so ``tier host`` contradicts it."""
-    if kw.get("quant", Quant.NONE) is not Quant.NONE and kw.get("tier") is Tier.HOST:
+    """The quantized and kernel stores are disk tiers of their own: a host-memory copy of dequantized
+    experts would cost full-precision memory and keep only the error, and the host tier already holds
+    every expert converted, so ``tier host`` contradicts both; a kernel store is full precision."""
+    quant, store = kw.get("quant", Quant.NONE), kw.get("store", Store.CHECKPOINT)
+    if quant is not Quant.NONE and kw.get("tier") is Tier.HOST:
         raise OffloadConfigError(
-            f"quant {kw['quant'].value!r} contradicts tier 'host': quantized experts are read from their "
+            f"quant {quant.value!r} contradicts tier 'host': quantized experts are read from their "
             "store on disk; use tier 'disk' or 'auto' with quant, or quant 'none' with tier 'host'"
+        )
+    if store is Store.KERNEL and quant is not Quant.NONE:
+        raise OffloadConfigError(
+            f"store 'kernel' holds full-precision experts and quant {quant.value!r} reads its own int4 store; "
+            "use one of them: store 'kernel' with quant 'none', or quant with store 'checkpoint'"
+        )
+    if store is Store.KERNEL and kw.get("tier") is Tier.HOST:
+        raise OffloadConfigError(
+            "store 'kernel' contradicts tier 'host': the host tier converts every expert once into memory and "
+            "reads no store; use tier 'disk' or 'auto' with store 'kernel'"
         )
 
 

@@ -16,6 +16,7 @@ from vllm_moe_offload.core.config import (
     OffloadConfigError,
     Policy,
     Quant,
+    Store,
     Tier,
 )
 
@@ -29,6 +30,7 @@ FLAG_KEYS = {
     "moe_offload_link_gbps": "link_gbps",
     "moe_offload_link_latency_ms": "link_latency_ms",
     "moe_offload_quant": "quant",
+    "moe_offload_store": "store",
     "moe_offload_cache_dir": "cache_dir",
     "moe_offload_resident_layers": "resident_layers",
     "moe_offload_overfetch": "overfetch",
@@ -104,6 +106,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "experts). Needs the disk tier ('auto' picks it).",
     )
     group.add_argument(
+        "--moe-offload-store", dest="moe_offload_store", default=None, choices=[s.value for s in Store],
+        help="Where the disk tier reads full-precision experts: 'checkpoint' (its safetensors, converted to the "
+        "kernel layout on every load; the default) or 'kernel' (a copy already in the kernel layout, written "
+        "once under the cache directory with a progress bar and rebuilt when vLLM, the kernel or the "
+        "checkpoint change; a load is then one direct read and a copy, no conversion; costs the experts' size "
+        "in disk space). Needs the disk tier ('auto' picks it) and quant 'none'.",
+    )
+    group.add_argument(
         "--moe-offload-resident-layers", dest="moe_offload_resident_layers", default=None, type=int,
         metavar="N", help="fate: keep the first N MoE layers fully resident (default: the first layer, "
         "which cannot be predicted).",
@@ -153,7 +163,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--moe-offload-cache-dir", dest="moe_offload_cache_dir", default=None, metavar="PATH",
-        help="Directory for the quantized expert stores (default: $VLLM_CACHE_ROOT/moe_offload/stores).",
+        help="Directory for the expert stores of --moe-offload-quant and --moe-offload-store kernel "
+        "(default: $VLLM_CACHE_ROOT/moe_offload/stores).",
     )
 
 

@@ -74,6 +74,15 @@ def make_converter(layer: torch.nn.Module, scratch: Scratch | None = None) -> Co
     return _ExpertConverter(layer, backend, scratch)
 
 
+def conversion_identity(convert: Converter) -> dict:
+    """What the bytes ``convert`` writes depend on besides versions, shapes and the rank (a kernel store's stamp)."""
+    experts = convert.fused_experts
+    return {
+        "backend": convert.backend.value, "experts": f"{type(experts).__module__}.{type(experts).__qualname__}",
+        "isa": getattr(experts, "isa", None),
+    }
+
+
 def describe_conversion(convert: Converter | None) -> str | None:
     """How ``convert`` brings experts to kernel layout; None before its first load decided it.
 

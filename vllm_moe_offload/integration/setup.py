@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap, make_policy
-from vllm_moe_offload.core.config import OffloadConfig, Policy, Quant, Tier, format_bytes
-from vllm_moe_offload.core.plan import SlotPlan
+from vllm_moe_offload.core.config import OffloadConfig, OffloadConfigError, Policy, Quant, Store, Tier, format_bytes
+from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
@@ -25,9 +25,17 @@ from vllm_moe_offload.integration.experts import (
     link_prediction,
     offloaded_layers,
 )
-from vllm_moe_offload.integration.kernel_format import describe_conversion, make_converter
+from vllm_moe_offload.integration.kernel_format import conversion_identity, describe_conversion, make_converter
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
-from vllm_moe_offload.runtime.expert_store import ExpertStore, LayerSpec, open_or_build, store_directory
+from vllm_moe_offload.runtime.expert_store import (
+    KERNEL,
+    ExpertStore,
+    KernelLayout,
+    LayerSpec,
+    open_or_build,
+    store_directory,
+)
+from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
 from vllm_moe_offload.runtime.quant_source import QuantSource
@@ -71,15 +79,12 @@ class OffloadRuntime:
             "expert_bytes": self.plan.expert_bytes,
             "link": self.link.describe(),
             # how loads reach kernel layout: vLLM's conversion into fresh tensors, or prepacked into the slot
-            "conversion": sorted({d for d in map(describe_conversion, self._converters()) if d}),
+            "conversion": sorted({d for d in map(_conversion_of, self.layers) if d}),
             "predicted_layers": self.predicted_layers,
             "layers": per_layer,
             "total": summarize(per_layer),
             **({"klotski": self.observer.stats()} if self.observer is not None else {}),
         }
-
-    def _converters(self) -> list:
-        return [getattr(slots.source, "convert", None) for slots in self.layers]  # the host tier has none
 
     def close(self) -> None:
         if self.observer is not None and self.config.save_profile:
@@ -129,7 +134,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
             "budget for this rank %s (the budget %s shared by %d ranks)", first.moe_config.tp_rank,
             first.moe_config.tp_size, format_bytes(plan.budget_bytes), config.budget, first.moe_config.tp_size,
         )
-    tier = _resolve_tier(config.tier, first.w13_weight.device, config.quant)
+    tier = _resolve_tier(config.tier, first.w13_weight.device, config)
     # one fetch per I/O thread at a time, each with the conversion temporaries the plan reserved
     convert_bytes = plan.staging.convert_bytes if plan.staging is not None else 0
     readers = ThreadLocalReaders(config.direct_io, lanes=config.io_threads, ledger=ledger, convert_bytes=convert_bytes)
@@ -138,7 +143,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     )
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
     runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger)
-    store = _open_store(layers, index, readers, config)
+    store = _open_store(layers, index, readers, config, plan)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
         runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger))
@@ -220,11 +225,11 @@ def _resident_layers(
     return choice.resident_layers
 
 
-def _resolve_tier(tier: Tier, device: torch.device, quant: Quant = Quant.NONE) -> Tier:
+def _resolve_tier(tier: Tier, device: torch.device, config: OffloadConfig) -> Tier:
     if tier is not Tier.AUTO:
         return tier
-    if quant is not Quant.NONE:
-        return Tier.DISK  # quantized experts are read from their store on disk
+    if config.quant is not Quant.NONE or config.store is Store.KERNEL:
+        return Tier.DISK  # quantized or kernel-layout experts are read from their store on disk
     return Tier.DISK if device.type == "cpu" else Tier.HOST
 
 
@@ -247,22 +252,59 @@ def _names(layer: OffloadRoutedExperts) -> CheckpointNames:
     )
 
 
-def _open_store(layers: list[OffloadRoutedExperts], index, readers, config: OffloadConfig) -> ExpertStore | None:
-    """The quantized expert store (built on first use, rebuilt when stale); None without quant."""
-    if config.quant is Quant.NONE:
+def _open_store(
+    layers: list[OffloadRoutedExperts], index, readers, config: OffloadConfig, plan: SlotPlan,
+) -> ExpertStore | None:
+    """The quantized or kernel-layout expert store (built on first use, rebuilt when stale); None without."""
+    if config.quant is Quant.NONE and config.store is Store.CHECKPOINT:
         return None
     import vllm.envs as envs
 
     root = config.cache_dir or os.path.join(envs.VLLM_CACHE_ROOT, "moe_offload", "stores")
     specs = [LayerSpec(_names(layer), layer.global_num_experts) for layer in layers]
-    scheme = config.quant.value
-    return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
+    if config.quant is not Quant.NONE:
+        scheme = config.quant.value
+        return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
+    kernel = _kernel_layout(layers, readers)
+    if plan.staging is not None and read_buffer_bytes(kernel.expert_bytes) > plan.staging.read_buffer_bytes:
+        raise OffloadConfigError(
+            f"store 'kernel': one expert in kernel layout ({format_bytes(kernel.expert_bytes)}) reads more than "
+            f"the staging planned from the checkpoint ({format_bytes(plan.staging.read_buffer_bytes)} per read); "
+            "use store 'checkpoint' for this model"
+        )
+    moe = layers[0].moe_config
+    label = f"{KERNEL}-tp{moe.tp_rank}of{moe.tp_size}"  # each rank stores its own shard
+    return open_or_build(index, specs, KERNEL, store_directory(root, index.folder, label), readers, kernel)
+
+
+def _kernel_layout(layers: list[OffloadRoutedExperts], readers) -> KernelLayout:
+    """What a kernel store of these layers holds on this rank, and the converters that write it."""
+    import vllm
+
+    converters = [make_converter(layer, readers.scratch) for layer in layers]
+    first = layers[0]
+    moe = first.moe_config
+    identity = {
+        "vllm": vllm.__version__, "torch": torch.__version__, **conversion_identity(converters[0]),
+        "tp_rank": moe.tp_rank, "tp_size": moe.tp_size,
+    }
+    w13, w2 = first.w13_weight, first.w2_weight  # [1, ...] placeholders in kernel layout
+    return KernelLayout(identity, (tuple(w13.shape[1:]), w13.dtype), (tuple(w2.shape[1:]), w2.dtype), converters)
+
+
+def _conversion_of(slots: LayerSlots) -> str | None:
+    """How a layer's loads reach kernel layout (``describe_conversion``; stores convert when written)."""
+    if isinstance(slots.source, KernelSource):
+        return "none (read in kernel layout from the kernel store)"
+    return describe_conversion(getattr(slots.source, "convert", None))  # the host tier has none
 
 
 def _source_for(
     layer: OffloadRoutedExperts, index, readers, tier: Tier, store: ExpertStore | None = None
 ) -> ExpertSource:
     names = _names(layer)
+    if store is not None and store.kernel is not None:
+        return KernelSource(store, names.prefix, readers)
     convert = make_converter(layer, readers.scratch)
     if store is not None:
         return QuantSource(store, names.prefix, convert, readers, layer.params_dtype)

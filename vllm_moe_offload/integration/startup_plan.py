@@ -63,7 +63,9 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
 
 def _where(runtime: OffloadRuntime, first: LayerSlots) -> str:
     device = first.w13_slots.device
-    folder = getattr(getattr(first.source, "index", None), "folder", None)
+    source = first.source  # the checkpoint's folder, or the store's
+    folder = getattr(getattr(source, "index", None), "folder", None) or getattr(
+        getattr(source, "store", None), "directory", None)
     if runtime.tier is Tier.DISK:
         io = "direct I/O" if runtime.config.direct_io else "buffered I/O (page cache)"
         return f"slots on {device}; offloaded experts read from {folder} ({io})"

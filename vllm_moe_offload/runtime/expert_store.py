@@ -1,23 +1,33 @@
-"""The quantized expert store: every expert of a checkpoint, int4 (and int2), written once to disk.
+"""Expert stores: every expert of a checkpoint, written once to disk in the form a load wants.
+
+Two kinds of store:
+
+- quantized (schemes ``int4``, ``int4+int2``): each expert's projections
+  (gate, up, down; checkpoint layout, one
+  :class:`~vllm_moe_offload.runtime.quant.QuantTensor` each) back to back, one
+  block per precision ("int4", and "int2" for the ``int4+int2`` scheme).
+  Checkpoint layout, not the kernel's: the quantization groups must run along
+  the input dimension, and the CPU kernels' prepacked layout interleaves output
+  rows along its last dimension. A load is read + dequantize + the layer's
+  converter, the same conversion the disk tier runs on every fetch.
+- kernel (scheme ``kernel``): each expert as the layer's converter returns it
+  for this tensor-parallel rank (``w13`` then ``w2``, each starting 4096-aligned),
+  so that a load is one direct read and a copy into the slot: no conversion.
+  The bytes depend on the vLLM and torch versions, the kernel (CPU ISA), the
+  rank's shard and the dtype; all of them are in the manifest (:class:`KernelLayout`).
 
 Layout of a store directory::
 
     manifest.json      format version, scheme, checkpoint identity, layout, per-expert offset/length/crc32
     layer_000.bin      one file per MoE layer; each expert's bytes contiguous, starting 4096-aligned
 
-An expert's bytes are its projections (gate, up, down; checkpoint layout, one
-:class:`~vllm_moe_offload.runtime.quant.QuantTensor` each) back to back, one
-block per precision ("int4", and "int2" for the ``int4+int2`` scheme).
-Checkpoint layout, not the kernel's: the quantization groups must run along the
-input dimension, and the CPU kernels' prepacked layout interleaves output rows
-along its last dimension. A load is read + dequantize + the layer's converter,
-the same conversion the disk tier runs on every fetch.
-
 The store is built in a temporary sibling directory, fsynced and renamed into
 place, so a crash mid-build never leaves a directory that loads. A store whose
 manifest does not match the checkpoint (file names, sizes, mtimes, a hash of
 the safetensors headers), format version, scheme or layout is stale: logged,
-rebuilt, never used. Every read checks length and crc32.
+rebuilt, never used. Every read checks its length; an expert's first read in
+this process also checks its crc32 (later reads of the same bytes skip the
+0.4 ms per 3 MiB that the check costs here).
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ import struct
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +57,7 @@ from vllm_moe_offload.runtime.safetensors_io import (
     TensorReader,
     ThreadLocalReaders,
 )
-from vllm_moe_offload.runtime.tiers import CheckpointNames
+from vllm_moe_offload.runtime.tiers import CheckpointNames, Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
 
@@ -55,6 +66,9 @@ FORMAT_VERSION = 1
 
 #: scheme -> the precisions stored for every expert: name -> bits (group from GROUP_OF_BITS)
 SCHEMES: dict[str, dict[str, int]] = {"int4": {"int4": 4}, "int4+int2": {"int4": 4, "int2": 2}}
+
+#: the scheme (and its one precision) of a store of experts in kernel layout
+KERNEL = "kernel"
 
 MANIFEST = "manifest.json"
 
@@ -73,6 +87,53 @@ class LayerSpec:
     @property
     def key(self) -> str:
         return self.names.prefix
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """What the bytes of a kernel store are: each layer's converter output for this rank.
+
+    ``identity`` names everything the bytes depend on (vLLM and torch versions,
+    the kernel and its ISA, the rank's shard, the dtype; the integration layer
+    fills it); ``w13`` / ``w2`` are one expert's kernel tensors as
+    ``(shape, dtype)``; ``converters`` convert each layer's experts, in the
+    order of the store's layers (only a build calls them).
+    """
+
+    identity: dict
+    w13: tuple[tuple[int, ...], torch.dtype]
+    w2: tuple[tuple[int, ...], torch.dtype]
+    converters: Sequence[Converter] = field(default=(), compare=False)
+
+    def describe(self) -> dict:
+        """The manifest's record of this layout (JSON)."""
+        return {
+            **self.identity,
+            "w13": {"shape": list(self.w13[0]), "dtype": str(self.w13[1])},
+            "w2": {"shape": list(self.w2[0]), "dtype": str(self.w2[1])},
+            "w2_offset": self.w2_offset,
+        }
+
+    @property
+    def w2_offset(self) -> int:
+        """Where ``w2`` starts in an expert's block: after ``w13``, aligned for direct I/O."""
+        return _aligned(_nbytes(*self.w13))
+
+    @property
+    def expert_bytes(self) -> int:
+        """One expert's block: ``w13``, padding, ``w2``."""
+        return self.w2_offset + _nbytes(*self.w2)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    num = dtype.itemsize
+    for dim in shape:
+        num *= dim
+    return num
+
+
+def _aligned(num_bytes: int) -> int:
+    return -(-num_bytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
 def store_directory(root: str | os.PathLike, checkpoint_folder: str | os.PathLike, scheme: str) -> Path:
@@ -109,14 +170,20 @@ def _layout(index: CheckpointIndex, layer: LayerSpec) -> list[dict]:
     return out
 
 
-def _expected(index: CheckpointIndex, layers: list[LayerSpec], scheme: str) -> dict:
+def _expected(index: CheckpointIndex, layers: list[LayerSpec], scheme: str, kernel: KernelLayout | None) -> dict:
     """The manifest's fields that must match for a store to be used."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; allowed: {sorted(SCHEMES)}")
+    if scheme == KERNEL:
+        if kernel is None:
+            raise ValueError("a kernel store needs the kernel layout")
+        precisions = {KERNEL: kernel.describe()}
+    elif scheme in SCHEMES:
+        precisions = {p: {"bits": b, "group": GROUP_OF_BITS[b]} for p, b in SCHEMES[scheme].items()}
+    else:
+        raise ValueError(f"unknown store scheme {scheme!r}; allowed: {sorted(SCHEMES) + [KERNEL]}")
     return {
         "format_version": FORMAT_VERSION,
         "scheme": scheme,
-        "precisions": {p: {"bits": b, "group": GROUP_OF_BITS[b]} for p, b in SCHEMES[scheme].items()},
+        "precisions": precisions,
         "checkpoint": checkpoint_identity(index),
         "layers": {
             layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer)} for layer in layers
@@ -134,13 +201,18 @@ class ExpertBlock:
 
 
 class ExpertStore:
-    """An opened, validated store; :meth:`read` hands out one expert's quantized projections."""
+    """An opened, validated store: :meth:`read` hands out one expert's quantized projections,
+    :meth:`read_kernel` one expert in kernel layout."""
 
-    def __init__(self, directory: Path, manifest: dict) -> None:
+    def __init__(self, directory: Path, manifest: dict, kernel: KernelLayout | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
-        self.precisions = {p: (v["bits"], v["group"]) for p, v in manifest["precisions"].items()}
+        self.kernel = kernel if manifest["scheme"] == KERNEL else None
+        self.precisions = {
+            p: (v["bits"], v["group"]) for p, v in manifest["precisions"].items() if p != KERNEL
+        }
         self._layers = manifest["layers"]
+        self._verified: set[tuple[str, int, str]] = set()  # (layer, expert, precision) whose crc32 matched
 
     @property
     def total_bytes(self) -> int:
@@ -162,21 +234,7 @@ class ExpertStore:
         if precision not in self.precisions:
             raise ValueError(f"this store ({self.manifest['scheme']}) has no {precision} experts; "
                              f"it has {sorted(self.precisions)}")
-        path = self.layer_file(layer_key)
-        where = f"expert {expert_idx} of {layer_key} ({precision}) in {path}"
-        block = self.block(layer_key, expert_idx, precision)
-        try:
-            (raw,) = reader.read([TensorLocation(str(path), block.offset, block.length, torch.uint8, (block.length,))])
-        except OSError as exc:
-            raise ExpertStoreError(f"reading {where} failed: {exc}") from exc
-        if raw.numel() != block.length:
-            raise ExpertStoreError(f"{where}: read {raw.numel()} bytes, the manifest says {block.length}")
-        crc = zlib.crc32(raw.numpy())
-        if crc != block.crc32:
-            raise ExpertStoreError(
-                f"{where} is corrupted: crc32 {crc:#010x} != {block.crc32:#010x} in the manifest; "
-                f"delete {self.directory} to rebuild the store"
-            )
+        (raw,) = self._read_block(layer_key, expert_idx, precision, reader, lambda raw: (raw,))
         bits, group = self.precisions[precision]
         out, start = [], 0
         for tensor in self._layers[layer_key]["tensors"]:
@@ -186,14 +244,65 @@ class ExpertStore:
             start += size
         return out
 
+    def read_kernel(
+        self, layer_key: str, expert_idx: int, reader: TensorReader,
+        use: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``use(w13, w2)`` on the expert's kernel tensors, views of the read where possible
+        (``TensorReader.read_then``: what ``use`` returns inside the read buffer is copied out)."""
+        kernel = self.kernel
+        if kernel is None:
+            raise ValueError(f"this store ({self.manifest['scheme']}) holds no experts in kernel layout")
+        (shape13, dtype13), (shape2, dtype2) = kernel.w13, kernel.w2
+        n13, at2, n2 = _nbytes(shape13, dtype13), kernel.w2_offset, _nbytes(shape2, dtype2)
+
+        def split(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            w13 = raw[:n13].view(dtype13).view(shape13)
+            return use(w13, raw[at2 : at2 + n2].view(dtype2).view(shape2))
+
+        return self._read_block(layer_key, expert_idx, KERNEL, reader, split)
+
+    def _read_block(
+        self, layer_key: str, expert_idx: int, precision: str, reader: TensorReader,
+        use: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, ...]:
+        """``use(raw)`` on the expert's block ``raw [length] uint8``, verified (see ``read_then``)."""
+        path = self.layer_file(layer_key)
+        where = f"expert {expert_idx} of {layer_key} ({precision}) in {path}"
+        block = self.block(layer_key, expert_idx, precision)
+        key = (layer_key, expert_idx, precision)
+
+        def verified(tensors: list[torch.Tensor]):
+            (raw,) = tensors
+            if raw.numel() != block.length:
+                raise ExpertStoreError(f"{where}: read {raw.numel()} bytes, the manifest says {block.length}")
+            if key not in self._verified:
+                crc = zlib.crc32(raw.numpy())
+                if crc != block.crc32:
+                    raise ExpertStoreError(
+                        f"{where} is corrupted: crc32 {crc:#010x} != {block.crc32:#010x} in the manifest; "
+                        f"delete {self.directory} to rebuild the store"
+                    )
+                self._verified.add(key)
+            return use(raw)
+
+        loc = TensorLocation(str(path), block.offset, block.length, torch.uint8, (block.length,))
+        try:
+            return reader.read_then([loc], verified)
+        except OSError as exc:
+            raise ExpertStoreError(f"reading {where} failed: {exc}") from exc
+
 
 def open_or_build(
     index: CheckpointIndex, layers: list[LayerSpec], scheme: str, directory: str | os.PathLike,
-    readers: ThreadLocalReaders,
+    readers: ThreadLocalReaders, kernel: KernelLayout | None = None,
 ) -> ExpertStore:
-    """The store at ``directory`` when it matches the checkpoint; else (re)build it first."""
+    """The store at ``directory`` when it matches the checkpoint; else (re)build it first.
+
+    ``kernel``: the layout of a ``kernel`` store (and the converters that build it).
+    """
     directory = Path(directory)
-    expected = _expected(index, layers, scheme)
+    expected = _expected(index, layers, scheme, kernel)
     manifest = _load_manifest(directory)
     if manifest is not None:
         try:
@@ -203,11 +312,12 @@ def open_or_build(
         if why is None:
             logger.info("using the %s expert store at %s (%s)", scheme, directory,
                         format_bytes(int(manifest["total_bytes"])))
-            return ExpertStore(directory, manifest)
+            return ExpertStore(directory, manifest, kernel)
         logger.warning("the expert store at %s is stale (%s); rebuilding it", directory, why)
     elif directory.exists():
         logger.warning("the expert store at %s has no readable manifest; rebuilding it", directory)
-    return ExpertStore(directory, _build(index, layers, expected, directory, readers))
+    encode = _kernel_encoder(kernel) if scheme == KERNEL else _quant_encoder(expected["precisions"])
+    return ExpertStore(directory, _build(index, layers, expected, directory, readers, encode), kernel)
 
 
 def _load_manifest(directory: Path) -> dict | None:
@@ -233,8 +343,13 @@ def _stale_reason(manifest: dict, expected: dict, directory: Path) -> str | None
     return None
 
 
+#: (layer ordinal, checkpoint names of the expert's projections, their tensors [out, in]) -> precision -> bytes
+Encoder = Callable[[int, list[str], list[torch.Tensor]], dict[str, bytes]]
+
+
 def _build(
-    index: CheckpointIndex, layers: list[LayerSpec], expected: dict, directory: Path, readers: ThreadLocalReaders
+    index: CheckpointIndex, layers: list[LayerSpec], expected: dict, directory: Path, readers: ThreadLocalReaders,
+    encode: Encoder,
 ) -> dict:
     started = time.perf_counter()
     parent = directory.parent
@@ -244,7 +359,7 @@ def _build(
         tmp.mkdir()
     except OSError as exc:
         raise OffloadConfigError(
-            f"cannot write the quantized expert store under {parent}: {exc}; set cache_dir "
+            f"cannot write the {expected['scheme']} expert store under {parent}: {exc}; set cache_dir "
             "(--moe-offload-cache-dir) to a writable directory"
         ) from exc
     _remove_leftovers(parent, directory.name)
@@ -253,9 +368,12 @@ def _build(
         reader = TensorReader(readers.direct_io)  # its own descriptors, closed with the build
         total_experts = sum(layer.num_experts for layer in layers)
         try:
-            with tqdm(total=total_experts, desc=f"quantizing experts ({expected['scheme']})", unit="expert") as bar:
+            what = "converting experts to the kernel layout" if expected["scheme"] == KERNEL else (
+                f"quantizing experts ({expected['scheme']})")
+            with tqdm(total=total_experts, desc=what, unit="expert") as bar:
                 for layer_idx, layer in enumerate(layers):
-                    entry = _write_layer(index, layer, expected, tmp / f"layer_{layer_idx:03d}.bin", reader, bar)
+                    path = tmp / f"layer_{layer_idx:03d}.bin"
+                    entry = _write_layer(index, layer, layer_idx, expected, path, reader, encode, bar)
                     manifest["layers"][layer.key] = entry
                     manifest["total_bytes"] += entry["file_bytes"]
         finally:
@@ -271,16 +389,16 @@ def _build(
     return manifest
 
 
-def _write_layer(index: CheckpointIndex, layer: LayerSpec, expected: dict, path: Path, reader: TensorReader,
-                 bar: tqdm) -> dict:
-    precisions = expected["precisions"]
-    blocks: dict[str, list[list[int]]] = {p: [] for p in precisions}
+def _write_layer(
+    index: CheckpointIndex, layer: LayerSpec, ordinal: int, expected: dict, path: Path, reader: TensorReader,
+    encode: Encoder, bar: tqdm,
+) -> dict:
+    blocks: dict[str, list[list[int]]] = {p: [] for p in expected["precisions"]}
     with open(path, "wb") as f:
         for expert_idx in range(layer.num_experts):
             names = layer.names.of(expert_idx)
             weights = reader.read([index[n] for n in names])  # [out, in] each
-            for precision, spec in precisions.items():
-                raw = b"".join(_quantized(n, w, spec["bits"], spec["group"]) for n, w in zip(names, weights))
+            for precision, raw in encode(ordinal, names, weights).items():
                 offset = f.tell()
                 f.write(raw)
                 f.write(b"\0" * (-len(raw) % ALIGN_BYTES))  # the next expert starts aligned for O_DIRECT
@@ -290,6 +408,36 @@ def _write_layer(index: CheckpointIndex, layer: LayerSpec, expected: dict, path:
         os.fsync(f.fileno())
         file_bytes = f.tell()
     return {"file": path.name, "file_bytes": file_bytes, **expected["layers"][layer.key], "experts": blocks}
+
+
+def _quant_encoder(precisions: dict) -> Encoder:
+    """Each precision of the store: the projections quantized, back to back."""
+
+    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor]) -> dict[str, bytes]:
+        return {
+            precision: b"".join(_quantized(n, w, spec["bits"], spec["group"]) for n, w in zip(names, weights))
+            for precision, spec in precisions.items()
+        }
+
+    return encode
+
+
+def _kernel_encoder(kernel: KernelLayout) -> Encoder:
+    """The layer's converter output: ``w13``, zeros up to ``w2_offset``, ``w2``."""
+
+    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor]) -> dict[str, bytes]:
+        w1, w3, w2 = weights[0], (weights[1] if len(weights) == 3 else None), weights[-1]
+        parts = kernel.converters[ordinal](w1, w3, w2, None)
+        for got, (shape, dtype), what in zip(parts, (kernel.w13, kernel.w2), ("w13", "w2")):
+            if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
+                raise ExpertStoreError(
+                    f"{names[0]}: the converter gave {what} {got.dtype} {list(got.shape)}, the layer's slots "
+                    f"hold {dtype} {list(shape)}"
+                )
+        w13, w2k = (t.contiguous().view(torch.uint8).flatten().numpy().tobytes() for t in parts)
+        return {KERNEL: w13 + b"\0" * (kernel.w2_offset - len(w13)) + w2k}
+
+    return encode
 
 
 def _quantized(name: str, w: torch.Tensor, bits: int, group: int) -> bytes:

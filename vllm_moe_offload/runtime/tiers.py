@@ -40,6 +40,7 @@ class TierKind(str, enum.Enum):
     DISK = "disk"
     HOST = "host"
     QUANT = "quant"  # a quantized expert store on disk (runtime/quant_source.py)
+    KERNEL = "kernel"  # a store of experts in kernel layout on disk (runtime/kernel_source.py)
 
 
 @dataclass(frozen=True)

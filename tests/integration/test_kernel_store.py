@@ -1,0 +1,79 @@
+"""The kernel-layout store end to end: real vLLM engines on a tiny random Mixtral.
+
+Stock vLLM (plugin off) on the same checkpoint is the reference: the store holds
+the bytes vLLM's own conversion gives each expert, so greedy tokens must be
+identical. The first engine builds the store; the next ones in the same process
+reuse it, and no load converts anything (the statistics say how loads reach the
+kernel layout, and which tier the bytes came from).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROMPTS, run_engines
+
+pytestmark = pytest.mark.engine
+
+
+def _job(name, model, **offload):
+    engine = {"additional_config": {"moe_offload": offload}} if offload else {}
+    return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kernel-store")
+    model = tiny_models["mixtral"]
+    stock = run_engines(tmp / "stock", [_job("stock", model)], stock=True)
+    offload = run_engines(
+        tmp / "offload",
+        [
+            _job("lru/first", model, policy="lru", budget="25%", store="kernel"),
+            _job("fate", model, policy="fate", budget="50%", store="kernel"),
+            _job("klotski", model, policy="klotski", budget="25%", store="kernel", io_threads=2),
+            _job("checkpoint", model, policy="lru", budget="25%"),
+        ],
+        stock=False,
+    )
+    return tmp, stock, offload
+
+
+@pytest.mark.parametrize("name", ["lru/first", "fate", "klotski"])
+def test_tokens_equal_stock_and_loads_only_read(results, name):
+    _, stock, offload = results
+    got = offload[name]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["stock"]["tokens"]
+    stats = got["stats"][0]
+    total = stats["total"]
+    assert total["loads"] > 0
+    assert set(total["bytes_read"]) == {"kernel"}, total["bytes_read"]
+    # one expert's block per load (w13 and w2 in kernel layout, 4 KiB-aligned), nothing converted
+    assert total["bytes_read"]["kernel"] < total["loads"] * (stats["expert_bytes"] + 8192)
+    assert stats["conversion"] == ["none (read in kernel layout from the kernel store)"]
+
+
+def test_the_checkpoint_path_still_converts(results):
+    _, stock, offload = results
+    got = offload["checkpoint"]
+    assert got["tokens"] == stock["stock"]["tokens"]
+    assert set(got["stats"][0]["total"]["bytes_read"]) == {"disk"}
+    assert got["stats"][0]["conversion"] != ["none (read in kernel layout from the kernel store)"]
+
+
+def test_store_built_once_per_process_then_reused(results):
+    tmp, _, offload = results
+    log = Path(offload["lru/first"]["log"]).read_text()
+    assert log.count("wrote the kernel expert store") == 1
+    assert log.count("using the kernel expert store") == 2  # the fate and klotski engines
+    stores = tmp / "offload" / "vllm-cache" / "moe_offload" / "stores"
+    (store,) = stores.iterdir()
+    assert store.name.endswith("-kernel-tp0of1")
+    manifest = json.loads((store / "manifest.json").read_text())
+    layout = manifest["precisions"]["kernel"]
+    assert layout["tp_size"] == 1 and layout["backend"] == "CPU" and layout["isa"]
+    assert layout["vllm"] and layout["torch"]

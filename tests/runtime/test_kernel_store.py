@@ -1,0 +1,153 @@
+"""The kernel-layout expert store on a real safetensors checkpoint: what it holds, that loads
+only read it (no conversion), reuse, staleness when the layout's identity changes, and torn bytes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_moe_offload.runtime import expert_store
+from vllm_moe_offload.runtime.expert_store import (
+    KERNEL,
+    MANIFEST,
+    ExpertStoreError,
+    KernelLayout,
+    LayerSpec,
+    open_or_build,
+    store_directory,
+)
+from vllm_moe_offload.runtime.kernel_source import KernelSource
+from vllm_moe_offload.runtime.safetensors_io import ALIGN_BYTES, CheckpointIndex, ThreadLocalReaders
+from vllm_moe_offload.runtime.tiers import CheckpointNames, TierKind
+
+E, I, H = 5, 64, 96
+LAYERS = 2
+
+
+def _names(layer_idx: int) -> CheckpointNames:
+    return CheckpointNames(prefix=f"model.layers.{layer_idx}.block_sparse_moe.experts", gate="w1", up="w3", down="w2")
+
+
+class Transposing:
+    """A converter whose layout differs from the checkpoint's: [H, 2I] and [I, H], scaled by the layer."""
+
+    def __init__(self, layer_idx: int) -> None:
+        self.scale = float(layer_idx + 1)
+        self.calls = 0
+
+    def __call__(self, w1, w3, w2, into=None):
+        self.calls += 1
+        return (torch.cat([w1, w3]) * self.scale).t().contiguous(), (w2 * self.scale).t().contiguous()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    tensors = {}
+    for layer_idx in range(LAYERS):
+        for e in range(E):
+            for proj, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
+                tensors[f"{_names(layer_idx).prefix}.{e}.{proj}.weight"] = torch.randn(shape).to(torch.bfloat16)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, tensors
+
+
+@pytest.fixture
+def readers():
+    readers = ThreadLocalReaders(direct_io=True)
+    yield readers
+    readers.close()
+
+
+def _layout(converters, isa="vec") -> KernelLayout:
+    identity = {"vllm": "test", "isa": isa, "tp_rank": 0, "tp_size": 1}
+    return KernelLayout(identity, ((H, 2 * I), torch.bfloat16), ((I, H), torch.bfloat16), converters)
+
+
+def _open(folder, root, readers, layout):
+    layers = [LayerSpec(_names(i), E) for i in range(LAYERS)]
+    return open_or_build(CheckpointIndex(folder), layers, KERNEL, store_directory(root, folder, KERNEL), readers, layout)
+
+
+def test_store_holds_the_converter_output_and_loads_never_convert(checkpoint, tmp_path, readers):
+    folder, tensors = checkpoint
+    converters = [Transposing(i) for i in range(LAYERS)]
+    store = _open(folder, tmp_path / "stores", readers, _layout(converters))
+    assert [c.calls for c in converters] == [E] * LAYERS  # the build converted every expert once
+    manifest = json.loads((store.directory / MANIFEST).read_text())
+    assert manifest["scheme"] == KERNEL
+    assert manifest["precisions"][KERNEL]["w13"] == {"shape": [H, 2 * I], "dtype": "torch.bfloat16"}
+    assert manifest["precisions"][KERNEL]["w2_offset"] % ALIGN_BYTES == 0
+    slots13 = torch.zeros(3, H, 2 * I, dtype=torch.bfloat16)  # [slots, H, 2I]
+    slots2 = torch.zeros(3, I, H, dtype=torch.bfloat16)
+    for layer_idx, convert in enumerate(converters):
+        source = KernelSource(store, _names(layer_idx).prefix, readers)
+        assert source.tier is TierKind.KERNEL
+        for e in range(E):
+            w1, w3, w2 = (tensors[n] for n in _names(layer_idx).of(e))
+            want13, want2 = Transposing(layer_idx)(w1, w3, w2)
+            got = source.fetch(e, into=(slots13[1], slots2[1]))
+            assert got.w13.data_ptr() == slots13[1].data_ptr() and got.w2.data_ptr() == slots2[1].data_ptr()
+            assert torch.equal(slots13[1], want13) and torch.equal(slots2[1], want2)
+            assert got.bytes_read == store.block(_names(layer_idx).prefix, e, KERNEL).length  # whole blocks
+            fresh = source.fetch(e)  # no slot: tensors of its own, not views of the reader's buffer
+            assert torch.equal(fresh.w13, want13) and torch.equal(fresh.w2, want2)
+            assert fresh.w13.untyped_storage().data_ptr() != got.w13.untyped_storage().data_ptr()
+    assert [c.calls for c in converters] == [E] * LAYERS  # loads only read
+    assert torch.equal(slots13[0], torch.zeros(H, 2 * I, dtype=torch.bfloat16))  # other slots untouched
+
+
+def test_second_open_reuses_and_a_new_identity_rebuilds(checkpoint, tmp_path, readers, caplog):
+    folder, _ = checkpoint
+    _open(folder, tmp_path / "s", readers, _layout([Transposing(i) for i in range(LAYERS)]))
+    again = [Transposing(i) for i in range(LAYERS)]
+    with caplog.at_level(logging.INFO, logger="vllm.moe_offload.expert_store"):
+        _open(folder, tmp_path / "s", readers, _layout(again))
+    assert "using the kernel expert store" in caplog.text and sum(c.calls for c in again) == 0
+    caplog.clear()
+    other_isa = [Transposing(i) for i in range(LAYERS)]
+    with caplog.at_level(logging.INFO, logger="vllm.moe_offload.expert_store"):
+        store = _open(folder, tmp_path / "s", readers, _layout(other_isa, isa="amx"))
+    assert "is stale (precisions" in caplog.text and "'isa': 'amx'" in caplog.text
+    assert sum(c.calls for c in other_isa) == LAYERS * E
+    assert json.loads((store.directory / MANIFEST).read_text())["precisions"][KERNEL]["isa"] == "amx"
+
+
+def test_torn_bytes_are_refused_and_a_good_expert_is_checked_once(checkpoint, tmp_path, readers, monkeypatch):
+    folder, _ = checkpoint
+    store = _open(folder, tmp_path / "s", readers, _layout([Transposing(i) for i in range(LAYERS)]))
+    prefix = _names(1).prefix
+    source = KernelSource(store, prefix, readers)
+    block = store.block(prefix, 2, KERNEL)
+    with open(store.layer_file(prefix), "r+b") as f:
+        f.seek(block.offset + 7)
+        byte = f.read(1)
+        f.seek(block.offset + 7)
+        f.write(bytes([byte[0] ^ 0x01]))
+    checks = []
+    crc32 = expert_store.zlib.crc32
+    monkeypatch.setattr(expert_store.zlib, "crc32", lambda data: checks.append(1) or crc32(data))
+    with pytest.raises(ExpertStoreError, match=rf"expert 2 of {prefix} \(kernel\) in .*layer_001.bin is corrupted"):
+        source.fetch(2)
+    with pytest.raises(ExpertStoreError, match="is corrupted"):  # a torn expert is never marked good
+        source.fetch(2)
+    checks.clear()
+    for _ in range(3):
+        source.fetch(1)
+    assert len(checks) == 1  # the first read of expert 1 checked its crc32; later reads only their length
+
+
+def test_a_converter_that_disagrees_with_the_slots_fails_the_build(checkpoint, tmp_path, readers):
+    folder, _ = checkpoint
+    layout = KernelLayout({"vllm": "test"}, ((2 * I, H), torch.bfloat16), ((H, I), torch.bfloat16),
+                          [Transposing(i) for i in range(LAYERS)])
+    with pytest.raises(ExpertStoreError, match=r"the converter gave w13 torch.bfloat16 \[96, 128\], the layer's "
+                                               r"slots hold torch.bfloat16 \[128, 96\]"):
+        _open(folder, tmp_path / "s", readers, layout)
+    assert not store_directory(tmp_path / "s", folder, KERNEL).exists()

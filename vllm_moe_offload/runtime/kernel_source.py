@@ -1,0 +1,33 @@
+"""The kernel-store tier: experts read from a store already in the layer's kernel layout."""
+
+from __future__ import annotations
+
+from vllm_moe_offload.runtime.expert_store import ExpertStore
+from vllm_moe_offload.runtime.safetensors_io import ThreadLocalReaders
+from vllm_moe_offload.runtime.tiers import ExpertTensors, Into, TierKind, fill
+
+
+class KernelSource:
+    """One layer's experts from a ``kernel`` expert store: one direct read, then a copy into the slot.
+
+    No conversion runs on a load: the store holds what the layer's converter
+    returned when the store was built. ``bytes_read`` counts whole 4 KiB blocks
+    under direct I/O, as the disk tier counts them.
+    """
+
+    tier = TierKind.KERNEL
+
+    def __init__(self, store: ExpertStore, layer_key: str, readers: ThreadLocalReaders) -> None:
+        self.store = store
+        self.layer_key = layer_key
+        self.readers = readers
+
+    def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
+        with self.readers.fetching(f"expert {expert_idx} of {self.layer_key} (kernel layout)") as reader:
+            before = reader.bytes_read
+            # w13 [2I', H'], w2 [H', I'] as views of the read: copied into the slot, or out of the buffer
+            w13, w2 = self.store.read_kernel(self.layer_key, expert_idx, reader, lambda *got: fill(into, got))
+            return ExpertTensors(w13, w2, reader.bytes_read - before)
+
+    def close(self) -> None:
+        pass
