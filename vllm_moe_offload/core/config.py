@@ -36,8 +36,9 @@ class Policy(str, enum.Enum):
 #: (``klotski_features``): ``groups`` lets a step take up to ``klotski_max_group`` times the
 #: token budget so each expert load serves more tokens (multi-batch); ``hot`` prefetches only
 #: the next layer's hot experts from the correlation table (without it: the whole next layer,
-#: as many experts as fit); ``reorder`` computes the tokens whose experts are resident while the
-#: others' experts load, passes served by resident experts first (expert-aware order).
+#: as many experts as fit); ``reorder`` computes the tokens whose experts are resident first and
+#: the others in waves as their experts' loads land, passes served by resident experts first
+#: (expert-aware order).
 KLOTSKI_FEATURES: tuple[str, ...] = ("groups", "hot", "reorder")
 
 #: policies described in DESIGN.md that later releases add; refused clearly today

@@ -26,6 +26,8 @@ class LayerStats:
     ``failed_loads`` are needs that could not be met (a read failed or timed
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
+    ``waves``: kernel calls that computed a pass's rows while loads it still
+    waited for were in flight (rows whose experts had landed).
     """
 
     layer_idx: int = -1
@@ -47,6 +49,7 @@ class LayerStats:
     low_precision_loads: int = 0
     prefetch_skipped: int = 0
     prefetch_cancelled: int = 0
+    waves: int = 0
     #: per look-ahead distance (layers between predictor and predicted): the same three counts
     distance_predicted: dict[int, int] = field(default_factory=dict)
     distance_right: dict[int, int] = field(default_factory=dict)
@@ -93,7 +96,7 @@ def summarize(layers: Iterable[dict]) -> dict:
     summed = (
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
-        "prefetch_skipped", "prefetch_cancelled",
+        "prefetch_skipped", "prefetch_cancelled", "waves",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
              **{key: {} for key in _BY_DISTANCE}}

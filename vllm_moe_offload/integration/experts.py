@@ -11,7 +11,9 @@ subclass, registered with ``RoutedExperts.register_oot`` for every model,
 * in ``forward_modular`` remaps ``topk_ids`` to slot ids and calls the stock
   kernel path unchanged. A step that needs more distinct experts than there are
   slots runs in passes split by tokens (a token's experts stay in one pass, so
-  results are bit-identical to stock).
+  results are bit-identical to stock). Within a pass, the tokens whose experts
+  are resident compute first, the others in waves as their experts' loads land
+  (``_run_waves``), each token still in one kernel call.
 
 The offloaded path runs inside an opaque custom op so that ``torch.compile``
 (which vLLM runs with ``fullgraph=True``) neither traces the host-side cache
@@ -23,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Collection
 
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -65,6 +69,7 @@ class OffloadRoutedExperts(RoutedExperts):
         self.lookahead: list[tuple[int, OffloadRoutedExperts, torch.nn.Module]] = []
         self.overfetch: int | None = None
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
+        self.call_s_min: float | None = None  # this layer's fastest kernel call: what one more call costs
         #: compute the tokens whose experts are resident while the others load, resident passes first
         #: (off only for klotski's ablation without "reorder")
         self.ready_first = True
@@ -148,6 +153,7 @@ class OffloadRoutedExperts(RoutedExperts):
                     except ExpertLoadError as err:
                         failed.update(dict.fromkeys(err.experts, str(err)))
                 passes = [list(range(x.shape[0]))]
+                rows = []
             else:
                 rows = topk_ids.tolist()
                 passes = pack_passes(rows, slots.num_slots)
@@ -156,21 +162,30 @@ class OffloadRoutedExperts(RoutedExperts):
                 if self.ready_first:
                     passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
             out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
-            for token_idx in passes:
-                self._run_pass(torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed, low)
+            for n, token_idx in enumerate(passes):
+                # the next pass's rows: its loads may start in slots this pass is done with
+                then = [rows[i] for i in passes[n + 1]] if n + 1 < len(passes) and self.ready_first else []
+                self._run_pass(
+                    torch.tensor(token_idx, device=x.device), x, topk_weights, topk_ids, out, failed, low, then,
+                )
             if failed:
                 self._fail_tokens(topk_ids, out, failed)
             return out
         finally:
             slots.end_step()
 
-    def _run_pass(self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str], low: set[int]) -> None:
+    def _run_pass(
+        self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str], low: set[int],
+        then: list[list[int]] = (),
+    ) -> None:
         """Compute the rows ``idx`` into ``out``, except those that need an expert in ``failed``.
 
         Experts whose load fails on the way join ``failed``; the pass then goes
-        on with the rows that do not need them.
+        on with the rows that do not need them. ``then``: the experts of each row
+        of the step's next pass (see :meth:`_run_waves`).
         """
         slots = self.slots
+        counted: set[int] = set()  # experts whose need this pass has counted (hits and misses once a pass)
         while idx.numel():
             if failed:
                 gone = torch.tensor(sorted(failed), device=topk_ids.device)
@@ -179,39 +194,101 @@ class OffloadRoutedExperts(RoutedExperts):
                     return
             try:
                 if self.ready_first:
-                    idx = self._ready_rows_first(idx, x, topk_weights, topk_ids, out, low)
+                    idx = self._run_waves(idx, x, topk_weights, topk_ids, out, low, counted, then)
                     if not idx.numel():
                         return
                 ids = topk_ids[idx]  # [t, k]
-                slots.ensure(torch.unique(ids).tolist(), low=low)
+                slots.ensure(torch.unique(ids).tolist(), low=low, counted=counted)
             except ExpertLoadError as err:
                 failed.update(dict.fromkeys(err.experts, str(err)))
                 continue
             out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
             return
 
-    def _ready_rows_first(self, idx, x, topk_weights, topk_ids, out, low: set[int]) -> torch.Tensor:
-        """Start the pass's missing loads, compute the rows that need none of them meanwhile.
+    def _run_waves(
+        self, idx, x, topk_weights, topk_ids, out, low: set[int], counted: set[int], then: list[list[int]] = (),
+    ) -> torch.Tensor:
+        """Compute the rows ``idx`` in waves as their experts land; returns the rows left to compute.
 
-        Tokens stay whole, so results are exact. Returns the rows still to compute.
+        Starts the pass's missing loads in the order that completes rows soonest
+        (:func:`load_order`), computes the rows whose experts are all resident,
+        then waits for one load at a time and computes the rows it completes (a
+        wave) while the later loads run (:meth:`_wave_pays` decides when a wave
+        is worth its kernel call). Tokens stay whole, one kernel call each, so
+        results are exact. Rows left: those needing an expert whose load could
+        not start, failed (it is retried) or is late; the caller's ensure loads
+        or reports them.
+
+        ``then`` (the step's next pass's rows, when the step runs in several
+        passes): before each kernel call, the next pass's missing loads start in
+        the slots of experts no row left here needs, so the I/O thread works
+        while this pass computes instead of waiting for the next pass to begin.
         """
         slots = self.slots
         if idx.numel() < 2:
             return idx
         ids = topk_ids[idx]  # [t, k]
-        experts = torch.unique(ids).tolist()
+        rows = ids.tolist()
+        experts = sorted({e for row in rows for e in row})
         missing = slots.missing(experts)
         if not missing:
+            self._start_next_pass(then, experts, low)
             return idx
-        ready = ~torch.isin(ids, torch.tensor(missing, device=ids.device)).any(dim=-1)  # [t]
-        if not ready.any():
-            return idx
-        slots.start_loads(missing, experts, low=low)
-        ready_ids = ids[ready]
-        slots.ensure(torch.unique(ready_ids).tolist())  # all resident: no wait for the loads just started
-        rows = idx[ready]
-        out[rows] = self._kernel(x[rows], topk_weights[rows], slots.remap(ready_ids))
-        return idx[~ready]
+        slots.start_loads(load_order(rows, missing, ahead=slots.in_flight(missing)), experts, low=low)
+        todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
+        while True:
+            absent = torch.tensor(slots.missing(missing), dtype=ids.dtype, device=ids.device)
+            ready = todo & ~torch.isin(ids, absent).any(dim=-1)  # [t]
+            waiting = slots.in_flight({e for row in ids[todo & ~ready].tolist() for e in row})
+            if ready.any() and (not waiting or self._wave_pays(len(waiting))):
+                wave = idx[ready]
+                wave_ids = ids[ready]  # [w, k]
+                if then:
+                    self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
+                slots.ensure(torch.unique(wave_ids).tolist(), low=low, counted=counted)  # resident: no wait
+                out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
+                if waiting:
+                    slots.stats.waves += 1
+                todo &= ~ready
+                if not todo.any():
+                    return idx[todo]
+            if not waiting or not slots.wait_next(waiting):
+                return idx[todo]  # nothing in flight for them, or a late load: ensure reports it
+
+    def _start_next_pass(self, then: list[list[int]], needed: Collection[int], low: set[int]) -> None:
+        """Start the loads of the next pass's rows ``then`` in slots whose experts no row in ``needed`` needs.
+
+        Pinned: ``needed`` (this pass's rows still to compute) and the next pass's
+        experts; the loads stop at the first one with no such slot. They count as
+        misses of the next pass, which waits for them like for its own.
+        """
+        if not then:
+            return
+        slots = self.slots
+        experts = {e for row in then for e in row}
+        missing = slots.missing(experts)
+        if missing:
+            order = load_order(then, missing, ahead=slots.in_flight(missing))
+            slots.start_loads(order, set(needed) | experts, low=low)
+
+    def _wave_pays(self, in_flight: int) -> bool:
+        """Whether rows ready now should compute now, with ``in_flight`` loads their pass still waits for.
+
+        A wave run now overlaps its kernel with those loads; held back, it joins
+        a later kernel call. Run now, it hides up to the loads' remaining time
+        and costs one more call's fixed part (the fastest call seen: a few rows,
+        their experts' weights read once more), so it pays while
+        ``in_flight x load time >= fastest call``. Until both are measured, it
+        runs. On the padded tiny Mixtral (CPU) a load takes ~3.3 ms and a small
+        call well under a millisecond, so every wave with a load in flight runs;
+        gating on the smoothed call time instead (big prefill passes included)
+        held back 425 of 1538 waves and stalled longer (4.2-4.8 s against 3.9 s
+        in the batch bench at 25%).
+        """
+        load_s = self.slots.load_s_ema
+        if load_s is None or self.call_s_min is None:
+            return True
+        return in_flight * load_s >= self.call_s_min
 
     def _least_needed_of_step(self, topk_ids: torch.Tensor) -> set[int]:
         """Experts of a prefill step ``topk_ids [T, k]`` that get their int2 copy (``int4+int2`` stores only).
@@ -258,12 +335,8 @@ class OffloadRoutedExperts(RoutedExperts):
         for distance, nxt, gate in self.lookahead:
             if distance > 1 and distance > self._lookahead_depth(nxt):
                 continue
-            logits = gate(x)[0].float()  # [T, E]
-            per_token = logits.topk(nxt.top_k, dim=-1).indices  # [T, k]
-            counts = torch.bincount(per_token.flatten(), minlength=logits.shape[-1])  # [E]
-            score = counts * float(x.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
-            depth = max(int((counts > 0).sum()), self._overfetch_depth(nxt, distance))
-            experts = score.topk(min(depth, nxt.slots.num_slots)).indices.tolist()
+            experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),
+                                        nxt.slots.num_slots)
             nxt.slots.prefetch(experts, spare_useful=True, distance=distance)
 
     def _lookahead_depth(self, nxt: OffloadRoutedExperts) -> int:
@@ -298,11 +371,69 @@ class OffloadRoutedExperts(RoutedExperts):
         out = super().forward_modular(x, topk_weights, slot_ids, None, None)
         took_s = time.perf_counter() - started
         self.compute_s_ema = took_s if self.compute_s_ema is None else 0.9 * self.compute_s_ema + 0.1 * took_s
+        self.call_s_min = took_s if self.call_s_min is None else min(self.call_s_min, took_s)
         if not isinstance(out, torch.Tensor):
             raise NotImplementedError(
                 f"{self.layer_name}: this MoE kernel defers its finalize step, which offload does not support"
             )
         return out
+
+
+#: above this many (distinct row need, candidate) pairs per pick, :func:`load_order` orders by need only
+#: (the greedy is O(missing x distinct rows) per pick in Python; a prefill of a 64-expert model would
+#: cost more than its loads save)
+_GREEDY_MAX_PAIRS = 20_000
+
+
+def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collection[int] = ()) -> list[int]:
+    """The order to load ``missing`` experts in so that rows complete soonest.
+
+    ``rows``: each token's experts; ``ahead``: those of ``missing`` already in
+    flight (they land before anything started now, and are not returned).
+    Greedy: next the expert that completes the most rows given those before
+    it; ties: the one most rows still wait for, then the lowest id.
+    """
+    wanted = set(missing)
+    covered = set(ahead)
+    needs = Counter(frozenset(e for e in row if e in wanted) for row in rows)  # missing set -> rows
+    needs.pop(frozenset(), None)
+    left = sorted(wanted - covered)
+    if len(needs) * len(left) > _GREEDY_MAX_PAIRS:
+        counts: Counter[int] = Counter()
+        for need, num in needs.items():
+            for expert in need:
+                counts[expert] += num
+        return sorted(left, key=lambda e: (-counts[e], e))
+    order = []
+    while left:
+        completes: Counter[int] = Counter()
+        waiting: Counter[int] = Counter()
+        for need, num in needs.items():
+            rest = need - covered
+            if len(rest) == 1:
+                completes[next(iter(rest))] += num
+            for expert in rest:
+                waiting[expert] += num
+        best = min(left, key=lambda e: (-completes[e], -waiting[e], e))
+        order.append(best)
+        covered.add(best)
+        left.remove(best)
+    return order
+
+
+def predicted_experts(logits: torch.Tensor, top_k: int, overfetch: int, limit: int) -> list[int]:
+    """Experts to prefetch from a router's ``logits [T, E]``: every token's top-k, the most-needed first
+    (then by probability mass), at least ``overfetch`` of them, at most ``limit``."""
+    if logits.shape[0] == 1:
+        # one token (decode): its top-k come first and the rest by probability, which is the logits' own
+        # order; one top-k instead of the batch's half-dozen ops, at every layer of every token
+        return logits[0].float().topk(min(max(top_k, overfetch), limit)).indices.tolist()
+    logits = logits.float()
+    per_token = logits.topk(top_k, dim=-1).indices  # [T, k]
+    counts = torch.bincount(per_token.flatten(), minlength=logits.shape[-1])  # [E]
+    score = counts * float(logits.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
+    depth = max(int((counts > 0).sum()), overfetch)
+    return score.topk(min(depth, limit)).indices.tolist()
 
 
 def _routed_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:

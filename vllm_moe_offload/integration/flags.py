@@ -148,7 +148,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help=f"klotski: which of its parts run, 'all' (the default), 'none', or a comma-separated subset of "
         f"{','.join(KLOTSKI_FEATURES)}: 'groups' lets a step schedule more tokens so each expert load serves "
         "more of them, 'hot' prefetches only the next layer's hot experts (else the whole next layer, as many "
-        "as fit), 'reorder' computes tokens whose experts are resident while the others load. For ablations.",
+        "as fit), 'reorder' computes tokens whose experts are resident first and the others in waves as "
+        "their experts' loads land. For ablations.",
     )
     group.add_argument(
         "--moe-offload-klotski-max-group", dest="moe_offload_klotski_max_group", default=None, type=int,

@@ -193,15 +193,22 @@ class LayerSlots:
         """How many of ``experts`` are not resident now."""
         return len(self.missing(experts))
 
+    def in_flight(self, experts: Iterable[int]) -> list[int]:
+        """Those of ``experts`` whose load is running or queued (not yet readable)."""
+        return [e for e in experts if e in self._pending]
+
     def start_loads(self, experts: Sequence[int], pinned: Collection[int], low: Collection[int] = ()) -> None:
-        """Start loading those of ``experts`` that are not resident, without waiting.
+        """Start loading those of ``experts`` that are not resident, in this order, without waiting.
 
         For misses whose tokens can wait while other tokens compute: the next
-        :meth:`ensure` that needs them waits for them and counts them as misses.
-        ``pinned`` experts (the pass's) are not evicted for them; ``low`` ones
-        are loaded in low precision when the source has it.
+        :meth:`ensure` that needs them (or :meth:`wait_next`) waits for them; ensure
+        counts them as misses. ``pinned`` experts (the pass's) are not evicted for
+        them; ``low`` ones are loaded in low precision when the source has it.
+        Queued prefetches the step does not need are cancelled first, so these
+        loads do not queue behind wrong guesses.
         """
         self.score_prediction(pinned)  # the pass's needs, before its ensure calls split them
+        self._cancel_queued_prefetches(keep=set(pinned) | (self._step_needs or set()))
         pinned = set(pinned) | set(self._pending)
         for expert in experts:
             if self.slot_map.slot_of(expert) is not None:
@@ -227,13 +234,17 @@ class LayerSlots:
             self.stats.low_precision_loads += 1
         return True
 
-    def ensure(self, experts: Sequence[int], low: Collection[int] = ()) -> None:
+    def ensure(self, experts: Sequence[int], low: Collection[int] = (), counted: set[int] | None = None) -> None:
         """Make ``experts`` (distinct, at most ``num_slots``) resident; count hits and misses.
 
         Misses among ``low`` are loaded in low precision when the source has it
         (Fate: the least-needed experts of a prefill); an expert resident in low
-        precision and not in ``low`` is loaded again in full.
+        precision and not in ``low`` is loaded again in full. ``counted``: experts
+        a pass computed in waves already counted (one need per pass and expert);
+        their hits are not counted again (a load is always a miss), and the
+        experts counted here join it.
         """
+        counted = set() if counted is None else counted
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts requested at once but layer has {self.num_slots} slots")
         # the routing is known: a queued guess the step does not need would only delay the loads behind it
@@ -256,7 +267,11 @@ class LayerSlots:
                 self._demand.discard(expert)
                 self.slot_map.touch(expert, hit=False)
                 self.stats.misses += 1
+                counted.add(expert)
                 continue
+            if expert in counted:
+                continue
+            counted.add(expert)
             self.slot_map.touch(expert, hit=True)
             if expert in self._prefetched:
                 self._prefetched.discard(expert)
@@ -264,6 +279,7 @@ class LayerSlots:
             else:
                 self.stats.hits += 1
         self.stats.misses += len(missing) + len(late)
+        counted.update(missing, late)
         self.stats.passes += 1
         failures: list[tuple[int, BaseException]] = []
         if missing:
@@ -273,7 +289,9 @@ class LayerSlots:
             failures = self._load_missing(missing, pinned, low)
             for expert in missing:
                 self.slot_map.touch(expert, hit=False)
-        failures += [(e, TimeoutError(f"its load is still running after {self.load_timeout_s:g} s")) for e in late]
+        failures += [
+            (e, TimeoutError(f"its load took longer than {self.load_timeout_s:g} s and is still running")) for e in late
+        ]
         if failures:
             self.stats.failed_loads += len(failures)
             expert, exc = failures[0]
@@ -282,6 +300,25 @@ class LayerSlots:
                 f"failed: {exc}" + (f" (and {len(failures) - 1} more experts)" if len(failures) > 1 else ""),
                 self.layer_idx, [e for e, _ in failures],
             ) from exc
+
+    def wait_next(self, experts: Collection[int]) -> list[int]:
+        """Wait until the first of the loads in flight of ``experts`` is over; map every load that is over.
+
+        Returns those of ``experts`` whose load is over (landed, or failed: a failed
+        load frees its slot and the expert is loaded again by the next :meth:`ensure`
+        that needs it); empty when none of them is in flight, or none ended within
+        ``load_timeout_s`` (the next :meth:`ensure` then reports the late ones). The
+        wait is stall. With one I/O thread loads end in the order they were started.
+        """
+        jobs = {self._pending[e][1]: e for e in experts if e in self._pending}
+        if not jobs:
+            return []
+        started = time.perf_counter()
+        concurrent.futures.wait(jobs, timeout=self.load_timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
+        self.stats.stall_s += time.perf_counter() - started
+        over = [e for job, e in jobs.items() if job.done()]
+        self._collect_finished()
+        return over
 
     def score_prediction(self, experts: Sequence[int]) -> None:
         """Score the predictions for this step against ``experts``: the nearest overall, each by distance.
