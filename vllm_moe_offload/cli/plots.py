@@ -57,7 +57,10 @@ def _bench_axes(report: dict, titles: list[str], height: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(titles), height))
+    runs = report.get("runs", [])
+    width = max(4.2, 0.3 * len(runs))  # inches per panel: room for every run's bar and label
+    longest = max((len(_label(r["name"])) for r in runs), default=0)
+    fig = Figure(figsize=(width * len(titles), height + 0.06 * longest))  # rotated labels below the bars
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(titles), squeeze=False)[0]
     for ax, title in zip(axes, titles):
@@ -73,6 +76,20 @@ def _bench_colors(runs: list[dict]) -> list[str]:
     return [fixed.get(r["kind"]) or palette.get(r.get("policy"), "tab:green") for r in runs]
 
 
+#: settings of a run's name left out of plot labels: paths say nothing about the run and crowd the axis
+_UNLABELLED = ("cache_dir", "profile", "save_profile")
+
+
+def _label(name: str) -> str:
+    """``lru[store=kernel;cache_dir=/x] 25%`` -> ``lru[store=kernel] 25%``."""
+    head, sep, rest = name.partition("[")
+    if not sep or "]" not in rest:
+        return name
+    settings, _, tail = rest.partition("]")
+    kept = [s for s in settings.split(";") if s.split("=", 1)[0].strip() not in _UNLABELLED]
+    return f"{head}[{';'.join(kept)}]{tail}" if kept else f"{head}{tail}"
+
+
 def _bench_footer(fig, report: dict) -> None:
     model = Path(report["model"]).name
     fig.suptitle(f"vllm-moe-offload bench: {model}; {report['link']}\n{report['machine']['note']}", fontsize=9)
@@ -85,7 +102,7 @@ def plot_bench_speed(report: dict, path: str | Path) -> Path:
     panels = [("decode", "decode_tok_s", "batch-1 decode tok/s"), ("prefill", "prefill_tok_s", "prefill tok/s"),
               ("batch", "throughput_tok_s", f"{report['sizes']['batch_requests']} concurrent: generated tok/s")]
     fig, axes = _bench_axes(report, [p[2] for p in panels])
-    names = [r["name"] for r in runs]
+    names = [_label(r["name"]) for r in runs]
     for ax, (workload, key, _) in zip(axes, panels):
         values = [r["workloads"][workload].get(key) or 0.0 for r in runs]
         bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
@@ -121,7 +138,7 @@ def plot_bench_cache(report: dict, path: str | Path) -> Path:
         axes[0].bar(x, hits, width, label=workload)
         axes[1].bar(x, mib, width, label=workload)
     for ax in axes:
-        ax.set_xticks(range(len(runs)), [r["name"] for r in runs], rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(range(len(runs)), [_label(r["name"]) for r in runs], rotation=45, ha="right", fontsize=8)
         ax.legend(fontsize=8)
     axes[0].set_ylim(0, 1.02)
     _bench_footer(fig, report)

@@ -406,6 +406,9 @@ def _write_layer(
             bar.update(1)
         f.flush()
         os.fsync(f.fileno())
+        # drop the written pages from the page cache: loads read with O_DIRECT and never use them,
+        # and a store as large as the experts would otherwise push everything else out
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         file_bytes = f.tell()
     return {"file": path.name, "file_bytes": file_bytes, **expected["layers"][layer.key], "experts": blocks}
 
