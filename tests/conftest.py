@@ -72,6 +72,12 @@ def run_engines(
     return results
 
 
+def offload_job(name: str, model, max_tokens: int = 24, **offload) -> dict:
+    """A ``run_engines`` job: PROMPTS greedily on ``model`` with ``moe_offload`` settings (none: stock)."""
+    engine = {"additional_config": {"moe_offload": offload}} if offload else {}
+    return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": max_tokens}
+
+
 def split_round(result: dict, stock_tokens: list, reference: str = "stock") -> tuple[list[int], list[int]]:
     """(succeeded, failed) prompt indices of a round with faults; a success must equal ``stock_tokens``."""
     ok, failed = [], []

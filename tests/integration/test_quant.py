@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROMPTS, run_engines
+from tests.conftest import offload_job as _job
+from tests.conftest import run_engines
 from vllm_moe_offload.runtime.quant_reference import write_dequantized_checkpoint
 
 pytestmark = pytest.mark.engine
-
-
-def _job(name, model, **offload):
-    engine = {"additional_config": {"moe_offload": offload}} if offload else {}
-    return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": 24}
 
 
 @pytest.fixture(scope="module")

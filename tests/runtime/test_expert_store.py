@@ -24,41 +24,13 @@ from vllm_moe_offload.runtime.expert_store import (
 from vllm_moe_offload.runtime.quant import dequantize, quantize
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import ALIGN_BYTES, CheckpointIndex, ThreadLocalReaders
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
-
-E, I, H = 5, 64, 96  # H = 96: int4 groups of 64 need padding along w1/w3's input dimension
-LAYERS = 2
-
-
-def _names(layer_idx: int) -> CheckpointNames:
-    return CheckpointNames(prefix=f"model.layers.{layer_idx}.block_sparse_moe.experts", gate="w1", up="w3", down="w2")
+from vllm_moe_offload.runtime.tiers import DiskSource
+from tests.runtime.conftest import E, H, I, LAYERS
+from tests.runtime.conftest import expert_names as _names
 
 
 def _cat(w1, w3, w2, into=None):
     return torch.cat([w1, w3]), w2  # [2I, H], [H, I]: the Triton kernel layout
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    tensors = {"model.embed_tokens.weight": torch.randn(10, H, dtype=torch.bfloat16)}
-    for layer_idx in range(LAYERS):
-        for e in range(E):
-            for proj, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
-                tensors[f"{_names(layer_idx).prefix}.{e}.{proj}.weight"] = (torch.randn(shape) * 0.05).to(
-                    torch.bfloat16
-                )
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    save_file(tensors, str(folder / "model.safetensors"))
-    return folder, tensors
-
-
-@pytest.fixture
-def readers():
-    readers = ThreadLocalReaders(direct_io=True)
-    yield readers
-    readers.close()
 
 
 def _layers():

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from vllm_moe_offload.runtime import expert_store
 from vllm_moe_offload.runtime.expert_store import (
@@ -21,15 +20,10 @@ from vllm_moe_offload.runtime.expert_store import (
     store_directory,
 )
 from vllm_moe_offload.runtime.kernel_source import KernelSource
-from vllm_moe_offload.runtime.safetensors_io import ALIGN_BYTES, CheckpointIndex, ThreadLocalReaders
-from vllm_moe_offload.runtime.tiers import CheckpointNames, TierKind
-
-E, I, H = 5, 64, 96
-LAYERS = 2
-
-
-def _names(layer_idx: int) -> CheckpointNames:
-    return CheckpointNames(prefix=f"model.layers.{layer_idx}.block_sparse_moe.experts", gate="w1", up="w3", down="w2")
+from vllm_moe_offload.runtime.safetensors_io import ALIGN_BYTES, CheckpointIndex
+from vllm_moe_offload.runtime.tiers import TierKind
+from tests.runtime.conftest import E, H, I, LAYERS
+from tests.runtime.conftest import expert_names as _names
 
 
 class Transposing:
@@ -42,27 +36,6 @@ class Transposing:
     def __call__(self, w1, w3, w2, into=None):
         self.calls += 1
         return (torch.cat([w1, w3]) * self.scale).t().contiguous(), (w2 * self.scale).t().contiguous()
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    tensors = {}
-    for layer_idx in range(LAYERS):
-        for e in range(E):
-            for proj, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
-                tensors[f"{_names(layer_idx).prefix}.{e}.{proj}.weight"] = torch.randn(shape).to(torch.bfloat16)
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    save_file(tensors, str(folder / "model.safetensors"))
-    return folder, tensors
-
-
-@pytest.fixture
-def readers():
-    readers = ThreadLocalReaders(direct_io=True)
-    yield readers
-    readers.close()
 
 
 def _layout(converters, isa="vec") -> KernelLayout:
