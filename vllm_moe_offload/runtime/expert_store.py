@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -49,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from vllm_moe_offload.core.config import OffloadConfigError, format_bytes
+from vllm_moe_offload.core.plan import round_up
 from vllm_moe_offload.runtime.quant import GROUP_OF_BITS, QuantizationError, QuantTensor, packed_nbytes, quantize
 from vllm_moe_offload.runtime.safetensors_io import (
     ALIGN_BYTES,
@@ -117,7 +119,7 @@ class KernelLayout:
     @property
     def w2_offset(self) -> int:
         """Where ``w2`` starts in an expert's block: after ``w13``, aligned for direct I/O."""
-        return _aligned(_nbytes(*self.w13))
+        return round_up(_nbytes(*self.w13), ALIGN_BYTES)
 
     @property
     def expert_bytes(self) -> int:
@@ -126,14 +128,7 @@ class KernelLayout:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    num = dtype.itemsize
-    for dim in shape:
-        num *= dim
-    return num
-
-
-def _aligned(num_bytes: int) -> int:
-    return -(-num_bytes // ALIGN_BYTES) * ALIGN_BYTES
+    return math.prod(shape) * dtype.itemsize
 
 
 def store_directory(root: str | os.PathLike, checkpoint_folder: str | os.PathLike, scheme: str) -> Path:
