@@ -36,8 +36,9 @@ port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
 run() {  # NAME stock|offload [offload flags...]
   local name=$1 kind=$2 plugins=()
   shift 2
-  # VLLM_PLUGINS=none: stock vLLM although the plugin is installed (an empty value would also load none)
-  if [ "$kind" = stock ]; then plugins=(env VLLM_PLUGINS=none); else plugins=(env -u VLLM_PLUGINS); fi
+  # VLLM_PLUGINS=moe_offload_amx: stock vLLM although the plugin is installed, with only the plugin's AMX
+  # permission (with none, vLLM's workers die with SIGILL on AMX CPUs: vllm_moe_offload/runtime/amx.py)
+  if [ "$kind" = stock ]; then plugins=(env VLLM_PLUGINS=moe_offload_amx); else plugins=(env -u VLLM_PLUGINS); fi
   echo "== $name: vllm serve $model $*"
   # the whole server (API server + engine core) in its own process group, stopped as one
   "${plugins[@]}" setsid vllm serve "$model" "$@" --host 127.0.0.1 --port "$port" \

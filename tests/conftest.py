@@ -4,7 +4,11 @@ Engine start-up dominates test time (about 25 s per engine in vLLM's default
 multiprocess mode on 2 cores). So most tests ask :func:`run_engines` for a list
 of jobs, which one subprocess runs back to back with vLLM's engine in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: about 2 s per engine). Stock vLLM runs in
-its own subprocess with the plugin disabled (``VLLM_PLUGINS=none``).
+its own subprocess with the plugin disabled but for its AMX permission
+(``VLLM_PLUGINS=moe_offload_amx``: with ``none`` its workers die with SIGILL on AMX
+CPUs, see vllm_moe_offload/runtime/amx.py). Each user-facing path also runs in vLLM's
+default multiprocess mode, as users run it: each architecture once in test_equality.py,
+the servers (test_server.py, test_soak.py), TP=2 (test_tp.py) and test_amx.py.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from vllm_moe_offload.runtime.amx import STOCK_VLLM_PLUGINS
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINY_MIXTRAL = SHARED / "models" / "tiny-mixtral"
+#: the trained demo MoE shipped in the repository (learned routing; held-out ids in its heldout-tokens.npy)
+TINY_PYMOE = REPO / "models" / "tiny-pymoe"
 
 #: prompts as token ids (the tiny models' byte tokenizer: <s> then bytes)
 PROMPTS = [
@@ -41,7 +49,7 @@ def engine_env(tmp: Path, stock: bool, multiprocess: bool = False) -> dict[str, 
     )
     (tmp / "rpc").mkdir(parents=True, exist_ok=True)
     if stock:
-        env["VLLM_PLUGINS"] = "none"
+        env["VLLM_PLUGINS"] = STOCK_VLLM_PLUGINS
     else:
         env.pop("VLLM_PLUGINS", None)
     return env

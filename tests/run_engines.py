@@ -3,7 +3,7 @@
 Used by the integration tests (engine start-up dominates their time, so one
 process runs a whole list of jobs). Usage: ``python run_engines.py JOBS.json OUT.json``
 where JOBS is a list of {"name", "model", "engine": {...LLM kwargs}, "prompts": [...],
-"max_tokens": N}. Set VLLM_PLUGINS=none in the environment for stock vLLM.
+"max_tokens": N}. Set VLLM_PLUGINS=moe_offload_amx in the environment for stock vLLM (tests/conftest.py).
 
 vLLM inspects each model architecture in a fresh Python process (about 6-20 s
 here) unless ``$VLLM_CACHE_ROOT/modelinfos`` holds the result. Each runner gets

@@ -70,8 +70,13 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serve(model: Path, tmp: Path, flags: tuple[str, ...] = (), stock: bool = False) -> Iterator[Server]:
-    """``vllm serve MODEL FLAGS`` (plus :data:`BASE_FLAGS`) until the block ends; its output goes to tmp/serve.log."""
+def serve(
+    model: Path, tmp: Path, flags: tuple[str, ...] = (), stock: bool = False, env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``vllm serve MODEL FLAGS`` (plus :data:`BASE_FLAGS`) until the block ends; its output goes to tmp/serve.log.
+
+    ``env``: variables set on top of :func:`tests.conftest.engine_env`'s.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     shared = os.environ.get(SHARED_MODELINFO_ENV)
     if shared:  # vLLM's model-info cache of the session (tests/run_engines.py): skips an inspection process
@@ -81,7 +86,7 @@ def serve(model: Path, tmp: Path, flags: tuple[str, ...] = (), stock: bool = Fal
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [VLLM, "serve", str(model), *flags, "--host", "127.0.0.1", "--port", str(port), *BASE_FLAGS],
-            env=engine_env(tmp, stock=stock, multiprocess=True), stdout=log, stderr=subprocess.STDOUT,
+            env={**engine_env(tmp, stock=stock, multiprocess=True), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # the engine-core children die with the group
         )
         try:

@@ -4,7 +4,9 @@
 It runs in every vLLM process, before any configuration exists, so it only
 registers classes and applies the patches in ``patches/``; nothing changes
 until a configuration asks for offload (``--moe-offload`` or
-``additional_config={"moe_offload": {...}}``).
+``additional_config={"moe_offload": {...}}``). The one exception, offload on or
+off: on x86-64 CPUs with AMX it asks Linux for AMX tile state in each process,
+without which vLLM 0.32's workers die with SIGILL (``runtime/amx.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _registered = False
 def register() -> None:
     """Register the offloaded MoE layer and the CLI flags. Idempotent and cheap."""
     global _registered
+    from vllm_moe_offload.runtime.amx import request_amx_permission
+
+    request_amx_permission()  # first: vLLM calls this before any model code of the process runs
     if _registered:
         return
     import vllm

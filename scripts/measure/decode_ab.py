@@ -3,7 +3,7 @@
 Usage (from the repository root, in .venv):
     python scripts/measure/decode_ab.py MODEL [--budget 100%] [--policy ondemand] [--rounds 2] [--reps 5]
 
-Each round starts stock vLLM (``VLLM_PLUGINS=none``) and then the plugin, one
+Each round starts stock vLLM (``VLLM_PLUGINS=moe_offload_amx``: the plugin's AMX permission alone) and then the plugin, one
 engine at a time in its own process, and times ``--reps`` decodes of 128 tokens
 after a 32-token prompt (held-out tokens of the trained tiny-mixtral). A single
 decode, as ``vllm-moe-offload bench`` measures, can be off by tens of percent
@@ -57,7 +57,7 @@ def main() -> None:
     report = {"stock_s": [], "plugin_s": []}
     offload = {"policy": args.policy, "budget": args.budget}
     for _ in range(args.rounds):
-        for key, env_extra, spec in (("stock_s", {"VLLM_PLUGINS": "none"}, {}), ("plugin_s", {}, offload)):
+        for key, env_extra, spec in (("stock_s", {"VLLM_PLUGINS": "moe_offload_amx"}, {}), ("plugin_s", {}, offload)):
             env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"} | env_extra
             out = subprocess.run(
                 [sys.executable, __file__, args.model, "--reps", str(args.reps), "--child", json.dumps(spec)],

@@ -82,7 +82,7 @@ def main() -> None:
                    VLLM_RPC_BASE_PATH=str(args.out_dir / "rpc"))
         (args.out_dir / "rpc").mkdir(exist_ok=True)
         if stock:
-            env["VLLM_PLUGINS"] = "none"
+            env["VLLM_PLUGINS"] = "moe_offload_amx"  # stock vLLM with the plugin's AMX permission alone
         with open(args.out_dir / f"{label}.log", "w") as log:
             subprocess.run([sys.executable, __file__, "--child", str(args.out_dir / f"{label}-job.json")],
                            env=env, stdout=log, stderr=subprocess.STDOUT, check=True)

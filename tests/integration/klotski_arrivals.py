@@ -5,7 +5,7 @@ Used by tests/integration/test_klotski.py (klotski's held decode steps). Usage:
 "first": [ids], "later": [[ids]...], "after_tokens": N, "max_tokens": M}. The first request
 runs alone; once it has ``after_tokens`` tokens, each later request is added at the next step
 that produced no output (a held step), or at once with stock vLLM (which never holds), one per
-such step. Set VLLM_PLUGINS=none for stock vLLM.
+such step. Set VLLM_PLUGINS=moe_offload_amx for stock vLLM.
 """
 
 import json

@@ -2,9 +2,11 @@
 
 Real vLLM engines on tiny random-weight models (correctness only; random
 routing says nothing about hit rates). Stock runs with the plugin disabled
-(``VLLM_PLUGINS=none``); offload runs at budget 100%, 50% and the minimum
+(``VLLM_PLUGINS=moe_offload_amx``, see tests/conftest.py); offload runs at budget 100%, 50% and the minimum
 (``top_k`` slots per layer), with the disk tier (direct I/O) and, for one
-architecture, the host tier.
+architecture, the host tier. Those engines run in-process (fast start-up); each
+architecture also runs once with one policy in vLLM's default multiprocess mode,
+as users run it (its worker is a process of its own, where the plugin loads again).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ pytestmark = pytest.mark.engine
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
 #: every tiny model has 8 experts, top-2: the minimum budget is 2 of 8 slots per layer
 BUDGETS = {"100%": "100%", "50%": "50%", "min": "25%"}
+#: the policy of each architecture's multiprocess run: klotski's scheduler hook then runs in the
+#: engine-core process and its layers in the worker's; fate's and lru's loads in the worker
+MULTIPROCESS = {"mixtral": "klotski", "qwen2_moe": "fate", "qwen3_moe": "lru", "olmoe": "lru", "deepseek_v2": "fate"}
 
 
 def _job(name, model, policy=None, budget=None, **extra):
@@ -40,7 +45,13 @@ def results(tiny_models, tmp_path_factory):
     offload_jobs.append(_job("mixtral/lru/50%/host", tiny_models["mixtral"], "lru", "50%", tier="host"))
     stock = run_engines(tmp / "stock", stock_jobs, stock=True)
     offload = run_engines(tmp / "offload", offload_jobs, stock=False)
-    return stock, offload
+    multiprocess = run_engines(
+        tmp / "multiprocess",
+        [_job(f"{arch}/{policy}/50%/multiprocess", tiny_models[arch], policy, "50%")
+         for arch, policy in MULTIPROCESS.items()],
+        stock=False, multiprocess=True,
+    )
+    return stock, {**offload, **multiprocess}
 
 
 def _policies(arch):
@@ -58,7 +69,7 @@ def _policies(arch):
 def _case_names():
     return [f"{arch}/{policy}/{label}" for arch in ARCHS for label in BUDGETS for policy in _policies(arch)] + [
         "mixtral/lru/50%/host"
-    ]
+    ] + [f"{arch}/{policy}/50%/multiprocess" for arch, policy in MULTIPROCESS.items()]
 
 
 @pytest.mark.parametrize("name", _case_names())

@@ -4,7 +4,7 @@ Real engines on a copy of the tiny Mixtral, each run in a fresh sandbox: HOME,
 TMPDIR, XDG_CACHE_HOME, XDG_CONFIG_HOME and VLLM_CACHE_ROOT point into it and
 the runner's working directory is in it. The offload run (an int4 store under
 ``cache_dir``, then the plain disk tier) may write, outside ``cache_dir``, only
-what stock vLLM (``VLLM_PLUGINS=none``) writes in the same layout: vLLM's own
+what stock vLLM (``VLLM_PLUGINS=moe_offload_amx``) writes in the same layout: vLLM's own
 caches and the test runner's files. Nothing may appear in the model folder (for
 example a store next to the checkpoint).
 """

@@ -1,7 +1,7 @@
 """``vllm-moe-offload bench``: real vLLM engines, stock against offload policies and budgets.
 
 Engines run one after another, never two at once, each in its own process
-(``cli/bench_run.py``; stock vLLM with ``VLLM_PLUGINS=none``): stock with every
+(``cli/bench_run.py``; stock vLLM with ``VLLM_PLUGINS=moe_offload_amx``, the plugin's AMX permission alone): stock with every
 expert resident, the plugin at budget 100%, then every policy at every budget.
 Each measures a batch-1 decode, one long prefill and a batch of concurrent
 requests (see ``--help``). Writes ``bench.json`` (everything), ``bench.md``
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from vllm_moe_offload.cli.main import Subcommand
+from vllm_moe_offload.runtime.amx import STOCK_VLLM_PLUGINS
 
 #: workload sizes in tokens and requests; --quick shrinks them to a smoke test
 FULL = {"decode_prompt": 32, "decode_tokens": 128, "prefill_tokens": 512,
@@ -218,7 +219,7 @@ def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[d
             env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         (tmp / "rpc").mkdir()
         if stock:
-            env["VLLM_PLUGINS"] = "none"
+            env["VLLM_PLUGINS"] = STOCK_VLLM_PLUGINS
         else:
             env.pop("VLLM_PLUGINS", None)
         (tmp / "jobs.json").write_text(json.dumps(jobs))

@@ -184,7 +184,7 @@ def _describe(report: dict) -> str:
         f"{'multiprocess' if engine.get('multiprocessing') else 'in-process'} engine, "
         f"max_num_batched_tokens {engine.get('max_num_batched_tokens')}, prefix caching "
         f"{engine.get('enable_prefix_caching')}; one engine at a time, each in its own process "
-        f"(stock with `VLLM_PLUGINS=none`); the page cache is dropped before each run; a 4-token warm-up "
+        f"(stock with `VLLM_PLUGINS=moe_offload_amx`: the plugin's AMX permission alone); the page cache is dropped before each run; a 4-token warm-up "
         f"request precedes the workloads, which then run in the order decode, prefill, batch on the same engine.",
         f"Machine: {m['cpus']} CPUs, {m['platform']}; load average {m['load_avg_at_start'][0]:.2f} at start, "
         f"{m['load_avg_at_end'][0]:.2f} at end. **{m['note']}.**",

@@ -3,7 +3,7 @@
 ``python -m vllm_moe_offload.cli.bench_run JOBS.json OUT.json`` runs every job
 of JOBS (a list; see ``cli/bench.py``) in order, each with a fresh engine, and
 writes their results to OUT. ``bench`` starts one such process per engine
-(stock vLLM needs its own, with ``VLLM_PLUGINS=none``), never two at once.
+(stock vLLM needs its own, with ``VLLM_PLUGINS=moe_offload_amx``), never two at once.
 
 Per job: drop the page cache (when asked; needs root), record which pages of
 the checkpoint sit in the page cache, start the engine, warm it up, run the
