@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine: a virtual environment in .venv with vLLM
-# and this plugin. With --demo, then make a tiny MoE model locally and generate
-# with expert offload on. With --cuda, install vLLM's CUDA build instead of the
+# and this plugin. With --demo, then generate with expert offload on from the
+# small trained MoE shipped in models/tiny-pymoe (examples/offline_generate.py). With --cuda, install vLLM's CUDA build instead of the
 # CPU build.
 #
 #   bash scripts/setup.sh            # set up (idempotent; a second run is quick)

@@ -61,7 +61,11 @@ def wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout_s: floa
 
 
 def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the server and its children are gone already (wait_healthy says how)
+        server.wait()
+        return
     try:
         server.wait(timeout=60)
     except subprocess.TimeoutExpired:
