@@ -135,3 +135,25 @@ def test_klotski_switches_default_to_everything_and_survive_other_policies():
 def test_bad_klotski_switches_name_value_and_allowed(raw, message):
     with pytest.raises(OffloadConfigError, match=message):
         OffloadConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fate", "klotski", "eap"])
+def test_replacement_for_every_policy_with_a_cache(policy):
+    config = OffloadConfig.from_dict({"policy": policy, "replacement": "Decay"})
+    assert config.replacement == "decay"
+    assert OffloadConfig.from_dict(config.to_dict()) == config
+    assert OffloadConfig.from_dict({"policy": policy}).replacement is None  # the policy's own cache
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [({"policy": "lru", "replacement": "mru"},
+      r"replacement 'mru' is not one of \['lru', 'arc', 'lfru', 'log2decay', 'ewma', 'decay'\]"),
+     ({"policy": "lru", "replacement": "ondemand"}, r"replacement 'ondemand' is not one of"),
+     ({"policy": "ondemand", "replacement": "decay"},
+      r"replacement only applies to policies with a cache \['lru', 'fate', 'klotski', 'eap'\], not 'ondemand'"),
+     ({"replacement": "decay"}, "not 'off'")],
+)
+def test_bad_replacement_names_value_and_allowed(raw, message):
+    with pytest.raises(OffloadConfigError, match=message):
+        OffloadConfig.from_dict(raw)

@@ -107,6 +107,7 @@ def test_startup_plan_block(runs):
     lru = _plan_block(log, "lru")
     assert "  resident   none\n" in lru
     assert "  offloaded  layers 0-1: 4/8 slots\n" in lru
+    assert "  cache      lru replacement\n" in lru
     assert re.search(r"  where      slots on cpu; offloaded experts read from /\S+ \(direct I/O\)", lru), lru
     assert re.search(r"  budget     2.25 MiB; slots use 1.50 MiB; staging 772.00 KiB; all experts 3.00 MiB", lru), lru
     assert re.search(r"  link       measured [\d.]+ KiB \(one expert, disk -> cpu\) in [\d.]+ ms = [\d.]+ GB/s", lru)
@@ -115,4 +116,5 @@ def test_startup_plan_block(runs):
     fate = _plan_block(log, "fate")
     assert "  resident   layer 0 (every expert in fast memory)\n" in fate, fate
     assert "  offloaded  layer 1: 4/8 slots\n" in fate, fate
+    assert "  cache      arc replacement\n" in fate, fate  # fate's own cache unless `replacement` says otherwise
     assert re.search(r"  prediction 1 layers prefetched", fate), fate

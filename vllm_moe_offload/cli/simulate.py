@@ -19,7 +19,7 @@ from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_byte
 from vllm_moe_offload.core.correlation import CorrelationTable, build_profile_from_trace, load_profile
 from vllm_moe_offload.core.predictors import PREDICTOR_NAMES
 from vllm_moe_offload.core.schedule import SlotBudget, parse_budgets, replay_length
-from vllm_moe_offload.core.simulate import ORDERS, PolicySpec, resolve_policies, simulate
+from vllm_moe_offload.core.simulate import ALL_POLICIES, ORDERS, PolicySpec, resolve_policies, simulate
 from vllm_moe_offload.core.traces import Trace, load_trace
 
 DEFAULT_POLICIES = "lru,lfu,ondemand,eap,belady"
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policies", default=DEFAULT_POLICIES,
         help="cache policies, optionally CACHE+PREDICTOR (lru+eap, lfu+oracle); eap means lru+eap; "
-        "belady is always added; default %(default)s",
+        f"'all': {', '.join(ALL_POLICIES)}; belady is always added; default %(default)s",
     )
     view = parser.add_mutually_exclusive_group()
     view.add_argument(

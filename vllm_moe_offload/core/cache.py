@@ -7,7 +7,8 @@ Contract shared by every policy:
 
 * a slot map never holds more experts than it has slots;
 * an expert that the current pass needs (``pinned``) is never evicted;
-* a policy is told about every access (hit or miss) and every eviction, in order.
+* a policy is told about every access (hit or miss) and every eviction, in order,
+  and about the end of every step (:meth:`ReplacementPolicy.on_step_end`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ReplacementPolicy(ABC):
 
     def before_admit(self, expert: int) -> None:
         """Called when ``expert`` is about to enter, before a victim is chosen."""
+
+    def on_step_end(self) -> None:
+        """A step (one forward of the layer) ended: the clock of step-based policies ticks."""
 
     def useful(self, expert: int, steps_since_use: int | None) -> bool:
         """Whether a prefetch must spare resident ``expert`` (the next steps likely need it).
@@ -237,6 +241,7 @@ class SlotMap:
         for expert in dropped:
             self.drop(expert)
         self._step += 1
+        self.policy.on_step_end()
         return dropped
 
 
@@ -250,10 +255,20 @@ def make_policy(name: str, num_experts: int, capacity: int, top_k: int) -> Repla
         from vllm_moe_offload.core.arc import ARCPolicy
 
         return ARCPolicy(num_experts, capacity)
+    if name in FREQUENCY_POLICY_NAMES:
+        from vllm_moe_offload.core.frequency import FREQUENCY_POLICIES
+
+        return FREQUENCY_POLICIES[name](num_experts, capacity)
     raise ValueError(f"unknown cache policy {name!r}; allowed: {sorted(POLICY_NAMES)}")
 
 
-POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name, "arc"})
+#: the policies of ``core/frequency.py`` (named here so that this module need not import it)
+FREQUENCY_POLICY_NAMES = ("lfru", "log2decay", "ewma", "decay")
+
+POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name, "arc", *FREQUENCY_POLICY_NAMES})
+
+#: policies that replace over the whole budget (all but ``ondemand``): the ``replacement`` setting's values
+REPLACEMENT_NAMES = (LRUPolicy.name, "arc", *FREQUENCY_POLICY_NAMES)
 
 
 def pack_passes(token_experts: Iterable[Collection[int]], num_slots: int) -> list[list[int]]:

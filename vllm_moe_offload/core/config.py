@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from vllm_moe_offload.core.cache import REPLACEMENT_NAMES
+
 #: key under ``additional_config`` that holds the plugin's settings
 CONFIG_KEY = "moe_offload"
 
@@ -159,6 +161,9 @@ class OffloadConfig:
     #: an I/O thread busy longer than this on one load is declared stuck: the engine stops
     #: with an error instead of hanging behind it (must exceed load_timeout_s)
     io_stuck_s: float = 120.0
+    #: the slot caches' replacement policy (``core/cache.py``, ``core/frequency.py``); None: the
+    #: offload policy's own (ARC for fate, LRU for the others). ``ondemand`` has no cache to replace in
+    replacement: str | None = None
     #: klotski: which of its parts run (see KLOTSKI_FEATURES); all by default, none for the
     #: ablation's first row (whole next layer prefetched, no grouping, no reordering)
     klotski_features: tuple[str, ...] = KLOTSKI_FEATURES
@@ -224,6 +229,8 @@ class OffloadConfig:
         if "klotski_hold_ms" in raw:
             kw["klotski_hold_ms"] = _number(raw["klotski_hold_ms"], "klotski_hold_ms", float, 0.0, 1000.0)
         _check_klotski(kw, raw)
+        if "replacement" in raw:
+            kw["replacement"] = _parse_replacement(raw["replacement"], kw.get("policy", Policy.OFF))
         timeout_s = kw.get("load_timeout_s", cls.load_timeout_s)
         if kw.get("io_stuck_s", cls.io_stuck_s) <= timeout_s:
             raise OffloadConfigError(
@@ -275,6 +282,19 @@ def _parse_policy(value: Any) -> Policy:
             f"allowed: {[p.value for p in Policy]}"
         )
     return _enum(Policy, value, "policy")
+
+
+def _parse_replacement(value: Any, policy: Policy) -> str:
+    """A replacement policy's name, for an offload policy that has a cache to replace in."""
+    name = str(value).strip().lower()
+    if name not in REPLACEMENT_NAMES:
+        raise OffloadConfigError(f"replacement {value!r} is not one of {list(REPLACEMENT_NAMES)}")
+    if policy in (Policy.OFF, Policy.ONDEMAND):
+        with_cache = [p.value for p in Policy if p not in (Policy.OFF, Policy.ONDEMAND)]
+        raise OffloadConfigError(
+            f"replacement only applies to policies with a cache {with_cache}, not {policy.value!r}"
+        )
+    return name
 
 
 def _parse_quant(value: Any) -> Quant:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from vllm_moe_offload.core.belady import BeladyPolicy
-from vllm_moe_offload.core.cache import ReplacementPolicy, make_policy
+from vllm_moe_offload.core.cache import FREQUENCY_POLICY_NAMES, ReplacementPolicy, make_policy
 
 
 class LFUPolicy(ReplacementPolicy):
@@ -42,7 +42,7 @@ class LFUPolicy(ReplacementPolicy):
 
 
 #: cache policies the simulator can replay
-SIM_POLICY_NAMES = ("lru", "lfu", "arc", "ondemand", "belady")
+SIM_POLICY_NAMES = ("lru", "lfu", "arc", *FREQUENCY_POLICY_NAMES, "ondemand", "belady")
 
 
 def make_sim_policy(

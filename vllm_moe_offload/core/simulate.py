@@ -274,9 +274,17 @@ class PolicySpec:
         return f"{self.cache}+{self.predictor}" if self.predictor else self.cache
 
 
+#: what ``all`` stands for: every cache policy, then LRU with every predictor
+ALL_POLICIES = (*SIM_POLICY_NAMES, *(f"lru+{p}" for p in PREDICTOR_NAMES))
+
+
 def resolve_policies(names: Sequence[str | PolicySpec]) -> list[PolicySpec]:
-    """Parsed specs without duplicates; Belady is appended when missing (always reported)."""
-    specs = [n if isinstance(n, PolicySpec) else PolicySpec.parse(n) for n in names]
+    """Parsed specs without duplicates; ``all`` expands to :data:`ALL_POLICIES`; Belady is appended when missing."""
+    expanded: list[str | PolicySpec] = []
+    for name in names:
+        is_all = isinstance(name, str) and name.strip().lower() == "all"
+        expanded.extend(ALL_POLICIES if is_all else [name])
+    specs = [n if isinstance(n, PolicySpec) else PolicySpec.parse(n) for n in expanded]
     specs = list(dict.fromkeys(specs))
     if PolicySpec(BeladyPolicy.name) not in specs:
         specs.append(PolicySpec(BeladyPolicy.name))

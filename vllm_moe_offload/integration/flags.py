@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vllm_moe_offload.core.cache import REPLACEMENT_NAMES
 from vllm_moe_offload.core.config import (
     CONFIG_KEY,
     KLOTSKI_FEATURES,
@@ -36,6 +37,7 @@ FLAG_KEYS = {
     "moe_offload_overfetch": "overfetch",
     "moe_offload_load_timeout_s": "load_timeout_s",
     "moe_offload_io_stuck_s": "io_stuck_s",
+    "moe_offload_replacement": "replacement",
     "moe_offload_profile": "profile",
     "moe_offload_save_profile": "save_profile",
     "moe_offload_klotski_features": "klotski_features",
@@ -132,6 +134,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--moe-offload-io-stuck-s", dest="moe_offload_io_stuck_s", default=None, type=float, metavar="S",
         help="An I/O thread busy this long on one load is declared stuck and the engine stops with an error "
         "instead of hanging (default 120; must exceed the load timeout).",
+    )
+    group.add_argument(
+        "--moe-offload-replacement", dest="moe_offload_replacement", default=None, choices=REPLACEMENT_NAMES,
+        help="Which expert leaves a full slot cache (lru, fate, klotski, eap): 'lru' (least recently used), "
+        "'arc' (adaptive replacement cache), 'lfru' (uses over steps since the last, vLLM PR 37190), "
+        "'log2decay' (llama.cpp: use count halving every 128 steps, compared in powers of two), 'ewma' "
+        "(moe-surgeon: moving average of use per step), 'decay' (use count halving every 32 steps; the best "
+        "demand hit rate in trace replay, `vllm-moe-offload simulate TRACE --policies all`). Default: the "
+        "policy's own ('arc' for fate, 'lru' otherwise).",
     )
     group.add_argument(
         "--moe-offload-profile", dest="moe_offload_profile", default=None, metavar="PATH",

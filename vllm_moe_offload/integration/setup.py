@@ -156,7 +156,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     return runtime
 
 
-#: the cache policy behind each offload policy (Fate caches deep layers with ARC)
+#: the cache policy behind each offload policy unless ``replacement`` says otherwise (Fate caches deep layers with ARC)
 _CACHE_POLICY = {
     Policy.ONDEMAND: "ondemand", Policy.LRU: "lru", Policy.FATE: "arc", Policy.KLOTSKI: "lru", Policy.EAP: "lru",
 }
@@ -322,7 +322,8 @@ def _slots_for(
     ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
     w13_slots = torch.empty((num_slots, *w13.shape[1:]), dtype=w13.dtype, device=w13.device)
     w2_slots = torch.empty((num_slots, *w2.shape[1:]), dtype=w2.dtype, device=w2.device)
-    policy = make_policy(_CACHE_POLICY[config.policy], plan.num_experts, num_slots, layer.top_k)
+    replacement = config.replacement or _CACHE_POLICY[config.policy]
+    policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
     slots = LayerSlots(
         layer.layer_idx, w13_slots, w2_slots, SlotMap(plan.num_experts, num_slots, policy), source, engine, link,
         load_timeout_s=config.load_timeout_s,

@@ -47,6 +47,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
             ", ".join(f"{_ranges(ids)}: {n}/{plan.num_experts} slots" for n, ids in _by_slots(offloaded))
             or "none (the budget holds every expert)"
         ),
+        *([f"  cache      {offloaded[0].slot_map.policy.name} replacement"] if offloaded else []),
         f"  where      {_where(runtime, first)}",
         f"  budget     {format_bytes(plan.budget_bytes)}; slots use {format_bytes(plan.slot_bytes)}; "
         f"staging {format_bytes(plan.staging_bytes)}; all experts {format_bytes(plan.total_expert_bytes)}",
