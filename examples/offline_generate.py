@@ -1,48 +1,52 @@
 """Generate with a MoE model whose experts are offloaded: only a budget of them stays in memory.
 
-    python examples/offline_generate.py                       # a tiny random MoE made locally
-    python examples/offline_generate.py --model ../shared/models/tiny-mixtral --policy lru --budget 25%
+    python examples/offline_generate.py                  # models/tiny-pymoe, shipped with the project
+    python examples/offline_generate.py --policy fate --budget 25%
+    python examples/offline_generate.py --model PATH     # another local MoE checkpoint
 
-Prints the completions and the expert cache's statistics (hits, misses, bytes
-read from disk, time the kernel waited for loads).
+The default model is a toy MoE trained on Python's standard library (models/tiny-pymoe/README.md),
+so the prompts are the starts of Python code. Decodes greedily with a mild repetition penalty
+(``--repetition-penalty 1.0``: plain greedy) and prints each prompt and its continuation, then the
+expert cache's statistics (hits, misses, bytes read from disk, time the kernel waited for loads).
 """
 
 import argparse
 from pathlib import Path
 
-PROMPTS = ["Once upon a time", "The little cat", "def fibonacci(n):"]
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-pymoe"
+PROMPTS = [
+    'def read_config(path):\n    ',
+    'import os\n\n\ndef ',
+    'class Parser:\n    """',
+    'def read_lines(filename):\n    with open(',
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local Mixtral/Qwen-MoE/OLMoE/DeepSeek-V2 checkpoint folder "
-                        "(default: make a tiny random Mixtral in .scratch/demo-mixtral)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="a local Mixtral/Qwen-MoE/OLMoE/DeepSeek-V2 checkpoint folder (default: %(default)s)")
     parser.add_argument("--policy", default="lru", choices=["ondemand", "lru", "fate", "klotski", "eap"])
     parser.add_argument("--budget", default="50%", help="e.g. 50%%, 2MiB (default 50%%)")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    # a toy model decoding greedily soon loops ("path, path, path"); 1.2 keeps it off loops, 1.0 is plain greedy
+    parser.add_argument("--repetition-penalty", type=float, default=1.2, help="(default %(default)s)")
     args = parser.parse_args()
-
-    model = args.model
-    if model is None:
-        from vllm_moe_offload.cli.tiny_models import make_tiny_model
-
-        model = Path(".scratch/demo-mixtral")
-        if not (model / "config.json").exists():
-            print(f"making a tiny random-weight Mixtral in {model} (its text is noise: the weights are random)")
-            make_tiny_model("mixtral", model)
 
     from vllm import LLM, SamplingParams
 
     import vllm_moe_offload
 
     llm = LLM(
-        model=str(model), dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+        model=args.model, dtype="bfloat16", max_model_len=1024, enforce_eager=True,
         kv_cache_memory_bytes=256 * 2**20,  # skips vLLM's slow automatic KV sizing on CPU
         additional_config={"moe_offload": {"policy": args.policy, "budget": args.budget}},
     )
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    for prompt, out in zip(PROMPTS, outputs):
-        print(f"\n{prompt!r} -> {out.outputs[0].text!r}")
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty)
+    outputs = llm.generate(PROMPTS, params)
+    for i, (prompt, out) in enumerate(zip(PROMPTS, outputs), 1):
+        print(f"\n----- prompt {i} -----\n{prompt}\n----- continuation ({len(out.outputs[0].token_ids)} tokens) -----")
+        print(out.outputs[0].text)
     from vllm_moe_offload.core.stats import format_summary
 
     for worker in vllm_moe_offload.offload_stats(llm):

@@ -25,8 +25,6 @@ import pytest
 from vllm_moe_offload.runtime.amx import STOCK_VLLM_PLUGINS
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TINY_MIXTRAL = SHARED / "models" / "tiny-mixtral"
 #: the trained demo MoE shipped in the repository (learned routing; held-out ids in its heldout-tokens.npy)
 TINY_PYMOE = REPO / "models" / "tiny-pymoe"
 

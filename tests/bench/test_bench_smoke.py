@@ -1,4 +1,4 @@
-"""``vllm-moe-offload bench --quick`` end to end on the trained tiny-mixtral (no timing assertions)."""
+"""``vllm-moe-offload bench --quick`` end to end on the trained tiny-pymoe (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import SHARED, TINY_MIXTRAL
+from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.main import main
 
 pytestmark = pytest.mark.engine
@@ -18,8 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     rc = main([
-        "bench", str(TINY_MIXTRAL), "--quick", "--policies", "ondemand,lru", "--budgets", "25%",
-        "--tokens", str(SHARED / "models" / "tiny-mixtral-heldout-tokens.npy"), "--no-drop-cache", "--out", str(out),
+        "bench", str(TINY_PYMOE), "--quick", "--policies", "ondemand,lru", "--budgets", "25%",
+        "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--out", str(out),
     ])
     assert rc == 0
     return out, json.loads((out / "bench.json").read_text())

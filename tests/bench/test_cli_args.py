@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO, TINY_MIXTRAL
+from tests.conftest import REPO, TINY_PYMOE
 from vllm_moe_offload.cli.main import main
 from vllm_moe_offload.cli.trace import load_prompts
 
@@ -29,16 +29,16 @@ def test_parser_with_every_subcommand_imports_no_torch_vllm_or_matplotlib():
 
 def test_bench_refuses_bad_settings(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["bench", str(TINY_MIXTRAL), "--policies", "off", "--out", str(out)]) == 2
-    assert main(["bench", str(TINY_MIXTRAL), "--budgets", "0%", "--out", str(out)]) == 2
-    assert main(["bench", str(TINY_MIXTRAL), "--policies", "nope", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_PYMOE), "--policies", "off", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_PYMOE), "--budgets", "0%", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_PYMOE), "--policies", "nope", "--out", str(out)]) == 2
     printed = capsys.readouterr().out
     assert "does not offload" in printed and "must be in (0%, 100%]" in printed and "'nope'" in printed
     assert not out.exists()
 
 
 def test_pad_model_refuses_bad_factor(tmp_path, capsys):
-    assert main(["pad-model", str(TINY_MIXTRAL), str(tmp_path / "x"), "--factor", "0", "--no-progress"]) == 2
+    assert main(["pad-model", str(TINY_PYMOE), str(tmp_path / "x"), "--factor", "0", "--no-progress"]) == 2
     assert "--factor must be a positive integer" in capsys.readouterr().out
 
 
@@ -67,8 +67,8 @@ def test_bench_policy_entries_carry_settings_for_ablations(tmp_path, capsys):
     assert entries == ["lru", "klotski[klotski_features=hot+reorder;klotski_max_group=2]", "klotski[klotski_features=none]"]
     assert policy_settings(entries[1]) == {"policy": "klotski", "klotski_features": "hot,reorder", "klotski_max_group": "2"}
     out = tmp_path / "out"
-    assert main(["bench", str(TINY_MIXTRAL), "--policies", "klotski[klotski_features=fast]", "--out", str(out)]) == 2
-    assert main(["bench", str(TINY_MIXTRAL), "--policies", "klotski[oops]", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_PYMOE), "--policies", "klotski[klotski_features=fast]", "--out", str(out)]) == 2
+    assert main(["bench", str(TINY_PYMOE), "--policies", "klotski[oops]", "--out", str(out)]) == 2
     printed = capsys.readouterr().out
     assert "unknown ['fast']" in printed and "'oops' is not key=value" in printed
     assert not out.exists()

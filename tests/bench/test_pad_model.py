@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from tests.conftest import PROMPTS, TINY_MIXTRAL, run_engines
+from tests.conftest import PROMPTS, TINY_PYMOE, run_engines
 from vllm_moe_offload.cli.main import main
 from vllm_moe_offload.cli.pad_model import pad_model
 from vllm_moe_offload.cli.tiny_models import make_tiny_model
@@ -87,13 +88,14 @@ def test_sharded_output_and_refusals(tmp_path, models):
 
 @pytest.mark.engine
 def test_vllm_greedy_tokens_unchanged(tmp_path):
-    """Stock vLLM (bf16 kernels) gives the trained tiny-mixtral and its padded copy the same greedy tokens."""
-    padded = tmp_path / "tiny-mixtral-x4"
-    pad_model(TINY_MIXTRAL, padded, 4, progress=False)
-    prompts = [[1, *p[1:]] for p in PROMPTS]
+    """Stock vLLM (bf16 kernels) gives the trained tiny-pymoe and its padded copy the same greedy tokens."""
+    padded = tmp_path / "tiny-pymoe-x4"
+    pad_model(TINY_PYMOE, padded, 4, progress=False)
+    heldout = np.load(TINY_PYMOE / "heldout-tokens.npy")
+    prompts = [[1, *heldout[start:start + 16].tolist()] for start in (0, 4096, 8192, 16384)]  # <s> + held-out text
     jobs = [
         {"name": name, "model": str(model), "prompts": prompts, "max_tokens": 32}
-        for name, model in (("source", TINY_MIXTRAL), ("padded", padded))
+        for name, model in (("source", TINY_PYMOE), ("padded", padded))
     ]
     results = run_engines(tmp_path / "engines", jobs, stock=True)
     assert results["padded"]["tokens"] == results["source"]["tokens"]

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_MIXTRAL, engine_env
+from tests.conftest import REPO, TINY_PYMOE, engine_env
 from vllm_moe_offload.core.traces import load_trace
 
 pytestmark = pytest.mark.engine
 
-PROMPT_LINES = ["Once upon a time there was a little", "The cat sat on the", "def add(a, b):"]
+PROMPT_LINES = ["def add(a, b):", "import os", "class Parser:"]
 MAX_TOKENS = 6
 
 
@@ -24,7 +24,7 @@ def trace(tmp_path_factory):
     prompts.write_text("\n".join(PROMPT_LINES) + "\n")
     out = tmp / "tiny.npz"
     # With offload on (LRU at 25%): the recorder must see through the offloaded layer.
-    cmd = [sys.executable, "-m", "vllm_moe_offload.cli.trace", str(TINY_MIXTRAL), "--prompts", str(prompts),
+    cmd = [sys.executable, "-m", "vllm_moe_offload.cli.trace", str(TINY_PYMOE), "--prompts", str(prompts),
            "--out", str(out), "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--hidden",
            "--save-profile", str(tmp / "profile.npz"),
            "--moe-offload", "lru", "--moe-offload-budget", "25%"]
@@ -38,13 +38,13 @@ def trace(tmp_path_factory):
 def test_trace_layout(trace):
     trace, _ = trace
     meta = trace.meta
-    assert (meta.num_experts, meta.top_k, meta.layer_ids) == (16, 2, tuple(range(8)))
+    assert (meta.num_experts, meta.top_k, meta.layer_ids) == (16, 2, tuple(range(6)))
     assert meta.seq_names == tuple(PROMPT_LINES)
-    assert meta.expert_bytes == 3 * 128 * 256 * 2
-    assert trace.hidden is not None and trace.hidden.shape == (trace.num_tokens, 8, 128)
+    assert meta.expert_bytes == 3 * 128 * 64 * 2
+    assert trace.hidden is not None and trace.hidden.shape == (trace.num_tokens, 6, 128)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_MIXTRAL))
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_PYMOE))
     for seq, line in enumerate(PROMPT_LINES):
         rows = trace.sequence_rows(seq)
         prompt = tokenizer(line)["input_ids"]
@@ -63,7 +63,7 @@ def test_topk_ids_match_the_checkpoint_gates(trace):
     import torch
     from safetensors import safe_open
 
-    with safe_open(str(TINY_MIXTRAL / "model.safetensors"), "pt") as f:
+    with safe_open(str(TINY_PYMOE / "model.safetensors"), "pt") as f:
         for column, layer_idx in enumerate(trace.meta.layer_ids):
             gate = f.get_tensor(f"model.layers.{layer_idx}.block_sparse_moe.gate.weight").float()  # [E, H]
             hidden = torch.from_numpy(trace.hidden[:, column].astype(np.float32))  # [N, H]

@@ -1,7 +1,7 @@
 """Fate inside vLLM: prefetch that spares useful experts, look-ahead deeper than one layer.
 
 Tokens must stay stock vLLM's. The random tiny Mixtral checks correctness with a
-batch of requests; the trained tiny-mixtral (learned routing) gives the
+batch of requests; the trained tiny-pymoe (learned routing) gives the
 prediction figures. Both run with an EMULATED link latency so that one expert's
 load outlasts a layer's compute, as on real hardware, and with three I/O threads,
 so that several loads can be in flight: then the look-ahead goes deeper than one
@@ -10,12 +10,13 @@ layer (with one thread it stays at one).
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED, TINY_MIXTRAL, run_engines
+from tests.conftest import TINY_PYMOE, run_engines
 from vllm_moe_offload.core.config import Budget, OffloadConfig
 from vllm_moe_offload.core.correlation import CorrelationTable, load_profile
 from vllm_moe_offload.core.plan import plan_slots
@@ -26,6 +27,9 @@ from vllm_moe_offload.integration.setup import _resident_layers
 LINK_LATENCY_MS = 3.0
 #: loads in flight at once: look-ahead deeper than one layer needs more than one lane
 IO_THREADS = 3
+_config = json.loads((TINY_PYMOE / "config.json").read_text())
+#: MoE layers, experts per layer, top_k of the trained model
+TINY_PYMOE_SHAPE = (_config["num_hidden_layers"], _config["num_local_experts"], _config["num_experts_per_tok"])
 
 
 def _random_prompts() -> list[list[int]]:
@@ -35,7 +39,7 @@ def _random_prompts() -> list[list[int]]:
 
 def _trained_rounds() -> list[dict]:
     """Batch-1 decode of held-out text: one request per round."""
-    tokens = np.load(SHARED / "models" / "tiny-mixtral-heldout-tokens.npy")
+    tokens = np.load(TINY_PYMOE / "heldout-tokens.npy")
     return [{"prompts": [[1] + tokens[start:start + 24].tolist()]} for start in (0, 5000, 20000)]
 
 
@@ -53,16 +57,16 @@ def results(tiny_models, tmp_path_factory):
     random_model = tiny_models["mixtral"]
     stock = run_engines(tmp / "stock", [
         _job("random", random_model, prompts=_random_prompts()),
-        _job("trained", TINY_MIXTRAL, rounds=_trained_rounds()),
+        _job("trained", TINY_PYMOE, rounds=_trained_rounds()),
     ], stock=True)
     profile = tmp / "profile.npz"
     offload = run_engines(tmp / "offload", [
         _job("random 25%", random_model, {"budget": "25%"}, prompts=_random_prompts()),
-        _job("trained 50%", TINY_MIXTRAL, {"budget": "50%", "save_profile": str(profile)}, rounds=_trained_rounds()),
+        _job("trained 50%", TINY_PYMOE, {"budget": "50%", "save_profile": str(profile)}, rounds=_trained_rounds()),
     ], stock=False)
     # a restart from the saved profile chooses its resident layers from the recall measured above
     offload.update(run_engines(tmp / "profiled", [
-        _job("trained 50% profiled", TINY_MIXTRAL, {"budget": "50%", "profile": str(profile)},
+        _job("trained 50% profiled", TINY_PYMOE, {"budget": "50%", "profile": str(profile)},
              rounds=_trained_rounds()),
     ], stock=False))
     return stock, offload, profile
@@ -96,8 +100,9 @@ def test_look_ahead_goes_deeper_when_loads_outlast_compute(results):
 def test_prediction_recall_falls_with_distance_on_the_trained_model(results):
     _, offload, _ = results
     recall = {int(d): r for d, r in _total(offload["trained 50%"])["recall_by_distance"].items()}
-    print("trained tiny-mixtral, fate 50%: recall by look-ahead distance", recall)
-    assert recall[1] > 0.6  # Fate reports about 0.79 one layer ahead; last session measured 0.81 precision
+    print("trained tiny-pymoe, fate 50%: recall by look-ahead distance", recall)
+    # tiny-pymoe measured 0.77 one layer ahead, 0.73 two, 0.64 three; Fate reports about 0.79 on Mixtral
+    assert recall[1] > 0.7
     assert recall[1] > recall[3]
 
 
@@ -116,18 +121,18 @@ def test_resident_layers_follow_the_loads_the_saved_profile_predicts(results):
     table = load_profile(profile)
     recall = table.prediction_recall
     assert np.isnan(recall[0]) and not np.isnan(recall[1:]).any()  # layer 0 resident, never predicted
-    print("trained tiny-mixtral, fate 50%: saved recall by layer", recall.round(3).tolist())
+    print("trained tiny-pymoe, fate 50%: saved recall by layer", recall.round(3).tolist())
     before = offload["trained 50%"]["stats"][0]["layer_slots"]
     after = offload["trained 50% profiled"]["stats"][0]["layer_slots"]
-    assert before[0] == 16 and before[1] < 16  # default: layer 0 only
+    num_layers, num_experts, top_k = TINY_PYMOE_SHAPE
+    assert before[0] == num_experts and before[1] < num_experts  # default: layer 0 only
     # the same rule over the saved counts, with the 50% budget split as the engine splits it (staging aside)
-    choice = choose_resident_layers(layer_demand(table.counts, table.top_k), _split(Budget.parse("50%"), 8, 16, 2),
-                                    min_resident=0)
-    print("trained tiny-mixtral, fate 50%: expected loads per token by resident layers", choice.describe())
-    resident = next(i for i, n in enumerate(after) if n < 16)
-    # on this model every resident layer costs the others more hits than it saves (session 3 measured
-    # 43.3 tok/s with layer 0 resident, 30.6 with layers 0-1; session 4's replay: 1194 loads with none
-    # resident, 1729 with layer 0)
+    layer_slots = _split(Budget.parse("50%"), num_layers, num_experts, top_k)
+    choice = choose_resident_layers(layer_demand(table.counts, table.top_k), layer_slots, min_resident=0)
+    print("trained tiny-pymoe, fate 50%: expected loads per token by resident layers", choice.describe())
+    resident = next(i for i, n in enumerate(after) if n < num_experts)
+    # on this model every resident layer costs the others more hits than it saves (measured on its saved
+    # profile: 1.40 expected loads per token with no layer resident, 2.65 with layer 0, 3.61 with layers 0-1)
     assert resident == choice.resident_layers == 0
 
 
