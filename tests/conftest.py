@@ -55,11 +55,12 @@ def engine_env(tmp: Path, stock: bool, multiprocess: bool = False) -> dict[str, 
 
 def run_engines(
     tmp: Path, jobs: list[dict], stock: bool, multiprocess: bool = False, timeout_s: int = 900,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, cgroup=None,
 ) -> dict:
     """Run ``jobs`` (see tests/run_engines.py) in one subprocess; results by job name.
 
     ``env``: variables set on top of :func:`engine_env`'s (it wins over them).
+    ``cgroup``: a ``tests.cgroups.MemoryCgroup`` the subprocess (and the engine's) runs in.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file, log_file = tmp / "jobs.json", tmp / "out.json", tmp / "log.txt"
@@ -68,7 +69,7 @@ def run_engines(
         proc = subprocess.run(
             [sys.executable, str(REPO / "tests" / "run_engines.py"), str(jobs_file), str(out_file)],
             env={**engine_env(tmp, stock, multiprocess), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-            timeout=timeout_s, cwd=tmp,
+            timeout=timeout_s, cwd=tmp, preexec_fn=cgroup.enter if cgroup is not None else None,
         )
     if proc.returncode != 0:
         raise AssertionError(f"engine runner failed ({proc.returncode}):\n{log_file.read_text()[-6000:]}")

@@ -22,7 +22,7 @@ def test_budget_share():
 
 @pytest.mark.parametrize("bad", ["", "abc", "4 GiBs", "-1GiB", "0", "0%", "101%", True, None, [1], 0.0])
 def test_bad_budgets_name_value_and_allowed(bad):
-    with pytest.raises(OffloadConfigError, match="allowed: a size such as 4GiB"):
+    with pytest.raises(OffloadConfigError, match="allowed: auto, a size such as 4GiB"):
         Budget.parse(bad)
 
 

@@ -31,7 +31,7 @@ def monkeypatch_module():
     "section, message",
     [
         ({"policy": "lru", "budgett": "1GiB"}, r"unknown moe_offload key\(s\) \['budgett'\]; allowed keys"),
-        ({"policy": "lru", "budget": "12 parsecs"}, r"budget '12 parsecs' is malformed; allowed: a size"),
+        ({"policy": "lru", "budget": "12 parsecs"}, r"budget '12 parsecs' is malformed; allowed: auto, a size"),
         ({"policy": "lru", "budget": 0}, r"budget 0 must be positive"),
         ({"policy": "lru", "budget": "0%"}, r"must be in \(0%, 100%\]"),
         ({"policy": "lru", "budget": "-1GiB"}, r"budget '-1GiB' is malformed"),

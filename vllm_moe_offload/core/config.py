@@ -82,15 +82,23 @@ _PCT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 @dataclass(frozen=True)
 class Budget:
-    """Fast-memory budget for expert slots: bytes, or a share of all expert bytes."""
+    """Fast-memory budget for expert slots: bytes, a share of all expert bytes, or ``auto``.
+
+    ``auto`` is the largest size that fits the memory this engine may use, chosen
+    in each worker once the non-expert weights are loaded (``core/memory_budget.py``);
+    it must be resolved to a size before :meth:`resolve`.
+    """
 
     num_bytes: int | None = None
     fraction: float | None = None
+    auto: bool = False
 
     @classmethod
     def parse(cls, value: Any) -> Budget:
-        """Parse ``4GiB``, ``512MiB``, ``1.5GB``, ``123456`` (bytes) or ``50%``."""
-        allowed = "a size such as 4GiB, 512MiB, 1.5GB or 1048576 (bytes), or a share such as 50%"
+        """Parse ``auto``, ``4GiB``, ``512MiB``, ``1.5GB``, ``123456`` (bytes) or ``50%``."""
+        allowed = "auto, a size such as 4GiB, 512MiB, 1.5GB or 1048576 (bytes), or a share such as 50%"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return cls(auto=True)
         if isinstance(value, bool):
             raise OffloadConfigError(f"budget {value!r} is not a size; allowed: {allowed}")
         if isinstance(value, (int, float)):
@@ -114,12 +122,16 @@ class Budget:
 
     def resolve(self, total_bytes: int) -> int:
         """Bytes granted, given the model's total expert bytes."""
+        if self.auto:
+            raise ValueError("budget auto is chosen from the memory the engine may use: resolve it first")
         if self.fraction is not None:
             return int(self.fraction * total_bytes)
         assert self.num_bytes is not None
         return self.num_bytes
 
     def __str__(self) -> str:
+        if self.auto:
+            return "auto"
         if self.fraction is not None:
             return f"{self.fraction * 100:g}%"
         return format_bytes(self.num_bytes or 0)
@@ -137,7 +149,8 @@ class OffloadConfig:
     """Validated settings of the plugin (see ``--help=MoEOffload``)."""
 
     policy: Policy = Policy.OFF
-    budget: Budget = Budget(fraction=0.5)
+    #: ``auto`` by default: the largest budget the engine's memory leaves the experts (core/memory_budget.py)
+    budget: Budget = Budget(auto=True)
     tier: Tier = Tier.AUTO
     direct_io: bool = True
     io_threads: int = 1
@@ -256,7 +269,7 @@ class OffloadConfig:
         """JSON-serialisable form (vLLM hashes ``additional_config``)."""
         out = asdict(self)
         out["policy"] = self.policy.value
-        out["budget"] = str(self.budget) if self.budget.fraction is not None else self.budget.num_bytes
+        out["budget"] = self.budget.num_bytes if self.budget.num_bytes is not None else str(self.budget)
         out["tier"] = self.tier.value
         out["quant"] = self.quant.value
         out["store"] = self.store.value

@@ -89,6 +89,13 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
     if offload.policy is Policy.KLOTSKI and "groups" in offload.klotski_features:
         group_steps(vllm_config.scheduler_config, offload.klotski_max_group)
     tp = parallel.tensor_parallel_size
+    if offload.budget.auto:
+        logger.info(
+            "MoE offload: policy %s, budget auto: each worker gives the experts the memory left once the "
+            "non-expert weights are loaded, less the KV cache and a working margin (its startup plan says how much)",
+            offload.policy.value,
+        )
+        return
     geometry = estimate_geometry(
         vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
     )

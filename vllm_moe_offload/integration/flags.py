@@ -74,8 +74,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--moe-offload-budget", dest="moe_offload_budget", default=None, type=_budget, metavar="SIZE",
-        help="Fast memory for expert slots, over all MoE layers: a size (4GiB, 512MiB, 1.5GB, "
-        "or bytes) or a share of the model's expert bytes (50%%). Default 50%%.",
+        help="Fast memory for expert slots, over all MoE layers: 'auto' (the default: the largest budget "
+        "that fits the memory this engine may use, its cgroup's limit or else the system's available memory, "
+        "after the non-expert weights, the KV cache and a working margin; CPU backend), a size (4GiB, 512MiB, "
+        "1.5GB, or bytes) or a share of the model's expert bytes (50%%).",
     )
     group.add_argument(
         "--moe-offload-tier", dest="moe_offload_tier", default=None, choices=[t.value for t in Tier],

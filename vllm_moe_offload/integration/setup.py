@@ -13,7 +13,22 @@ import numpy as np
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap, make_policy
-from vllm_moe_offload.core.config import OffloadConfig, OffloadConfigError, Policy, Quant, Store, Tier, format_bytes
+from vllm_moe_offload.core.config import (
+    Budget,
+    OffloadConfig,
+    OffloadConfigError,
+    Policy,
+    Quant,
+    Store,
+    Tier,
+    format_bytes,
+)
+from vllm_moe_offload.core.memory_budget import (
+    KV_SHARE_WHEN_UNSET,
+    AutoBudget,
+    choose_auto_budget,
+    kv_bytes_when_unset,
+)
 from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
@@ -38,6 +53,7 @@ from vllm_moe_offload.runtime.expert_store import (
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
+from vllm_moe_offload.runtime.memory_limit import engine_memory
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.cuda_transfer import make_transfer_engine
@@ -63,6 +79,8 @@ class OffloadRuntime:
     observer: RoutingObserver | None = None
     #: every fast-memory allocation for experts (slots, read buffers, conversion, CUDA staging ring)
     ledger: BudgetLedger | None = None
+    #: what ``budget auto`` chose and why (None for a size or share budget)
+    auto_budget: AutoBudget | None = None
 
     def stats(self) -> dict:
         per_layer = [slots.stats_dict() for slots in self.layers]
@@ -117,16 +135,22 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     index = CheckpointIndex(_checkpoint_folder(vllm_config))
     # a saved profile is read once: it may choose fate's resident layers and starts the observer's table
     profile = make_table(layers, config.profile, vllm_config.model_config.model) if config.profile else None
+    budget, auto = _resolve_budget(config, vllm_config, first.w13_weight.device, first.moe_config.tp_size)
     # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget;
     # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
     plan_with = functools.partial(
-        plan_rank_slots, config.budget, first.moe_config.tp_size, io_threads=config.io_threads,
+        plan_rank_slots, budget, first.moe_config.tp_size, io_threads=config.io_threads,
         cuda=first.w13_weight.device.type == "cuda", read_span_bytes=index.largest_expert_span(),
         num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
     )
-    plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
+    try:
+        plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
+    except OffloadConfigError as exc:
+        if auto is None:
+            raise
+        raise OffloadConfigError(f"{auto.explain()}; {exc}") from None
     ledger = BudgetLedger(plan.budget_bytes)
     if first.moe_config.tp_size > 1:
         logger.info(
@@ -142,7 +166,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         first.w13_weight.device, config.io_threads, expert_bytes, ledger=ledger, stuck_after_s=config.io_stuck_s,
     )
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
-    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger)
+    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto)
     store = _open_store(layers, index, readers, config, plan)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
@@ -154,6 +178,35 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
     _log_plan(runtime, vllm_config, time.perf_counter() - started)
     return runtime
+
+
+def _resolve_budget(config: OffloadConfig, vllm_config, device: torch.device, tp_size: int):
+    """(the budget to plan with, what ``auto`` chose or None): ``auto`` becomes a size here, in the worker.
+
+    Measured once the non-expert weights are loaded and before the slots and the
+    KV cache exist, so what is left for both is known (``core/memory_budget.py``).
+    """
+    if not config.budget.auto:
+        return config.budget, None
+    if device.type != "cpu":
+        raise OffloadConfigError(
+            "budget auto is chosen from host memory and is for vLLM's CPU backend in this release; "
+            "on CUDA give a size (e.g. 12GiB) or a share of the expert bytes (e.g. 50%)"
+        )
+    import psutil  # a dependency of vLLM
+
+    cache_config = vllm_config.cache_config
+    if cache_config.kv_cache_memory_bytes is not None:
+        kv_bytes, note = cache_config.kv_cache_memory_bytes, "--kv-cache-memory-bytes"
+    else:
+        share = cache_config.gpu_memory_utilization
+        requested = int(share * psutil.virtual_memory().total)
+        kv_bytes = kv_bytes_when_unset(requested, psutil.Process().memory_info().rss)
+        note = (f"{KV_SHARE_WHEN_UNSET:.0%} of what vLLM's share of memory (--gpu-memory-utilization {share:g}) "
+                "leaves after the weights; --kv-cache-memory-bytes sets it")
+    auto = choose_auto_budget(engine_memory(), kv_bytes, tp_size, note)
+    logger.info("MoE offload: %s", auto.explain())
+    return Budget(num_bytes=auto.budget_bytes), auto
 
 
 #: the cache policy behind each offload policy unless ``replacement`` says otherwise (Fate caches deep layers with ARC)

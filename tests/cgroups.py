@@ -1,0 +1,64 @@
+"""A fresh memory cgroup with a limit, for tests that run a process under it (v1 or v2, whichever is here)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class MemoryCgroup:
+    folder: Path
+    version: int
+
+    #: the skip reason where no cgroup can be made
+    CANNOT = "this machine lets the test make no memory cgroup (needs root and a writable cgroup tree)"
+
+    @classmethod
+    def make(cls, limit_bytes: int) -> MemoryCgroup | None:
+        """A child of this process's own memory cgroup limited to ``limit_bytes``; None where not allowed."""
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        v1 = [line.split(":", 2)[2] for line in own if line.split(":", 2)[1] == "memory"]
+        v2 = [line.split(":", 2)[2] for line in own if line.startswith("0::")]
+        if v1:
+            parent, version = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), 1
+        elif v2:
+            parent, version = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), 2
+        else:
+            return None
+        box = cls(parent / f"moe-offload-test-{uuid.uuid4().hex[:8]}", version)
+        try:
+            box.folder.mkdir()
+            (box.folder / ("memory.limit_in_bytes" if version == 1 else "memory.max")).write_text(str(limit_bytes))
+        except OSError:
+            box.remove()
+            return None
+        return box
+
+    def enter(self) -> None:
+        """Move the calling process into the cgroup (a ``preexec_fn``: runs in the child before exec)."""
+        (self.folder / ("tasks" if self.version == 1 else "cgroup.procs")).write_text(str(os.getpid()))
+
+    def peak_bytes(self) -> int:
+        """The most memory (page cache included) the cgroup's processes held at once."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        return int((self.folder / name).read_text())
+
+    def oom_kills(self) -> int:
+        if self.version == 1:
+            fields = dict(line.split() for line in (self.folder / "memory.oom_control").read_text().splitlines())
+        else:
+            fields = dict(line.split() for line in (self.folder / "memory.events").read_text().splitlines())
+        return int(fields.get("oom_kill", 0))
+
+    def remove(self) -> None:
+        for _ in range(50):  # the last process may still be leaving
+            try:
+                if self.folder.exists():
+                    self.folder.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)

@@ -1,0 +1,51 @@
+"""``budget auto``: parsing, and the arithmetic that leaves the KV cache and a working margin their room."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_moe_offload.core.config import Budget, OffloadConfig
+from vllm_moe_offload.core.memory_budget import (
+    WORKING_MIN_BYTES,
+    MemoryView,
+    choose_auto_budget,
+    kv_bytes_when_unset,
+)
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("text", ["auto", " AUTO "])
+def test_auto_parses_prints_and_is_the_default(text):
+    budget = Budget.parse(text)
+    assert budget.auto and str(budget) == "auto"
+    assert OffloadConfig.from_dict({"policy": "lru"}).budget == Budget(auto=True)
+    assert OffloadConfig.from_dict({"policy": "lru", "budget": text}).to_dict()["budget"] == "auto"
+    with pytest.raises(ValueError, match="resolve it first"):
+        budget.resolve(10**9)
+
+
+def test_the_experts_get_what_the_kv_cache_and_the_margin_leave():
+    auto = choose_auto_budget(MemoryView(10 * GIB, "cgroup"), kv_bytes=2 * GIB)
+    assert auto.working_bytes == GIB  # 10% of what is available (above the floor)
+    assert auto.budget_bytes == 10 * GIB - 2 * GIB - GIB
+    text = auto.explain()
+    assert "10.00 GiB available (cgroup)" in text and "KV cache 2.00 GiB" in text and "= 7.00 GiB" in text
+
+
+def test_every_rank_keeps_its_kv_cache():
+    auto = choose_auto_budget(MemoryView(10 * GIB, "MemAvailable"), kv_bytes=2 * GIB, tp_size=2)
+    assert auto.budget_bytes == 10 * GIB - 2 * 2 * GIB - GIB
+    assert "KV cache 2 x 2.00 GiB" in auto.explain()
+
+
+def test_the_margin_has_a_floor_and_nothing_left_is_zero_not_negative():
+    small = choose_auto_budget(MemoryView(GIB, "x"), kv_bytes=0)
+    assert small.working_bytes == WORKING_MIN_BYTES and small.budget_bytes == GIB - WORKING_MIN_BYTES
+    assert choose_auto_budget(MemoryView(GIB, "x"), kv_bytes=GIB).budget_bytes == 0
+    assert choose_auto_budget(MemoryView(-5, "x"), kv_bytes=0).budget_bytes == 0
+
+
+def test_without_an_explicit_kv_size_the_kv_cache_keeps_half_the_room_vllm_requested():
+    assert kv_bytes_when_unset(requested_bytes=10 * GIB, resident_bytes=2 * GIB) == 4 * GIB
+    assert kv_bytes_when_unset(requested_bytes=GIB, resident_bytes=2 * GIB) == 0

@@ -1,0 +1,80 @@
+"""``--moe-offload-budget auto`` (the default) in real engines, with and without a memory limit.
+
+Under a limit the engine runs in a memory cgroup of its own (page cache
+counted, as on a real box), on the shipped tiny-pymoe padded to 3 MiB experts
+(288 MiB in all). The limit is set from a first run's measured peak, so that
+all experts would not fit besides the 512 MiB working margin ``auto`` keeps:
+``auto`` must then offload, stay under the limit and keep stock's tokens.
+Where the machine lets a test make no cgroup, that test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cgroups import MemoryCgroup
+from tests.conftest import PROMPTS, TINY_PYMOE, run_engines
+from vllm_moe_offload.cli.pad_model import pad_model
+from vllm_moe_offload.core.memory_budget import WORKING_MIN_BYTES
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+MIB = 2**20
+EXPERTS = 16
+
+
+def _job(name, model, offload=None):
+    engine = {"additional_config": {"moe_offload": offload}} if offload else {}
+    return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": 16}
+
+
+def test_auto_keeps_every_expert_where_memory_allows(tmp_path):
+    stock = run_engines(tmp_path / "stock", [_job("stock", TINY_PYMOE)], stock=True)["stock"]
+    got = run_engines(tmp_path / "auto", [_job("auto", TINY_PYMOE, {"policy": "lru"})], stock=False)["auto"]
+    assert got["tokens"] == stock["tokens"]
+    stats = got["stats"][0]
+    assert stats["layer_slots"] == [EXPERTS] * 6 and stats["total"]["misses"] == 0
+    log = Path(got["log"]).read_text()
+    assert "auto       budget auto = " in log and "KV cache 64.00 MiB (--kv-cache-memory-bytes)" in log
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "pymoe-x64"
+    pad_model(TINY_PYMOE, out, 64, progress=False)  # 48 KiB -> 3 MiB experts
+    return out
+
+
+def test_auto_offloads_under_a_memory_limit_with_stock_tokens(padded, tmp_path):
+    # a first run at 25% measures what the engine holds besides most of the experts
+    probe = MemoryCgroup.make(16 * 2**30)
+    if probe is None:
+        pytest.skip(MemoryCgroup.CANNOT)
+    try:
+        stock = run_engines(tmp_path / "stock", [_job("stock", padded)], stock=True)["stock"]
+        run_engines(tmp_path / "probe", [_job("probe", padded, {"policy": "lru", "budget": "25%"})],
+                    stock=False, cgroup=probe)
+        probe_peak = probe.peak_bytes()
+    finally:
+        probe.remove()
+    # room for the working margin and about 160 MiB more: more than the minimum (2 of 16 experts per
+    # layer, 48 MiB with staging), less than all 288 MiB of experts
+    limit = probe_peak + WORKING_MIN_BYTES + 160 * MIB
+    box = MemoryCgroup.make(limit)
+    try:
+        got = run_engines(tmp_path / "limited", [_job("auto", padded, {"policy": "lru"})], stock=False,
+                          cgroup=box)["auto"]
+        peak, oom_kills = box.peak_bytes(), box.oom_kills()
+    finally:
+        box.remove()
+    log = Path(got["log"]).read_text()
+    print(f"probe peak {probe_peak / MIB:.0f} MiB, limit {limit / MIB:.0f} MiB, peak under it {peak / MIB:.0f} MiB; "
+          + next(line for line in log.splitlines() if "budget auto = " in line).split("MoE offload: ")[-1])
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["tokens"]
+    slots = got["stats"][0]["layer_slots"]
+    assert all(2 <= n < EXPERTS for n in slots), slots  # offloaded, by the limit's arithmetic
+    assert "(cgroup v" in log
+    assert peak <= limit and oom_kills == 0

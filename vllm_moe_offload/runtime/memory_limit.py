@@ -1,0 +1,108 @@
+"""How much memory this process's engine may still allocate: its cgroup's limit, else the system's.
+
+The page cache counts against a cgroup's limit; its inactive file pages can be
+reclaimed, so they are not counted as used (as the kernel's own "working set"
+does). A cgroup nested in others is bound by the smallest limit on its path.
+Where no cgroup limits memory, the system's ``MemAvailable`` answers. Both
+cgroup versions are read: v1's memory controller (``memory.limit_in_bytes``,
+``memory.stat``'s ``hierarchical_memory_limit``) and v2's unified tree
+(``memory.max``, ``memory.current``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_moe_offload.core.config import format_bytes
+from vllm_moe_offload.core.memory_budget import MemoryView
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: v1 reports "no limit" as the largest page-aligned 63-bit value; anything this large is no limit
+_UNLIMITED_BYTES = 2**60
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """One cgroup's memory limit and use (``used_bytes`` without reclaimable page cache)."""
+
+    version: int
+    path: Path
+    limit_bytes: int
+    used_bytes: int
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _own_cgroups(proc_cgroup: Path = Path("/proc/self/cgroup")) -> dict[str, str]:
+    """``{"memory": path}`` for v1's memory controller and ``{"": path}`` for the v2 tree."""
+    out = {}
+    for line in proc_cgroup.read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            out[controller] = path
+    return out
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupMemory | None:
+    """This process's cgroup memory limit and use, or None where no cgroup limits memory."""
+    try:
+        own = _own_cgroups(proc_cgroup)
+    except OSError:
+        return None
+    if "memory" in own:  # v1 memory controller
+        folder = root / "memory" / own["memory"].lstrip("/")
+        stat = _stat(folder / "memory.stat")
+        limit = min(x for x in (_read_int(folder / "memory.limit_in_bytes"), stat.get("hierarchical_memory_limit"),
+                                _UNLIMITED_BYTES) if x is not None)
+        usage = _read_int(folder / "memory.usage_in_bytes")
+        if limit >= _UNLIMITED_BYTES or usage is None:
+            return None
+        return CgroupMemory(1, folder, limit, max(0, usage - stat.get("total_inactive_file", 0)))
+    if "" in own:  # v2: the smallest memory.max from this cgroup up to the root
+        folder = root / own[""].lstrip("/")
+        limit, walk = _UNLIMITED_BYTES, folder
+        while walk != root.parent and walk.is_relative_to(root):
+            value = _read_int(walk / "memory.max")
+            if value is not None:
+                limit = min(limit, value)
+            walk = walk.parent
+        usage = _read_int(folder / "memory.current")
+        if limit >= _UNLIMITED_BYTES or usage is None:
+            return None
+        stat = _stat(folder / "memory.stat")
+        return CgroupMemory(2, folder, limit, max(0, usage - stat.get("inactive_file", 0)))
+    return None
+
+
+def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{meminfo} has no MemAvailable line")
+
+
+def engine_memory() -> MemoryView:
+    """What the engine may still allocate: the cgroup's room where it is the tighter bound, else MemAvailable."""
+    system = mem_available_bytes()
+    cgroup = cgroup_memory()
+    if cgroup is not None and cgroup.limit_bytes - cgroup.used_bytes < system:
+        return MemoryView(
+            cgroup.limit_bytes - cgroup.used_bytes,
+            f"cgroup v{cgroup.version} limit {format_bytes(cgroup.limit_bytes)} less "
+            f"{format_bytes(cgroup.used_bytes)} in use, reclaimable page cache not counted",
+        )
+    return MemoryView(system, "MemAvailable of the system" + ("" if cgroup is None else ", below the cgroup's room"))
