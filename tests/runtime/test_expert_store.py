@@ -256,3 +256,25 @@ def test_weights_outside_float16_range_are_refused_naming_the_tensor(tmp_path, r
     with pytest.raises(OffloadConfigError, match=rf"cannot quantize {_names(0).prefix}.1.w3.weight to int4: .*float16"):
         open_or_build(CheckpointIndex(folder), [LayerSpec(_names(0), 2)], "int4", tmp_path / "s" / "x", readers)
     assert list((tmp_path / "s").iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 32 KiB filesystem (tmpfs), or a skip where the test may not mount one."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.decode().strip() or made.returncode})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_before_writing(checkpoint, small_disk, readers):
+    folder, _ = checkpoint
+    with pytest.raises(OffloadConfigError, match=r"the int4 expert store needs .* \(10 experts x \d+ bytes\) but "
+                       rf"{small_disk} has .* free; free space or set --moe-offload-cache-dir"):
+        _open(folder, small_disk, readers)
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == []  # no partial store left behind

@@ -32,6 +32,8 @@ this process also checks its crc32 (later reads of the same bytes skip the
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -368,7 +370,9 @@ def _build(
             with tqdm(total=total_experts, desc=what, unit="expert") as bar:
                 for layer_idx, layer in enumerate(layers):
                     path = tmp / f"layer_{layer_idx:03d}.bin"
-                    entry = _write_layer(index, layer, layer_idx, expected, path, reader, encode, bar)
+                    check = functools.partial(_check_free_space, expected["scheme"], total_experts=total_experts,
+                                              tmp=tmp) if layer_idx == 0 else None
+                    entry = _write_layer(index, layer, layer_idx, expected, path, reader, encode, bar, check)
                     manifest["layers"][layer.key] = entry
                     manifest["total_bytes"] += entry["file_bytes"]
         finally:
@@ -376,6 +380,14 @@ def _build(
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         _replace_dir(tmp, directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise OffloadConfigError(
+            f"the disk under {parent} filled up while the {expected['scheme']} expert store was written "
+            "(the partial store was removed); free space or set --moe-offload-cache-dir to a disk with room"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -384,16 +396,34 @@ def _build(
     return manifest
 
 
+def _check_free_space(scheme: str, per_expert_bytes: int, total_experts: int, tmp: Path) -> None:
+    """Refuse a build the disk cannot hold before writing it: the first expert's bytes times every expert.
+
+    MoE layers are alike, so the first expert stands for all.
+    """
+    needed, free = per_expert_bytes * total_experts, shutil.disk_usage(tmp).free
+    if needed > free:
+        raise OffloadConfigError(
+            f"the {scheme} expert store needs {format_bytes(needed)} ({total_experts} experts x "
+            f"{per_expert_bytes} bytes) but {tmp.parent} has {format_bytes(free)} free; free space or set "
+            "--moe-offload-cache-dir to a disk with room"
+        )
+
+
 def _write_layer(
     index: CheckpointIndex, layer: LayerSpec, ordinal: int, expected: dict, path: Path, reader: TensorReader,
-    encode: Encoder, bar: tqdm,
+    encode: Encoder, bar: tqdm, check_space: Callable[[int], None] | None = None,
 ) -> dict:
+    """Write one layer's experts; ``check_space`` is given the first expert's bytes before anything is written."""
     blocks: dict[str, list[list[int]]] = {p: [] for p in expected["precisions"]}
     with open(path, "wb") as f:
         for expert_idx in range(layer.num_experts):
             names = layer.names.of(expert_idx)
             weights = reader.read([index[n] for n in names])  # [out, in] each
-            for precision, raw in encode(ordinal, names, weights).items():
+            encoded = encode(ordinal, names, weights)
+            if check_space is not None and expert_idx == 0:
+                check_space(sum(len(raw) + (-len(raw) % ALIGN_BYTES) for raw in encoded.values()))
+            for precision, raw in encoded.items():
                 offset = f.tell()
                 f.write(raw)
                 f.write(b"\0" * (-len(raw) % ALIGN_BYTES))  # the next expert starts aligned for O_DIRECT
