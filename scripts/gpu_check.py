@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_moe_offload.core.cache import SlotMap, make_policy, pack_passes  # noqa: E402
+from vllm_moe_offload.core.cache import SlotMap, pack_passes  # noqa: E402
+from vllm_moe_offload.core.replacement import make_policy  # noqa: E402
 from vllm_moe_offload.runtime.cuda_transfer import CudaTransferEngine  # noqa: E402
 from vllm_moe_offload.runtime.slots import LayerSlots  # noqa: E402
 from vllm_moe_offload.runtime.tiers import ExpertTensors, Into, TierKind, fill  # noqa: E402

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 import pytest
 
 from tests.conftest import use_expert
-from vllm_moe_offload.core.cache import LRUPolicy, OnDemandPolicy, SlotMap, make_policy, pack_passes
+from vllm_moe_offload.core.cache import LRUPolicy, OnDemandPolicy, SlotMap, pack_passes
+from vllm_moe_offload.core.replacement import make_policy
 
 
 def test_lru_evicts_least_recent_unpinned():

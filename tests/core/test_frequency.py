@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from tests.core.tracegen import one_layer
 from vllm_moe_offload.core.belady import belady_misses
-from vllm_moe_offload.core.cache import FREQUENCY_POLICY_NAMES, SlotMap, make_policy
+from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.replacement import FREQUENCY_POLICY_NAMES, make_policy
 from vllm_moe_offload.core.frequency import (
     FREQUENCY_POLICIES,
     DecayPolicy,

@@ -15,7 +15,8 @@ import torch
 
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
 from tests.runtime.test_slots_cancel import RELEASE_WAIT_S, GatedSource, _wait_running
-from vllm_moe_offload.core.cache import SlotMap, make_policy
+from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.integration.experts import OffloadRoutedExperts, load_order
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots

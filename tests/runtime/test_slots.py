@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_moe_offload.core.cache import SlotMap, make_policy
+from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, HostSource

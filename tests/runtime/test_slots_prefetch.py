@@ -3,7 +3,8 @@
 import torch
 
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, _slots, experts  # noqa: F401 (fixture)
-from vllm_moe_offload.core.cache import SlotMap, make_policy
+from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
 from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource

@@ -245,32 +245,6 @@ class SlotMap:
         return dropped
 
 
-def make_policy(name: str, num_experts: int, capacity: int, top_k: int) -> ReplacementPolicy:
-    """Build the replacement policy registered under ``name``."""
-    if name == OnDemandPolicy.name:
-        return OnDemandPolicy(num_experts, capacity, scratch=top_k)
-    if name == LRUPolicy.name:
-        return LRUPolicy(num_experts, capacity)
-    if name == "arc":
-        from vllm_moe_offload.core.arc import ARCPolicy
-
-        return ARCPolicy(num_experts, capacity)
-    if name in FREQUENCY_POLICY_NAMES:
-        from vllm_moe_offload.core.frequency import FREQUENCY_POLICIES
-
-        return FREQUENCY_POLICIES[name](num_experts, capacity)
-    raise ValueError(f"unknown cache policy {name!r}; allowed: {sorted(POLICY_NAMES)}")
-
-
-#: the policies of ``core/frequency.py`` (named here so that this module need not import it)
-FREQUENCY_POLICY_NAMES = ("lfru", "log2decay", "ewma", "decay")
-
-POLICY_NAMES = frozenset({OnDemandPolicy.name, LRUPolicy.name, "arc", *FREQUENCY_POLICY_NAMES})
-
-#: policies that replace over the whole budget (all but ``ondemand``): the ``replacement`` setting's values
-REPLACEMENT_NAMES = (LRUPolicy.name, "arc", *FREQUENCY_POLICY_NAMES)
-
-
 def pack_passes(token_experts: Iterable[Collection[int]], num_slots: int) -> list[list[int]]:
     """Split tokens into passes that each need at most ``num_slots`` distinct experts.
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from vllm_moe_offload.core.cache import REPLACEMENT_NAMES
+from vllm_moe_offload.core.replacement import REPLACEMENT_NAMES
 
 #: key under ``additional_config`` that holds the plugin's settings
 CONFIG_KEY = "moe_offload"

@@ -196,7 +196,7 @@ class DecayPolicy(ScoredPolicy):
         return self._counts.value(expert, self.step)
 
 
-#: name -> class, for ``cache.make_policy``
+#: name -> class, for ``replacement.make_policy``
 FREQUENCY_POLICIES: dict[str, type[ScoredPolicy]] = {
     cls.name: cls for cls in (LFRUPolicy, Log2DecayPolicy, EWMAPolicy, DecayPolicy)
 }

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from vllm_moe_offload.core.belady import BeladyPolicy
-from vllm_moe_offload.core.cache import FREQUENCY_POLICY_NAMES, ReplacementPolicy, make_policy
+from vllm_moe_offload.core.cache import ReplacementPolicy
+from vllm_moe_offload.core.replacement import FREQUENCY_POLICY_NAMES, make_policy
 
 
 class LFUPolicy(ReplacementPolicy):

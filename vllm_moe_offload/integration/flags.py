@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm_moe_offload.core.cache import REPLACEMENT_NAMES
+from vllm_moe_offload.core.replacement import REPLACEMENT_NAMES
 from vllm_moe_offload.core.config import (
     CONFIG_KEY,
     KLOTSKI_FEATURES,

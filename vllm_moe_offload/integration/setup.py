@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_moe_offload.core.cache import SlotMap, make_policy
+from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.config import (
     Budget,
     OffloadConfig,
@@ -30,6 +30,7 @@ from vllm_moe_offload.core.memory_budget import (
     kv_bytes_when_unset,
 )
 from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
+from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
