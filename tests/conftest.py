@@ -60,7 +60,7 @@ def run_engines(
     """Run ``jobs`` (see tests/run_engines.py) in one subprocess; results by job name.
 
     ``env``: variables set on top of :func:`engine_env`'s (it wins over them).
-    ``cgroup``: a ``tests.cgroups.MemoryCgroup`` the subprocess (and the engine's) runs in.
+    ``cgroup``: a ``vllm_moe_offload.cli.cgroup.MemoryCgroup`` the subprocess (and the engine's) runs in.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     jobs_file, out_file, log_file = tmp / "jobs.json", tmp / "out.json", tmp / "log.txt"

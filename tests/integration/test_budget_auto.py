@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import MemoryCgroup
+from vllm_moe_offload.cli.cgroup import MemoryCgroup
 from tests.conftest import PROMPTS, TINY_PYMOE, run_engines
 from vllm_moe_offload.cli.pad_model import pad_model
 from vllm_moe_offload.core.memory_budget import WORKING_MIN_BYTES

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.cgroups import MemoryCgroup
+from vllm_moe_offload.cli.cgroup import MemoryCgroup
 from tests.conftest import REPO
 from vllm_moe_offload.runtime.memory_limit import cgroup_memory, engine_memory, mem_available_bytes
 

@@ -1,4 +1,11 @@
-"""A fresh memory cgroup with a limit, for tests that run a process under it (v1 or v2, whichever is here)."""
+"""A fresh memory cgroup with a limit, to run an engine under it (v1 or v2, whichever the machine has).
+
+For ``vllm-moe-offload bench --memory-limit`` and the tests: the page cache
+counts against the limit as it does on a real box, and the cgroup reports the
+peak memory of all its processes and whether the kernel killed one for memory.
+It is made under this process's own memory cgroup, which needs root (or a
+delegated cgroup tree).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ class MemoryCgroup:
     folder: Path
     version: int
 
-    #: the skip reason where no cgroup can be made
-    CANNOT = "this machine lets the test make no memory cgroup (needs root and a writable cgroup tree)"
+    #: why :meth:`make` returned None
+    CANNOT = ("no memory cgroup can be made here: it needs root (or a delegated cgroup tree) and a cgroup v1 "
+              "memory controller or a cgroup v2 tree under /sys/fs/cgroup")
 
     @classmethod
     def make(cls, limit_bytes: int) -> MemoryCgroup | None:
@@ -29,7 +37,7 @@ class MemoryCgroup:
             parent, version = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), 2
         else:
             return None
-        box = cls(parent / f"moe-offload-test-{uuid.uuid4().hex[:8]}", version)
+        box = cls(parent / f"moe-offload-{uuid.uuid4().hex[:8]}", version)
         try:
             box.folder.mkdir()
             (box.folder / ("memory.limit_in_bytes" if version == 1 else "memory.max")).write_text(str(limit_bytes))
