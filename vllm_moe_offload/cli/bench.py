@@ -4,9 +4,12 @@ Engines run one after another, never two at once, each in its own process
 (``cli/bench_run.py``; stock vLLM with ``VLLM_PLUGINS=moe_offload_amx``, the plugin's AMX permission alone): stock with every
 expert resident, the plugin at budget 100%, then every policy at every budget.
 Each measures a batch-1 decode, one long prefill and a batch of concurrent
-requests (see ``--help``). Writes ``bench.json`` (everything), ``bench.md``
-(tables, every figure also as a ratio to stock and to ondemand at the same
-budget) and PNG plots into ``--out``; report text lives in ``cli/bench_report.py``.
+requests (see ``--help``). After the timed stock engine, a second stock engine
+in the same process records the routing of the same prompts, from which every
+run's physical bound and its fraction of it are computed (``cli/bench_bound.py``).
+Writes ``bench.json`` (everything), ``bench.md`` (tables, every figure also as
+a ratio to stock and to ondemand at the same budget) and PNG plots into
+``--out``; report text lives in ``cli/bench_report.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ FULL = {"decode_prompt": 32, "decode_tokens": 128, "prefill_tokens": 512,
         "batch_requests": 32, "batch_prompt": 64, "batch_tokens": 64}
 QUICK = {"decode_prompt": 8, "decode_tokens": 8, "prefill_tokens": 32,
          "batch_requests": 4, "batch_prompt": 8, "batch_tokens": 4}
+
+#: rounds of the workloads on the engine that records the routing: with the timed stock run, samples of
+#: stock's time whose fastest is the compute floor (one slow moment of a shared machine must not raise it)
+ROUTING_ROUNDS = 5
 
 #: a timed engine waits while other processes keep more than this share of all CPUs busy
 BUSY_SHARE = 0.15
@@ -76,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from vllm_moe_offload.cli.bench_bound import PROBE_S, QUICK_PROBE_S, add_bounds
     from vllm_moe_offload.cli.bench_report import write_outputs
 
     if args.rebuild:
@@ -99,15 +107,20 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.log").write_text("")
     jobs = plan_jobs(args, policies, budgets, prompts, sizes)
-    if args.quick:  # timing does not matter: every plugin engine in one process
-        groups = [[j for j in jobs if j["kind"] == "stock"], [j for j in jobs if j["kind"] != "stock"]]
-    else:
-        groups = [[job] for job in jobs]
+    stock_jobs = [j for j in jobs if j["offload"] is None]  # the timed stock engine, then the routing one
+    plugin_jobs = [j for j in jobs if j["offload"] is not None]
+    # --quick: timing does not matter, every plugin engine in one process
+    groups = [stock_jobs] + ([plugin_jobs] if args.quick else [[job] for job in plugin_jobs])
     machine = machine_info()
     results = []
     for group in tqdm(groups, desc="engines", unit="process"):
-        results += run_group(group, args, stock=group[0]["kind"] == "stock")
-    paths = write_outputs(build_report(args, sizes, machine, results, policies, budgets), args.out)
+        results += run_group(group, args, stock=group[0]["offload"] is None)
+    routing = next(r for r in results if r["kind"] == "routing")
+    results = [r for r in results if r["kind"] != "routing"]
+    report = build_report(args, sizes, machine, results, policies, budgets)
+    report["bound"] = add_bounds(results, routing, lambda run: _run_config(args, run), args.model,
+                                 QUICK_PROBE_S if args.quick else PROBE_S)
+    paths = write_outputs(report, args.out)
     print((args.out / "bench.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -152,6 +165,13 @@ def _offload(args: argparse.Namespace, policy: str, budget: str) -> dict:
     return out
 
 
+def _run_config(args: argparse.Namespace, run: dict):
+    """The validated offload settings a plugin run of this bench ran with."""
+    from vllm_moe_offload.core.config import OffloadConfig
+
+    return OffloadConfig.from_dict(_offload(args, run["policy"], run["budget"]))
+
+
 def make_prompts(tokens: Path | None, model: str, sizes: dict) -> dict:
     """Token-id prompts of every workload, the same for every engine."""
     import numpy as np
@@ -181,7 +201,7 @@ def make_prompts(tokens: Path | None, model: str, sizes: dict) -> dict:
 
 
 def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str], prompts: dict, sizes: dict) -> list:
-    """Stock, the plugin at 100%, then every policy at every budget."""
+    """Stock, stock recording the routing, the plugin at 100%, then every policy at every budget."""
     max_len = max(sizes["decode_prompt"] + sizes["decode_tokens"], sizes["prefill_tokens"] + 1,
                   sizes["batch_prompt"] + sizes["batch_tokens"]) + 16
     engine = {"dtype": "bfloat16", "max_model_len": max_len, "kv_cache_memory_bytes": args.kv_cache_bytes,
@@ -195,7 +215,9 @@ def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str],
     common = {"model": str(model), "engine": engine, "workloads": workloads, "drop_cache": not args.no_drop_cache,
               "warmup": {"prompts": prompts["warmup"], "max_tokens": 4}}
     profile = not (args.quick or args.no_profile)
-    jobs = [{**common, "name": "stock", "kind": "stock", "offload": None, "profile": profile}]
+    jobs = [{**common, "name": "stock", "kind": "stock", "offload": None, "profile": profile},
+            {**common, "name": "stock (routing)", "kind": "routing", "offload": None, "profile": False,
+             "drop_cache": False, "record_routing": True, "rounds": ROUTING_ROUNDS}]
     jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0], "budget": "100%",
                  "offload": _offload(args, policies[0], "100%"), "profile": profile})
     for budget in budgets:

@@ -39,10 +39,13 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     md_path = out / "bench.md"
     md_path.write_text(format_markdown(report))
-    from vllm_moe_offload.cli.plots import plot_bench_cache, plot_bench_speed
+    from vllm_moe_offload.cli.plots import plot_bench_bound, plot_bench_cache, plot_bench_speed
 
-    return [json_path, md_path, plot_bench_speed(report, out / "bench-speed.png"),
-            plot_bench_cache(report, out / "bench-cache.png")]
+    paths = [json_path, md_path, plot_bench_speed(report, out / "bench-speed.png"),
+             plot_bench_cache(report, out / "bench-cache.png")]
+    if any(workload in run.get("bound", {}) for run in report["runs"] for workload in TABLES):
+        paths.append(plot_bench_bound(report, out / "bench-bound.png"))
+    return paths
 
 
 def mark_token_equality(report: dict) -> None:
@@ -142,6 +145,7 @@ def format_markdown(report: dict) -> str:
         "batch": f"{sizes['batch_requests']} requests of {sizes['batch_prompt']} prompt tokens, "
                  f"{sizes['batch_tokens']} generated each, submitted together",
     }
+    lines += _bound_section(report)
     for workload, (title, columns) in TABLES.items():
         lines += [f"## {title} ({workload_text[workload]})", ""]
         lines.append("| run | " + " | ".join(c[0] for c in columns) + " | tokens = stock |")
@@ -162,6 +166,72 @@ def format_markdown(report: dict) -> str:
     lines += _runs_table(report)
     lines += _overhead_section(report)
     return "\n".join(lines) + "\n"
+
+
+def _bound_section(report: dict) -> list[str]:
+    """Per workload and budget: the floors, the bound and every policy's fraction of it."""
+    bound = report.get("bound")
+    runs = [r for r in report["runs"] if r.get("bound")]
+    if not bound or not runs:
+        return []
+    probes = "; ".join(
+        f"{p['gbps']:.2f} GB/s with {p['io_threads']} I/O thread(s) "
+        f"({p['reads']} reads in {p['seconds']:.1f} s, {p['ms_per_read']:.2f} ms each"
+        f"{'' if p['direct_io'] else ', **buffered: O_DIRECT refused**'}; {p['link']})"
+        for p in bound["bandwidth"])
+    unequal = [name for name, same in bound["routing_tokens_match_stock"].items() if not same]
+    lines = [
+        "## Fraction of the physical bound", "",
+        "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster, a perfect one "
+        "reaches it. *compute floor*: stock's wall time on the workload (every expert resident; the fastest of "
+        f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it: the timed one and the rounds of the "
+        "stock engine that recorded the routing). *I/O floor*: "
+        "the expert loads of the optimal cache (Belady's rule, `cli/bench_bound.py`) for the workload's routing "
+        "with the run's slots per layer, times the run's bytes per expert, over the disk's read bandwidth "
+        f"measured the way the runs read (direct I/O, one expert per read: {probes}). The cache starts warm "
+        "with the experts needed first (a run's cache is warm from earlier workloads); a step needing more "
+        "experts than slots loads each once, and the prefill's prompt needs each of its experts once per layer. "
+        "The routing was recorded by a second stock engine on the same prompts after the timed stock run "
+        "(routing is the same for every run: their tokens equal stock's"
+        + (f"; **the recording's tokens differ from stock's in {', '.join(unequal)}**" if unequal else "")
+        + "). *fraction* = bound / the run's wall time on the workload (1.00: at the bound; the goal is >= 0.8). "
+        "*I/O* or *compute*: the larger floor.", "",
+    ]
+    policies = report["policies"]
+    lines.append("| workload | budget | slots/layer | compute floor ms | I/O floor ms | bound ms | "
+                 + " | ".join(policies) + " |")
+    lines.append("|---" * (6 + len(policies)) + "|")
+    for workload in TABLES:
+        for budget in dict.fromkeys(r["budget"] for r in runs):
+            at_budget = {r["policy"]: r for r in runs if r["budget"] == budget and workload in r["bound"]}
+            if not at_budget:
+                continue
+            ref = next(iter(at_budget.values()))
+            b = ref["bound"][workload]
+            cells = [workload, budget, _slots_text(ref["offload"]["layer_slots"]), _ms(b["compute_floor_s"]),
+                     _ms(b["io_floor_s"]), f"{_ms(b['bound_s'])} ({b['limited_by']})"]
+            for policy in policies:
+                run = at_budget.get(policy)
+                own = run["bound"][workload] if run else None
+                text = "-" if own is None else f"{own['fraction']:.2f}"
+                if own is not None and own["io_floor_s"] != b["io_floor_s"]:
+                    text += (f" (own slots {_slots_text(run['offload']['layer_slots'])}: I/O floor "
+                             f"{_ms(own['io_floor_s'])} ms, bound {_ms(own['bound_s'])} ms)")
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+    skipped = [f"{r['name']} ({r['bound']['skipped']})" for r in runs if "skipped" in r["bound"]]
+    if skipped:
+        lines += ["", "No bound for: " + "; ".join(skipped) + "."]
+    return lines + [""]
+
+
+def _slots_text(layer_slots: list[int]) -> str:
+    return str(layer_slots[0]) if len(set(layer_slots)) == 1 else "/".join(map(str, layer_slots))
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
 
 
 def _describe(report: dict) -> str:

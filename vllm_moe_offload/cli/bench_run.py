@@ -240,8 +240,22 @@ def profile_decode(llm, prompt: list[int], max_tokens: int) -> dict:
     return {"generated_tokens": max_tokens, **llm.collective_rpc(stop_profile)[0]}
 
 
+def drain_routing(worker) -> list:
+    """Runs in the worker: the routing recorded since the last call, ``[step][token][layer][k]`` expert ids."""
+    from vllm_moe_offload.integration import tracing
+
+    return [step.topk_ids.tolist() for step in tracing.drain(worker)]
+
+
 def run_job(job: dict) -> dict:
-    """One engine: start, warm up, workloads, statistics (see module docstring)."""
+    """One engine: start, warm up, workloads, statistics (see module docstring).
+
+    A job with ``record_routing`` records each workload's routing after the
+    warm-up (``integration/tracing.py``; the engine is eager) into its
+    ``routing``: the routing every run of the same prompts shares. With
+    ``rounds`` > 1 it then runs the workloads again, without the recorder and
+    the prefix cache reset before each, and adds their times as ``round_wall_s``.
+    """
     from vllm import LLM
 
     result: dict = {"name": job["name"], "kind": job["kind"], "started_at": time.time()}
@@ -262,6 +276,10 @@ def run_job(job: dict) -> dict:
         "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
     }
     run_workload(llm, "warmup", job["warmup"]["prompts"], job["warmup"]["max_tokens"])
+    if job.get("record_routing"):
+        from vllm_moe_offload.integration import tracing
+
+        llm.collective_rpc(tracing.install)
     stats = offload_totals(llm)
     result["offload"] = {k: v for k, v in stats.items() if k not in ("layers", "total")} if stats else None
     result["workloads"] = {}
@@ -270,12 +288,21 @@ def run_job(job: dict) -> dict:
         measured = run_workload(llm, name, spec["prompts"], spec["max_tokens"])
         stats = offload_totals(llm)
         measured["offload"] = _delta(stats, before)
+        if job.get("record_routing"):
+            measured["routing"] = llm.collective_rpc(drain_routing)[0]
         result["workloads"][name] = measured
         logger.info("%s %s: %.1f tok/s", job["name"], name, measured["throughput_tok_s"])
     result["offload_total"] = stats["total"] if stats else None
     if job.get("profile"):
         spec = job["workloads"]["decode"]
         result["profile"] = profile_decode(llm, spec["prompts"][0], spec["max_tokens"])
+    if job.get("record_routing"):
+        llm.collective_rpc(tracing.uninstall)  # the recorder holds the model
+    for _ in range(job.get("rounds", 1) - 1):
+        for name, spec in job["workloads"].items():
+            llm.reset_prefix_cache()  # the prompts' blocks are cached: a repeat would skip their prefill
+            again = run_workload(llm, name, spec["prompts"], spec["max_tokens"])
+            result["workloads"][name].setdefault("round_wall_s", []).append(again["wall_s"])
     result["memory_kib"] = llm.collective_rpc(worker_memory_kib)[0]
     result["page_cache_after"] = page_cache_report(job["model"])
     del llm

@@ -6,6 +6,7 @@ through ``pyplot``, so nothing global (backend, open figures) changes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 #: the bound is drawn in black, dashed, so it never reads as one more policy
@@ -70,10 +71,11 @@ def _bench_axes(report: dict, titles: list[str], height: float = 4.0):
 
 
 def _bench_colors(runs: list[dict]) -> list[str]:
-    """Grey for stock, black for the plugin at 100%, one colour per policy."""
-    palette = {"ondemand": "tab:orange", "lru": "tab:blue"}
+    """Grey for stock, black for the plugin at 100%, one colour per policy (its settings in brackets aside)."""
+    palette = {"ondemand": "tab:orange", "lru": "tab:blue", "eap": "tab:purple", "fate": "tab:red",
+               "klotski": "tab:green"}
     fixed = {"stock": "0.6", "full": "black"}
-    return [fixed.get(r["kind"]) or palette.get(r.get("policy"), "tab:green") for r in runs]
+    return [fixed.get(r["kind"]) or palette.get((r.get("policy") or "").split("[")[0], "tab:brown") for r in runs]
 
 
 #: settings of a run's name left out of plot labels: paths say nothing about the run and crowd the axis
@@ -108,6 +110,7 @@ def plot_bench_speed(report: dict, path: str | Path) -> Path:
         bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
         ax.bar_label(bars, [f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=7)
         ax.set_yscale("log")  # offload runs are often 10-100x below stock
+        _plain_log_ticks(ax)
         stock = next((v for r, v in zip(runs, values) if r["kind"] == "stock"), None)
         if stock:
             ax.axhline(stock, color="0.4", linestyle="--", linewidth=1)
@@ -188,3 +191,51 @@ def plot_prefetch_precision(report: dict, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_bench_bound(report: dict, path: str | Path) -> Path:
+    """Each plugin run's wall time per workload (bars, log scale) against its physical bound (dashed black).
+
+    Bars are labelled with the run's fraction of its bound (bound / time); the
+    dotted grey line is the compute floor (stock's time).
+    """
+    workloads = [("decode", "batch-1 decode"), ("prefill", "prefill"),
+                 ("batch", f"{report['sizes']['batch_requests']} concurrent requests")]
+    runs = [r for r in report["runs"] if any(w in r.get("bound", {}) for w, _ in workloads)]
+    fig, axes = _bench_axes({**report, "runs": runs}, [f"{title}: wall time" for _, title in workloads])
+    for ax, (workload, _) in zip(axes, workloads):
+        bounds = [r["bound"].get(workload) for r in runs]
+        x = [i for i, b in enumerate(bounds) if b]
+        times = [bounds[i]["time_s"] for i in x]
+        bars = ax.bar(x, times, color=[_bench_colors(runs)[i] for i in x])
+        ax.bar_label(bars, [f"{bounds[i]['fraction']:.2f}" for i in x], fontsize=7)
+        ax.hlines([bounds[i]["bound_s"] for i in x], [i - 0.45 for i in x], [i + 0.45 for i in x],
+                  colors=_BOUND_STYLE["color"], linestyles=_BOUND_STYLE["linestyle"], linewidth=1.5,
+                  label="bound: max(compute, I/O floor)")
+        if x:
+            ax.axhline(bounds[x[0]]["compute_floor_s"], color="0.5", linestyle=":", linewidth=1,
+                       label="compute floor (stock)")
+        ax.set_yscale("log")  # offload runs are often 10-100x above the bound
+        _plain_log_ticks(ax)
+        if x:  # headroom above the tallest bar for its label and the legend
+            ax.set_ylim(top=5 * max(times + [bounds[i]["bound_s"] for i in x]))
+        ax.set_xticks(range(len(runs)), [_label(r["name"]) for r in runs], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("seconds (bar label: fraction of the bound)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    _bench_footer(fig, report)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log-axis ticks as plain numbers (0.2, not 2x10^-1); minor ticks labelled at 2 and 5 only."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return f"{value:g}" if mantissa in (2, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.tick_params(axis="y", which="minor", labelsize=7)

@@ -1,0 +1,193 @@
+"""The physical bound of ``vllm-moe-offload bench``: optimal loads, fractions, the bandwidth probe, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from itertools import combinations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import TINY_PYMOE
+from vllm_moe_offload.cli.bench_bound import (
+    layer_accesses, optimal_loads, read_bandwidth, routing_loads, workload_bound,
+)
+from vllm_moe_offload.cli.main import main
+from vllm_moe_offload.core.belady import belady_misses
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_hand_example():
+    # 2 slots; steps need {0,1}, {2}, {0}, {1}, {2}.
+    # Cold: 0 and 1 load; 2 loads and evicts 1 (needed at step 3, after 0 at step 2);
+    # 0 hits; 1 loads and evicts 0 (never needed again); 2 hits: 4 loads.
+    # Warm: the cache starts with 0 and 1 (needed first), so only 2 and the reload of 1: 2 loads.
+    accesses = [{0, 1}, {2}, {0}, {1}, {2}]
+    assert optimal_loads(accesses, 4, 2, warm=False) == 4 == belady_misses(accesses, 4, 2)
+    assert optimal_loads(accesses, 4, 2) == 2
+
+
+def test_a_step_larger_than_the_cache_loads_each_expert_once():
+    # 3 experts in one step with 2 slots: each loaded once, then 0 (needed next) is kept
+    assert optimal_loads([{0, 1, 2}, {0}], 4, 2, warm=False) == 3
+    assert optimal_loads([{0, 1, 2}, {0}], 4, 2) == 1  # 0 and 1 were there from the start
+    assert optimal_loads([{0, 1, 2, 3}], 4, 4) == 0  # every expert resident
+
+
+def test_routing_to_loads_per_layer_and_merged_prefill():
+    # [step][token][layer][k]: 2 layers, top-2; layer 0 needs {0,1} then {2,3}, layer 1 always {0,1}
+    steps = [[[[0, 1], [0, 1]]], [[[2, 3], [1, 0]]]]
+    assert layer_accesses(steps, 2) == [[{0, 1}, {2, 3}], [{0, 1}, {0, 1}]]
+    assert layer_accesses(steps, 2, merge=True) == [[{0, 1, 2, 3}], [{0, 1}]]
+    assert routing_loads(steps, [2, 2], 4) == [2, 0]
+    assert routing_loads(steps, [2, 2], 4, merge=True) == [2, 0]
+    assert routing_loads(steps, [4, 2], 4) == [0, 0]
+    with pytest.raises(ValueError, match="2 MoE layers, the run 3"):
+        routing_loads(steps, [2, 2, 2], 4)
+
+
+def brute_force_loads(accesses: list[set[int]], num_experts: int, capacity: int, warm: bool) -> int:
+    """Fewest loads over every choice of what to keep after each step (the model of ``optimal_loads``)."""
+    states = {frozenset(c): 0 for n in range(capacity + 1) for c in combinations(range(num_experts), n)} \
+        if warm else {frozenset(): 0}
+    for needed in accesses:
+        following: dict[frozenset, int] = {}
+        for resident, cost in states.items():
+            cost += len(needed - resident)
+            pool = sorted(resident | needed)
+            for n in range(min(capacity, len(pool)) + 1):
+                for keep in map(frozenset, combinations(pool, n)):
+                    if len(needed) <= capacity and not needed <= keep:
+                        continue  # a step that fits holds its experts at once
+                    following[keep] = min(following.get(keep, cost), cost)
+        states = following
+    return min(states.values())
+
+
+@st.composite
+def cases(draw):
+    num_experts = draw(st.integers(2, 5))
+    capacity = draw(st.integers(1, num_experts))
+    steps = draw(st.lists(st.sets(st.integers(0, num_experts - 1), min_size=1), min_size=1, max_size=6))
+    return steps, num_experts, capacity
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases(), st.booleans())
+def test_optimal_loads_is_optimal(case, warm):
+    steps, num_experts, capacity = case
+    assert optimal_loads(steps, num_experts, capacity, warm) == brute_force_loads(steps, num_experts, capacity, warm)
+    if not warm and all(len(s) <= capacity for s in steps):
+        assert optimal_loads(steps, num_experts, capacity, warm) == belady_misses(steps, num_experts, capacity)
+
+
+def test_workload_bound():
+    # 4 loads of 1 MB at 2 GB/s: 2 ms of I/O under a 10 ms compute floor; the run took 20 ms
+    b = workload_bound([3, 1], 10**6, 2.0, 0.010, 0.020)
+    assert b["loads"] == 4 and b["bytes"] == 4 * 10**6 and b["io_floor_s"] == pytest.approx(0.002)
+    assert (b["bound_s"], b["limited_by"], b["fraction"]) == (0.010, "compute", 0.5)
+    # 400 loads: 200 ms of I/O; the run took 250 ms
+    b = workload_bound([400], 10**6, 2.0, 0.010, 0.250)
+    assert b["bound_s"] == pytest.approx(0.2) and b["limited_by"] == "I/O"
+    assert b["fraction"] == pytest.approx(0.8)
+
+
+def _write_experts(folder, num_experts: int = 4, shape: tuple[int, int] = (64, 512)) -> int:
+    """A safetensors file of one layer's experts (bf16); the bytes of one expert."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.0.block_sparse_moe.experts.{e}.{proj}.weight": torch.randn(shape).bfloat16()
+               for e in range(num_experts) for proj in ("w1", "w2", "w3")}
+    tensors["model.embed_tokens.weight"] = torch.randn(8, 64).bfloat16()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return 3 * shape[0] * shape[1] * 2
+
+
+@pytest.mark.parametrize("io_threads", [1, 2])
+def test_bandwidth_probe_reads_experts_with_direct_io(tmp_path, io_threads):
+    from vllm_moe_offload.cli.bench_run import resident_pages
+    from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
+
+    expert_bytes = _write_experts(tmp_path)
+    path = tmp_path / "model.safetensors"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as exc:
+        pytest.skip(f"the temporary folder's filesystem refuses O_DIRECT: {exc}")
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache: a buffered read would bring it back
+    os.close(fd)
+    CheckpointIndex(tmp_path)  # reads the header through the page cache, as the probe's own index does
+    before = resident_pages(str(path))
+    got = read_bandwidth(str(tmp_path), io_threads=io_threads, duration_s=0.2)
+    assert got["direct_io"] and got["io_threads"] == io_threads
+    assert got["reads"] > 0 and got["payload_bytes"] == got["reads"] * expert_bytes
+    assert got["gbps"] > 0 and got["gbps"] == pytest.approx(got["payload_bytes"] / got["seconds"] / 1e9)
+    assert not before.all() and (resident_pages(str(path)) == before).all()  # every read bypassed the page cache
+
+
+def test_bandwidth_probe_follows_the_emulated_link(tmp_path):
+    expert_bytes = _write_experts(tmp_path)
+    got = read_bandwidth(str(tmp_path), duration_s=0.2, link_gbps=0.01)  # 10 MB/s: ~20 ms per 196 KB expert
+    assert "EMULATED" in got["link"]
+    assert got["gbps"] <= 0.01 * 1.02
+    assert got["ms_per_read"] >= 0.98 * 1e3 * expert_bytes / 0.01e9
+
+
+@pytest.mark.engine
+class TestBenchQuick:
+    """``bench --quick`` records the routing and reports every plugin run's bound."""
+
+    @pytest.fixture(scope="class")
+    def bench(self, tmp_path_factory):
+        out = tmp_path_factory.mktemp("bench-bound")
+        rc = main([
+            "bench", str(TINY_PYMOE), "--quick", "--policies", "ondemand,lru", "--budgets", "25%,50%",
+            "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--out", str(out),
+        ])
+        assert rc == 0
+        return out, json.loads((out / "bench.json").read_text())
+
+    def test_every_plugin_run_has_its_bound(self, bench):
+        out, report = bench
+        assert [r["name"] for r in report["runs"]] == ["stock", "ondemand 100%", "ondemand 25%", "lru 25%",
+                                                       "ondemand 50%", "lru 50%"]
+        assert all(report["bound"]["routing_tokens_match_stock"].values())
+        assert report["bound"]["bandwidth"] and all(p["gbps"] > 0 for p in report["bound"]["bandwidth"])
+        stock = report["runs"][0]
+        for run in report["runs"][1:]:
+            for workload in ("decode", "prefill", "batch"):
+                b = run["bound"][workload]
+                samples = report["bound"]["stock_wall_s"][workload]
+                assert len(samples) == 6 and samples[0] == stock["workloads"][workload]["wall_s"]
+                assert b["compute_floor_s"] == min(samples)
+                assert b["bound_s"] == max(b["compute_floor_s"], b["io_floor_s"])
+                # a fraction is a timing: only its sign is checked here (speed is shown by the bench itself)
+                assert b["fraction"] > 0, (run["name"], workload, b)
+                # the optimal cache never loads more than the policy did
+                assert b["loads"] <= run["workloads"][workload]["offload"]["loads"], (run["name"], workload)
+        full = report["runs"][1]["bound"]
+        assert all(full[w]["loads"] == 0 and full[w]["limited_by"] == "compute" for w in ("decode", "prefill", "batch"))
+        quarter, half = report["runs"][2]["bound"], report["runs"][4]["bound"]
+        assert all(quarter[w]["loads"] >= half[w]["loads"] > 0 for w in ("decode", "prefill", "batch"))
+
+    def test_table_and_plot(self, bench):
+        out, report = bench
+        md = (out / "bench.md").read_text()
+        section = md.split("## Fraction of the physical bound")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| decode |")]
+        assert [row.split(" | ")[1] for row in rows] == ["100%", "25%", "50%"]
+        assert "| ondemand | lru |" in section
+        assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
+
+    def test_rebuild_keeps_the_bound(self, bench):
+        out, report = bench
+        (out / "bench.md").unlink()
+        assert main(["bench", str(TINY_PYMOE), "--rebuild", "--out", str(out)]) == 0
+        assert "## Fraction of the physical bound" in (out / "bench.md").read_text()
+        assert json.loads((out / "bench.json").read_text())["bound"] == report["bound"]

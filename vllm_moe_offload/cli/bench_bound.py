@@ -1,0 +1,255 @@
+"""The physical bound of every ``vllm-moe-offload bench`` run, and each run's fraction of it.
+
+DESIGN.md section 5: for one workload on one machine the bound is
+``max(compute floor, I/O floor)``. Here, per workload (batch-1 decode, prefill, batch):
+
+* **compute floor**: stock vLLM's wall time on the workload, every expert
+  resident, measured in the same bench: the fastest of the timed stock run and
+  the rounds of the stock engine that records the routing (same settings and
+  prompts; the recorder runs in its first round only), so that one slow moment
+  of a shared machine does not raise the floor;
+* **I/O floor**: the expert loads of the optimal cache (:func:`optimal_loads`)
+  for the workload's recorded routing with the run's slots per layer
+  (``layer_slots`` of its statistics), times the run's ``expert_bytes``, over
+  the tier's read bandwidth measured the way the run reads
+  (:func:`read_bandwidth`: direct I/O, one expert per read, the run's I/O
+  threads and emulated link);
+* **fraction**: bound over the run's wall time on the workload (1.0: at the
+  bound; no run can exceed it by more than noise).
+
+Routing is the same for every policy (their tokens equal stock's), so one
+recording per workload serves all runs. A prefill needs every expert its prompt
+routes to once per layer, whatever chunks the engine cuts it into
+(``merge=True`` of :func:`layer_accesses`). No vLLM import here; the bandwidth
+probe imports the runtime's reader (torch) when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+
+import numpy as np
+
+from vllm_moe_offload.core.belady import next_use_table
+from vllm_moe_offload.core.config import OffloadConfig, Quant
+
+#: a routed expert's checkpoint tensors: "<prefix>.experts.<e>.<proj>.weight" (grouped by prefix and e)
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts\.\d+)\.")
+#: seconds the bandwidth probe reads for: enough reads (hundreds of 3 MiB experts at ~1 GB/s) that one slow
+#: read does not move the mean, short next to the engines' minutes
+PROBE_S = 2.0
+#: the probe of ``bench --quick`` (a smoke test: timing does not matter)
+QUICK_PROBE_S = 0.3
+#: the workloads whose whole routing is one need per layer (a prompt's experts, each loaded once)
+MERGED_WORKLOADS = ("prefill",)
+
+
+def optimal_loads(accesses: Sequence[Collection[int]], num_experts: int, capacity: int, warm: bool = True) -> int:
+    """Fewest expert loads of one layer's cache of ``capacity`` slots over steps that need ``accesses``.
+
+    A step needing at most ``capacity`` experts holds them all at once (a token
+    computes with its experts resident). A larger step (many tokens of a
+    prefill) loads each missing expert once and then keeps any ``capacity`` of
+    what it held: a lower bound, since a run packs such a step into passes and
+    may load an expert more than once. Between steps the cache keeps the experts
+    needed soonest (Belady's rule), which is optimal for both kinds of step
+    (``tests/bench/test_bench_bound.py`` checks it against a search of every
+    choice).
+
+    ``warm``: the cache starts holding the ``capacity`` experts needed first,
+    free (a run's cache is warm from its warm-up and earlier workloads, so any
+    content may be there). ``warm=False`` starts empty; when every step fits,
+    the count is then ``core.belady.belady_misses``'s.
+    """
+    if capacity < 1:
+        raise ValueError(f"a cache needs at least 1 slot, got {capacity}")
+    upcoming = next_use_table(accesses, num_experts)  # [P + 1, E]: each expert's next step of need
+    resident = set(_soonest(range(num_experts), upcoming[0], capacity)) if warm else set()
+    loads = 0
+    for p, needed in enumerate(accesses):
+        needed = set(needed)
+        loads += len(needed - resident)
+        if len(needed) <= capacity:
+            resident = needed | set(_soonest(resident - needed, upcoming[p + 1], capacity - len(needed)))
+        else:
+            resident = set(_soonest(resident | needed, upcoming[p + 1], capacity))
+    return loads
+
+
+def _soonest(experts: Collection[int], next_use: np.ndarray, count: int) -> list[int]:
+    """The ``count`` experts of ``experts`` needed soonest (ties: lower id)."""
+    return sorted(experts, key=lambda e: (next_use[e], e))[:count]
+
+
+def layer_accesses(steps: Sequence[Sequence[Sequence[Sequence[int]]]], num_layers: int,
+                   merge: bool = False) -> list[list[set[int]]]:
+    """Per layer, the experts each step needs.
+
+    ``steps[s][t][l]``: the routed expert ids of token ``t`` of step ``s`` at MoE
+    layer ``l``. ``merge``: the whole routing as one step (a prefill's prompt).
+    """
+    per_layer = [[{e for token in step for e in token[layer]} for step in steps] for layer in range(num_layers)]
+    if merge:
+        return [[set().union(*needs)] for needs in per_layer]
+    return per_layer
+
+
+def routing_loads(steps: Sequence, layer_slots: Sequence[int], num_experts: int, merge: bool = False) -> list[int]:
+    """Optimal loads of every layer (``layer_slots[l]`` slots each) over a recorded routing."""
+    if steps and len(steps[0][0]) != len(layer_slots):
+        raise ValueError(f"the routing has {len(steps[0][0])} MoE layers, the run {len(layer_slots)}")
+    accesses = layer_accesses(steps, len(layer_slots), merge)
+    return [optimal_loads(needs, num_experts, slots) for needs, slots in zip(accesses, layer_slots)]
+
+
+def workload_bound(loads: Sequence[int], expert_bytes: int, read_gbps: float, compute_floor_s: float,
+                   time_s: float) -> dict:
+    """Floors, bound and fraction of one run on one workload (seconds; ``read_gbps`` in 10^9 bytes/s)."""
+    io_floor_s = sum(loads) * expert_bytes / (read_gbps * 1e9)
+    bound_s = max(compute_floor_s, io_floor_s)
+    return {
+        "loads": int(sum(loads)),
+        "loads_per_layer": [int(n) for n in loads],
+        "bytes": int(sum(loads)) * expert_bytes,
+        "compute_floor_s": compute_floor_s,
+        "io_floor_s": io_floor_s,
+        "bound_s": bound_s,
+        "limited_by": "I/O" if io_floor_s > compute_floor_s else "compute",
+        "time_s": time_s,
+        "fraction": bound_s / time_s,
+    }
+
+
+def read_bandwidth(model: str, io_threads: int = 1, direct_io: bool = True, duration_s: float = PROBE_S,
+                   link_gbps: float | None = None, link_latency_ms: float = 0.0, seed: int = 0) -> dict:
+    """Read bandwidth of ``model``'s checkpoint, read the way a disk-tier run loads experts.
+
+    ``io_threads`` threads read random routed experts for ``duration_s``, each
+    expert as the runtime reads it (``TensorReader.read_then``: its tensors in
+    one aligned read into a page-aligned buffer, with ``O_DIRECT`` unless
+    ``direct_io`` is off or the filesystem refuses it), paced by the emulated
+    link when one is set. ``gbps``: expert payload bytes (the tensors' own
+    bytes, not the alignment around them) per second, in 10^9 bytes/s.
+    """
+    from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
+    from vllm_moe_offload.runtime.transfer import LinkEmulator
+
+    if io_threads < 1 or duration_s <= 0:
+        raise ValueError(f"need at least one thread and a positive duration, got {io_threads} and {duration_s}")
+    index = CheckpointIndex(model)
+    experts: dict[str, list] = {}
+    for name in index.names():
+        if m := _EXPERT_TENSOR.match(name):
+            experts.setdefault(m.group(1), []).append(index[name])
+    if not experts:
+        raise ValueError(f"{model} has no routed expert tensors to read")
+    groups = [experts[k] for k in sorted(experts)]
+    link = LinkEmulator(link_gbps, link_latency_ms)
+    readers = ThreadLocalReaders(direct_io, lanes=io_threads)
+    counts = [[0, 0] for _ in range(io_threads)]  # per thread: reads, payload bytes
+    started = time.perf_counter()
+    deadline = started + duration_s
+
+    def read_until_deadline(thread: int) -> None:
+        rng = random.Random(seed + thread)
+        reader = readers.get()
+        while time.perf_counter() < deadline:
+            locations = rng.choice(groups)
+            began = time.perf_counter()
+            reader.read_then(locations, lambda tensors: ())
+            payload = sum(loc.num_bytes for loc in locations)
+            link.pace(payload, began)
+            counts[thread][0] += 1
+            counts[thread][1] += payload
+
+    threads = [threading.Thread(target=read_until_deadline, args=(i,), daemon=True) for i in range(io_threads)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed_s = time.perf_counter() - started
+    finally:
+        readers.close()
+    reads, payload = (sum(c[i] for c in counts) for i in (0, 1))
+    return {
+        "io_threads": io_threads,
+        "direct_io": direct_io and all(_accepts_direct_io(path) for path in {g[0].path for g in groups}),
+        "link": link.describe(),
+        "seconds": elapsed_s,
+        "reads": reads,
+        "payload_bytes": payload,
+        "gbps": payload / elapsed_s / 1e9,
+        "ms_per_read": 1e3 * elapsed_s * io_threads / reads if reads else None,
+    }
+
+
+def _accepts_direct_io(path: str) -> bool:
+    """Does the filesystem of ``path`` open it with ``O_DIRECT`` (tmpfs refuses)?"""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], OffloadConfig], model: str,
+               probe_s: float = PROBE_S) -> dict:
+    """Give every plugin run of ``runs`` its ``bound`` per workload; what ``bench.json``'s ``bound`` holds.
+
+    ``routing``: the result of the bench's routing job (per workload its
+    ``routing``, ``[step][token][layer][k]`` expert ids, its ``tokens`` and
+    times). The compute floor is the fastest of stock's times.
+    ``config_of(run)``: the run's offload settings. One bandwidth probe per
+    distinct read path (I/O threads, direct I/O, emulated link). Runs that do
+    not read full-precision experts from disk get ``{"skipped": why}``.
+    """
+    stock = next(r for r in runs if r["kind"] == "stock")
+    stock_s = {name: [stock["workloads"][name]["wall_s"], w["wall_s"], *w.get("round_wall_s", [])]
+               for name, w in routing["workloads"].items()}
+    probes: dict[tuple, dict] = {}
+    loads: dict[tuple, list[int]] = {}
+    for run in runs:
+        stats = run.get("offload")
+        if run["kind"] == "stock" or not stats:
+            continue
+        config = config_of(run)
+        why = _unbounded(stats, config)
+        if why:
+            run["bound"] = {"skipped": why}
+            continue
+        read = {"io_threads": config.io_threads, "direct_io": config.direct_io, "link_gbps": config.link_gbps,
+                "link_latency_ms": config.link_latency_ms}
+        key = tuple(read.values())
+        if key not in probes:
+            probes[key] = read_bandwidth(model, duration_s=probe_s, **read)
+        run["bound"] = {"read_gbps": probes[key]["gbps"]}
+        for name, recorded in routing["workloads"].items():
+            slots = tuple(stats["layer_slots"])
+            if (name, slots) not in loads:
+                loads[name, slots] = routing_loads(recorded["routing"], slots, stats["num_experts"],
+                                                   merge=name in MERGED_WORKLOADS)
+            run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probes[key]["gbps"],
+                                                min(stock_s[name]), run["workloads"][name]["wall_s"])
+    return {
+        "stock_wall_s": stock_s,
+        "routing_steps": {name: len(w["routing"]) for name, w in routing["workloads"].items()},
+        "routing_tokens_match_stock": {name: w["tokens"] == stock["workloads"][name].get("tokens")
+                                       for name, w in routing["workloads"].items()},
+        "merged_workloads": list(MERGED_WORKLOADS),
+        "bandwidth": list(probes.values()),
+    }
+
+
+def _unbounded(stats: dict, config: OffloadConfig) -> str | None:
+    """Why a run's I/O floor is not measured here, or None."""
+    if stats.get("tier") != "disk":
+        return f"tier {stats.get('tier')!r}: only the disk tier's reads are probed"
+    if config.quant is not Quant.NONE:
+        return f"quant {config.quant.value!r} reads fewer bytes than expert_bytes"
+    return None
