@@ -111,33 +111,6 @@ class DecayedCounts:
         self._at[expert] = step
 
 
-class Log2DecayPolicy(ScoredPolicy):
-    """llama.cpp's expert cache: a decayed use count, compared in classes of log2(count).
-
-    The count survives eviction and halves every 128 tokens (llama.cpp's
-    half-life); experts in the same class ``floor(log2(count))`` are equal and
-    the least recent of them leaves. Counts below 1 share the lowest class.
-    (llama.cpp also never evicts what the current step needs: here every
-    policy's ``pinned``.)
-    """
-
-    name = "log2decay"
-
-    #: llama.cpp's half-life, in tokens (one decode step per token)
-    half_life_steps: float = 128.0
-
-    def __init__(self, num_experts: int, capacity: int) -> None:
-        super().__init__(num_experts, capacity)
-        self._counts = DecayedCounts(num_experts, self.half_life_steps)
-
-    def count_use(self, expert: int) -> None:
-        self._counts.add(expert, self.step)
-
-    def score(self, expert: int) -> float:
-        count = self._counts.value(expert, self.step)
-        return float(math.floor(math.log2(count))) if count >= 1.0 else -1.0
-
-
 class EWMAPolicy(ScoredPolicy):
     """moe-surgeon's idea: an exponentially weighted mean of use per expert, kept across evictions.
 
@@ -194,6 +167,26 @@ class DecayPolicy(ScoredPolicy):
 
     def score(self, expert: int) -> float:
         return self._counts.value(expert, self.step)
+
+
+class Log2DecayPolicy(DecayPolicy):
+    """llama.cpp's expert cache: a decayed use count, compared in classes of log2(count).
+
+    The count survives eviction and halves every 128 tokens (llama.cpp's
+    half-life); experts in the same class ``floor(log2(count))`` are equal and
+    the least recent of them leaves. Counts below 1 share the lowest class.
+    (llama.cpp also never evicts what the current step needs: here every
+    policy's ``pinned``.)
+    """
+
+    name = "log2decay"
+
+    #: llama.cpp's half-life, in tokens (one decode step per token)
+    half_life_steps: float = 128.0
+
+    def score(self, expert: int) -> float:
+        count = self._counts.value(expert, self.step)
+        return float(math.floor(math.log2(count))) if count >= 1.0 else -1.0
 
 
 #: name -> class, for ``replacement.make_policy``
