@@ -10,12 +10,13 @@ import torch
 from vllm_moe_offload.runtime.expert_store import LayerSpec, open_or_build, store_directory
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
+from vllm_moe_offload.runtime.expert_layout import per_expert_layout
+from vllm_moe_offload.runtime.tiers import DiskSource
 
 torch.set_num_threads(1)
 model, root = sys.argv[1], sys.argv[2]
 index = CheckpointIndex(model)
-names = [CheckpointNames(f"model.layers.{i}.block_sparse_moe.experts", "w1", "w3", "w2") for i in range(2)]
+names = [per_expert_layout(f"model.layers.{i}.block_sparse_moe.experts", "w1", "w3", "w2") for i in range(2)]
 readers = ThreadLocalReaders(direct_io=True)
 t0 = time.perf_counter()
 store = open_or_build(index, [LayerSpec(n, 16) for n in names], "int4+int2",

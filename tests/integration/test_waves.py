@@ -20,7 +20,8 @@ from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.integration.experts import OffloadRoutedExperts, load_order
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
+from vllm_moe_offload.runtime.expert_layout import per_expert_layout
+from vllm_moe_offload.runtime.tiers import DiskSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
 
 #: rows (tokens) and their top-2 experts; 0 and 1 are resident when the pass starts
@@ -76,7 +77,7 @@ def _expert(w13, w2, x):
 
 def _layer(folder, gated=(), broken=()):
     readers = ThreadLocalReaders(direct_io=True)
-    disk = DiskSource(CheckpointIndex(folder), CheckpointNames(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    disk = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
     source = FailingSource(disk, set(gated), broken)
     slot_map = SlotMap(E, 5, make_policy("lru", E, 5, top_k=2))
     slots = LayerSlots(0, torch.zeros(5, 2 * I, H), torch.zeros(5, H, I), slot_map, source,

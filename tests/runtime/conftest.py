@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_moe_offload.runtime.safetensors_io import ThreadLocalReaders
-from vllm_moe_offload.runtime.tiers import CheckpointNames
+from vllm_moe_offload.runtime.expert_layout import ExpertLayout, per_expert_layout
 
 E, I, H = 5, 64, 96  # H = 96: int4 groups of 64 need padding along w1/w3's input dimension
 LAYERS = 2
 
 
-def expert_names(layer_idx: int) -> CheckpointNames:
-    return CheckpointNames(prefix=f"model.layers.{layer_idx}.block_sparse_moe.experts", gate="w1", up="w3", down="w2")
+def expert_names(layer_idx: int) -> ExpertLayout:
+    return per_expert_layout(f"model.layers.{layer_idx}.block_sparse_moe.experts", "w1", "w3", "w2")
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def test_store_holds_the_converter_output_and_loads_never_convert(checkpoint, tm
         source = KernelSource(store, _names(layer_idx).prefix, readers)
         assert source.tier is TierKind.KERNEL
         for e in range(E):
-            w1, w3, w2 = (tensors[n] for n in _names(layer_idx).of(e))
+            w1, w3, w2 = (tensors[n] for n in _names(layer_idx).tensor_names(e))
             want13, want2 = Transposing(layer_idx)(w1, w3, w2)
             got = source.fetch(e, into=(slots13[1], slots2[1]))
             assert got.w13.data_ptr() == slots13[1].data_ptr() and got.w2.data_ptr() == slots2[1].data_ptr()

@@ -68,8 +68,9 @@ def test_an_expert_fetch_past_the_budget_raises_naming_the_conversion(tmp_path):
     from safetensors.torch import save_file
 
     from vllm_moe_offload.core.plan import staging_for
+    from vllm_moe_offload.runtime.expert_layout import per_expert_layout
     from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
-    from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
+    from vllm_moe_offload.runtime.tiers import DiskSource
 
     prefix = "model.layers.0.block_sparse_moe.experts"
     names = [f"{prefix}.{e}.{proj}.weight" for e in range(2) for proj in ("w1", "w2", "w3")]
@@ -84,7 +85,7 @@ def test_an_expert_fetch_past_the_budget_raises_naming_the_conversion(tmp_path):
     def source(budget_bytes):
         ledger = BudgetLedger(budget_bytes)
         readers = ThreadLocalReaders(True, lanes=1, ledger=ledger, convert_bytes=staging.convert_bytes)
-        return ledger, DiskSource(index, CheckpointNames(prefix, "w1", "w3", "w2"), convert, readers, num_experts=2)
+        return ledger, DiskSource(index, per_expert_layout(prefix, "w1", "w3", "w2"), convert, readers, num_experts=2)
 
     ledger, exact = source(staging.total_bytes)  # the planned reservation is enough
     assert exact.fetch(1).w13.shape == (32, 64)

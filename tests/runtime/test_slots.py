@@ -12,7 +12,8 @@ from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, HostSource
+from vllm_moe_offload.runtime.expert_layout import per_expert_layout
+from vllm_moe_offload.runtime.tiers import DiskSource, HostSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine, TransferEngineDead
 
 E, I, H = 6, 8, 4
@@ -37,7 +38,7 @@ def experts(tmp_path):
 
 def _slots(folder, num_slots, policy="lru", link=LinkEmulator(), tier="disk"):
     readers = ThreadLocalReaders(direct_io=True)
-    source = DiskSource(CheckpointIndex(folder), CheckpointNames(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
     if tier == "host":
         source = HostSource(source, E, pin=False)
     slot_map = SlotMap(E, num_slots, make_policy(policy, E, num_slots, top_k=2))
@@ -121,7 +122,7 @@ def test_a_checkpoint_removed_after_startup_serves_intact_bytes_or_fails_clearly
     one that must open it afresh fails its loads naming the file, and residents are still served."""
     folder, tensors = experts
     index = CheckpointIndex(folder)
-    names = CheckpointNames(PREFIX, "w1", "w3", "w2")
+    names = per_expert_layout(PREFIX, "w1", "w3", "w2")
 
     def slots_over(readers):
         source = DiskSource(index, names, _identity, readers)

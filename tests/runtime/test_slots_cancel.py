@@ -15,7 +15,8 @@ from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
+from vllm_moe_offload.runtime.expert_layout import per_expert_layout
+from vllm_moe_offload.runtime.tiers import DiskSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
 
 #: longest a test waits for a load it released (a hang fails the test instead of the suite)
@@ -52,7 +53,7 @@ class GatedSource:
 
 def _slots(folder, num_slots: int, gated: set[int], io_threads: int) -> tuple[LayerSlots, GatedSource]:
     readers = ThreadLocalReaders(direct_io=True)
-    disk = DiskSource(CheckpointIndex(folder), CheckpointNames(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    disk = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
     source = GatedSource(disk, gated)
     slot_map = SlotMap(E, num_slots, make_policy("lru", E, num_slots, top_k=2))
     slots = LayerSlots(0, torch.zeros(num_slots, 2 * I, H), torch.zeros(num_slots, H, I), slot_map, source,

@@ -7,7 +7,8 @@ from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource
+from vllm_moe_offload.runtime.expert_layout import per_expert_layout
+from vllm_moe_offload.runtime.tiers import DiskSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, ThreadTransferEngine
 
 
@@ -41,7 +42,7 @@ def test_predictions_are_scored_by_distance_and_the_nearest_counts(experts):  # 
 def test_a_nearer_prediction_cancels_queued_loads_of_a_farther_one(experts):  # noqa: F811
     folder, tensors = experts
     readers = ThreadLocalReaders(direct_io=True)
-    source = DiskSource(CheckpointIndex(folder), CheckpointNames(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
     slots = LayerSlots(
         0, torch.zeros(4, 2 * I, H), torch.zeros(4, H, I), SlotMap(E, 4, make_policy("lru", E, 4, top_k=2)),
         source, ThreadTransferEngine(1), LinkEmulator(latency_ms=100),  # one thread: loads queue

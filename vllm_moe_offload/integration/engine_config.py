@@ -295,12 +295,12 @@ def split_graphs_at_moe(compilation: Any) -> None:
 def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dict[str, int] | None:
     """MoE layer count, experts, top-k and bytes per expert (one rank's shard) from a HF config.
 
-    Covers the conventions of Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V2. The
+    Covers the conventions of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, Gemma-4 and Llama-4. The
     worker makes the exact check with the kernel's own layout; this early one
     lets a bad budget fail in the user's process.
     """
     num_experts = _first(hf_config, "num_local_experts", "num_experts", "n_routed_experts")
-    top_k = _first(hf_config, "num_experts_per_tok", "moe_topk")
+    top_k = _first(hf_config, "num_experts_per_tok", "moe_topk", "top_k_experts")  # top_k_experts: Gemma-4
     hidden = _first(hf_config, "hidden_size")
     inter = _first(hf_config, "moe_intermediate_size", "intermediate_size")
     num_hidden = _first(hf_config, "num_hidden_layers")
@@ -328,6 +328,9 @@ def _first(obj: Any, *names: str) -> int | None:
 def _is_moe_layer(cfg: Any, i: int) -> bool:
     if i in (getattr(cfg, "mlp_only_layers", None) or []):
         return False
+    moe_layers = getattr(cfg, "moe_layers", None)  # Llama-4: the MoE layers listed
+    if isinstance(moe_layers, list):
+        return i in moe_layers
     first_dense = getattr(cfg, "first_k_dense_replace", None)
     if first_dense is not None:
         return i >= first_dense and i % (getattr(cfg, "moe_layer_freq", 1) or 1) == 0

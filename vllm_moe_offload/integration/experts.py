@@ -2,7 +2,8 @@
 
 vLLM's ``RoutedExperts`` owns a layer's expert weights ``w13_weight [E, 2I, H]``
 and ``w2_weight [E, H, I]`` and runs the fused-experts kernel on them. This
-subclass, registered with ``RoutedExperts.register_oot`` for every model,
+subclass, registered with ``RoutedExperts.register_oot`` for every model (and,
+under their own names, for vLLM's own subclasses: ``layer_classes.py``),
 
 * behaves exactly like the stock class when offload is off;
 * when it is on, creates one-expert weights at build time (the loader skips the
@@ -75,8 +76,13 @@ class OffloadRoutedExperts(RoutedExperts):
         self.ready_first = True
         # klotski / profiles: sees every step's routing (integration/observer.py)
         self.observer = None
+        #: where this layer's experts lie in the checkpoint (``checkpoint_layout.py``), set with the slots
+        self.checkpoint_layout = None
         if not self.offload_enabled:
             return quant_method
+        from vllm_moe_offload.integration.layer_classes import refuse_class  # imports this module
+
+        refuse_class(self, prefix)  # a vLLM subclass offload cannot take over: before any expert memory exists
         if type(quant_method) is not UnquantizedFusedMoEMethod:
             raise NotImplementedError(
                 f"{prefix}: MoE offload supports unquantized experts only; this layer uses "

@@ -34,6 +34,7 @@ from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
+from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
 from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
     OffloadRoutedExperts,
@@ -41,6 +42,7 @@ from vllm_moe_offload.integration.experts import (
     link_prediction,
     offloaded_layers,
 )
+from vllm_moe_offload.integration.layer_classes import refuse_unoffloaded
 from vllm_moe_offload.integration.kernel_format import conversion_identity, describe_conversion, make_converter
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import (
@@ -59,7 +61,8 @@ from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.cuda_transfer import make_transfer_engine
 from vllm_moe_offload.runtime.slots import LayerSlots
-from vllm_moe_offload.runtime.tiers import CheckpointNames, DiskSource, ExpertSource, HostSource
+from vllm_moe_offload.runtime.expert_layout import ExpertLayout
+from vllm_moe_offload.runtime.tiers import DiskSource, ExpertSource, HostSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
 
 logger = logging.getLogger("vllm.moe_offload.setup")
@@ -123,6 +126,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     if config is None or not config.enabled:
         return None
     layers = offloaded_layers(model)
+    refuse_unoffloaded(model, vllm_config.model_config.model)  # a MoE layer offload does not hold: no start
     if not layers:
         logger.warning(
             "MoE offload is on (policy %s) but %s has no MoE layers; the model runs unchanged",
@@ -133,7 +137,10 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     return_large_frees_to_the_os()
     first = layers[0]
     expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
-    index = CheckpointIndex(_checkpoint_folder(vllm_config))
+    index = CheckpointIndex(checkpoint_folder(vllm_config))
+    layouts = expert_layouts(model, layers, index)  # by vLLM's expert mapping: per-expert or stacked tensors
+    for layer in layers:
+        layer.checkpoint_layout = layouts[layer.layer_name]
     # a saved profile is read once: it may choose fate's resident layers and starts the observer's table
     profile = make_table(layers, config.profile, vllm_config.model_config.model) if config.profile else None
     budget, auto = _resolve_budget(config, vllm_config, first.w13_weight.device, first.moe_config.tp_size)
@@ -287,23 +294,8 @@ def _resolve_tier(tier: Tier, device: torch.device, config: OffloadConfig) -> Ti
     return Tier.DISK if device.type == "cpu" else Tier.HOST
 
 
-def _checkpoint_folder(vllm_config) -> str:
-    model = vllm_config.model_config.model
-    if os.path.isdir(model):
-        return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        model, revision=vllm_config.model_config.revision, allow_patterns=["*.safetensors"],
-        cache_dir=vllm_config.load_config.download_dir, local_files_only=True,
-    )
-
-
-def _names(layer: OffloadRoutedExperts) -> CheckpointNames:
-    return CheckpointNames(
-        prefix=layer.layer_name, gate=layer.ckpt_gate_proj_name, up=layer.ckpt_up_proj_name,
-        down=layer.ckpt_down_proj_name,
-    )
+def _names(layer: OffloadRoutedExperts) -> ExpertLayout:
+    return layer.checkpoint_layout
 
 
 def _open_store(

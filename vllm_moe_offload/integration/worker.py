@@ -31,8 +31,15 @@ class OffloadWorkerMixin:
     def load_model(self, *args, **kwargs) -> None:
         from vllm.config import set_current_vllm_config
 
+        from vllm_moe_offload.integration.engine_config import offload_config_of
+        from vllm_moe_offload.integration.layer_classes import register_model_classes
         from vllm_moe_offload.integration.setup import build_offload
 
+        offload = offload_config_of(self.vllm_config)
+        if offload is not None and offload.enabled:
+            # the model's own RoutedExperts subclasses (gpt-oss, DBRX, the Transformers backend) get an
+            # offloaded class under their names before the model is built (integration/layer_classes.py)
+            register_model_classes(self.vllm_config)
         super().load_model(*args, **kwargs)
         with set_current_vllm_config(self.vllm_config):
             self._moe_offload = build_offload(self.model_runner.get_model(), self.vllm_config)

@@ -61,7 +61,8 @@ from vllm_moe_offload.runtime.safetensors_io import (
     TensorReader,
     ThreadLocalReaders,
 )
-from vllm_moe_offload.runtime.tiers import CheckpointNames, Converter
+from vllm_moe_offload.runtime.expert_layout import ExpertLayout
+from vllm_moe_offload.runtime.tiers import Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
 
@@ -85,7 +86,7 @@ class ExpertStoreError(RuntimeError):
 class LayerSpec:
     """One MoE layer's experts in the checkpoint."""
 
-    names: CheckpointNames
+    names: ExpertLayout
     num_experts: int
 
     @property
@@ -154,16 +155,17 @@ def checkpoint_identity(index: CheckpointIndex) -> dict:
 
 
 def _layout(index: CheckpointIndex, layer: LayerSpec) -> list[dict]:
-    """Each projection of expert 0: checkpoint name suffix, shape [out, in], dtype."""
+    """Each projection of expert 0 as it is stored: what it is read from, shape [out, in], dtype."""
     out = []
-    for name in layer.names.of(0):
-        loc = index[name]
-        if len(loc.shape) != 2 or not loc.dtype.is_floating_point:
+    layout = layer.names
+    for proj, label, shape in zip(layout.projections, layout.labels(0), layout.shapes(index)):
+        dtype = proj.location(index, 0).dtype
+        if len(shape) != 2 or not dtype.is_floating_point:
             raise OffloadConfigError(
-                f"quant: {name} is {loc.dtype} {list(loc.shape)} in {loc.path}; the quantized store takes "
+                f"quant: {label} is {dtype} {list(shape)} in {index[proj.tensor(0)].path}; the quantized store takes "
                 "2-D floating-point expert weights only (is the checkpoint already quantized?); use quant 'none'"
             )
-        out.append({"proj": name.rsplit(".", 2)[-2], "shape": list(loc.shape), "dtype": str(loc.dtype)})
+        out.append({"proj": proj.label(), "shape": list(shape), "dtype": str(dtype)})
     return out
 
 
@@ -418,8 +420,9 @@ def _write_layer(
     blocks: dict[str, list[list[int]]] = {p: [] for p in expected["precisions"]}
     with open(path, "wb") as f:
         for expert_idx in range(layer.num_experts):
-            names = layer.names.of(expert_idx)
-            weights = reader.read([index[n] for n in names])  # [out, in] each
+            names = layer.names.labels(expert_idx)
+            # [out, in] each: an expert's own tensors, or its slices of stacked ones (transposed where stored so)
+            weights = layer.names.split(expert_idx, reader.read(layer.names.locations(index, expert_idx)))
             encoded = encode(ordinal, names, weights)
             if check_space is not None and expert_idx == 0:
                 check_space(sum(len(raw) + (-len(raw) % ALIGN_BYTES) for raw in encoded.values()))
@@ -470,7 +473,7 @@ def _kernel_encoder(kernel: KernelLayout) -> Encoder:
 
 def _quantized(name: str, w: torch.Tensor, bits: int, group: int) -> bytes:
     try:
-        return quantize(w, bits, group).to_bytes()
+        return quantize(w.contiguous(), bits, group).to_bytes()
     except QuantizationError as exc:
         raise OffloadConfigError(f"quant: cannot quantize {name} to int{bits}: {exc}; use quant 'none'") from exc
 

@@ -113,6 +113,18 @@ class CheckpointIndex:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def expert_slice(self, name: str, expert_idx: int) -> TensorLocation:
+        """Expert ``expert_idx``'s part of tensor ``name``, whose first dimension is the experts' [E, ...].
+
+        One contiguous range, ``offset + expert_idx * (bytes / E)``, of shape ``[...]``:
+        one read, however many experts the tensor holds.
+        """
+        loc = self[name]
+        if len(loc.shape) < 2 or not 0 <= expert_idx < loc.shape[0]:
+            raise IndexError(f"{name} {list(loc.shape)} has no expert {expert_idx} along its first dimension")
+        per_expert = loc.num_bytes // loc.shape[0]
+        return TensorLocation(loc.path, loc.offset + expert_idx * per_expert, per_expert, loc.dtype, loc.shape[1:])
+
     def largest_expert_span(self) -> int | None:
         """The largest single read of one routed expert's tensors (bytes); None without routed experts.
 

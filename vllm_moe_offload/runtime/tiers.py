@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from vllm_moe_offload.runtime.expert_layout import ExpertLayout
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 
 #: where a fetch may write the expert: (w13, w2) of its slot, in kernel layout on the host; None: fresh tensors
@@ -60,56 +61,47 @@ class ExpertSource(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class CheckpointNames:
-    """Checkpoint tensor names of one layer's experts, e.g. Mixtral's
-    ``model.layers.3.block_sparse_moe.experts.{e}.w1.weight``."""
-
-    prefix: str  # "model.layers.3.block_sparse_moe.experts"
-    gate: str  # "w1" / "gate_proj"
-    up: str | None  # "w3" / "up_proj"; None for non-gated experts
-    down: str  # "w2" / "down_proj"
-
-    def of(self, expert_idx: int) -> list[str]:
-        projs = [self.gate] + ([self.up] if self.up else []) + [self.down]
-        return [f"{self.prefix}.{expert_idx}.{p}.weight" for p in projs]
-
-
 class DiskSource:
-    """Experts read from the checkpoint's safetensors on every fetch."""
+    """Experts read from the checkpoint's safetensors on every fetch.
+
+    ``layout`` says which tensors hold an expert: its own tensors, or its slice of
+    tensors stacking every expert (one contiguous read each, transposed after the
+    read where the checkpoint stores ``[in, out]``).
+    """
 
     tier = TierKind.DISK
 
     def __init__(
-        self, index: CheckpointIndex, names: CheckpointNames, convert: Converter, readers: ThreadLocalReaders,
+        self, index: CheckpointIndex, layout: ExpertLayout, convert: Converter, readers: ThreadLocalReaders,
         num_experts: int = 1,
     ) -> None:
         self.index = index
-        self.names = names
+        self.layout = layout
         self.convert = convert
         self.readers = readers
-        missing = [n for n in names.of(0) if n not in index]
+        missing = [n for n in layout.tensor_names(0) if n not in index]
         if missing:
             raise KeyError(
                 f"expert tensors {missing} are not in the checkpoint at {index.folder}; "
                 "this checkpoint's expert naming is not supported by vllm-moe-offload"
             )
         # every expert checked at start-up: a broken checkpoint fails here, not in a request
-        problems = [p for e in range(num_experts) for n in names.of(e) if (p := index.problem(n))]
+        problems = layout.problems(index, num_experts)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ValueError(f"the checkpoint at {index.folder} cannot be offloaded: {problems[0]}{more}")
 
     def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
-        locs = [self.index[n] for n in self.names.of(expert_idx)]
-        with self.readers.fetching(f"expert {expert_idx} of {self.names.prefix}") as reader:
+        locs = self.layout.locations(self.index, expert_idx)
+        with self.readers.fetching(f"expert {expert_idx} of {self.layout.prefix}") as reader:
             before = reader.bytes_read
 
             def convert(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
                 for path in {loc.path for loc in locs}:  # bytes of a file changed since start-up are never used
                     self.index.check_unchanged(path, reader.stat(path))
-                w3 = tensors[1] if len(tensors) == 3 else None
-                return fill(into, self.convert(tensors[0], w3, tensors[-1], into))
+                w = self.layout.split(expert_idx, tensors)  # [w1, w3, w2] or [w1, w2], each [out, in]
+                w3 = w[1] if len(w) == 3 else None
+                return fill(into, self.convert(w[0], w3, w[-1], into))
 
             # converted straight out of the read buffer: what comes back is fresh, or ``into``
             w13, w2k = reader.read_then(locs, convert)
