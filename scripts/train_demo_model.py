@@ -15,7 +15,7 @@ written) from the measured speed of the first steps, and re-sized as training go
 process on the machine slows it); ``training.json`` records the steps taken, so ``--steps N``
 repeats a run exactly (same Python version, same seed).
 
-The folder gets config.json, generation_config.json, model.safetensors, tokenizer.json,
+The folder gets config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, training.json, heldout-tokens.npy (int16 ids of held-out text, for routing
 statistics) and a README.md model card. The card's vLLM sample and routing figures are measured
 after training (the card names the commands); this script writes them as not yet measured.
@@ -245,6 +245,8 @@ def save(model, tokenizer, out: Path) -> None:
 
     model.config.output_router_logits = False  # serving needs no router loss
     model.to(torch.bfloat16).save_pretrained(out)
+    # transformers' default generation config says nothing config.json does not (bos, eos): left out
+    (Path(out) / "generation_config.json").unlink(missing_ok=True)
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                            unk_token="<unk>", model_max_length=SHAPE["max_position_embeddings"])
     hf_tokenizer.save_pretrained(out)
