@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_moe_offload.runtime.memory_limit import own_memory_cgroup
+
 
 @dataclass
 class MemoryCgroup:
@@ -28,15 +30,10 @@ class MemoryCgroup:
     @classmethod
     def make(cls, limit_bytes: int) -> MemoryCgroup | None:
         """A child of this process's own memory cgroup limited to ``limit_bytes``; None where not allowed."""
-        own = Path("/proc/self/cgroup").read_text().splitlines()
-        v1 = [line.split(":", 2)[2] for line in own if line.split(":", 2)[1] == "memory"]
-        v2 = [line.split(":", 2)[2] for line in own if line.startswith("0::")]
-        if v1:
-            parent, version = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), 1
-        elif v2:
-            parent, version = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), 2
-        else:
+        own = own_memory_cgroup()
+        if own is None:
             return None
+        parent, version = own
         box = cls(parent / f"moe-offload-{uuid.uuid4().hex[:8]}", version)
         try:
             box.folder.mkdir()

@@ -47,24 +47,32 @@ def _stat(path: Path) -> dict[str, int]:
         return {}
 
 
-def _own_cgroups(proc_cgroup: Path = Path("/proc/self/cgroup")) -> dict[str, str]:
-    """``{"memory": path}`` for v1's memory controller and ``{"": path}`` for the v2 tree."""
-    out = {}
-    for line in proc_cgroup.read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else [""]:
-            out[controller] = path
-    return out
+def own_memory_cgroup(
+    root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> tuple[Path, int] | None:
+    """(folder, version) of this process's memory cgroup: v1's memory controller, else the v2 tree."""
+    own = {}
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    except OSError:
+        return None
+    if "memory" in own:
+        return root / "memory" / own["memory"].lstrip("/"), 1
+    if "" in own:
+        return root / own[""].lstrip("/"), 2
+    return None
 
 
 def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupMemory | None:
     """This process's cgroup memory limit and use, or None where no cgroup limits memory."""
-    try:
-        own = _own_cgroups(proc_cgroup)
-    except OSError:
+    own = own_memory_cgroup(root, proc_cgroup)
+    if own is None:
         return None
-    if "memory" in own:  # v1 memory controller
-        folder = root / "memory" / own["memory"].lstrip("/")
+    folder, version = own
+    if version == 1:
         stat = _stat(folder / "memory.stat")
         limit = min(x for x in (_read_int(folder / "memory.limit_in_bytes"), stat.get("hierarchical_memory_limit"),
                                 _UNLIMITED_BYTES) if x is not None)
@@ -72,20 +80,18 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self
         if limit >= _UNLIMITED_BYTES or usage is None:
             return None
         return CgroupMemory(1, folder, limit, max(0, usage - stat.get("total_inactive_file", 0)))
-    if "" in own:  # v2: the smallest memory.max from this cgroup up to the root
-        folder = root / own[""].lstrip("/")
-        limit, walk = _UNLIMITED_BYTES, folder
-        while walk != root.parent and walk.is_relative_to(root):
-            value = _read_int(walk / "memory.max")
-            if value is not None:
-                limit = min(limit, value)
-            walk = walk.parent
-        usage = _read_int(folder / "memory.current")
-        if limit >= _UNLIMITED_BYTES or usage is None:
-            return None
-        stat = _stat(folder / "memory.stat")
-        return CgroupMemory(2, folder, limit, max(0, usage - stat.get("inactive_file", 0)))
-    return None
+    # v2: the smallest memory.max from this cgroup up to the root
+    limit, walk = _UNLIMITED_BYTES, folder
+    while walk != root.parent and walk.is_relative_to(root):
+        value = _read_int(walk / "memory.max")
+        if value is not None:
+            limit = min(limit, value)
+        walk = walk.parent
+    usage = _read_int(folder / "memory.current")
+    if limit >= _UNLIMITED_BYTES or usage is None:
+        return None
+    stat = _stat(folder / "memory.stat")
+    return CgroupMemory(2, folder, limit, max(0, usage - stat.get("inactive_file", 0)))
 
 
 def mem_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
