@@ -64,18 +64,19 @@ class ThreadTransferEngine:
             max_workers=num_threads, thread_name_prefix="moe-offload-io", initializer=_one_openmp_thread,
         )
         self._lock = threading.Lock()
-        self._running: dict[int, tuple[float, str]] = {}  # job id -> (start time, what)
+        self._running: dict[int, tuple[float, Callable[..., Any], tuple]] = {}  # job id -> (start time, fn, args)
         self._next_id = 0
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         self.check_alive()
         with self._lock:
             job_id, self._next_id = self._next_id, self._next_id + 1
-        what = f"{getattr(fn, '__qualname__', fn)}{args}"
 
         def run() -> T:
             with self._lock:
-                self._running[job_id] = (time.monotonic(), what)
+                # the call itself, formatted only if it gets stuck: formatting tensor arguments
+                # here cost each load a device sync and a printout of the tensor
+                self._running[job_id] = (time.monotonic(), fn, args)
             try:
                 return fn(*args)
             finally:
@@ -93,9 +94,10 @@ class ThreadTransferEngine:
             return
         now = time.monotonic()
         with self._lock:
-            stuck = [(now - t, what) for t, what in self._running.values() if now - t > self.stuck_after_s]
+            stuck = [(now - t, fn, args) for t, fn, args in self._running.values() if now - t > self.stuck_after_s]
         if stuck:
-            age_s, what = max(stuck)
+            age_s, fn, args = max(stuck, key=lambda job: job[0])
+            what = f"{getattr(fn, '__qualname__', fn)}{_describe(args)}"
             raise TransferEngineDead(
                 f"an expert I/O thread has been stuck for {age_s:.1f} s (limit {self.stuck_after_s:g} s) in {what}; "
                 "the slow tier does not answer, so the engine stops instead of hanging"
@@ -108,6 +110,19 @@ class ThreadTransferEngine:
         except TransferEngineDead:
             wait = False  # joining a thread blocked in a read would hang the shutdown
         self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _describe(args: tuple) -> str:
+    """``args`` for a message: tensors by shape, dtype and device, never by value."""
+    parts = []
+    for arg in args:
+        if isinstance(arg, tuple):
+            parts.append(_describe(arg))
+        elif hasattr(arg, "shape") and hasattr(arg, "dtype"):
+            parts.append(f"tensor{list(arg.shape)} {arg.dtype} on {getattr(arg, 'device', '?')}")
+        else:
+            parts.append(repr(arg))
+    return "(" + ", ".join(parts) + ")"
 
 
 @dataclass(frozen=True)
