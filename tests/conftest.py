@@ -24,6 +24,30 @@ import pytest
 
 from vllm_moe_offload.runtime.amx import STOCK_VLLM_PLUGINS
 
+
+
+def _bind_xdist_worker() -> None:
+    """Give each pytest-xdist worker its own cores (scripts/test.sh runs two workers).
+
+    Set before anything imports torch or vLLM, and inherited by every engine a
+    worker starts: vLLM's CPU worker binds its OpenMP threads to
+    ``VLLM_CPU_OMP_THREADS_BIND``, so two workers' engines compute side by side
+    instead of four OpenMP threads spinning on two cores. An engine and the
+    stock engine it is compared with run in the same worker, with the same
+    threads. Tests that need other cores (TP=2) set the variable themselves.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = cpus[int(worker[2:]) :: count] or cpus
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(mine)))
+
+
+_bind_xdist_worker()
+
 REPO = Path(__file__).resolve().parents[1]
 #: the trained demo MoE shipped in the repository (learned routing; held-out ids in its heldout-tokens.npy)
 TINY_PYMOE = REPO / "models" / "tiny-pymoe"
