@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,15 @@ def _bind_xdist_worker() -> None:
         return
     cpus = sorted(os.sched_getaffinity(0))
     mine = cpus[int(worker[2:]) :: count] or cpus
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
-    os.environ.setdefault("OMP_NUM_THREADS", str(len(mine)))
+    binding = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine)), "OMP_NUM_THREADS": str(len(mine))}
+    for name, value in binding.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            XDIST_BINDING.append(name)
 
 
+#: the variables :func:`_bind_xdist_worker` set in this process (see the ``vllm_default_binding`` fixture)
+XDIST_BINDING: list[str] = []
 _bind_xdist_worker()
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +67,39 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def vllm_default_binding():
+    """Engines with vLLM's own OpenMP binding (``auto``) instead of the xdist worker's cores.
+
+    For tests whose subject is what happens under vLLM's defaults (test_amx.py:
+    with the worker's binding, stock vLLM's worker did not die there).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name in XDIST_BINDING:
+            patch.delenv(name, raising=False)
+        yield
+
+
+def short_rpc_dir() -> Path:
+    """A new folder for vLLM's IPC sockets, on a short path.
+
+    A socket's path must fit 107 bytes (``sun_path``), and the folder names of
+    pytest's ``tmp_path`` (longer under xdist: ``popen-gw0/``) plus vLLM's
+    36-character socket names do not always fit. Under ``VLLM_RPC_BASE_PATH``
+    when set (scripts/test.sh points it at its scratch folder, removed at the
+    end), else the system's temporary folder.
+    """
+    return Path(tempfile.mkdtemp(prefix="rpc", dir=os.environ.get("VLLM_RPC_BASE_PATH") or None))
+
+
 def engine_env(tmp: Path, stock: bool, multiprocess: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        VLLM_RPC_BASE_PATH=str(tmp / "rpc"),
+        VLLM_RPC_BASE_PATH=str(short_rpc_dir()),
         VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
         VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
         TOKENIZERS_PARALLELISM="false",
     )
-    (tmp / "rpc").mkdir(parents=True, exist_ok=True)
     if stock:
         env["VLLM_PLUGINS"] = STOCK_VLLM_PLUGINS
     else:

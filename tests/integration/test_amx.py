@@ -46,8 +46,12 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(model, tmp_path_factory) -> list[list[int]]:
-    """Stock vLLM in-process (the engine shares the test runner's process)."""
+def reference(model, tmp_path_factory, vllm_default_binding) -> list[list[int]]:
+    """Stock vLLM in-process (the engine shares the test runner's process).
+
+    Every engine of this module runs with vLLM's default OpenMP binding, as users run
+    it (``vllm_default_binding``: every test here asks for this fixture first).
+    """
     result = run_engines(tmp_path_factory.mktemp("inprocess"), [_job("stock", model)], stock=True,
                          env=NO_ONEDNN_AMX)["stock"]
     assert "error" not in result, result.get("error")
