@@ -105,7 +105,7 @@ def _report() -> dict:
              **limit, "ended": "ran", "peak_memory_bytes": 3 * 2**30,
              "processes": [{"pid": 1, "name": "python: -m vllm_moe_offload.cli.bench_run", "VmRSS": 2**30,
                             "RssAnon": 2**29},
-                           {"pid": 2, "name": "VLLM::EngineCore", "VmRSS": 2 * 2**30, "RssAnon": 2**30}]},
+                           {"pid": 2, "name": "VLLM::EngineCor: x", "VmRSS": 2 * 2**30, "RssAnon": 2**30}]},
         ],
     }
 

@@ -323,8 +323,9 @@ def _memory_limit_section(report: dict) -> list[str]:
 
 def _process_kind(name: str) -> str:
     """A short name for one of an engine's processes (its ``VLLM::`` title, else the bench's own runner)."""
-    if name.startswith("VLLM::"):
-        return name.split()[0][len("VLLM::"):]
+    if name.startswith("VLLM::"):  # the title overwrites argv in place, so it may end cut or with a ':'
+        title = name.split()[0][len("VLLM::"):].rstrip(":")
+        return "EngineCore" if title.startswith("EngineCor") else title
     return "front end (LLM)" if "bench_run" in name else name.split(":")[0]
 
 
