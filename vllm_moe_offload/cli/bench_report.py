@@ -322,11 +322,17 @@ def _memory_limit_section(report: dict) -> list[str]:
 
 
 def _process_kind(name: str) -> str:
-    """A short name for one of an engine's processes (its ``VLLM::`` title, else the bench's own runner)."""
+    """A short name for one of an engine's processes: its ``VLLM::`` title, the front end, or its Python module."""
     if name.startswith("VLLM::"):  # the title overwrites argv in place, so it may end cut or with a ':'
         title = name.split()[0][len("VLLM::"):].rstrip(":")
         return "EngineCore" if title.startswith("EngineCor") else title
-    return "front end (LLM)" if "bench_run" in name else name.split(":")[0]
+    if "bench_run" in name:
+        return "front end (LLM)"
+    if " -m " in name:  # e.g. vLLM's model inspection, a ``python -m vllm.model_executor.models.registry``
+        return name.split(" -m ")[1].split()[0].rsplit(".", 1)[-1]
+    if "resource_tracker" in name:
+        return "resource_tracker"
+    return name.split(":")[0]
 
 
 def _memory_table(report: dict) -> list[str]:
