@@ -68,7 +68,7 @@ def _child(model: str, offload: dict | None) -> dict:
 
 
 def _run(name: str, model: Path, offload: dict | None, multiprocess: bool, limit_bytes: int | None, out: Path) -> dict:
-    from vllm_moe_offload.cli.cgroup import MemoryCgroup
+    from vllm_moe_offload.cli.cgroup import evict_page_cache, run_limited
 
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0",
                VLLM_CACHE_ROOT=str(out / "vllm-cache"), VLLM_RPC_BASE_PATH=str(out / "rpc"), TOKENIZERS_PARALLELISM="false")
@@ -78,23 +78,19 @@ def _run(name: str, model: Path, offload: dict | None, multiprocess: bool, limit
     else:
         offload = {**offload, "cache_dir": str(out / "stores")}
     (out / "rpc").mkdir(parents=True, exist_ok=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    box = MemoryCgroup.make(limit_bytes if limit_bytes else 2**50)
-    if box is None:
-        raise SystemExit(f"bigger_than_memory: {MemoryCgroup.CANNOT}")
+    evict_page_cache([model])
     log = out / f"{name.replace(' ', '_').replace(',', '')}.log"
-    started = time.perf_counter()
     try:
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(model), json.dumps(offload)], env=env,
-                                  stdout=f, stderr=subprocess.STDOUT, preexec_fn=box.enter, timeout=3600)
-        result = {"name": name, "limit_gib": limit_bytes / 2**30 if limit_bytes else None,
-                  "exit_code": proc.returncode, "oom_kills": box.oom_kills(), "peak_gib": round(box.peak_bytes() / 2**30, 2),
-                  "wall_s": round(time.perf_counter() - started, 1), "log": str(log)}
-    finally:
-        box.remove()
+            run = run_limited([sys.executable, __file__, "--child", str(model), json.dumps(offload)], limit_bytes,
+                              timeout_s=3600, env=env, stdout=f, stderr=subprocess.STDOUT)
+    except RuntimeError as exc:  # no cgroup can be made here
+        raise SystemExit(f"bigger_than_memory: {exc}") from None
+    result = {"name": name, "limit_gib": limit_bytes / 2**30 if limit_bytes else None, "ended": run.ended,
+              "exit_code": run.exit_code, "oom_kills": run.oom_kills, "peak_gib": round(run.peak_bytes / 2**30, 2),
+              "wall_s": run.wall_s, "log": str(log)}
     text = log.read_text()
-    if proc.returncode == 0 and "RESULT " in text:
+    if run.exit_code == 0 and "RESULT " in text:
         result.update(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
     return result
 

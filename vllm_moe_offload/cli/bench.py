@@ -10,6 +10,14 @@ run's physical bound and its fraction of it are computed (``cli/bench_bound.py``
 Writes ``bench.json`` (everything), ``bench.md`` (tables, every figure also as
 a ratio to stock and to ondemand at the same budget) and PNG plots into
 ``--out``; report text lives in ``cli/bench_report.py``.
+
+With ``--memory-limit SIZE`` every engine runs in a memory cgroup of that size
+(``cli/cgroup.py``; the page cache counts, and is emptied before each engine),
+each plugin run in a process of its own, and the bench records how each ended
+(ran, OOM-killed, exit code), the cgroup's peak and the peak resident memory of
+each of the engine's processes. The engine that records the routing then runs
+without a limit (in a cgroup that only measures) and its tokens are the
+reference. The plugin at budget 100% is left out: its experts do not fit.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="start no engine: rewrite bench.md and the plots from the bench.json in --out")
     parser.add_argument("--timeout-s", type=int, default=1200, help="limit per engine process (default %(default)s)")
+    parser.add_argument("--memory-limit", default=None, metavar="SIZE",
+                        help="run every engine, stock included, in a memory cgroup of SIZE (e.g. 4.5GiB; page cache "
+                        "counted; needs root or a delegated cgroup tree) and record how it ended and its peak memory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         if value:
             sizes[key] = value
     try:
+        args.memory_limit_bytes = parse_memory_limit(args.memory_limit)
         _check_settings(args, policies, budgets)
         prompts = make_prompts(args.tokens, args.model, sizes)
     except (ValueError, OSError) as exc:
@@ -109,21 +121,65 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(args, policies, budgets, prompts, sizes)
     stock_jobs = [j for j in jobs if j["offload"] is None]  # the timed stock engine, then the routing one
     plugin_jobs = [j for j in jobs if j["offload"] is not None]
-    # --quick: timing does not matter, every plugin engine in one process
-    groups = [stock_jobs] + ([plugin_jobs] if args.quick else [[job] for job in plugin_jobs])
+    if args.memory_limit_bytes:  # one engine per cgroup, so that each has its own peak and ending
+        groups = [[job] for job in stock_jobs + plugin_jobs]
+    else:  # --quick: timing does not matter, every plugin engine in one process
+        groups = [stock_jobs] + ([plugin_jobs] if args.quick else [[job] for job in plugin_jobs])
     machine = machine_info()
     results = []
     for group in tqdm(groups, desc="engines", unit="process"):
         results += run_group(group, args, stock=group[0]["offload"] is None)
     routing = next(r for r in results if r["kind"] == "routing")
+    if "workloads" not in routing:
+        print(f"vllm-moe-offload bench: error: the stock engine without a limit {routing['ended']}; "
+              f"see {args.out / 'bench.log'}")
+        return 1
     results = [r for r in results if r["kind"] != "routing"]
     report = build_report(args, sizes, machine, results, policies, budgets)
+    report["memory_limit_bytes"] = args.memory_limit_bytes
+    if args.memory_limit_bytes:
+        report["reference"] = _reference(routing)
     report["bound"] = add_bounds(results, routing, lambda run: _run_config(args, run), args.model,
                                  QUICK_PROBE_S if args.quick else PROBE_S)
     paths = write_outputs(report, args.out)
     print((args.out / "bench.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+#: below this no vLLM engine starts: its processes hold about 2 GiB before the first expert on this backend
+MIN_MEMORY_LIMIT_BYTES = 512 * 2**20
+
+
+def parse_memory_limit(text: str | None) -> int | None:
+    """``--memory-limit``: bytes (None when not given); ValueError where it is no size or no cgroup can be made."""
+    from vllm_moe_offload.cli.cgroup import MemoryCgroup
+    from vllm_moe_offload.core.config import Budget, OffloadConfigError
+
+    if text is None:
+        return None
+    try:
+        num_bytes = Budget.parse(text).num_bytes
+    except OffloadConfigError:
+        num_bytes = None
+    if num_bytes is None:
+        raise ValueError(f"--memory-limit {text!r} is not a size; write one such as 4.5GiB, 6000MiB or 6GB")
+    if num_bytes < MIN_MEMORY_LIMIT_BYTES:
+        raise ValueError(f"--memory-limit {text!r} is below {MIN_MEMORY_LIMIT_BYTES // 2**20} MiB, "
+                         "where no vLLM engine starts")
+    probe = MemoryCgroup.make(num_bytes)
+    if probe is None:
+        raise ValueError(f"--memory-limit needs a memory cgroup, and {MemoryCgroup.CANNOT}")
+    probe.remove()
+    return num_bytes
+
+
+def _reference(routing: dict) -> dict:
+    """What the report keeps of the engine without a limit that recorded the routing (the reference tokens)."""
+    keep = ("name", "startup_s", "ended", "memory_limit_bytes", "peak_memory_bytes", "processes", "memory_kib")
+    return {**{k: routing[k] for k in keep if k in routing},
+            "tokens": {name: w["tokens"] for name, w in routing["workloads"].items()},
+            "decode_tok_s": routing["workloads"]["decode"].get("decode_tok_s")}
 
 
 def _check_settings(args: argparse.Namespace, policies: list[str], budgets: list[str]) -> None:
@@ -215,11 +271,14 @@ def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str],
     common = {"model": str(model), "engine": engine, "workloads": workloads, "drop_cache": not args.no_drop_cache,
               "warmup": {"prompts": prompts["warmup"], "max_tokens": 4}}
     profile = not (args.quick or args.no_profile)
+    limited = bool(getattr(args, "memory_limit_bytes", None))
     jobs = [{**common, "name": "stock", "kind": "stock", "offload": None, "profile": profile},
-            {**common, "name": "stock (routing)", "kind": "routing", "offload": None, "profile": False,
-             "drop_cache": False, "record_routing": True, "rounds": ROUTING_ROUNDS}]
-    jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0], "budget": "100%",
-                 "offload": _offload(args, policies[0], "100%"), "profile": profile})
+            {**common, "name": "stock, no limit (routing)" if limited else "stock (routing)", "kind": "routing",
+             "offload": None, "profile": False, "drop_cache": limited, "record_routing": True,
+             "rounds": ROUTING_ROUNDS}]
+    if not limited:  # under a limit, all experts do not fit: nothing to learn from budget 100%
+        jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0],
+                     "budget": "100%", "offload": _offload(args, policies[0], "100%"), "profile": profile})
     for budget in budgets:
         for policy in policies:
             jobs.append({**common, "name": f"{policy} {budget}", "kind": "offload", "policy": policy,
@@ -245,20 +304,41 @@ def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[d
         else:
             env.pop("VLLM_PLUGINS", None)
         (tmp / "jobs.json").write_text(json.dumps(jobs))
+        cmd = [sys.executable, "-m", "vllm_moe_offload.cli.bench_run", str(tmp / "jobs.json"), str(tmp / "out.json")]
         with open(args.out / "bench.log", "a") as log:
             log.write(f"\n===== {', '.join(j['name'] for j in jobs)} =====\n")
             log.flush()
-            proc = subprocess.run(
-                [sys.executable, "-m", "vllm_moe_offload.cli.bench_run", str(tmp / "jobs.json"), str(tmp / "out.json")],
-                env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_s, cwd=tmp,
-            )
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine process for {[j['name'] for j in jobs]} failed ({proc.returncode}); "
-                               f"see {args.out / 'bench.log'}")
-        results = json.loads((tmp / "out.json").read_text())
+            if args.memory_limit_bytes:
+                limited = _run_limited(cmd, jobs, args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+            else:
+                proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_s,
+                                      cwd=tmp)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"engine process for {[j['name'] for j in jobs]} failed ({proc.returncode}); "
+                                       f"see {args.out / 'bench.log'}")
+                limited = None
+        if limited is not None and (limited["ended"] != "ran" or not (tmp / "out.json").exists()):
+            # what a report needs of an engine that did not finish: how it ended, and its peak
+            results = [{"name": j["name"], "kind": j["kind"], "workloads": {}, "offload": None, **limited}
+                       for j in jobs]
+        else:
+            results = json.loads((tmp / "out.json").read_text())
+            for result in results:
+                result.update(limited or {})
     for job, result in zip(jobs, results):
         result.update(policy=job.get("policy"), budget=job.get("budget"), background_cpu_busy=background)
     return results
+
+
+def _run_limited(cmd: list[str], jobs: list[dict], args: argparse.Namespace, **popen) -> dict:
+    """Run one engine process in a memory cgroup (the routing engine: no limit, only measured); its ending."""
+    from vllm_moe_offload.cli.cgroup import evict_page_cache, run_limited
+
+    routing = jobs[0]["kind"] == "routing"
+    evicted = evict_page_cache([Path(j["model"]) for j in jobs if Path(j["model"]).exists()])
+    run = run_limited(cmd, None if routing else args.memory_limit_bytes, timeout_s=args.timeout_s, **popen)
+    popen["stdout"].write(f"===== {run.ended}; peak {run.peak_bytes / 2**30:.2f} GiB =====\n")
+    return {**run.as_dict(), "page_cache_emptied": evicted}
 
 
 def cpu_busy_share(window_s: float = 2.0) -> float:

@@ -210,7 +210,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
     not read full-precision experts from disk get ``{"skipped": why}``.
     """
     stock = next(r for r in runs if r["kind"] == "stock")
-    stock_s = {name: [stock["workloads"][name]["wall_s"], w["wall_s"], *w.get("round_wall_s", [])]
+    # stock's timed run is missing where it did not finish (killed under --memory-limit)
+    stock_s = {name: [*([stock["workloads"][name]["wall_s"]] if name in stock["workloads"] else []), w["wall_s"],
+                      *w.get("round_wall_s", [])]
                for name, w in routing["workloads"].items()}
     probes: dict[tuple, dict] = {}
     loads: dict[tuple, list[int]] = {}
@@ -240,7 +242,7 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
         "stock_wall_s": stock_s,
         "routing_steps": {name: len(w["routing"]) for name, w in routing["workloads"].items()},
         "routing_tokens_match_stock": {name: w["tokens"] == stock["workloads"][name].get("tokens")
-                                       for name, w in routing["workloads"].items()},
+                                       for name, w in routing["workloads"].items() if name in stock["workloads"]},
         "merged_workloads": list(MERGED_WORKLOADS),
         "bandwidth": list(probes.values()),
     }

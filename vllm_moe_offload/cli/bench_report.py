@@ -43,21 +43,33 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
 
     paths = [json_path, md_path, plot_bench_speed(report, out / "bench-speed.png"),
              plot_bench_cache(report, out / "bench-cache.png")]
+    if report.get("memory_limit_bytes"):
+        from vllm_moe_offload.cli.plots import plot_bench_memory
+
+        paths.append(plot_bench_memory(report, out / "bench-memory.png"))
     if any(workload in run.get("bound", {}) for run in report["runs"] for workload in TABLES):
         paths.append(plot_bench_bound(report, out / "bench-bound.png"))
     return paths
 
 
 def mark_token_equality(report: dict) -> None:
-    """Add ``tokens_match_stock`` to every workload (greedy tokens equal to stock's) and drop the tokens."""
+    """Add ``tokens_match_stock`` to every workload (greedy tokens equal to stock's) and drop the tokens.
+
+    Stock's tokens are those of the timed stock run, or where it did not run (killed under
+    ``--memory-limit``) those of the stock engine without a limit (``report["reference"]``).
+    """
     stock = _stock(report)
+    reference = {name: w["tokens"] for name, w in (stock or {}).get("workloads", {}).items() if "tokens" in w}
+    for name, tokens in (report.get("reference") or {}).get("tokens", {}).items():
+        reference.setdefault(name, tokens)
     for run in report["runs"]:
         for name, w in run["workloads"].items():
-            if stock is not None and "tokens" in stock["workloads"][name] and "tokens" in w:
-                w["tokens_match_stock"] = w["tokens"] == stock["workloads"][name]["tokens"]
+            if name in reference and "tokens" in w:
+                w["tokens_match_stock"] = w["tokens"] == reference[name]
     for run in report["runs"]:
         for w in run["workloads"].values():
             w.pop("tokens", None)
+    (report.get("reference") or {}).pop("tokens", None)
 
 
 def _stock(report: dict) -> dict | None:
@@ -145,6 +157,7 @@ def format_markdown(report: dict) -> str:
         "batch": f"{sizes['batch_requests']} requests of {sizes['batch_prompt']} prompt tokens, "
                  f"{sizes['batch_tokens']} generated each, submitted together",
     }
+    lines += _memory_limit_section(report)
     lines += _bound_section(report)
     for workload, (title, columns) in TABLES.items():
         lines += [f"## {title} ({workload_text[workload]})", ""]
@@ -271,6 +284,57 @@ def _source_text(source: dict) -> str:
     return text + "."
 
 
+def _gib(num_bytes: int | None) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**30:.2f}"
+
+
+def _memory_limit_section(report: dict) -> list[str]:
+    """Under ``--memory-limit``: how each engine ended, its peak against the limit, start-up and decode."""
+    limit = report.get("memory_limit_bytes")
+    if not limit:
+        return []
+    ref = report.get("reference") or {}
+    lines = [
+        f"## Under a memory limit of {_gib(limit)} GiB", "",
+        "Each engine ran in a memory cgroup of this size (`cli/cgroup.py`), the page cache emptied before it and "
+        "counted against the limit, as on a real box. *peak*: the cgroup's peak, every process of the engine "
+        "with its page cache. *processes*: peak resident memory (RSS; anonymous part in brackets) of each process "
+        "of the engine, sampled every 0.5 s. The reference tokens come from "
+        + ("the timed stock run." if not ref else f"`{ref.get('name')}`, the stock engine run without a limit "
+           f"(in a cgroup that only measures): it peaked at {_gib(ref.get('peak_memory_bytes'))} GiB, started in "
+           f"{ref.get('startup_s', 0):.1f} s and decoded {ref.get('decode_tok_s') or 0:.2f} tok/s "
+           "(batch-1, while recording the routing)."),
+        "",
+        "| run | ended | peak GiB | start-up s | decode tok/s | expert slots GiB | processes: peak RSS GiB (anon) |",
+        "|---" * 7 + "|",
+    ]
+    for run in report["runs"]:
+        off = run.get("offload") or {}
+        decode = run["workloads"].get("decode", {}).get("decode_tok_s")
+        procs = "; ".join(f"{_process_kind(p['name'])} {_gib(p.get('VmRSS'))} ({_gib(p.get('RssAnon'))})"
+                          for p in run.get("processes", []))
+        lines.append(" | ".join([
+            f"| {run['name']}", run.get("ended", "?"), _gib(run.get("peak_memory_bytes")),
+            f"{run['startup_s']:.1f}" if "startup_s" in run else "-", f"{decode:.2f}" if decode else "-",
+            _gib(off.get("slot_bytes")), (procs or "-") + " |",
+        ]))
+    return lines + [""]
+
+
+def _process_kind(name: str) -> str:
+    """A short name for one of an engine's processes: its ``VLLM::`` title, the front end, or its Python module."""
+    if name.startswith("VLLM::"):  # the title overwrites argv in place, so it may end cut or with a ':'
+        title = name.split()[0][len("VLLM::"):].rstrip(":")
+        return "EngineCore" if title.startswith("EngineCor") else title
+    if "bench_run" in name:
+        return "front end (LLM)"
+    if " -m " in name:  # e.g. vLLM's model inspection, a ``python -m vllm.model_executor.models.registry``
+        return name.split(" -m ")[1].split()[0].rsplit(".", 1)[-1]
+    if "resource_tracker" in name:
+        return "resource_tracker"
+    return name.split(":")[0]
+
+
 def _memory_table(report: dict) -> list[str]:
     lines = [
         "## Memory, disk reads and the page cache", "",
@@ -288,6 +352,8 @@ def _memory_table(report: dict) -> list[str]:
         "|---" * 9 + "|",
     ]
     for run in report["runs"]:
+        if "page_cache_before" not in run:  # did not finish under --memory-limit
+            continue
         off = run.get("offload") or {}
         total = run.get("offload_total") or {}
         read = sum(total.get("bytes_read", {}).values()) if total else 0
@@ -325,6 +391,10 @@ def _runs_table(report: dict) -> list[str]:
         busy = run.get("background_cpu_busy")
         dropped = "not asked" if "drop_cache_error" not in run else (
             "yes" if run["drop_cache_error"] is None else f"**no** ({run['drop_cache_error']})")
+        if "startup_s" not in run:  # did not start under --memory-limit
+            lines.append(f"| {run['name']} | - ({run.get('ended')}) | "
+                         f"{'-' if busy is None else f'{100 * busy:.0f}%'} | {run.get('page_cache_emptied', '-')} |")
+            continue
         lines.append(f"| {run['name']} | {run['startup_s']:.1f} | "
                      f"{'-' if busy is None else f'{100 * busy:.0f}%'} | {dropped} |")
     return lines + [""]
@@ -333,7 +403,7 @@ def _runs_table(report: dict) -> list[str]:
 def _overhead_section(report: dict) -> list[str]:
     stock = _stock(report)
     full = next((r for r in report["runs"] if r["kind"] == "full"), None)
-    if stock is None or full is None:
+    if stock is None or full is None or not stock["workloads"]:
         return []
     lines = ["## Budget 100% against stock (the cost of the offload path when nothing is offloaded)", ""]
     for workload, key, label in (("decode", "tpot_s", "decode TPOT"), ("prefill", "ttft_s", "prefill TTFT"),

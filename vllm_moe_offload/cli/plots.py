@@ -106,11 +106,14 @@ def plot_bench_speed(report: dict, path: str | Path) -> Path:
     fig, axes = _bench_axes(report, [p[2] for p in panels])
     names = [_label(r["name"]) for r in runs]
     for ax, (workload, key, _) in zip(axes, panels):
-        values = [r["workloads"][workload].get(key) or 0.0 for r in runs]
+        values = [r["workloads"].get(workload, {}).get(key) or 0.0 for r in runs]
         bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
-        ax.bar_label(bars, [f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=7)
-        ax.set_yscale("log")  # offload runs are often 10-100x below stock
-        _plain_log_ticks(ax)
+        # a run that did not finish under --memory-limit has no bar: its label says how it ended
+        ax.bar_label(bars, [r["ended"] if not r["workloads"] and "ended" in r else
+                            f"{v:.0f}" if v >= 100 else f"{v:.3g}" for r, v in zip(runs, values)], fontsize=7)
+        if any(values):  # none: no run finished this workload (under --memory-limit)
+            ax.set_yscale("log")  # offload runs are often 10-100x below stock
+            _plain_log_ticks(ax)
         stock = next((v for r, v in zip(runs, values) if r["kind"] == "stock"), None)
         if stock:
             ax.axhline(stock, color="0.4", linestyle="--", linewidth=1)
@@ -132,7 +135,7 @@ def plot_bench_cache(report: dict, path: str | Path) -> Path:
     for i, workload in enumerate(workloads):
         hits, mib = [], []
         for r in runs:
-            w = r["workloads"][workload]
+            w = r["workloads"].get(workload, {})
             off = w.get("offload") or {}
             tokens = w.get("prompt_tokens", 0) + w.get("generated_tokens", 0)
             hits.append(off.get("demand_hit_rate", 0.0))
@@ -144,6 +147,30 @@ def plot_bench_cache(report: dict, path: str | Path) -> Path:
         ax.set_xticks(range(len(runs)), [_label(r["name"]) for r in runs], rotation=45, ha="right", fontsize=8)
         ax.legend(fontsize=8)
     axes[0].set_ylim(0, 1.02)
+    _bench_footer(fig, report)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_bench_memory(report: dict, path: str | Path) -> Path:
+    """Under ``--memory-limit``: each engine's peak memory (its cgroup's) against the limit, and how it ended."""
+    runs = report["runs"]
+    limit_gib = report["memory_limit_bytes"] / 2**30
+    fig, axes = _bench_axes(report, ["peak memory of each engine's cgroup\n(all its processes, page cache)"])
+    ax = axes[0]
+    values = [r.get("peak_memory_bytes", 0) / 2**30 for r in runs]
+    bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
+    ax.bar_label(bars, [f"{v:.2f}" + ("" if r.get("ended") == "ran" else f"\n{r.get('ended')}")
+                        for r, v in zip(runs, values)], fontsize=7)
+    ax.axhline(limit_gib, color="black", linestyle="--", linewidth=1, label="memory limit")
+    ref = report.get("reference") or {}
+    if ref.get("peak_memory_bytes"):
+        ax.axhline(ref["peak_memory_bytes"] / 2**30, color="0.6", linestyle=":", linewidth=1,
+                   label=f"stock without a limit ({ref['peak_memory_bytes'] / 2**30:.2f} GiB)")
+    ax.set_xticks(range(len(runs)), [_label(r["name"]) for r in runs], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("GiB")
+    ax.legend(fontsize=8)
     _bench_footer(fig, report)
     path = Path(path)
     fig.savefig(path, dpi=110)
