@@ -1,0 +1,76 @@
+"""Tiny checkpoints whose experts are quantized as the published releases store them.
+
+* ``fp8`` (Qwen3-MoE, as Qwen/Qwen3-30B-A3B-FP8 and the DeepSeek-V3 releases): every expert projection
+  ``model.layers.<n>.mlp.experts.<e>.{gate,up,down}_proj.weight`` in ``float8_e4m3fn`` with its
+  ``...weight_scale_inv`` (float32, one per 128 x 128 block: ``[ceil(out/128), ceil(in/128)]``), and
+  ``quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+  "weight_block_size": [128, 128]}``. The scheme (DeepSeek's): per block, ``scale = absmax / 448``
+  (448: the largest e4m3 value), ``weight = round-to-fp8(w / scale)``, and ``weight_scale_inv = scale``
+  (the name says inverse; it is what the weight is multiplied by). Only the experts are quantized here:
+  everything else is listed in ``modules_to_not_convert``, as the releases list the routers and
+  ``lm_head`` (so that the test's tokens depend on the expert path alone).
+
+Hidden size 256 and moe_intermediate_size 128 (multiples of the block). The experts get larger weights
+(std 0.5) than the rest (0.08), as in fused_models.py, so that they decide the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from vllm_moe_offload.cli.tiny_models import make_tiny_model
+
+NUM_EXPERTS = 8
+TOP_K = 2
+#: one block in each dimension: hidden and moe_intermediate_size must be multiples of the block
+BLOCK = 128
+#: two blocks of hidden size and one of the experts' intermediate size: block scales [2, 2] (gate_up),
+#: [1, 2] (gate, up) and [2, 1] (down), so a scale read along the wrong axis changes the result
+HIDDEN, MOE_INTERMEDIATE = 2 * BLOCK, BLOCK
+#: the largest finite float8_e4m3fn value
+FP8_MAX = 448.0
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> (``float8_e4m3fn [N, K]``, ``weight_scale_inv`` float32 ``[ceil(N/b), ceil(K/b)]``)."""
+    n, k = w.shape
+    rows, cols = math.ceil(n / block), math.ceil(k / block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    blocks = padded.view(rows, block, cols, block)  # [r, b, c, b]
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [r, c]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * block, cols * block)[:n, :k].contiguous(), scale.contiguous()
+
+
+def make_fp8_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are FP8 block-128, in the released tensor names and config."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_model("qwen3_moe", folder, seed=seed, hidden_size=HIDDEN, moe_intermediate_size=MOE_INTERMEDIATE,
+                    num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K)
+    path = folder / "model.safetensors"
+    generator = torch.Generator().manual_seed(seed)
+    out, keep = {}, set()
+    for name, tensor in load_file(str(path)).items():
+        if ".mlp.experts." not in name:
+            if "norm" in name:
+                tensor = torch.ones_like(tensor)
+            out[name] = tensor
+            keep.add(name.rsplit(".", 1)[0])
+            continue
+        w = torch.randn(tensor.shape, generator=generator) * 0.5
+        out[name], out[name + "_scale_inv"] = quantize_fp8_block(w)
+    save_file(out, str(path), metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    not_converted = sorted(m for m in keep if not m.startswith("model.embed_tokens") and "norm" not in m)
+    config["quantization_config"] = {**FP8_CONFIG, "modules_to_not_convert": not_converted}
+    config_path.write_text(json.dumps(config, indent=2))
+    return folder

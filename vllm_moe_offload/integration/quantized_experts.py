@@ -1,0 +1,217 @@
+"""Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend.
+
+vLLM builds a quantized MoE layer with its quant method: ``create_weights`` makes
+the parameters (FP8 block: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and the
+per-128x128-block scales ``w13_weight_scale_inv`` / ``w2_weight_scale_inv``), the
+loader fills them one checkpoint tensor at a time with
+``RoutedExperts.weight_loader``, and ``process_weights_after_loading`` converts
+them (CPU: ``convert_weight_packed`` of each weight, the scales as they are,
+``convert_to_fp8_moe_kernel_format``) and builds the kernel, whose quant config
+keeps the scale parameters themselves. Offload runs the same steps one expert at
+a time:
+
+* the layer is built with one expert (``OffloadRoutedExperts`` asks
+  ``create_weights`` for one) and vLLM post-processes that placeholder, so the
+  kernel and its quant config exist;
+* a load fills a one-expert holder, whose parameters come from the quant
+  method's own ``create_weights`` with one expert (so they carry what the loader
+  reads, such as the scales' ``quant_method``), through vLLM's
+  ``weight_loader``, then converts it with vLLM's per-expert conversion into the
+  slot (:class:`QuantizedExpertConverter`);
+* the slot pools take the placeholders' place, the scales' in place
+  (:func:`attach_extra_pools`): the kernel reads the pools from then on.
+
+Every other quantization is refused while the layer is built (:func:`check_layer`),
+naming it and what is supported; so is the plugin's own ``quant`` on a quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+from vllm_moe_offload.core.config import OffloadConfigError, Quant
+from vllm_moe_offload.runtime.tiers import Into
+
+logger = logging.getLogger("vllm.moe_offload.quantized_experts")
+
+#: what offload runs, for refusals and the README
+SUPPORTED = (
+    "unquantized experts (bf16/fp16) and FP8 block-quantized experts (quant_method 'fp8' from a serialized "
+    "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8)"
+)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How a quant method's experts are held in slots."""
+
+    name: str
+    #: the layer's per-expert parameters the kernel reads besides ``w13_weight`` / ``w2_weight``
+    extra_params: tuple[str, ...]
+    #: where the kernel's quant config keeps each of them (checked at attach: the pools must be what it reads)
+    kernel_refs: tuple[str, ...]
+
+
+FP8_BLOCK = ExpertFormat(
+    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"),
+)
+
+
+def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
+    """The format of ``quant_method``'s experts; None for unquantized ones. A format offload does not
+    hold raises NotImplementedError saying which it is (``quant_name``: the checkpoint's quant_method)."""
+    if type(quant_method) is UnquantizedFusedMoEMethod:
+        return None
+    reason = _fp8_refusal(quant_method, quant_name)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    return FP8_BLOCK
+
+
+def _fp8_refusal(quant_method, quant_name: str | None) -> str | None:
+    """Why ``quant_method`` is not an FP8 block method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+    from vllm.model_executor.layers.quantization.fp8 import Fp8MoEMethod
+
+    if type(quant_method) is not Fp8MoEMethod:
+        return f"{type(quant_method).__name__} (quantization {quant_name!r})"
+    config = quant_method.quant_config
+    if not config.is_checkpoint_fp8_serialized:
+        return "FP8 experts quantized by vLLM at load (an unquantized checkpoint with --quantization fp8)"
+    if not quant_method.block_quant:
+        return "FP8 experts with per-tensor weight scales (no weight_block_size)"
+    if config.activation_scheme != "dynamic":
+        return f"FP8 block experts with activation_scheme {config.activation_scheme!r}"
+    if quant_method.fp8_backend is not Fp8MoeBackend.CPU:
+        return f"FP8 block experts on the {quant_method.fp8_backend.value} MoE backend"
+    if quant_method.weight_scale_refine is not None:
+        return "FP8 block experts whose scales vLLM refines for tensor parallelism"
+    return None
+
+
+def check_layer(prefix: str, quant_method, quant_config, offload) -> ExpertFormat | None:
+    """The layer's expert format, or a refusal naming the format and what offload supports.
+
+    Runs while vLLM builds the layer, before any expert memory exists.
+    ``quant_config``: the model's (None when unquantized).
+    """
+    quant_name = quant_config.get_name() if quant_config is not None else None
+    try:
+        fmt = expert_format(quant_method, quant_name)
+    except NotImplementedError as exc:
+        raise NotImplementedError(
+            f"{prefix}: MoE offload cannot hold this layer's experts: {exc}. It supports {SUPPORTED}. "
+            "Run without --moe-offload, or with a checkpoint in a supported format."
+        ) from None
+    if fmt is not None and offload.quant is not Quant.NONE:
+        raise OffloadConfigError(
+            f"quant {offload.quant.value!r} quantizes bf16/fp16 experts, but {prefix} holds {fmt.name} experts "
+            f"(quantization {quant_name!r}) already quantized by the checkpoint; allowed: quant 'none' with a "
+            "quantized checkpoint, or quant 'int4' / 'int4+int2' with an unquantized one"
+        )
+    return fmt
+
+
+def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The layer's per-expert parameters the kernel reads, in slot-pool order: ``w13_weight``, ``w2_weight``, extras."""
+    fmt = getattr(layer, "expert_format", None)
+    return ("w13_weight", "w2_weight", *(fmt.extra_params if fmt is not None else ()))
+
+
+def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) -> None:
+    """Put the extra slot pools ``[S, ...]`` in place of the layer's one-expert placeholders.
+
+    The kernel's quant config keeps the placeholder Parameters themselves (vLLM
+    builds it from them after loading), so their data is replaced in place; checked
+    first, so that a vLLM whose kernel copies them fails here, not with wrong tokens.
+    """
+    fmt: ExpertFormat = layer.expert_format
+    fused = layer.quant_method.moe_kernel.fused_experts
+    for name, ref, pool in zip(fmt.extra_params, fmt.kernel_refs, pools, strict=True):
+        param = getattr(layer, name)
+        if getattr(fused, ref, None) is not param:
+            raise RuntimeError(
+                f"vllm-moe-offload: {type(fused).__name__}.{ref} is not {layer.layer_name}.{name}; this vLLM's "
+                "kernel no longer reads the layer's scale parameters, so slots cannot feed it"
+            )
+        param.data = pool  # [S, ...]: the same Parameter, the kernel's reference stays valid
+
+
+class QuantizedExpertConverter:
+    """(w1, w3, w2, into, extras) in checkpoint layout -> ``(w13, w2, *extra)`` in the kernel's, for one expert.
+
+    vLLM's ``weight_loader`` fills a one-expert holder made by the quant method's
+    ``create_weights``; vLLM's per-expert conversion packs it. One holder per I/O
+    thread, reused.
+    """
+
+    prepack_isa = None  # how ``kernel_format.describe_conversion`` tells: vLLM converts, the result is copied
+
+    def __init__(self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None]) -> None:
+        self.layer = layer
+        self.create_weights = create_weights
+        self.params = expert_param_names(layer)
+        quant_method = layer.quant_method
+        self.backend = quant_method.fp8_backend
+        self.fused_experts = quant_method.moe_kernel.fused_experts
+        # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
+        self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
+        self._local = threading.local()
+
+    def _holder(self) -> torch.nn.Module:
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = torch.nn.Module()
+            self.create_weights(holder)  # the quant method's own parameters, one expert
+            self._local.holder = holder
+        return holder
+
+    def __call__(
+        self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor, into: Into = None,
+        extras: Sequence[tuple[str, str, torch.Tensor]] = (),
+    ) -> tuple[torch.Tensor, ...]:
+        holder = self._holder()
+        for name in ("w13_weight", "w2_weight"):
+            getattr(holder, name).data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
+        for param, shard_id, tensor in (("w13_weight", "w1", w1), ("w13_weight", "w3", w3), ("w2_weight", "w2", w2),
+                                        *extras):
+            if tensor is None:
+                continue
+            # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
+            # of one expert, scales included, into expert 0 of the holder
+            loaded = RoutedExperts.weight_loader(self.layer, getattr(holder, param), tensor, param, shard_id, 0,
+                                                 return_success=True)
+            if not loaded:
+                raise RuntimeError(f"{self.layer.layer_name}: vLLM's weight_loader did not load {param} ({shard_id})")
+        out = tuple(t[0] for t in self._convert(holder))  # no expert dim
+        for got, name, (shape, dtype) in zip(out, self.params, self.shapes):
+            if tuple(got.shape) != shape or got.dtype != dtype:
+                raise RuntimeError(
+                    f"{self.layer.layer_name}: vLLM's conversion gave {name} {got.dtype} {list(got.shape)} for one "
+                    f"expert; the layer's slots hold {dtype} {list(shape)}"
+                )
+        if into is not None:
+            for dst, src in zip(into, out, strict=True):
+                dst.copy_(src)
+            return into
+        held = {p.untyped_storage().data_ptr() for p in holder.parameters()}
+        return tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in out)  # the holder is reused
+
+    def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """vLLM's per-expert conversion of the holder: what ``process_weights_after_loading`` does to the
+        weights of an FP8 block layer (its other steps: ROCm's fnuz, static or per-tensor scales, none here)."""
+        from vllm.model_executor.layers.fused_moe.oracle.fp8 import convert_to_fp8_moe_kernel_format
+
+        w13, w2, w13_scale, w2_scale = convert_to_fp8_moe_kernel_format(
+            fp8_backend=self.backend, layer=holder, w13=holder.w13_weight, w2=holder.w2_weight,
+            w13_scale=holder.w13_weight_scale_inv, w2_scale=holder.w2_weight_scale_inv,
+            w13_input_scale=None, w2_input_scale=None,
+        )
+        return w13, w2, w13_scale, w2_scale
