@@ -97,7 +97,7 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         )
         return
     geometry = estimate_geometry(
-        vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
+        vllm_config.model_config.hf_text_config, _expert_dtype_bytes(vllm_config.model_config), tp_size=tp,
     )
     if geometry is None:
         logger.warning("could not read the MoE geometry from the model config; the budget is checked at load")
@@ -315,6 +315,15 @@ def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dic
         "top_k": top_k,
         "expert_bytes": 3 * hidden * (inter // tp_size) * dtype_bytes,
     }
+
+
+def _expert_dtype_bytes(model_config) -> int:
+    """Bytes of one expert weight value: 1 for an FP8 checkpoint (its small block scales left out: the
+    worker's exact check counts them), else the model's dtype."""
+    quant = getattr(model_config.hf_config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and model_config.quantization == "fp8":
+        return 1
+    return model_config.dtype.itemsize
 
 
 def _first(obj: Any, *names: str) -> int | None:
