@@ -76,7 +76,8 @@ def _want(tensors, e):
 
 
 def _pools(slots: int):
-    return (torch.zeros(slots, 2 * I, H, dtype=torch.float8_e4m3fn), torch.zeros(slots, H, I, dtype=torch.float8_e4m3fn),
+    fp8 = torch.float8_e4m3fn
+    return (torch.zeros(slots, 2 * I, H, dtype=fp8), torch.zeros(slots, H, I, dtype=fp8),
             torch.zeros(slots, 2 * I // BLOCK, H // BLOCK), torch.zeros(slots, H // BLOCK, I // BLOCK))
 
 

@@ -66,8 +66,9 @@ def offloaded_expert_tensors(model: torch.nn.Module, vllm_config) -> set[str]:
         "stacked in one tensor per projection" if first.stacked else "a tensor per expert and projection",
     )
     scales = sorted({x.source.name.rsplit(".", 1)[-1] for x in first.extras})  # "weight_scale_inv"
+    with_scales = f", each with its {', '.join(scales)}" if scales else ""
     logger.info("MoE offload: layer %s reads its experts from %s%s", first.prefix,
-                ", ".join(p.label() for p in first.projections), f", each with its {', '.join(scales)}" if scales else "")
+                ", ".join(p.label() for p in first.projections), with_scales)
     return names
 
 

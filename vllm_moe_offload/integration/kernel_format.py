@@ -61,7 +61,7 @@ def make_converter(layer: torch.nn.Module, scratch: Scratch | None = None) -> Co
     (reused, see ``ThreadLocalReaders.scratch``) when given.
     """
     if layer.expert_format is not None:  # quantized experts: vLLM's loader and conversion on a one-expert holder
-        return QuantizedExpertConverter(layer, layer.create_one_expert)
+        return QuantizedExpertConverter(layer, layer.create_one_expert, scratch)
     quant_method = layer.quant_method
     backend = quant_method.unquantized_backend
     if backend not in SUPPORTED_BACKENDS:

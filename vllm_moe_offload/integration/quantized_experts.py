@@ -37,7 +37,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
 from vllm_moe_offload.core.config import OffloadConfigError, Quant
-from vllm_moe_offload.runtime.tiers import Into
+from vllm_moe_offload.runtime.tiers import Into, Scratch
 
 logger = logging.getLogger("vllm.moe_offload.quantized_experts")
 
@@ -149,14 +149,18 @@ class QuantizedExpertConverter:
 
     vLLM's ``weight_loader`` fills a one-expert holder made by the quant method's
     ``create_weights``; vLLM's per-expert conversion packs it. One holder per I/O
-    thread, reused.
+    thread, its parameters' memory the running fetch's conversion scratch when
+    ``scratch`` is given (reused, and counted in the budget's conversion hold).
     """
 
     prepack_isa = None  # how ``kernel_format.describe_conversion`` tells: vLLM converts, the result is copied
 
-    def __init__(self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None]) -> None:
+    def __init__(
+        self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None], scratch: Scratch | None = None,
+    ) -> None:
         self.layer = layer
         self.create_weights = create_weights
+        self.scratch = scratch
         self.params = expert_param_names(layer)
         quant_method = layer.quant_method
         self.backend = quant_method.fp8_backend
@@ -178,8 +182,10 @@ class QuantizedExpertConverter:
         extras: Sequence[tuple[str, str, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, ...]:
         holder = self._holder()
-        for name in ("w13_weight", "w2_weight"):
-            getattr(holder, name).data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
+        for name, param in holder.named_parameters():
+            if self.scratch is not None:  # the Parameter and its loader attributes stay; its memory is reused
+                param.data = self.scratch(f"one-expert {name}", tuple(param.shape), param.dtype)
+            param.data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
         for param, shard_id, tensor in (("w13_weight", "w1", w1), ("w13_weight", "w3", w3), ("w2_weight", "w2", w2),
                                         *extras):
             if tensor is None:
