@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from vllm_moe_offload.core.config import format_bytes
-from vllm_moe_offload.integration.quantized_experts import expert_param_names
+from vllm_moe_offload.integration.quantized_experts import checkpoint_param_names
 from vllm_moe_offload.runtime.expert_layout import EXPERT, ExpertLayout, ExtraSource, ProjectionSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
 
@@ -111,15 +111,16 @@ def _owner(vllm_name: str, owned: dict) -> str | None:
 def layer_layout(layer, tensors: dict[str, str], index: CheckpointIndex) -> ExpertLayout:
     """``layer``'s experts among ``tensors`` (its checkpoint tensors: vLLM name -> checkpoint name)."""
     where = {"w1": {}, "w3": {}, "w2": {}}  # shard -> {expert (None: stacked): (checkpoint name, vLLM name, half)}
-    extra_params = expert_param_names(layer)[len(_WEIGHTS):]
+    params = checkpoint_param_names(layer)  # w13_weight / w2_weight (AWQ: w13_qweight / w2_qweight), extras
+    weights, extra_params = params[:2], params[2:]
     extra: dict[tuple[str, str], dict] = {}  # (param, shard) -> as ``where``'s values
     mapping = layer.get_expert_mapping(include_fused=True)
     gated = layer.moe_config.is_act_and_mul
     for vllm_name, name in sorted(tensors.items()):
         for param, shard_id, expert_id, half, stacked in _matches(
-            layer.layer_name, vllm_name, index[name], mapping, gated, (*_WEIGHTS, *extra_params),
+            layer.layer_name, vllm_name, index[name], mapping, gated, params,
         ):
-            found = where[shard_id] if param in _WEIGHTS else extra.setdefault((param, shard_id), {})
+            found = where[shard_id] if param in weights else extra.setdefault((param, shard_id), {})
             found[None if stacked else expert_id] = (name, vllm_name, half)
     num_experts = layer.global_num_experts
     if not where["w1"] or not where["w2"] or (gated and not where["w3"]):
@@ -239,8 +240,10 @@ def _oriented(layer, sources: dict[str, ProjectionSource], index: CheckpointInde
 
 
 def _check_shapes(layer, layout: ExpertLayout, index: CheckpointIndex) -> None:
-    """Gate and up must read as ``[I, H]`` and down as ``[H, I]``: what vLLM's per-expert loader takes."""
-    shapes = layout.shapes(index)
+    """Gate and up must read as ``[I, H]`` and down as ``[H, I]``: what vLLM's per-expert loader takes
+    (a packed format's stored ``[in, out/8]`` read as its ``[out, in]``)."""
+    fmt = getattr(layer, "expert_format", None)
+    shapes = [fmt.logical_shape(s) for s in layout.shapes(index)] if fmt is not None else layout.shapes(index)
     gate, down = shapes[0], shapes[-1]
     hidden = layer.moe_config.hidden_dim_unpadded or layer.hidden_size
     if any(len(s) != 2 for s in shapes) or any(s != gate for s in shapes[:-1]) or down != gate[::-1] or (

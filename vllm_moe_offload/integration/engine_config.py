@@ -292,7 +292,7 @@ def split_graphs_at_moe(compilation: Any) -> None:
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
-def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dict[str, int] | None:
+def estimate_geometry(hf_config: Any, dtype_bytes: float, tp_size: int = 1) -> dict[str, int] | None:
     """MoE layer count, experts, top-k and bytes per expert (one rank's shard) from a HF config.
 
     Covers the conventions of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, Gemma-4 and Llama-4. The
@@ -313,16 +313,20 @@ def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dic
         "num_layers": len(layers),
         "num_experts": num_experts,
         "top_k": top_k,
-        "expert_bytes": 3 * hidden * (inter // tp_size) * dtype_bytes,
+        "expert_bytes": int(3 * hidden * (inter // tp_size) * dtype_bytes),
     }
 
 
-def _expert_dtype_bytes(model_config) -> int:
-    """Bytes of one expert weight value: 1 for an FP8 checkpoint (its small block scales left out: the
-    worker's exact check counts them), else the model's dtype."""
+def _expert_dtype_bytes(model_config) -> float:
+    """Bytes of one expert weight value: 1 for an FP8 checkpoint, 0.5 for an AWQ int4 one (their small
+    scales and zero points left out: the worker's exact check counts them), else the model's dtype."""
     quant = getattr(model_config.hf_config, "quantization_config", None)
     if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and model_config.quantization == "fp8":
         return 1
+    if isinstance(quant, dict) and quant.get("quant_method") == "awq" and quant.get("bits") == 4 and (
+        model_config.quantization == "awq"
+    ):
+        return 0.5
     return model_config.dtype.itemsize
 
 

@@ -1,4 +1,5 @@
-"""Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend.
+"""Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend,
+AWQ int4 experts on its CPU int4 backend.
 
 vLLM builds a quantized MoE layer with its quant method: ``create_weights`` makes
 the parameters (FP8 block: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and the
@@ -7,8 +8,13 @@ loader fills them one checkpoint tensor at a time with
 ``RoutedExperts.weight_loader``, and ``process_weights_after_loading`` converts
 them (CPU: ``convert_weight_packed`` of each weight, the scales as they are,
 ``convert_to_fp8_moe_kernel_format``) and builds the kernel, whose quant config
-keeps the scale parameters themselves. Offload runs the same steps one expert at
-a time:
+keeps the scale parameters themselves. AWQ int4 (``AutoAWQMoEMethod``): the
+checkpoint's ``w13_qweight`` / ``w2_qweight`` (int32, eight 4-bit values each,
+``[in, out/8]``), ``w13_scales`` / ``w2_scales`` and ``w13_qzeros`` /
+``w2_qzeros`` per group of inputs; ``convert_to_wna16_moe_kernel_format``
+blocks all six for ``CPUExpertsInt4`` (``prepare_int4_moe_layer_for_cpu``) and
+the layer's ``w13_weight`` / ``w2_weight`` become aliases of the packed
+``*_qweight``. Offload runs the same steps one expert at a time:
 
 * the layer is built with one expert (``OffloadRoutedExperts`` asks
   ``create_weights`` for one) and vLLM post-processes that placeholder, so the
@@ -43,8 +49,9 @@ logger = logging.getLogger("vllm.moe_offload.quantized_experts")
 
 #: what offload runs, for refusals and the README
 SUPPORTED = (
-    "unquantized experts (bf16/fp16) and FP8 block-quantized experts (quant_method 'fp8' from a serialized "
-    "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8)"
+    "unquantized experts (bf16/fp16), FP8 block-quantized experts (quant_method 'fp8' from a serialized "
+    "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
+    "and AWQ int4 experts (quant_method 'awq', bits 4, zero_point true, vLLM's CPU int4 backend CPUExpertsInt4)"
 )
 
 
@@ -57,6 +64,18 @@ class ExpertFormat:
     extra_params: tuple[str, ...]
     #: where the kernel's quant config keeps each of them (checked at attach: the pools must be what it reads)
     kernel_refs: tuple[str, ...]
+    #: the parameters vLLM's loader fills with the weights; the kernel reads ``w13_weight`` / ``w2_weight``,
+    #: aliases of these after ``process_weights_after_loading`` where they differ
+    weight_params: tuple[str, str] = ("w13_weight", "w2_weight")
+    #: 4-bit values per stored weight element along the output dimension, stored ``[in, out/pack]`` (AWQ);
+    #: None: stored ``[out, in]``, one value an element
+    pack_out: int | None = None
+
+    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """A checkpoint projection's ``[out, in]`` from its stored shape (a 2-D one; others as they are)."""
+        if self.pack_out is None or len(stored) != 2:
+            return stored
+        return (stored[1] * self.pack_out, stored[0])
 
 
 FP8_BLOCK = ExpertFormat(
@@ -64,15 +83,37 @@ FP8_BLOCK = ExpertFormat(
 )
 
 
+AWQ_INT4 = ExpertFormat(
+    "awq-int4", ("w13_scales", "w2_scales", "w13_qzeros", "w2_qzeros"), ("w1_scale", "w2_scale", "w1_zp", "w2_zp"),
+    weight_params=("w13_qweight", "w2_qweight"), pack_out=8,  # int32 holds eight 4-bit values
+)
+
+
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
     """The format of ``quant_method``'s experts; None for unquantized ones. A format offload does not
     hold raises NotImplementedError saying which it is (``quant_name``: the checkpoint's quant_method)."""
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMoEMethod
+
     if type(quant_method) is UnquantizedFusedMoEMethod:
         return None
-    reason = _fp8_refusal(quant_method, quant_name)
+    if type(quant_method) is AutoAWQMoEMethod:
+        reason, fmt = _awq_refusal(quant_method), AWQ_INT4
+    else:
+        reason, fmt = _fp8_refusal(quant_method, quant_name), FP8_BLOCK
     if reason is not None:
         raise NotImplementedError(reason)
-    return FP8_BLOCK
+    return fmt
+
+
+def _awq_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (an ``AutoAWQMoEMethod``) is not an AWQ method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    if quant_method.wna16_moe_backend is not WNA16MoEBackend.CPU:
+        return f"AWQ int4 experts on the {quant_method.wna16_moe_backend.value} MoE backend"
+    if not quant_method.quant_config.zero_point:
+        return "AWQ int4 experts without zero points (zero_point false)"
+    return None
 
 
 def _fp8_refusal(quant_method, quant_name: str | None) -> str | None:
@@ -119,6 +160,13 @@ def check_layer(prefix: str, quant_method, quant_config, offload) -> ExpertForma
     return fmt
 
 
+def checkpoint_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The layer's per-expert parameters vLLM's loader fills from the checkpoint: weights (as the quant method
+    names them, ``w13_qweight`` for AWQ), then extras."""
+    fmt = getattr(layer, "expert_format", None)
+    return (*fmt.weight_params, *fmt.extra_params) if fmt is not None else ("w13_weight", "w2_weight")
+
+
 def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
     """The layer's per-expert parameters the kernel reads, in slot-pool order: ``w13_weight``, ``w2_weight``, extras."""
     fmt = getattr(layer, "expert_format", None)
@@ -142,6 +190,9 @@ def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) ->
                 "kernel no longer reads the layer's scale parameters, so slots cannot feed it"
             )
         param.data = pool  # [S, ...]: the same Parameter, the kernel's reference stays valid
+    for name, kernel_name in zip(fmt.weight_params, ("w13_weight", "w2_weight")):
+        if name != kernel_name:  # vLLM's alias (AWQ: w13_weight is w13_qweight), now of the slot pool
+            setattr(layer, name, getattr(layer, kernel_name))
 
 
 class QuantizedExpertConverter:
@@ -162,9 +213,12 @@ class QuantizedExpertConverter:
         self.create_weights = create_weights
         self.scratch = scratch
         self.params = expert_param_names(layer)
-        quant_method = layer.quant_method
-        self.backend = quant_method.fp8_backend
-        self.fused_experts = quant_method.moe_kernel.fused_experts
+        self.format: ExpertFormat = layer.expert_format
+        self.quant_method = layer.quant_method
+        #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
+        self.backend = (self.quant_method.wna16_moe_backend if self.format is AWQ_INT4
+                        else self.quant_method.fp8_backend)
+        self.fused_experts = self.quant_method.moe_kernel.fused_experts
         # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
         self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
         self._local = threading.local()
@@ -186,8 +240,8 @@ class QuantizedExpertConverter:
             if self.scratch is not None:  # the Parameter and its loader attributes stay; its memory is reused
                 param.data = self.scratch(f"one-expert {name}", tuple(param.shape), param.dtype)
             param.data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
-        for param, shard_id, tensor in (("w13_weight", "w1", w1), ("w13_weight", "w3", w3), ("w2_weight", "w2", w2),
-                                        *extras):
+        w13_name, w2_name = self.format.weight_params
+        for param, shard_id, tensor in ((w13_name, "w1", w1), (w13_name, "w3", w3), (w2_name, "w2", w2), *extras):
             if tensor is None:
                 continue
             # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
@@ -211,8 +265,14 @@ class QuantizedExpertConverter:
         return tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in out)  # the holder is reused
 
     def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """vLLM's per-expert conversion of the holder: what ``process_weights_after_loading`` does to the
-        weights of an FP8 block layer (its other steps: ROCm's fnuz, static or per-tensor scales, none here)."""
+        """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
+        if self.format is AWQ_INT4:
+            return self._convert_awq(holder)
+        return self._convert_fp8(holder)
+
+    def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``process_weights_after_loading`` does to the weights of an FP8 block layer (its other
+        steps: ROCm's fnuz, static or per-tensor scales, none here)."""
         from vllm.model_executor.layers.fused_moe.oracle.fp8 import convert_to_fp8_moe_kernel_format
 
         w13, w2, w13_scale, w2_scale = convert_to_fp8_moe_kernel_format(
@@ -221,3 +281,16 @@ class QuantizedExpertConverter:
             w13_input_scale=None, w2_input_scale=None,
         )
         return w13, w2, w13_scale, w2_scale
+
+    def _convert_awq(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``AutoAWQMoEMethod.process_weights_after_loading`` does to an AWQ layer's tensors on the CPU
+        backend (no biases, no input global scales: none on this path)."""
+        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
+
+        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
+            backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
+            input_dtype=self.quant_method.input_dtype, w13=holder.w13_qweight, w2=holder.w2_qweight,
+            w13_scale=holder.w13_scales, w2_scale=holder.w2_scales,
+            w13_qzeros=holder.w13_qzeros, w2_qzeros=holder.w2_qzeros,
+        )
+        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp

@@ -75,7 +75,7 @@ class ProjectionSource:
 
     def label(self) -> str:
         """The projection's name, and how it is cut when it is not a whole tensor of its own (manifests, logs)."""
-        base = self.name.removesuffix(".weight").rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
+        base = self.name.removesuffix(".weight").removesuffix(".qweight").rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
         how = [w for w, on in (("stacked", self.stacked), ("transposed", self.transposed)) if on]
         if self.half is not None:
             how.append(("first", "second")[self.half] + " half")

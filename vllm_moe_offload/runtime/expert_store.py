@@ -181,13 +181,16 @@ def checkpoint_identity(index: CheckpointIndex) -> dict:
     return {"folder": str(index.folder.resolve()), "files": files, "header_sha256": headers.hexdigest()}
 
 
-def _layout(index: CheckpointIndex, layer: LayerSpec) -> list[dict]:
-    """Each projection of expert 0 as it is stored: what it is read from, shape [out, in], dtype."""
+def _layout(index: CheckpointIndex, layer: LayerSpec, quantizing: bool) -> list[dict]:
+    """Each projection of expert 0 as it is stored: what it is read from, shape [out, in], dtype.
+
+    ``quantizing``: the store quantizes the weights, so they must be floating-point ones (a kernel store
+    keeps whatever vLLM's conversion makes of them, an int4 checkpoint's packed int32 too)."""
     out = []
     layout = layer.names
     for proj, label, shape in zip(layout.projections, layout.labels(0), layout.shapes(index)):
         dtype = proj.location(index, 0).dtype
-        if len(shape) != 2 or not dtype.is_floating_point:
+        if len(shape) != 2 or (quantizing and not dtype.is_floating_point):
             raise OffloadConfigError(
                 f"quant: {label} is {dtype} {list(shape)} in {index[proj.tensor(0)].path}; the quantized store takes "
                 "2-D floating-point expert weights only (is the checkpoint already quantized?); use quant 'none'"
@@ -212,7 +215,8 @@ def _expected(index: CheckpointIndex, layers: list[LayerSpec], scheme: str, kern
         "precisions": precisions,
         "checkpoint": checkpoint_identity(index),
         "layers": {
-            layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer)} for layer in layers
+            layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer, scheme != KERNEL)}
+            for layer in layers
         },
     }
 
