@@ -19,6 +19,15 @@
   values of consecutive output columns per int32, in the order ``[0, 2, 4, 6, 1, 3, 5, 7]`` from the low bits
   (zero points packed the same way). Again only the experts are quantized (``modules_to_not_convert``).
 
+* ``gptq`` (Qwen3-MoE / Mixtral GPTQ-Int4 releases, AutoGPTQ's v1 format, symmetric, no ``desc_act``): every
+  expert projection as ``...qweight`` (int32 ``[in/8, out]``: eight consecutive inputs per int32 from the low
+  bits), ``...qzeros`` (int32 ``[in/128, out/8]``, consecutive outputs, each zero point stored minus one as
+  v1 does: 7 for the symmetric 8) and ``...scales`` (float16 ``[in/128, out]``), and ``quantization_config =
+  {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true}``. The scheme
+  (AutoGPTQ's symmetric quantizer): per output column and group, ``scale = 2 * absmax / 15``,
+  ``q = clamp(round(w / scale) + 8, 0, 15)``. GPTQ has no ``modules_to_not_convert``: the other layers are
+  left out with vLLM's ``dynamic`` negative patterns (``-:<regex>``), as GPTQModel writes them.
+
 Hidden size 256 and moe_intermediate_size 128 (multiples of the block). The experts get larger weights
 (std 0.5) than the rest (0.08), as in fused_models.py, so that they decide the greedy tokens.
 """
@@ -47,6 +56,10 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: int4 values per int32
 PACK = 8
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": BLOCK, "zero_point": True, "version": "gemm"}
+GPTQ_CONFIG = {
+    "quant_method": "gptq", "bits": 4, "group_size": BLOCK, "desc_act": False, "sym": True,
+    "dynamic": {r"-:.*\.self_attn\..*": {}, r"-:.*\.mlp\.gate$": {}},  # attention and routers stay bf16
+}
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 
 
@@ -84,6 +97,39 @@ def _awq_pack(values: torch.Tensor) -> torch.Tensor:
     for i, column in enumerate(AWQ_ORDER):
         packed |= grouped[..., column].to(torch.int64) << (4 * i)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
+
+
+def quantize_gptq(w: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` -> GPTQ v1 symmetric (``qweight`` int32 ``[in/8, out]``, ``qzeros`` int32
+    ``[in/g, out/8]``, ``scales`` float16 ``[in/g, out]``)."""
+    out_features, in_features = w.shape
+    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
+    scales = (groups.abs().amax(dim=2) * 2 / 15).clamp(min=1e-5).half()  # [out, G]; symmetric: min = -max
+    q = ((groups / scales.float()[..., None]).round() + 8).clamp(0, 15)  # [out, G, g]
+    q = q.reshape(out_features, in_features).t().to(torch.int32)  # [in, out]
+    zeros = torch.full((in_features // group, out_features), 8 - 1, dtype=torch.int32)  # v1 stores zero - 1
+    return _pack_rows(q), _pack_rows(zeros.t()).t().contiguous(), scales.t().contiguous()
+
+
+def _pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """int32 ``[rows, cols]`` of 4-bit values -> int32 ``[rows/8, cols]``: row ``8r + i`` in bits ``4i..4i+3``."""
+    rows, cols = values.shape
+    grouped = values.reshape(rows // PACK, PACK, cols).to(torch.int64)  # [rows/8, 8, cols]
+    packed = torch.zeros(rows // PACK, cols, dtype=torch.int64)
+    for i in range(PACK):
+        packed |= grouped[:, i] << (4 * i)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
+
+
+def make_gptq_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are GPTQ int4 (v1, symmetric), in the released tensor names and config."""
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        qweight, qzeros, scales = quantize_gptq(w)
+        base = name.removesuffix(".weight")
+        return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
+
+    return _quantized_experts(folder, seed, quantize, GPTQ_CONFIG)
 
 
 def make_awq_model(folder: Path, seed: int = 0) -> Path:
@@ -129,6 +175,9 @@ def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) ->
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     not_converted = sorted(m for m in keep if not m.startswith("model.embed_tokens") and "norm" not in m)
-    config["quantization_config"] = {**quant_config, "modules_to_not_convert": not_converted}
+    # GPTQ names the layers it leaves out in its own "dynamic" patterns
+    config["quantization_config"] = (
+        quant_config if "dynamic" in quant_config else {**quant_config, "modules_to_not_convert": not_converted}
+    )
     config_path.write_text(json.dumps(config, indent=2))
     return folder

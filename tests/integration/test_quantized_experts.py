@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import offload_job, run_engines
 from tests.integration.quantized_models import (
-    HIDDEN, MOE_INTERMEDIATE, NUM_EXPERTS, TOP_K, make_awq_model, make_fp8_model,
+    HIDDEN, MOE_INTERMEDIATE, NUM_EXPERTS, TOP_K, make_awq_model, make_fp8_model, make_gptq_model,
 )
 from vllm_moe_offload.cli.tiny_models import make_tiny_model
 from vllm_moe_offload.integration.quantized_experts import SUPPORTED
@@ -48,10 +48,12 @@ FP8_EXPERT_BYTES = 3 * MOE_INTERMEDIATE * HIDDEN
 SCALE_BYTES = 3 * 4 * (MOE_INTERMEDIATE // 128) * (HIDDEN // 128)
 #: AWQ at 50%, the minimum and 100%, and the kernel store at 50%
 AWQ_CASES = ["100%", "50%", "min", "kernel-store"]
-#: one expert of the AWQ checkpoint: qweight, half a byte a value; float16 scales and int32 qzeros (eight
+#: GPTQ: the same conversion after a transpose; 50% and the minimum
+GPTQ_CASES = ["50%", "min"]
+#: one expert of the AWQ or GPTQ checkpoint: qweight, half a byte a value; float16 scales and int32 qzeros (eight
 #: values each) per group of 128 inputs: gate, up [H/128, I] and down [I/128, H]
-AWQ_GROUPS = HIDDEN * MOE_INTERMEDIATE // 128  # per projection: groups x outputs
-AWQ_CHECKPOINT_BYTES = 3 * (MOE_INTERMEDIATE * HIDDEN // 2 + 2 * AWQ_GROUPS + 4 * AWQ_GROUPS // 8)
+INT4_GROUPS = HIDDEN * MOE_INTERMEDIATE // 128  # per projection: groups x outputs
+INT4_CHECKPOINT_BYTES = 3 * (MOE_INTERMEDIATE * HIDDEN // 2 + 2 * INT4_GROUPS + 4 * INT4_GROUPS // 8)
 #: the same expert in bf16
 BF16_EXPERT_BYTES = 3 * MOE_INTERMEDIATE * HIDDEN * 2
 
@@ -61,8 +63,10 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     fp8 = make_fp8_model(root / "models" / "fp8")
     awq = make_awq_model(root / "models" / "awq")
+    gptq = make_gptq_model(root / "models" / "gptq")
     bf16 = make_tiny_model("qwen3_moe", root / "models" / "bf16")
-    stock = run_engines(root / "stock", [offload_job("fp8/stock", fp8), offload_job("awq/stock", awq)], stock=True)
+    stock = run_engines(root / "stock", [offload_job(f"{name}/stock", model) for name, model in
+                                         (("fp8", fp8), ("awq", awq), ("gptq", gptq))], stock=True)
     online = offload_job("refused/online-fp8", bf16, policy="lru", budget="50%")
     online["engine"]["quantization"] = "fp8"  # FP8 quantized by vLLM at load: per-tensor scales
     jobs = [
@@ -72,6 +76,9 @@ def results(tmp_path_factory):
         *(offload_job(f"awq/{label}", awq, policy="lru", budget=BUDGETS[label][0]) for label in AWQ_CASES[:3]),
         offload_job("awq/kernel-store", awq, policy="lru", budget="50%", cache_dir=str(root / "awq-stores"),
                     store="kernel"),
+        *(offload_job(f"gptq/{label}", gptq, policy="lru", budget=BUDGETS[label][0]) for label in GPTQ_CASES),
+        # a size budget the user's process must plan in int4 bytes (in bf16 ones it is below the minimum)
+        offload_job("awq/1MiB", awq, policy="lru", budget="1MiB"),
         offload_job("refused/quant-int4", fp8, policy="lru", budget="50%", quant="int4"),
         offload_job("refused/awq-quant-int4", awq, policy="lru", budget="50%", quant="int4"),
         online,
@@ -151,22 +158,26 @@ def test_a_format_offload_does_not_hold_is_refused_naming_it_and_what_is_support
     )
 
 
-@pytest.mark.parametrize("label", AWQ_CASES)
-def test_awq_tokens_identical_to_stock(results, label):
+@pytest.mark.parametrize(
+    "label", [*(f"awq/{c}" for c in AWQ_CASES), "awq/1MiB", *(f"gptq/{c}" for c in GPTQ_CASES)],
+)
+def test_int4_tokens_identical_to_stock(results, label):
     _, stock, offload = results
-    got = offload[f"awq/{label}"]
+    got = offload[label]
     assert "error" not in got, got.get("error")
-    assert got["tokens"] == stock["awq/stock"]["tokens"]
+    assert got["tokens"] == stock[label.split("/")[0] + "/stock"]["tokens"]
 
 
-@pytest.mark.parametrize("label", AWQ_CASES)
-def test_awq_slots_hold_packed_weights_scales_and_zero_points_and_loads_read_single_experts(results, label):
+@pytest.mark.parametrize("label", [*(f"awq/{c}" for c in AWQ_CASES), *(f"gptq/{c}" for c in GPTQ_CASES)])
+def test_int4_slots_hold_packed_weights_scales_and_zero_points_and_loads_read_single_experts(results, label):
     _, _, offload = results
-    stats = offload[f"awq/{label}"]["stats"][0]
+    stats = offload[label]["stats"][0]
+    label = label.split("/")[1]
     slots = BUDGETS[label][1] if label in BUDGETS else NUM_EXPERTS // 2
     assert stats["layer_slots"] == [slots, slots]
-    # CPUExpertsInt4's blocks of the six tensors: about the checkpoint's bytes, under a third of bf16's
-    assert AWQ_CHECKPOINT_BYTES <= stats["expert_bytes"] < 0.3 * BF16_EXPERT_BYTES
+    # CPUExpertsInt4's blocks of the six tensors: about the checkpoint's bytes, under a third of bf16's (AWQ and
+    # GPTQ store as many bytes: the same values packed along another axis)
+    assert INT4_CHECKPOINT_BYTES <= stats["expert_bytes"] < 0.3 * BF16_EXPERT_BYTES
     total = stats["total"]
     assert total["slot_bytes"] == 2 * slots * stats["expert_bytes"]
     if label == "100%":
@@ -177,7 +188,7 @@ def test_awq_slots_hold_packed_weights_scales_and_zero_points_and_loads_read_sin
     assert set(total["bytes_read"]) == {tier}
     per_load = total["bytes_read"][tier] / total["loads"]
     if tier == "disk":  # one expert's nine tensors, adjacent in the file: widened to 4 KiB pages
-        assert AWQ_CHECKPOINT_BYTES <= per_load <= AWQ_CHECKPOINT_BYTES + 2 * 4096
+        assert INT4_CHECKPOINT_BYTES <= per_load <= INT4_CHECKPOINT_BYTES + 2 * 4096
 
 
 def test_the_loader_skips_awq_weights_scales_and_zero_points(results):

@@ -318,13 +318,15 @@ def estimate_geometry(hf_config: Any, dtype_bytes: float, tp_size: int = 1) -> d
 
 
 def _expert_dtype_bytes(model_config) -> float:
-    """Bytes of one expert weight value: 1 for an FP8 checkpoint, 0.5 for an AWQ int4 one (their small
-    scales and zero points left out: the worker's exact check counts them), else the model's dtype."""
+    """Bytes of one expert weight value: 1 for an FP8 checkpoint, 0.5 for an AWQ or GPTQ int4 one (their
+    small scales and zero points left out: the worker's exact check counts them), else the model's dtype."""
     quant = getattr(model_config.hf_config, "quantization_config", None)
     if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and model_config.quantization == "fp8":
         return 1
-    if isinstance(quant, dict) and quant.get("quant_method") == "awq" and quant.get("bits") == 4 and (
-        model_config.quantization == "awq"
+    # vLLM's names for the checkpoint's "awq" / "gptq" on the CPU backend
+    int4 = (("awq", "awq"), ("gptq", "auto_gptq"))
+    if isinstance(quant, dict) and quant.get("bits") == 4 and (
+        (quant.get("quant_method"), model_config.quantization) in int4
     ):
         return 0.5
     return model_config.dtype.itemsize

@@ -14,7 +14,9 @@ checkpoint's ``w13_qweight`` / ``w2_qweight`` (int32, eight 4-bit values each,
 ``w2_qzeros`` per group of inputs; ``convert_to_wna16_moe_kernel_format``
 blocks all six for ``CPUExpertsInt4`` (``prepare_int4_moe_layer_for_cpu``) and
 the layer's ``w13_weight`` / ``w2_weight`` become aliases of the packed
-``*_qweight``. Offload runs the same steps one expert at a time:
+``*_qweight``. GPTQ int4 (``AutoGPTQMoEMethod``) has the same parameters packed
+along the input (``[in/8, out]``), turned to ``[out, ...]`` before the same
+conversion. Offload runs the same steps one expert at a time:
 
 * the layer is built with one expert (``OffloadRoutedExperts`` asks
   ``create_weights`` for one) and vLLM post-processes that placeholder, so the
@@ -51,7 +53,8 @@ logger = logging.getLogger("vllm.moe_offload.quantized_experts")
 SUPPORTED = (
     "unquantized experts (bf16/fp16), FP8 block-quantized experts (quant_method 'fp8' from a serialized "
     "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
-    "and AWQ int4 experts (quant_method 'awq', bits 4, zero_point true, vLLM's CPU int4 backend CPUExpertsInt4)"
+    "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
+    "quant_method 'gptq', bits 4, desc_act false)"
 )
 
 
@@ -70,12 +73,18 @@ class ExpertFormat:
     #: 4-bit values per stored weight element along the output dimension, stored ``[in, out/pack]`` (AWQ);
     #: None: stored ``[out, in]``, one value an element
     pack_out: int | None = None
+    #: the same along the input dimension, stored ``[in/pack, out]`` (GPTQ)
+    pack_in: int | None = None
 
     def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
         """A checkpoint projection's ``[out, in]`` from its stored shape (a 2-D one; others as they are)."""
-        if self.pack_out is None or len(stored) != 2:
+        if len(stored) != 2:
             return stored
-        return (stored[1] * self.pack_out, stored[0])
+        if self.pack_out is not None:
+            return (stored[1] * self.pack_out, stored[0])
+        if self.pack_in is not None:
+            return (stored[1], stored[0] * self.pack_in)
+        return stored
 
 
 FP8_BLOCK = ExpertFormat(
@@ -87,17 +96,24 @@ AWQ_INT4 = ExpertFormat(
     "awq-int4", ("w13_scales", "w2_scales", "w13_qzeros", "w2_qzeros"), ("w1_scale", "w2_scale", "w1_zp", "w2_zp"),
     weight_params=("w13_qweight", "w2_qweight"), pack_out=8,  # int32 holds eight 4-bit values
 )
+#: GPTQ on the CPU backend: zero points even for symmetric checkpoints (vLLM's CPU kernel reads them)
+GPTQ_INT4 = ExpertFormat(
+    "gptq-int4", AWQ_INT4.extra_params, AWQ_INT4.kernel_refs, weight_params=AWQ_INT4.weight_params, pack_in=8,
+)
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
     """The format of ``quant_method``'s experts; None for unquantized ones. A format offload does not
     hold raises NotImplementedError saying which it is (``quant_name``: the checkpoint's quant_method)."""
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMoEMethod
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
 
     if type(quant_method) is UnquantizedFusedMoEMethod:
         return None
     if type(quant_method) is AutoAWQMoEMethod:
         reason, fmt = _awq_refusal(quant_method), AWQ_INT4
+    elif type(quant_method) is AutoGPTQMoEMethod:
+        reason, fmt = _gptq_refusal(quant_method), GPTQ_INT4
     else:
         reason, fmt = _fp8_refusal(quant_method, quant_name), FP8_BLOCK
     if reason is not None:
@@ -113,6 +129,20 @@ def _awq_refusal(quant_method) -> str | None:
         return f"AWQ int4 experts on the {quant_method.wna16_moe_backend.value} MoE backend"
     if not quant_method.quant_config.zero_point:
         return "AWQ int4 experts without zero points (zero_point false)"
+    return None
+
+
+def _gptq_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (an ``AutoGPTQMoEMethod``) is not a GPTQ method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    config = quant_method.quant_config
+    if quant_method.wna16_moe_backend is not WNA16MoEBackend.CPU:
+        return f"GPTQ experts on the {quant_method.wna16_moe_backend.value} MoE backend"
+    if config.quant_type.size_bits != 4:
+        return f"GPTQ experts with {config.quant_type.size_bits} bits"
+    if config.desc_act:
+        return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
     return None
 
 
@@ -216,8 +246,8 @@ class QuantizedExpertConverter:
         self.format: ExpertFormat = layer.expert_format
         self.quant_method = layer.quant_method
         #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
-        self.backend = (self.quant_method.wna16_moe_backend if self.format is AWQ_INT4
-                        else self.quant_method.fp8_backend)
+        self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
+                        else self.quant_method.wna16_moe_backend)
         self.fused_experts = self.quant_method.moe_kernel.fused_experts
         # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
         self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
@@ -266,9 +296,9 @@ class QuantizedExpertConverter:
 
     def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
         """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
-        if self.format is AWQ_INT4:
-            return self._convert_awq(holder)
-        return self._convert_fp8(holder)
+        if self.format is FP8_BLOCK:
+            return self._convert_fp8(holder)
+        return self._convert_int4(holder)
 
     def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
         """What ``process_weights_after_loading`` does to the weights of an FP8 block layer (its other
@@ -282,15 +312,20 @@ class QuantizedExpertConverter:
         )
         return w13, w2, w13_scale, w2_scale
 
-    def _convert_awq(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``AutoAWQMoEMethod.process_weights_after_loading`` does to an AWQ layer's tensors on the CPU
-        backend (no biases, no input global scales: none on this path)."""
+    def _convert_int4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``AutoAWQMoEMethod`` / ``AutoGPTQMoEMethod.process_weights_after_loading`` do to an int4 layer's
+        tensors on the CPU backend (no biases, no input global scales: none on this path). GPTQ's are first
+        turned from ``[E, in/8, out]`` to vLLM's canonical ``[E, out, ...]``, as its method does."""
         from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
 
+        tensors = [holder.w13_qweight, holder.w2_qweight, holder.w13_scales, holder.w2_scales,
+                   holder.w13_qzeros, holder.w2_qzeros]
+        if self.format is GPTQ_INT4:
+            tensors = [t.data.transpose(1, 2).contiguous() for t in tensors]
+        w13, w2, w13_scale, w2_scale, w13_qzeros, w2_qzeros = tensors
         w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
             backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
-            input_dtype=self.quant_method.input_dtype, w13=holder.w13_qweight, w2=holder.w2_qweight,
-            w13_scale=holder.w13_scales, w2_scale=holder.w2_scales,
-            w13_qzeros=holder.w13_qzeros, w2_qzeros=holder.w2_qzeros,
+            input_dtype=self.quant_method.input_dtype, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale,
+            w13_qzeros=w13_qzeros, w2_qzeros=w2_qzeros,
         )
         return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
