@@ -29,12 +29,13 @@ from dataclasses import replace
 import torch
 
 from vllm_moe_offload.core.config import format_bytes
-from vllm_moe_offload.runtime.expert_layout import EXPERT, ExpertLayout, ProjectionSource
+from vllm_moe_offload.integration.quantized_experts import checkpoint_param_names
+from vllm_moe_offload.runtime.expert_layout import EXPERT, ExpertLayout, ExtraSource, ProjectionSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
 
 logger = logging.getLogger("vllm.moe_offload.checkpoint_layout")
 
-#: the layer parameters that hold expert weights (biases and scales are not offloaded here)
+#: the layer parameters that hold expert weights; a quantized layer's scales are its extras (quantized_experts.py)
 _WEIGHTS = ("w13_weight", "w2_weight")
 
 
@@ -64,8 +65,10 @@ def offloaded_expert_tensors(model: torch.nn.Module, vllm_config) -> set[str]:
         format_bytes(sum(index[n].num_bytes for n in names)), len(layers),
         "stacked in one tensor per projection" if first.stacked else "a tensor per expert and projection",
     )
-    logger.info("MoE offload: layer %s reads its experts from %s", first.prefix,
-                ", ".join(p.label() for p in first.projections))
+    scales = sorted({x.source.name.rsplit(".", 1)[-1] for x in first.extras})  # "weight_scale_inv"
+    with_scales = f", each with its {', '.join(scales)}" if scales else ""
+    logger.info("MoE offload: layer %s reads its experts from %s%s", first.prefix,
+                ", ".join(p.label() for p in first.projections), with_scales)
     return names
 
 
@@ -108,11 +111,17 @@ def _owner(vllm_name: str, owned: dict) -> str | None:
 def layer_layout(layer, tensors: dict[str, str], index: CheckpointIndex) -> ExpertLayout:
     """``layer``'s experts among ``tensors`` (its checkpoint tensors: vLLM name -> checkpoint name)."""
     where = {"w1": {}, "w3": {}, "w2": {}}  # shard -> {expert (None: stacked): (checkpoint name, vLLM name, half)}
+    params = checkpoint_param_names(layer)  # w13_weight / w2_weight (AWQ: w13_qweight / w2_qweight), extras
+    weights, extra_params = params[:2], params[2:]
+    extra: dict[tuple[str, str], dict] = {}  # (param, shard) -> as ``where``'s values
     mapping = layer.get_expert_mapping(include_fused=True)
     gated = layer.moe_config.is_act_and_mul
     for vllm_name, name in sorted(tensors.items()):
-        for shard_id, expert_id, half, stacked in _matches(layer.layer_name, vllm_name, index[name], mapping, gated):
-            where[shard_id][None if stacked else expert_id] = (name, vllm_name, half)
+        for param, shard_id, expert_id, half, stacked in _matches(
+            layer.layer_name, vllm_name, index[name], mapping, gated, params,
+        ):
+            found = where[shard_id] if param in weights else extra.setdefault((param, shard_id), {})
+            found[None if stacked else expert_id] = (name, vllm_name, half)
     num_experts = layer.global_num_experts
     if not where["w1"] or not where["w2"] or (gated and not where["w3"]):
         example = next((w for _, w, _, _ in mapping if w.count(".") > 1), mapping[0][1])
@@ -125,13 +134,37 @@ def layer_layout(layer, tensors: dict[str, str], index: CheckpointIndex) -> Expe
         shard: _source(layer.layer_name, shard, found, num_experts, index) for shard, found in where.items() if found
     }
     sources = _oriented(layer, sources, index)
-    layout = ExpertLayout(layer.layer_name, sources["w1"], sources.get("w3"), sources["w2"])
+    layout = ExpertLayout(layer.layer_name, sources["w1"], sources.get("w3"), sources["w2"],
+                          _extras(layer, extra_params, extra, index))
     _check_shapes(layer, layout, index)
     return layout
 
 
-def _matches(layer_name: str, vllm_name: str, loc, mapping, gated: bool):
-    """(shard_id, expert_id, half, stacked) for each expert weight ``load_weights`` would fill from this tensor."""
+def _extras(layer, params: tuple[str, ...], found: dict, index: CheckpointIndex) -> tuple[ExtraSource, ...]:
+    """The sources of a quantized layer's per-expert tensors besides the weights (its scales), all required."""
+    num_experts = layer.global_num_experts
+    shards = ("w1", "w3", "w2") if layer.moe_config.is_act_and_mul else ("w1", "w2")
+    out = []
+    for param in params:
+        for shard in [s for s in shards if (s == "w2") == param.startswith("w2_")]:
+            if not found.get((param, shard)):
+                raise CheckpointLayoutError(
+                    f"{layer.layer_name}: no checkpoint tensor fills {param} ({shard}) of its experts in "
+                    f"{index.folder}; a {layer.expert_format.name} layer needs one per expert"
+                )
+            source = _source(layer.layer_name, shard, found[(param, shard)], num_experts, index)
+            if source.stacked:
+                raise CheckpointLayoutError(
+                    f"{layer.layer_name}: {source.name} stacks every expert's {param}; offload reads quantized "
+                    "experts stored per expert only"
+                )
+            out.append(ExtraSource(param, shard, source))
+    return tuple(out)
+
+
+def _matches(layer_name: str, vllm_name: str, loc, mapping, gated: bool, params: tuple[str, ...] = _WEIGHTS):
+    """(param, shard_id, expert_id, half, stacked) for each expert tensor in ``params`` ``load_weights`` would fill
+    from this tensor."""
     expert_key = vllm_name.removeprefix(layer_name + ".").partition(".")[0]
     named = expert_key.isdecimal()
     stacked = not named and len(loc.shape) == 3  # vLLM: a 3-D tensor without an expert index holds every expert
@@ -145,14 +178,14 @@ def _matches(layer_name: str, vllm_name: str, loc, mapping, gated: bool):
             continue
         matched = True
         param = vllm_name.replace(weight_name, param_name).removeprefix(layer_name + ".")
-        if param not in _WEIGHTS:
+        if param not in params:
             continue
         if stacked:
             # the mapping's expert_id is the chunk of a stacked gate_up (0: gate, 1: up)
-            yield shard_id, None, expert_id if shard_id in ("w1", "w3") and gated else None, True
+            yield param, shard_id, None, expert_id if shard_id in ("w1", "w3") and gated else None, True
         else:
             fused_w13 = shard_id in ("w1", "w3") and any(f".{f}." in vllm_name for f in ("gate_up_proj", "w13"))
-            yield shard_id, expert_id, ({"w1": 0, "w3": 1}[shard_id] if fused_w13 else None), False
+            yield param, shard_id, expert_id, ({"w1": 0, "w3": 1}[shard_id] if fused_w13 else None), False
 
 
 def _source(layer_name: str, shard: str, found: dict, num_experts: int, index: CheckpointIndex) -> ProjectionSource:
@@ -207,8 +240,10 @@ def _oriented(layer, sources: dict[str, ProjectionSource], index: CheckpointInde
 
 
 def _check_shapes(layer, layout: ExpertLayout, index: CheckpointIndex) -> None:
-    """Gate and up must read as ``[I, H]`` and down as ``[H, I]``: what vLLM's per-expert loader takes."""
-    shapes = layout.shapes(index)
+    """Gate and up must read as ``[I, H]`` and down as ``[H, I]``: what vLLM's per-expert loader takes
+    (a packed format's stored ``[in, out/8]`` read as its ``[out, in]``)."""
+    fmt = getattr(layer, "expert_format", None)
+    shapes = [fmt.logical_shape(s) for s in layout.shapes(index)] if fmt is not None else layout.shapes(index)
     gate, down = shapes[0], shapes[-1]
     hidden = layer.moe_config.hidden_dim_unpadded or layer.hidden_size
     if any(len(s) != 2 for s in shapes) or any(s != gate for s in shapes[:-1]) or down != gate[::-1] or (

@@ -97,7 +97,7 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         )
         return
     geometry = estimate_geometry(
-        vllm_config.model_config.hf_text_config, vllm_config.model_config.dtype.itemsize, tp_size=tp,
+        vllm_config.model_config.hf_text_config, _expert_dtype_bytes(vllm_config.model_config), tp_size=tp,
     )
     if geometry is None:
         logger.warning("could not read the MoE geometry from the model config; the budget is checked at load")
@@ -292,7 +292,7 @@ def split_graphs_at_moe(compilation: Any) -> None:
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
-def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dict[str, int] | None:
+def estimate_geometry(hf_config: Any, dtype_bytes: float, tp_size: int = 1) -> dict[str, int] | None:
     """MoE layer count, experts, top-k and bytes per expert (one rank's shard) from a HF config.
 
     Covers the conventions of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, Gemma-4 and Llama-4. The
@@ -313,8 +313,23 @@ def estimate_geometry(hf_config: Any, dtype_bytes: int, tp_size: int = 1) -> dic
         "num_layers": len(layers),
         "num_experts": num_experts,
         "top_k": top_k,
-        "expert_bytes": 3 * hidden * (inter // tp_size) * dtype_bytes,
+        "expert_bytes": int(3 * hidden * (inter // tp_size) * dtype_bytes),
     }
+
+
+def _expert_dtype_bytes(model_config) -> float:
+    """Bytes of one expert weight value: 1 for an FP8 checkpoint, 0.5 for an AWQ or GPTQ int4 one (their
+    small scales and zero points left out: the worker's exact check counts them), else the model's dtype."""
+    quant = getattr(model_config.hf_config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and model_config.quantization == "fp8":
+        return 1
+    # vLLM's names for the checkpoint's "awq" / "gptq" on the CPU backend
+    int4 = (("awq", "awq"), ("gptq", "auto_gptq"))
+    if isinstance(quant, dict) and quant.get("bits") == 4 and (
+        (quant.get("quant_method"), model_config.quantization) in int4
+    ):
+        return 0.5
+    return model_config.dtype.itemsize
 
 
 def _first(obj: Any, *names: str) -> int | None:

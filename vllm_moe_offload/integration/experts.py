@@ -23,6 +23,7 @@ decisions nor bakes them in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,13 +33,13 @@ from collections.abc import Collection
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
-from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
+from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
 logger = logging.getLogger("vllm.moe_offload.experts")
@@ -78,16 +79,17 @@ class OffloadRoutedExperts(RoutedExperts):
         self.observer = None
         #: where this layer's experts lie in the checkpoint (``checkpoint_layout.py``), set with the slots
         self.checkpoint_layout = None
+        #: how a quantized layer's experts are held (None: unquantized; quantized_experts.py)
+        self.expert_format = None
+        #: the quant method's create_weights for one expert, on any module (the holders of quantized loads)
+        self.create_one_expert = None
         if not self.offload_enabled:
             return quant_method
         from vllm_moe_offload.integration.layer_classes import refuse_class  # imports this module
 
         refuse_class(self, prefix)  # a vLLM subclass offload cannot take over: before any expert memory exists
-        if type(quant_method) is not UnquantizedFusedMoEMethod:
-            raise NotImplementedError(
-                f"{prefix}: MoE offload supports unquantized experts only; this layer uses "
-                f"{type(quant_method).__name__}. Run without --moe-offload or with an unquantized checkpoint."
-            )
+        # unquantized or a quantization offload holds (integration/quantized_experts.py); the others are refused
+        self.expert_format = check_layer(prefix, quant_method, quant_config, offload)
         if moe_config.has_bias:
             raise NotImplementedError(f"{prefix}: MoE offload does not support expert biases yet")
         original = quant_method.create_weights
@@ -95,8 +97,12 @@ class OffloadRoutedExperts(RoutedExperts):
         def create_weights(*args, **kwargs):
             # Experts are not materialized at load: one placeholder expert lets
             # vLLM build and post-process the kernel format; the worker swaps in
-            # the real slot pool afterwards (attach_slots).
+            # the real slot pool afterwards (attach_slots). The same call makes
+            # the one-expert holders a quantized layer's loads fill.
             kwargs["num_experts"] = 1
+            self.create_one_expert = functools.partial(
+                original, **{k: v for k, v in kwargs.items() if k != "layer"}
+            )
             return original(*args, **kwargs)
 
         quant_method.create_weights = create_weights
@@ -523,6 +529,8 @@ def attach_slots(layer: OffloadRoutedExperts, slots: LayerSlots) -> None:
 
     replace_parameter(layer, "w13_weight", slots.w13_slots)
     replace_parameter(layer, "w2_weight", slots.w2_slots)
+    if slots.extra_slots:  # a quantized layer's scales
+        attach_extra_pools(layer, slots.extra_slots)
     layer.slots = slots
     _LAYERS[layer.layer_name] = layer
 

@@ -23,6 +23,7 @@ from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
 
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
+from vllm_moe_offload.integration.quantized_experts import QuantizedExpertConverter
 from vllm_moe_offload.runtime.tiers import Converter, Into, Scratch
 
 logger = logging.getLogger("vllm.moe_offload.kernel_format")
@@ -59,6 +60,8 @@ def make_converter(layer: torch.nn.Module, scratch: Scratch | None = None) -> Co
     else in fresh tensors. The loader's one-expert buffers come from ``scratch``
     (reused, see ``ThreadLocalReaders.scratch``) when given.
     """
+    if layer.expert_format is not None:  # quantized experts: vLLM's loader and conversion on a one-expert holder
+        return QuantizedExpertConverter(layer, layer.create_one_expert, scratch)
     quant_method = layer.quant_method
     backend = quant_method.unquantized_backend
     if backend not in SUPPORTED_BACKENDS:

@@ -44,6 +44,7 @@ from vllm_moe_offload.integration.experts import (
 )
 from vllm_moe_offload.integration.layer_classes import refuse_unoffloaded
 from vllm_moe_offload.integration.kernel_format import conversion_identity, describe_conversion, make_converter
+from vllm_moe_offload.integration.quantized_experts import expert_param_names
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import (
     KERNEL,
@@ -136,7 +137,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     started = time.perf_counter()
     return_large_frees_to_the_os()
     first = layers[0]
-    expert_bytes = first.w13_weight[0].nbytes + first.w2_weight[0].nbytes  # kernel layout, padding included
+    # kernel layout, padding included; a quantized layer's scales too
+    expert_bytes = sum(getattr(first, name)[0].nbytes for name in expert_param_names(first))
     index = CheckpointIndex(checkpoint_folder(vllm_config))
     layouts = expert_layouts(model, layers, index)  # by vLLM's expert mapping: per-expert or stacked tensors
     for layer in layers:
@@ -148,7 +150,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
     plan_with = functools.partial(
         plan_rank_slots, budget, first.moe_config.tp_size, io_threads=config.io_threads,
-        cuda=first.w13_weight.device.type == "cuda", read_span_bytes=index.largest_expert_span(),
+        cuda=first.w13_weight.device.type == "cuda", read_span_bytes=_read_span_bytes(first, index, config),
         num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
@@ -323,19 +325,32 @@ def _open_store(
     return open_or_build(index, specs, KERNEL, store_directory(root, index.folder, label), readers, kernel)
 
 
-def _kernel_layout(layers: list[OffloadRoutedExperts], readers) -> KernelLayout:
-    """What a kernel store of these layers holds on this rank, and the converters that write it."""
+def _kernel_layout(layers: list[OffloadRoutedExperts], readers=None) -> KernelLayout:
+    """What a kernel store of these layers holds on this rank, and the converters that write it
+    (without ``readers``: the block's shape only, no identity or converters)."""
     import vllm
 
-    converters = [make_converter(layer, readers.scratch) for layer in layers]
     first = layers[0]
+    # [1, ...] placeholders in kernel layout: w13, w2 and a quantized layer's scales
+    w13, w2, *extra = ((tuple(p.shape[1:]), p.dtype) for p in (getattr(first, n) for n in expert_param_names(first)))
+    if readers is None:
+        return KernelLayout({}, w13, w2, (), tuple(extra))
+    converters = [make_converter(layer, readers.scratch) for layer in layers]
     moe = first.moe_config
     identity = {
         "vllm": vllm.__version__, "torch": torch.__version__, **conversion_identity(converters[0]),
         "tp_rank": moe.tp_rank, "tp_size": moe.tp_size,
     }
-    w13, w2 = first.w13_weight, first.w2_weight  # [1, ...] placeholders in kernel layout
-    return KernelLayout(identity, (tuple(w13.shape[1:]), w13.dtype), (tuple(w2.shape[1:]), w2.dtype), converters)
+    return KernelLayout(identity, w13, w2, converters, tuple(extra))
+
+
+def _read_span_bytes(first: OffloadRoutedExperts, index: CheckpointIndex, config: OffloadConfig) -> int | None:
+    """The largest single read of one expert: from the checkpoint, or a kernel store's block when larger
+    (a quantized checkpoint's scales lie apart from its weights, read separately; the block holds both)."""
+    span = index.largest_expert_span()
+    if config.store is Store.KERNEL and config.quant is Quant.NONE and first.expert_format is not None:
+        return max(span or 0, _kernel_layout([first]).expert_bytes)
+    return span
 
 
 def _conversion_of(slots: LayerSlots) -> str | None:
@@ -363,16 +378,18 @@ def _source_for(
 def _slots_for(
     layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link, ledger: BudgetLedger,
 ) -> LayerSlots:
-    w13, w2 = layer.w13_weight, layer.w2_weight  # [1, ...] placeholders in kernel layout
-    pool_bytes = num_slots * (w13[0].nbytes + w2[0].nbytes)
+    # [1, ...] placeholders in kernel layout: w13, w2 and a quantized layer's scales
+    placeholders = [getattr(layer, name) for name in expert_param_names(layer)]
+    pool_bytes = num_slots * sum(p[0].nbytes for p in placeholders)
     ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
-    w13_slots = torch.empty((num_slots, *w13.shape[1:]), dtype=w13.dtype, device=w13.device)
-    w2_slots = torch.empty((num_slots, *w2.shape[1:]), dtype=w2.dtype, device=w2.device)
+    w13_slots, w2_slots, *extra_slots = (
+        torch.empty((num_slots, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in placeholders
+    )
     replacement = config.replacement or _CACHE_POLICY[config.policy]
     policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
     slots = LayerSlots(
         layer.layer_idx, w13_slots, w2_slots, SlotMap(plan.num_experts, num_slots, policy), source, engine, link,
-        load_timeout_s=config.load_timeout_s,
+        load_timeout_s=config.load_timeout_s, extra_slots=extra_slots,
     )
     attach_slots(layer, slots)
     return slots

@@ -204,8 +204,21 @@ def install(worker: Any, hidden: bool = False) -> dict:
         "num_experts": _RECORDER.num_experts,
         "top_k": _RECORDER.top_k,
         "hidden_size": _RECORDER.hidden_size,
-        "expert_bytes": geometry.get("expert_bytes"),
+        "expert_bytes": _expert_bytes(runner.get_model()) or geometry.get("expert_bytes"),
     }
+
+
+def _expert_bytes(model: torch.nn.Module) -> int | None:
+    """One expert's bytes as the first MoE layer holds quantized experts: every per-expert tensor (weights,
+    scales, zero points) in its own dtype; None for unquantized experts (the model dtype's size is theirs)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    layer = next((m for m in model.modules() if isinstance(m, RoutedExperts)), None)
+    if layer is None or isinstance(layer.quant_method, UnquantizedFusedMoEMethod):
+        return None
+    rows = layer.w13_weight.shape[0]  # experts (slots when offloaded); aliases are listed once
+    return sum(p[0].nbytes for p in layer.parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == rows)
 
 
 def drain(worker: Any) -> list[StepRecord]:

@@ -13,6 +13,11 @@ is still one read per tensor (``CheckpointIndex.expert_slice``); a transposed sl
 read. An :class:`ExpertLayout` names the tensors and cuts one expert's ``[w1, w3, w2]`` out of what was
 read, each ``[out, in]`` as vLLM's per-expert loader takes them. Which checkpoint tensors those are is
 vLLM's to say (``integration/checkpoint_layout.py``); this module knows no model's names.
+
+A quantized checkpoint stores more per projection than its weight (FP8: ``<e>.gate_proj.weight_scale_inv``
+beside ``<e>.gate_proj.weight``): those are the layout's :class:`ExtraSource` s, each named by the layer
+parameter vLLM's loader fills from it (``w13_weight_scale_inv``) and its shard (``w1``), and read with the
+expert's weights.
 """
 
 from __future__ import annotations
@@ -70,11 +75,20 @@ class ProjectionSource:
 
     def label(self) -> str:
         """The projection's name, and how it is cut when it is not a whole tensor of its own (manifests, logs)."""
-        base = self.name.removesuffix(".weight").rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
+        base = self.name.removesuffix(".weight").removesuffix(".qweight").rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
         how = [w for w, on in (("stacked", self.stacked), ("transposed", self.transposed)) if on]
         if self.half is not None:
             how.append(("first", "second")[self.half] + " half")
         return f"{base} ({', '.join(how)})" if how else base
+
+
+@dataclass(frozen=True)
+class ExtraSource:
+    """A tensor of one projection besides its weight (a quantized checkpoint's scales), per expert."""
+
+    param: str  # the layer parameter vLLM's loader fills from it, e.g. "w13_weight_scale_inv"
+    shard_id: str  # "w1", "w3" or "w2", as vLLM's expert mapping says
+    source: ProjectionSource
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,8 @@ class ExpertLayout:
     gate: ProjectionSource  # w1
     up: ProjectionSource | None  # w3; None for non-gated experts
     down: ProjectionSource  # w2
+    #: the projections' other tensors (scales of a quantized checkpoint), read with the weights
+    extras: tuple[ExtraSource, ...] = ()
 
     @property
     def projections(self) -> list[ProjectionSource]:
@@ -96,7 +112,8 @@ class ExpertLayout:
 
     def tensor_names(self, expert_idx: int) -> list[str]:
         """The checkpoint tensors ``expert_idx`` reads from, each once (a fused gate_up serves gate and up)."""
-        return list(dict.fromkeys(p.tensor(expert_idx) for p in self.projections))
+        sources = self.projections + [x.source for x in self.extras]
+        return list(dict.fromkeys(p.tensor(expert_idx) for p in sources))
 
     def all_tensor_names(self, num_experts: int) -> set[str]:
         """Every checkpoint tensor holding this layer's experts (what vLLM's loader must not read)."""
@@ -104,13 +121,19 @@ class ExpertLayout:
 
     def locations(self, index: CheckpointIndex, expert_idx: int) -> list[TensorLocation]:
         """What to read for ``expert_idx``, in the order of :meth:`tensor_names`."""
-        where = {p.tensor(expert_idx): p.location(index, expert_idx) for p in self.projections}
+        sources = self.projections + [x.source for x in self.extras]
+        where = {p.tensor(expert_idx): p.location(index, expert_idx) for p in sources}
         return [where[name] for name in self.tensor_names(expert_idx)]
 
     def split(self, expert_idx: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[w1, w3, w2]`` (``[w1, w2]`` when not gated), each ``[out, in]``, from what :meth:`locations` read."""
         by_name = dict(zip(self.tensor_names(expert_idx), tensors))
         return [p.cut(by_name[p.tensor(expert_idx)]) for p in self.projections]
+
+    def split_extras(self, expert_idx: int, tensors: list[torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
+        """``(param, shard_id, tensor)`` of each extra, from what :meth:`locations` read."""
+        by_name = dict(zip(self.tensor_names(expert_idx), tensors))
+        return [(x.param, x.shard_id, x.source.cut(by_name[x.source.tensor(expert_idx)])) for x in self.extras]
 
     def shapes(self, index: CheckpointIndex) -> list[tuple[int, ...]]:
         """The shapes :meth:`split` gives (expert 0), from the checkpoint's header."""

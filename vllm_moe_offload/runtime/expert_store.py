@@ -11,7 +11,8 @@ Two kinds of store:
   rows along its last dimension. A load is read + dequantize + the layer's
   converter, the same conversion the disk tier runs on every fetch.
 - kernel (scheme ``kernel``): each expert as the layer's converter returns it
-  for this tensor-parallel rank (``w13`` then ``w2``, each starting 4096-aligned),
+  for this tensor-parallel rank (``w13`` then ``w2``, each starting 4096-aligned,
+  then a quantized layer's per-expert scales),
   so that a load is one direct read and a copy into the slot: no conversion.
   The bytes depend on the vLLM and torch versions, the kernel (CPU ISA), the
   rank's shard and the dtype; all of them are in the manifest (:class:`KernelLayout`).
@@ -101,33 +102,59 @@ class KernelLayout:
     ``identity`` names everything the bytes depend on (vLLM and torch versions,
     the kernel and its ISA, the rank's shard, the dtype; the integration layer
     fills it); ``w13`` / ``w2`` are one expert's kernel tensors as
-    ``(shape, dtype)``; ``converters`` convert each layer's experts, in the
-    order of the store's layers (only a build calls them).
+    ``(shape, dtype)``, ``extra`` a quantized layer's other per-expert tensors
+    (its scales, in slot-pool order); ``converters`` convert each layer's
+    experts, in the order of the store's layers (only a build calls them).
     """
 
     identity: dict
     w13: tuple[tuple[int, ...], torch.dtype]
     w2: tuple[tuple[int, ...], torch.dtype]
     converters: Sequence[Converter] = field(default=(), compare=False)
+    extra: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()
 
     def describe(self) -> dict:
         """The manifest's record of this layout (JSON)."""
-        return {
+        out = {
             **self.identity,
             "w13": {"shape": list(self.w13[0]), "dtype": str(self.w13[1])},
             "w2": {"shape": list(self.w2[0]), "dtype": str(self.w2[1])},
             "w2_offset": self.w2_offset,
         }
+        if self.extra:
+            out["extra"] = [{"shape": list(shape), "dtype": str(dtype), "offset": offset}
+                            for (shape, dtype), offset in zip(self.extra, self.offsets[2:])]
+        return out
+
+    @property
+    def parts(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Every tensor of an expert's block, in order: ``w13``, ``w2``, extras."""
+        return [self.w13, self.w2, *self.extra]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each of :attr:`parts` starts in an expert's block: ``w13`` at 0, ``w2`` 4096-aligned after it,
+        each extra 64-aligned after the one before (scales are small: 4 KiB apart they would make a block
+        larger than the checkpoint's read of the same expert, which sizes the read buffers)."""
+        out, end = [], 0
+        for n, part in enumerate(self.parts):
+            out.append(round_up(end, ALIGN_BYTES if n < 2 else _EXTRA_ALIGN_BYTES))
+            end = out[-1] + _nbytes(*part)
+        return out
 
     @property
     def w2_offset(self) -> int:
         """Where ``w2`` starts in an expert's block: after ``w13``, aligned for direct I/O."""
-        return round_up(_nbytes(*self.w13), ALIGN_BYTES)
+        return self.offsets[1]
 
     @property
     def expert_bytes(self) -> int:
-        """One expert's block: ``w13``, padding, ``w2``."""
-        return self.w2_offset + _nbytes(*self.w2)
+        """One expert's block: ``w13``, padding, ``w2`` (and so on for extras)."""
+        return self.offsets[-1] + _nbytes(*self.parts[-1])
+
+
+#: where a kernel block's extras start: a multiple of any dtype's size and of a cache line
+_EXTRA_ALIGN_BYTES = 64
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -154,13 +181,16 @@ def checkpoint_identity(index: CheckpointIndex) -> dict:
     return {"folder": str(index.folder.resolve()), "files": files, "header_sha256": headers.hexdigest()}
 
 
-def _layout(index: CheckpointIndex, layer: LayerSpec) -> list[dict]:
-    """Each projection of expert 0 as it is stored: what it is read from, shape [out, in], dtype."""
+def _layout(index: CheckpointIndex, layer: LayerSpec, quantizing: bool) -> list[dict]:
+    """Each projection of expert 0 as it is stored: what it is read from, shape [out, in], dtype.
+
+    ``quantizing``: the store quantizes the weights, so they must be floating-point ones (a kernel store
+    keeps whatever vLLM's conversion makes of them, an int4 checkpoint's packed int32 too)."""
     out = []
     layout = layer.names
     for proj, label, shape in zip(layout.projections, layout.labels(0), layout.shapes(index)):
         dtype = proj.location(index, 0).dtype
-        if len(shape) != 2 or not dtype.is_floating_point:
+        if len(shape) != 2 or (quantizing and not dtype.is_floating_point):
             raise OffloadConfigError(
                 f"quant: {label} is {dtype} {list(shape)} in {index[proj.tensor(0)].path}; the quantized store takes "
                 "2-D floating-point expert weights only (is the checkpoint already quantized?); use quant 'none'"
@@ -185,7 +215,8 @@ def _expected(index: CheckpointIndex, layers: list[LayerSpec], scheme: str, kern
         "precisions": precisions,
         "checkpoint": checkpoint_identity(index),
         "layers": {
-            layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer)} for layer in layers
+            layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer, scheme != KERNEL)}
+            for layer in layers
         },
     }
 
@@ -245,19 +276,17 @@ class ExpertStore:
 
     def read_kernel(
         self, layer_key: str, expert_idx: int, reader: TensorReader,
-        use: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``use(w13, w2)`` on the expert's kernel tensors, views of the read where possible
+        use: Callable[..., tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, ...]:
+        """``use(w13, w2, *extra)`` on the expert's kernel tensors, views of the read where possible
         (``TensorReader.read_then``: what ``use`` returns inside the read buffer is copied out)."""
         kernel = self.kernel
         if kernel is None:
             raise ValueError(f"this store ({self.manifest['scheme']}) holds no experts in kernel layout")
-        (shape13, dtype13), (shape2, dtype2) = kernel.w13, kernel.w2
-        n13, at2, n2 = _nbytes(shape13, dtype13), kernel.w2_offset, _nbytes(shape2, dtype2)
 
-        def split(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            w13 = raw[:n13].view(dtype13).view(shape13)
-            return use(w13, raw[at2 : at2 + n2].view(dtype2).view(shape2))
+        def split(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return use(*(raw[at : at + _nbytes(shape, dtype)].view(dtype).view(shape)
+                         for (shape, dtype), at in zip(kernel.parts, kernel.offsets)))
 
         return self._read_block(layer_key, expert_idx, KERNEL, reader, split)
 
@@ -342,8 +371,9 @@ def _stale_reason(manifest: dict, expected: dict, directory: Path) -> str | None
     return None
 
 
-#: (layer ordinal, checkpoint names of the expert's projections, their tensors [out, in]) -> precision -> bytes
-Encoder = Callable[[int, list[str], list[torch.Tensor]], dict[str, bytes]]
+#: (layer ordinal, checkpoint names of the expert's projections, their tensors [out, in], the layout's extras as
+#: (param, shard_id, tensor)) -> precision -> bytes
+Encoder = Callable[[int, list[str], list[torch.Tensor], list[tuple[str, str, torch.Tensor]]], dict[str, bytes]]
 
 
 def _build(
@@ -422,8 +452,9 @@ def _write_layer(
         for expert_idx in range(layer.num_experts):
             names = layer.names.labels(expert_idx)
             # [out, in] each: an expert's own tensors, or its slices of stacked ones (transposed where stored so)
-            weights = layer.names.split(expert_idx, reader.read(layer.names.locations(index, expert_idx)))
-            encoded = encode(ordinal, names, weights)
+            tensors = reader.read(layer.names.locations(index, expert_idx))
+            weights = layer.names.split(expert_idx, tensors)
+            encoded = encode(ordinal, names, weights, layer.names.split_extras(expert_idx, tensors))
             if check_space is not None and expert_idx == 0:
                 check_space(sum(len(raw) + (-len(raw) % ALIGN_BYTES) for raw in encoded.values()))
             for precision, raw in encoded.items():
@@ -444,7 +475,7 @@ def _write_layer(
 def _quant_encoder(precisions: dict) -> Encoder:
     """Each precision of the store: the projections quantized, back to back."""
 
-    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor]) -> dict[str, bytes]:
+    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         return {
             precision: b"".join(_quantized(n, w, spec["bits"], spec["group"]) for n, w in zip(names, weights))
             for precision, spec in precisions.items()
@@ -454,19 +485,25 @@ def _quant_encoder(precisions: dict) -> Encoder:
 
 
 def _kernel_encoder(kernel: KernelLayout) -> Encoder:
-    """The layer's converter output: ``w13``, zeros up to ``w2_offset``, ``w2``."""
+    """The layer's converter output: ``w13``, zeros up to ``w2_offset``, ``w2`` (then each extra, aligned)."""
 
-    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor]) -> dict[str, bytes]:
+    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         w1, w3, w2 = weights[0], (weights[1] if len(weights) == 3 else None), weights[-1]
-        parts = kernel.converters[ordinal](w1, w3, w2, None)
-        for got, (shape, dtype), what in zip(parts, (kernel.w13, kernel.w2), ("w13", "w2")):
+        convert = kernel.converters[ordinal]
+        parts = convert(w1, w3, w2, None, extras=extras) if extras else convert(w1, w3, w2, None)
+        if len(parts) != len(kernel.parts):
+            raise ExpertStoreError(f"{names[0]}: the converter gave {len(parts)} tensors, the layer's slots "
+                                   f"hold {len(kernel.parts)}")
+        block = b""
+        for n, (got, (shape, dtype), offset) in enumerate(zip(parts, kernel.parts, kernel.offsets)):
             if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
+                what = ("w13", "w2")[n] if n < 2 else f"extra {n - 2}"
                 raise ExpertStoreError(
                     f"{names[0]}: the converter gave {what} {got.dtype} {list(got.shape)}, the layer's slots "
                     f"hold {dtype} {list(shape)}"
                 )
-        w13, w2k = (t.contiguous().view(torch.uint8).flatten().numpy().tobytes() for t in parts)
-        return {KERNEL: w13 + b"\0" * (kernel.w2_offset - len(w13)) + w2k}
+            block += b"\0" * (offset - len(block)) + got.contiguous().view(torch.uint8).flatten().numpy().tobytes()
+        return {KERNEL: block}
 
     return encode
 

@@ -25,9 +25,10 @@ class KernelSource:
     def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
         with self.readers.fetching(f"expert {expert_idx} of {self.layer_key} (kernel layout)") as reader:
             before = reader.bytes_read
-            # w13 [2I', H'], w2 [H', I'] as views of the read: copied into the slot, or out of the buffer
-            w13, w2 = self.store.read_kernel(self.layer_key, expert_idx, reader, lambda *got: fill(into, got))
-            return ExpertTensors(w13, w2, reader.bytes_read - before)
+            # w13 [2I', H'], w2 [H', I'] (and a quantized layer's scales) as views of the read: copied into
+            # the slot, or out of the buffer
+            w13, w2, *extra = self.store.read_kernel(self.layer_key, expert_idx, reader, lambda *got: fill(into, got))
+            return ExpertTensors(w13, w2, reader.bytes_read - before, tuple(extra))
 
     def close(self) -> None:
         pass

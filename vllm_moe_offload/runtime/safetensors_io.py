@@ -43,7 +43,7 @@ _EXPERT_NAME = re.compile(r"^(.*\.experts\.\d+)\.")
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -174,7 +174,7 @@ def _read_header(path: Path) -> dict[str, TensorLocation]:
         start, end = meta["data_offsets"]
         dtype = _DTYPES.get(meta["dtype"])
         if dtype is None:
-            continue  # dtypes the experts never use (e.g. F8) are simply not indexed
+            continue  # dtypes the experts never use (e.g. F4) are simply not indexed
         out[name] = TensorLocation(str(path), base + start, end - start, dtype, tuple(meta["shape"]))
     return out
 

@@ -64,12 +64,15 @@ class LayerSlots:
         engine: TransferEngine,
         link: LinkEmulator,
         load_timeout_s: float | None = None,
+        extra_slots: Sequence[torch.Tensor] = (),  # [S, ...] each: the kernel's other per-expert tensors
     ) -> None:
         self.layer_idx = layer_idx
         #: longest wait for one load before the experts it brings count as failed (None: no limit)
         self.load_timeout_s = load_timeout_s
         self.w13_slots = w13_slots
         self.w2_slots = w2_slots
+        #: a quantized layer's other pools (FP8: the block scales), in the order the source fills them
+        self.extra_slots = tuple(extra_slots)
         self.slot_map = slot_map
         self.source = source
         self.engine = engine
@@ -96,8 +99,13 @@ class LayerSlots:
         self.stats = LayerStats(
             layer_idx=layer_idx,
             num_slots=self.num_slots,
-            slot_bytes=w13_slots.nbytes + w2_slots.nbytes,
+            slot_bytes=sum(t.nbytes for t in self.pools),
         )
+
+    @property
+    def pools(self) -> tuple[torch.Tensor, ...]:
+        """Every pool the kernel reads: ``(w13, w2, *extra)``, each ``[S, ...]``."""
+        return (self.w13_slots, self.w2_slots, *self.extra_slots)
 
     def warm(self, experts: Sequence[int] | None = None) -> None:
         """Load ``experts`` (default: the policy's warm set, everything when every expert has a slot).
@@ -469,7 +477,7 @@ class LayerSlots:
         started = time.perf_counter()
         # host slots: the source writes the slot itself (no fresh tensor, no copy); a slot being
         # loaded is never read by a kernel until this load's result is taken
-        into = None if self.w13_slots.is_cuda else (self.w13_slots[slot], self.w2_slots[slot])
+        into = None if self.w13_slots.is_cuda else tuple(pool[slot] for pool in self.pools)
         got = self.source.fetch(expert, low_precision=True, into=into) if low else self.source.fetch(expert, into=into)
         self.link.pace(got.bytes_read, started)
         took_s = time.perf_counter() - started
@@ -477,7 +485,7 @@ class LayerSlots:
         if self.w13_slots.is_cuda:
             # CudaTransferEngine: on its copy stream via pinned staging, no host sync; the compute
             # stream waits on the copy's event when ensure() takes this load's result
-            self.engine.copy_in((self.w13_slots[slot], self.w2_slots[slot]), (got.w13, got.w2))
+            self.engine.copy_in(tuple(pool[slot] for pool in self.pools), got.tensors)
         return got.bytes_read
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,18 @@ import torch
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 
-#: where a fetch may write the expert: (w13, w2) of its slot, in kernel layout on the host; None: fresh tensors
-Into = tuple[torch.Tensor, torch.Tensor] | None
-#: (w1, w3 or None, w2) in checkpoint layout, into -> (w13, w2) in kernel layout, no expert dim: ``into``
-#: itself when the converter wrote there, otherwise fresh tensors
-Converter = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, Into], tuple[torch.Tensor, torch.Tensor]]
+#: where a fetch may write the expert: (w13, w2, *extra) of its slot, in kernel layout on the host; None: fresh
+#: tensors
+Into = tuple[torch.Tensor, ...] | None
+#: (w1, w3 or None, w2) in checkpoint layout, into -> (w13, w2, *extra) in kernel layout, no expert dim: ``into``
+#: itself when the converter wrote there, otherwise fresh tensors. A layout with extras (a quantized
+#: checkpoint's scales) also passes them, as ``extras=[(param, shard_id, tensor), ...]``.
+Converter = Callable[..., tuple[torch.Tensor, ...]]
 #: (name, shape, dtype) -> a reusable tensor of the running fetch (``ThreadLocalReaders.scratch``)
 Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
 
-def fill(into: Into, got: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def fill(into: Into, got: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``got`` written into ``into`` (unless it is already there), or ``got`` itself without ``into``."""
     if into is None:
         return got
@@ -49,6 +51,13 @@ class ExpertTensors:
     w13: torch.Tensor  # [2I', H'] kernel layout
     w2: torch.Tensor  # [H', I'] kernel layout
     bytes_read: int  # bytes that crossed the slow tier for this fetch
+    #: the kernel's other per-expert tensors, in the order of the layer's slot pools (FP8: the block scales)
+    extra: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """``(w13, w2, *extra)``: what a slot holds."""
+        return (self.w13, self.w2, *self.extra)
 
 
 class ExpertSource(Protocol):
@@ -96,16 +105,19 @@ class DiskSource:
         with self.readers.fetching(f"expert {expert_idx} of {self.layout.prefix}") as reader:
             before = reader.bytes_read
 
-            def convert(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            def convert(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
                 for path in {loc.path for loc in locs}:  # bytes of a file changed since start-up are never used
                     self.index.check_unchanged(path, reader.stat(path))
                 w = self.layout.split(expert_idx, tensors)  # [w1, w3, w2] or [w1, w2], each [out, in]
                 w3 = w[1] if len(w) == 3 else None
+                if self.layout.extras:  # a quantized checkpoint: the projections' scales too
+                    extras = self.layout.split_extras(expert_idx, tensors)
+                    return fill(into, self.convert(w[0], w3, w[-1], into, extras=extras))
                 return fill(into, self.convert(w[0], w3, w[-1], into))
 
             # converted straight out of the read buffer: what comes back is fresh, or ``into``
-            w13, w2k = reader.read_then(locs, convert)
-            return ExpertTensors(w13, w2k, reader.bytes_read - before)
+            w13, w2k, *extra = reader.read_then(locs, convert)
+            return ExpertTensors(w13, w2k, reader.bytes_read - before, tuple(extra))
 
     def close(self) -> None:
         pass
@@ -117,24 +129,18 @@ class HostSource:
     tier = TierKind.HOST
 
     def __init__(self, origin: ExpertSource, num_experts: int, pin: bool) -> None:
-        self._w13: list[torch.Tensor] = []
-        self._w2: list[torch.Tensor] = []
+        self._experts: list[tuple[torch.Tensor, ...]] = []  # (w13, w2, *extra) of each expert
         for expert_idx in range(num_experts):
-            got = origin.fetch(expert_idx)
-            w13, w2 = got.w13.cpu(), got.w2.cpu()
-            if pin:
-                w13, w2 = w13.pin_memory(), w2.pin_memory()
-            self._w13.append(w13)
-            self._w2.append(w2)
+            got = tuple(t.cpu() for t in origin.fetch(expert_idx).tensors)
+            self._experts.append(tuple(t.pin_memory() for t in got) if pin else got)
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.nbytes for t in self._w13) + sum(t.nbytes for t in self._w2)
+        return sum(t.nbytes for expert in self._experts for t in expert)
 
     def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
-        w13, w2 = fill(into, (self._w13[expert_idx], self._w2[expert_idx]))
-        return ExpertTensors(w13, w2, w13.nbytes + w2.nbytes)
+        w13, w2, *extra = fill(into, self._experts[expert_idx])
+        return ExpertTensors(w13, w2, sum(t.nbytes for t in (w13, w2, *extra)), tuple(extra))
 
     def close(self) -> None:
-        self._w13.clear()
-        self._w2.clear()
+        self._experts.clear()

@@ -1,0 +1,183 @@
+"""Tiny checkpoints whose experts are quantized as the published releases store them.
+
+* ``fp8`` (Qwen3-MoE, as Qwen/Qwen3-30B-A3B-FP8 and the DeepSeek-V3 releases): every expert projection
+  ``model.layers.<n>.mlp.experts.<e>.{gate,up,down}_proj.weight`` in ``float8_e4m3fn`` with its
+  ``...weight_scale_inv`` (float32, one per 128 x 128 block: ``[ceil(out/128), ceil(in/128)]``), and
+  ``quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+  "weight_block_size": [128, 128]}``. The scheme (DeepSeek's): per block, ``scale = absmax / 448``
+  (448: the largest e4m3 value), ``weight = round-to-fp8(w / scale)``, and ``weight_scale_inv = scale``
+  (the name says inverse; it is what the weight is multiplied by). Only the experts are quantized here:
+  everything else is listed in ``modules_to_not_convert``, as the releases list the routers and
+  ``lm_head`` (so that the test's tokens depend on the expert path alone).
+
+* ``awq`` (Mixtral / Qwen3-MoE AWQ releases, AutoAWQ's GEMM version): every expert projection ``Linear(in, out)``
+  as ``...{gate,up,down}_proj.qweight`` (int32 ``[in, out/8]``), ``...qzeros`` (int32 ``[in/128, out/8]``) and
+  ``...scales`` (float16 ``[in/128, out]``), and ``quantization_config = {"quant_method": "awq", "bits": 4,
+  "group_size": 128, "zero_point": true, "version": "gemm"}``. The scheme (AutoAWQ's ``pseudo_quantize_tensor``
+  and ``WQLinear_GEMM.from_linear``): per output column and group of 128 inputs, ``scale = (max - min) / 15``,
+  ``zero = clamp(round(-min / scale), 0, 15)``, ``q = clamp(round(w / scale) + zero, 0, 15)``; eight 4-bit
+  values of consecutive output columns per int32, in the order ``[0, 2, 4, 6, 1, 3, 5, 7]`` from the low bits
+  (zero points packed the same way). Again only the experts are quantized (``modules_to_not_convert``).
+
+* ``gptq`` (Qwen3-MoE / Mixtral GPTQ-Int4 releases, AutoGPTQ's v1 format, symmetric, no ``desc_act``): every
+  expert projection as ``...qweight`` (int32 ``[in/8, out]``: eight consecutive inputs per int32 from the low
+  bits), ``...qzeros`` (int32 ``[in/128, out/8]``, consecutive outputs, each zero point stored minus one as
+  v1 does: 7 for the symmetric 8) and ``...scales`` (float16 ``[in/128, out]``), and ``quantization_config =
+  {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false, "sym": true}``. The scheme
+  (AutoGPTQ's symmetric quantizer): per output column and group, ``scale = 2 * absmax / 15``,
+  ``q = clamp(round(w / scale) + 8, 0, 15)``. GPTQ has no ``modules_to_not_convert``: the other layers are
+  left out with vLLM's ``dynamic`` negative patterns (``-:<regex>``), as GPTQModel writes them.
+
+Hidden size 256 and moe_intermediate_size 128 (multiples of the block). The experts get larger weights
+(std 0.5) than the rest (0.08), as in fused_models.py, so that they decide the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from vllm_moe_offload.cli.tiny_models import make_tiny_model
+
+NUM_EXPERTS = 8
+TOP_K = 2
+#: one block in each dimension: hidden and moe_intermediate_size must be multiples of the block
+BLOCK = 128
+#: two blocks of hidden size and one of the experts' intermediate size: block scales [2, 2] (gate_up),
+#: [1, 2] (gate, up) and [2, 1] (down), so a scale read along the wrong axis changes the result
+HIDDEN, MOE_INTERMEDIATE = 2 * BLOCK, BLOCK
+#: the largest finite float8_e4m3fn value
+FP8_MAX = 448.0
+#: AutoAWQ's GEMM packing: the 4-bit value of output column ``8 * c + AWQ_ORDER[i]`` is bits ``4i..4i+3``
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+#: int4 values per int32
+PACK = 8
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": BLOCK, "zero_point": True, "version": "gemm"}
+GPTQ_CONFIG = {
+    "quant_method": "gptq", "bits": 4, "group_size": BLOCK, "desc_act": False, "sym": True,
+    "dynamic": {r"-:.*\.self_attn\..*": {}, r"-:.*\.mlp\.gate$": {}},  # attention and routers stay bf16
+}
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> (``float8_e4m3fn [N, K]``, ``weight_scale_inv`` float32 ``[ceil(N/b), ceil(K/b)]``)."""
+    n, k = w.shape
+    rows, cols = math.ceil(n / block), math.ceil(k / block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    blocks = padded.view(rows, block, cols, block)  # [r, b, c, b]
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [r, c]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * block, cols * block)[:n, :k].contiguous(), scale.contiguous()
+
+
+def quantize_awq(w: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` (a Linear's weight) -> AWQ GEMM (``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32
+    ``[in/g, out/8]``, ``scales`` float16 ``[in/g, out]``), asymmetric per group of ``g`` inputs."""
+    out_features, in_features = w.shape
+    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
+    w_max, w_min = groups.amax(dim=2), groups.amin(dim=2)  # [out, G]
+    scales = ((w_max - w_min).clamp(min=1e-5) / 15).half()  # stored in float16: quantize with what is stored
+    zeros = (-w_min / scales.float()).round().clamp(0, 15)  # [out, G]
+    q = ((groups / scales.float()[..., None]).round() + zeros[..., None]).clamp(0, 15)  # [out, G, g]
+    q = q.reshape(out_features, in_features).t().to(torch.int32)  # [in, out]
+    return _awq_pack(q), _awq_pack(zeros.t().to(torch.int32)), scales.t().contiguous()
+
+
+def _awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """int32 ``[rows, cols]`` of 4-bit values -> int32 ``[rows, cols/8]`` in AutoAWQ's order."""
+    rows, cols = values.shape
+    grouped = values.reshape(rows, cols // PACK, PACK)  # [rows, cols/8, 8]
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    for i, column in enumerate(AWQ_ORDER):
+        packed |= grouped[..., column].to(torch.int64) << (4 * i)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
+
+
+def quantize_gptq(w: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` -> GPTQ v1 symmetric (``qweight`` int32 ``[in/8, out]``, ``qzeros`` int32
+    ``[in/g, out/8]``, ``scales`` float16 ``[in/g, out]``)."""
+    out_features, in_features = w.shape
+    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
+    scales = (groups.abs().amax(dim=2) * 2 / 15).clamp(min=1e-5).half()  # [out, G]; symmetric: min = -max
+    q = ((groups / scales.float()[..., None]).round() + 8).clamp(0, 15)  # [out, G, g]
+    q = q.reshape(out_features, in_features).t().to(torch.int32)  # [in, out]
+    zeros = torch.full((in_features // group, out_features), 8 - 1, dtype=torch.int32)  # v1 stores zero - 1
+    return _pack_rows(q), _pack_rows(zeros.t()).t().contiguous(), scales.t().contiguous()
+
+
+def _pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """int32 ``[rows, cols]`` of 4-bit values -> int32 ``[rows/8, cols]``: row ``8r + i`` in bits ``4i..4i+3``."""
+    rows, cols = values.shape
+    grouped = values.reshape(rows // PACK, PACK, cols).to(torch.int64)  # [rows/8, 8, cols]
+    packed = torch.zeros(rows // PACK, cols, dtype=torch.int64)
+    for i in range(PACK):
+        packed |= grouped[:, i] << (4 * i)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
+
+
+def make_gptq_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are GPTQ int4 (v1, symmetric), in the released tensor names and config."""
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        qweight, qzeros, scales = quantize_gptq(w)
+        base = name.removesuffix(".weight")
+        return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
+
+    return _quantized_experts(folder, seed, quantize, GPTQ_CONFIG)
+
+
+def make_awq_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are AWQ int4 (GEMM), in the released tensor names and config."""
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        qweight, qzeros, scales = quantize_awq(w)
+        base = name.removesuffix(".weight")
+        return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
+
+    return _quantized_experts(folder, seed, quantize, AWQ_CONFIG)
+
+
+def make_fp8_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are FP8 block-128, in the released tensor names and config."""
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        weight, scale_inv = quantize_fp8_block(w)
+        return {name: weight, name + "_scale_inv": scale_inv}
+
+    return _quantized_experts(folder, seed, quantize, FP8_CONFIG)
+
+
+def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) -> Path:
+    """A tiny Qwen3-MoE whose expert weights ``quantize(name, w)`` turns into its checkpoint tensors."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_model("qwen3_moe", folder, seed=seed, hidden_size=HIDDEN, moe_intermediate_size=MOE_INTERMEDIATE,
+                    num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K)
+    path = folder / "model.safetensors"
+    generator = torch.Generator().manual_seed(seed)
+    out, keep = {}, set()
+    for name, tensor in load_file(str(path)).items():
+        if ".mlp.experts." not in name:
+            if "norm" in name:
+                tensor = torch.ones_like(tensor)
+            out[name] = tensor
+            keep.add(name.rsplit(".", 1)[0])
+            continue
+        w = torch.randn(tensor.shape, generator=generator) * 0.5
+        out.update(quantize(name, w))
+    save_file(out, str(path), metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    not_converted = sorted(m for m in keep if not m.startswith("model.embed_tokens") and "norm" not in m)
+    # GPTQ names the layers it leaves out in its own "dynamic" patterns
+    config["quantization_config"] = (
+        quant_config if "dynamic" in quant_config else {**quant_config, "modules_to_not_convert": not_converted}
+    )
+    config_path.write_text(json.dumps(config, indent=2))
+    return folder

@@ -1,0 +1,331 @@
+"""Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend,
+AWQ int4 experts on its CPU int4 backend.
+
+vLLM builds a quantized MoE layer with its quant method: ``create_weights`` makes
+the parameters (FP8 block: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and the
+per-128x128-block scales ``w13_weight_scale_inv`` / ``w2_weight_scale_inv``), the
+loader fills them one checkpoint tensor at a time with
+``RoutedExperts.weight_loader``, and ``process_weights_after_loading`` converts
+them (CPU: ``convert_weight_packed`` of each weight, the scales as they are,
+``convert_to_fp8_moe_kernel_format``) and builds the kernel, whose quant config
+keeps the scale parameters themselves. AWQ int4 (``AutoAWQMoEMethod``): the
+checkpoint's ``w13_qweight`` / ``w2_qweight`` (int32, eight 4-bit values each,
+``[in, out/8]``), ``w13_scales`` / ``w2_scales`` and ``w13_qzeros`` /
+``w2_qzeros`` per group of inputs; ``convert_to_wna16_moe_kernel_format``
+blocks all six for ``CPUExpertsInt4`` (``prepare_int4_moe_layer_for_cpu``) and
+the layer's ``w13_weight`` / ``w2_weight`` become aliases of the packed
+``*_qweight``. GPTQ int4 (``AutoGPTQMoEMethod``) has the same parameters packed
+along the input (``[in/8, out]``), turned to ``[out, ...]`` before the same
+conversion. Offload runs the same steps one expert at a time:
+
+* the layer is built with one expert (``OffloadRoutedExperts`` asks
+  ``create_weights`` for one) and vLLM post-processes that placeholder, so the
+  kernel and its quant config exist;
+* a load fills a one-expert holder, whose parameters come from the quant
+  method's own ``create_weights`` with one expert (so they carry what the loader
+  reads, such as the scales' ``quant_method``), through vLLM's
+  ``weight_loader``, then converts it with vLLM's per-expert conversion into the
+  slot (:class:`QuantizedExpertConverter`);
+* the slot pools take the placeholders' place, the scales' in place
+  (:func:`attach_extra_pools`): the kernel reads the pools from then on.
+
+Every other quantization is refused while the layer is built (:func:`check_layer`),
+naming it and what is supported; so is the plugin's own ``quant`` on a quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+from vllm_moe_offload.core.config import OffloadConfigError, Quant
+from vllm_moe_offload.runtime.tiers import Into, Scratch
+
+logger = logging.getLogger("vllm.moe_offload.quantized_experts")
+
+#: what offload runs, for refusals and the README
+SUPPORTED = (
+    "unquantized experts (bf16/fp16), FP8 block-quantized experts (quant_method 'fp8' from a serialized "
+    "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
+    "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
+    "quant_method 'gptq', bits 4, desc_act false)"
+)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How a quant method's experts are held in slots."""
+
+    name: str
+    #: the layer's per-expert parameters the kernel reads besides ``w13_weight`` / ``w2_weight``
+    extra_params: tuple[str, ...]
+    #: where the kernel's quant config keeps each of them (checked at attach: the pools must be what it reads)
+    kernel_refs: tuple[str, ...]
+    #: the parameters vLLM's loader fills with the weights; the kernel reads ``w13_weight`` / ``w2_weight``,
+    #: aliases of these after ``process_weights_after_loading`` where they differ
+    weight_params: tuple[str, str] = ("w13_weight", "w2_weight")
+    #: 4-bit values per stored weight element along the output dimension, stored ``[in, out/pack]`` (AWQ);
+    #: None: stored ``[out, in]``, one value an element
+    pack_out: int | None = None
+    #: the same along the input dimension, stored ``[in/pack, out]`` (GPTQ)
+    pack_in: int | None = None
+
+    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """A checkpoint projection's ``[out, in]`` from its stored shape (a 2-D one; others as they are)."""
+        if len(stored) != 2:
+            return stored
+        if self.pack_out is not None:
+            return (stored[1] * self.pack_out, stored[0])
+        if self.pack_in is not None:
+            return (stored[1], stored[0] * self.pack_in)
+        return stored
+
+
+FP8_BLOCK = ExpertFormat(
+    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"),
+)
+
+
+AWQ_INT4 = ExpertFormat(
+    "awq-int4", ("w13_scales", "w2_scales", "w13_qzeros", "w2_qzeros"), ("w1_scale", "w2_scale", "w1_zp", "w2_zp"),
+    weight_params=("w13_qweight", "w2_qweight"), pack_out=8,  # int32 holds eight 4-bit values
+)
+#: GPTQ on the CPU backend: zero points even for symmetric checkpoints (vLLM's CPU kernel reads them)
+GPTQ_INT4 = ExpertFormat(
+    "gptq-int4", AWQ_INT4.extra_params, AWQ_INT4.kernel_refs, weight_params=AWQ_INT4.weight_params, pack_in=8,
+)
+
+
+def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
+    """The format of ``quant_method``'s experts; None for unquantized ones. A format offload does not
+    hold raises NotImplementedError saying which it is (``quant_name``: the checkpoint's quant_method)."""
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMoEMethod
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQMoEMethod
+
+    if type(quant_method) is UnquantizedFusedMoEMethod:
+        return None
+    if type(quant_method) is AutoAWQMoEMethod:
+        reason, fmt = _awq_refusal(quant_method), AWQ_INT4
+    elif type(quant_method) is AutoGPTQMoEMethod:
+        reason, fmt = _gptq_refusal(quant_method), GPTQ_INT4
+    else:
+        reason, fmt = _fp8_refusal(quant_method, quant_name), FP8_BLOCK
+    if reason is not None:
+        raise NotImplementedError(reason)
+    return fmt
+
+
+def _awq_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (an ``AutoAWQMoEMethod``) is not an AWQ method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    if quant_method.wna16_moe_backend is not WNA16MoEBackend.CPU:
+        return f"AWQ int4 experts on the {quant_method.wna16_moe_backend.value} MoE backend"
+    if not quant_method.quant_config.zero_point:
+        return "AWQ int4 experts without zero points (zero_point false)"
+    return None
+
+
+def _gptq_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (an ``AutoGPTQMoEMethod``) is not a GPTQ method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    config = quant_method.quant_config
+    if quant_method.wna16_moe_backend is not WNA16MoEBackend.CPU:
+        return f"GPTQ experts on the {quant_method.wna16_moe_backend.value} MoE backend"
+    if config.quant_type.size_bits != 4:
+        return f"GPTQ experts with {config.quant_type.size_bits} bits"
+    if config.desc_act:
+        return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
+    return None
+
+
+def _fp8_refusal(quant_method, quant_name: str | None) -> str | None:
+    """Why ``quant_method`` is not an FP8 block method offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+    from vllm.model_executor.layers.quantization.fp8 import Fp8MoEMethod
+
+    if type(quant_method) is not Fp8MoEMethod:
+        return f"{type(quant_method).__name__} (quantization {quant_name!r})"
+    config = quant_method.quant_config
+    if not config.is_checkpoint_fp8_serialized:
+        return "FP8 experts quantized by vLLM at load (an unquantized checkpoint with --quantization fp8)"
+    if not quant_method.block_quant:
+        return "FP8 experts with per-tensor weight scales (no weight_block_size)"
+    if config.activation_scheme != "dynamic":
+        return f"FP8 block experts with activation_scheme {config.activation_scheme!r}"
+    if quant_method.fp8_backend is not Fp8MoeBackend.CPU:
+        return f"FP8 block experts on the {quant_method.fp8_backend.value} MoE backend"
+    if quant_method.weight_scale_refine is not None:
+        return "FP8 block experts whose scales vLLM refines for tensor parallelism"
+    return None
+
+
+def check_layer(prefix: str, quant_method, quant_config, offload) -> ExpertFormat | None:
+    """The layer's expert format, or a refusal naming the format and what offload supports.
+
+    Runs while vLLM builds the layer, before any expert memory exists.
+    ``quant_config``: the model's (None when unquantized).
+    """
+    quant_name = quant_config.get_name() if quant_config is not None else None
+    try:
+        fmt = expert_format(quant_method, quant_name)
+    except NotImplementedError as exc:
+        raise NotImplementedError(
+            f"{prefix}: MoE offload cannot hold this layer's experts: {exc}. It supports {SUPPORTED}. "
+            "Run without --moe-offload, or with a checkpoint in a supported format."
+        ) from None
+    if fmt is not None and offload.quant is not Quant.NONE:
+        raise OffloadConfigError(
+            f"quant {offload.quant.value!r} quantizes bf16/fp16 experts, but {prefix} holds {fmt.name} experts "
+            f"(quantization {quant_name!r}) already quantized by the checkpoint; allowed: quant 'none' with a "
+            "quantized checkpoint, or quant 'int4' / 'int4+int2' with an unquantized one"
+        )
+    return fmt
+
+
+def checkpoint_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The layer's per-expert parameters vLLM's loader fills from the checkpoint: weights (as the quant method
+    names them, ``w13_qweight`` for AWQ), then extras."""
+    fmt = getattr(layer, "expert_format", None)
+    return (*fmt.weight_params, *fmt.extra_params) if fmt is not None else ("w13_weight", "w2_weight")
+
+
+def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The layer's per-expert parameters the kernel reads, in slot-pool order: ``w13_weight``, ``w2_weight``, extras."""
+    fmt = getattr(layer, "expert_format", None)
+    return ("w13_weight", "w2_weight", *(fmt.extra_params if fmt is not None else ()))
+
+
+def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) -> None:
+    """Put the extra slot pools ``[S, ...]`` in place of the layer's one-expert placeholders.
+
+    The kernel's quant config keeps the placeholder Parameters themselves (vLLM
+    builds it from them after loading), so their data is replaced in place; checked
+    first, so that a vLLM whose kernel copies them fails here, not with wrong tokens.
+    """
+    fmt: ExpertFormat = layer.expert_format
+    fused = layer.quant_method.moe_kernel.fused_experts
+    for name, ref, pool in zip(fmt.extra_params, fmt.kernel_refs, pools, strict=True):
+        param = getattr(layer, name)
+        if getattr(fused, ref, None) is not param:
+            raise RuntimeError(
+                f"vllm-moe-offload: {type(fused).__name__}.{ref} is not {layer.layer_name}.{name}; this vLLM's "
+                "kernel no longer reads the layer's scale parameters, so slots cannot feed it"
+            )
+        param.data = pool  # [S, ...]: the same Parameter, the kernel's reference stays valid
+    for name, kernel_name in zip(fmt.weight_params, ("w13_weight", "w2_weight")):
+        if name != kernel_name:  # vLLM's alias (AWQ: w13_weight is w13_qweight), now of the slot pool
+            setattr(layer, name, getattr(layer, kernel_name))
+
+
+class QuantizedExpertConverter:
+    """(w1, w3, w2, into, extras) in checkpoint layout -> ``(w13, w2, *extra)`` in the kernel's, for one expert.
+
+    vLLM's ``weight_loader`` fills a one-expert holder made by the quant method's
+    ``create_weights``; vLLM's per-expert conversion packs it. One holder per I/O
+    thread, its parameters' memory the running fetch's conversion scratch when
+    ``scratch`` is given (reused, and counted in the budget's conversion hold).
+    """
+
+    prepack_isa = None  # how ``kernel_format.describe_conversion`` tells: vLLM converts, the result is copied
+
+    def __init__(
+        self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None], scratch: Scratch | None = None,
+    ) -> None:
+        self.layer = layer
+        self.create_weights = create_weights
+        self.scratch = scratch
+        self.params = expert_param_names(layer)
+        self.format: ExpertFormat = layer.expert_format
+        self.quant_method = layer.quant_method
+        #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
+        self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
+                        else self.quant_method.wna16_moe_backend)
+        self.fused_experts = self.quant_method.moe_kernel.fused_experts
+        # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
+        self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
+        self._local = threading.local()
+
+    def _holder(self) -> torch.nn.Module:
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = torch.nn.Module()
+            self.create_weights(holder)  # the quant method's own parameters, one expert
+            self._local.holder = holder
+        return holder
+
+    def __call__(
+        self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor, into: Into = None,
+        extras: Sequence[tuple[str, str, torch.Tensor]] = (),
+    ) -> tuple[torch.Tensor, ...]:
+        holder = self._holder()
+        for name, param in holder.named_parameters():
+            if self.scratch is not None:  # the Parameter and its loader attributes stay; its memory is reused
+                param.data = self.scratch(f"one-expert {name}", tuple(param.shape), param.dtype)
+            param.data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
+        w13_name, w2_name = self.format.weight_params
+        for param, shard_id, tensor in ((w13_name, "w1", w1), (w13_name, "w3", w3), (w2_name, "w2", w2), *extras):
+            if tensor is None:
+                continue
+            # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
+            # of one expert, scales included, into expert 0 of the holder
+            loaded = RoutedExperts.weight_loader(self.layer, getattr(holder, param), tensor, param, shard_id, 0,
+                                                 return_success=True)
+            if not loaded:
+                raise RuntimeError(f"{self.layer.layer_name}: vLLM's weight_loader did not load {param} ({shard_id})")
+        out = tuple(t[0] for t in self._convert(holder))  # no expert dim
+        for got, name, (shape, dtype) in zip(out, self.params, self.shapes):
+            if tuple(got.shape) != shape or got.dtype != dtype:
+                raise RuntimeError(
+                    f"{self.layer.layer_name}: vLLM's conversion gave {name} {got.dtype} {list(got.shape)} for one "
+                    f"expert; the layer's slots hold {dtype} {list(shape)}"
+                )
+        if into is not None:
+            for dst, src in zip(into, out, strict=True):
+                dst.copy_(src)
+            return into
+        held = {p.untyped_storage().data_ptr() for p in holder.parameters()}
+        return tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in out)  # the holder is reused
+
+    def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
+        if self.format is FP8_BLOCK:
+            return self._convert_fp8(holder)
+        return self._convert_int4(holder)
+
+    def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``process_weights_after_loading`` does to the weights of an FP8 block layer (its other
+        steps: ROCm's fnuz, static or per-tensor scales, none here)."""
+        from vllm.model_executor.layers.fused_moe.oracle.fp8 import convert_to_fp8_moe_kernel_format
+
+        w13, w2, w13_scale, w2_scale = convert_to_fp8_moe_kernel_format(
+            fp8_backend=self.backend, layer=holder, w13=holder.w13_weight, w2=holder.w2_weight,
+            w13_scale=holder.w13_weight_scale_inv, w2_scale=holder.w2_weight_scale_inv,
+            w13_input_scale=None, w2_input_scale=None,
+        )
+        return w13, w2, w13_scale, w2_scale
+
+    def _convert_int4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``AutoAWQMoEMethod`` / ``AutoGPTQMoEMethod.process_weights_after_loading`` do to an int4 layer's
+        tensors on the CPU backend (no biases, no input global scales: none on this path). GPTQ's are first
+        turned from ``[E, in/8, out]`` to vLLM's canonical ``[E, out, ...]``, as its method does."""
+        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
+
+        tensors = [holder.w13_qweight, holder.w2_qweight, holder.w13_scales, holder.w2_scales,
+                   holder.w13_qzeros, holder.w2_qzeros]
+        if self.format is GPTQ_INT4:
+            tensors = [t.data.transpose(1, 2).contiguous() for t in tensors]
+        w13, w2, w13_scale, w2_scale, w13_qzeros, w2_qzeros = tensors
+        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
+            backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
+            input_dtype=self.quant_method.input_dtype, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale,
+            w13_qzeros=w13_qzeros, w2_qzeros=w2_qzeros,
+        )
+        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
