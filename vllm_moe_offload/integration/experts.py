@@ -39,7 +39,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
-from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
+from vllm_moe_offload.integration.quantized_experts import ONE_CALL_PER_PASS, attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
 logger = logging.getLogger("vllm.moe_offload.experts")
@@ -90,6 +90,8 @@ class OffloadRoutedExperts(RoutedExperts):
         refuse_class(self, prefix)  # a vLLM subclass offload cannot take over: before any expert memory exists
         # unquantized or a quantization offload holds (integration/quantized_experts.py); the others are refused
         self.expert_format = check_layer(prefix, quant_method, quant_config, offload)
+        if self.expert_format is not None and ONE_CALL_PER_PASS:
+            self.ready_first = False  # no waves: the kernel's rows depend on the call (see ONE_CALL_PER_PASS)
         if moe_config.has_bias:
             raise NotImplementedError(f"{prefix}: MoE offload does not support expert biases yet")
         original = quant_method.create_weights

@@ -1,0 +1,90 @@
+"""What offload's passes and waves rely on: does vLLM's CPU MoE kernel give a token the same bits in any call?
+
+Offload computes a step's tokens in several kernel calls (passes when the step needs more experts than
+slots, waves as loads land). That is exact only where a token's result does not depend on the other tokens
+of the call. These tests call vLLM's kernels directly on random experts and compare each row of one
+40-token call with the same row computed in calls of 1 to 33 tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_moe_offload.runtime.amx import cpu_reports_amx, request_amx_permission
+
+H, I, E, K, T, BLOCK = 256, 128, 8, 2, 40, 128
+CALL_SIZES = (1, 2, 3, 5, 8, 16, 20, 33)
+
+
+def _rows_differing(run) -> dict[int, int]:
+    """Call size -> rows whose result differs from the same row in one call of all T rows."""
+    full = run(list(range(T)))
+    differing = {}
+    for m in CALL_SIZES:
+        differing[m] = sum(
+            int((run(rows) != full[rows]).any(dim=-1).sum())
+            for rows in (list(range(start, start + m)) for start in range(0, T - m + 1, m))
+        )
+    return differing
+
+
+def _inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int()
+    weights = torch.rand(T, K, generator=gen)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    w2 = torch.randn(E, H, I, generator=gen) / I**0.5
+    return x, ids, weights, w13, w2
+
+
+@pytest.mark.parametrize("isa", ["vec", "amx"])
+def test_unquantized_kernel_gives_each_token_the_same_bits_in_any_call(isa):
+    if isa == "amx" and not cpu_reports_amx():
+        pytest.skip("this CPU reports no AMX")
+    request_amx_permission()
+    from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+
+    x, ids, weights, w13, w2 = _inputs()
+    p13, p2 = cpu_prepack_moe_weight(w13.bfloat16(), isa), cpu_prepack_moe_weight(w2.bfloat16(), isa)
+
+    def run(rows):
+        out = torch.empty(len(rows), H, dtype=torch.bfloat16)
+        cpu_fused_moe(out, x[rows], p13, p2, None, None, weights[rows], ids[rows], "silu", isa)
+        return out
+
+    assert _rows_differing(run) == dict.fromkeys(CALL_SIZES, 0)
+
+
+def test_fp8_kernel_gives_a_token_other_bits_in_a_smaller_call():
+    """Why a quantized layer runs without waves (integration/quantized_experts.py ONE_CALL_PER_PASS).
+
+    If this fails because every row agrees, vLLM's FP8 kernel became batch-invariant and quantized
+    layers can compute in waves again.
+    """
+    if not cpu_reports_amx():
+        pytest.skip("vLLM's CPU FP8 MoE kernel needs AMX")
+    request_amx_permission()
+    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+
+    x, ids, weights, w13, w2 = _inputs()
+
+    def quantize(w):  # per 128 x 128 block: scale = absmax / 448, weight = fp8(w / scale)
+        e, n, k = w.shape
+        blocks = w.view(e, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+        scale = blocks.abs().amax(dim=(2, 4)) / 448.0
+        fp8 = (blocks / scale[:, :, None, :, None]).view(e, n, k).to(torch.float8_e4m3fn)
+        return torch.ops._C.convert_weight_packed(fp8), scale.float()
+
+    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+
+    def run(rows):
+        out = torch.empty(len(rows), H, dtype=torch.bfloat16)
+        fused_experts_cpu(out, x[rows], q13, q2, weights[rows], ids[rows], CPUQuantMethod.FP8_W8A16,
+                          s13, s2, None, None, [BLOCK, BLOCK], None, None, None, None, True)
+        return out
+
+    differing = _rows_differing(run)
+    print("rows differing from the 40-token call, by call size:", differing)
+    assert differing[1] > 0
