@@ -1,4 +1,4 @@
-"""The physical bound of ``vllm-moe-offload bench``: optimal loads, fractions, the bandwidth probe, end to end."""
+"""The physical bound of ``vllm-moe-offload bench`` (optimal loads, fractions, the bandwidth probe), and ``bench --quick`` end to end."""
 
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def test_bandwidth_probe_follows_the_emulated_link(tmp_path):
 
 @pytest.mark.engine
 class TestBenchQuick:
-    """``bench --quick`` records the routing and reports every plugin run's bound."""
+    """``bench --quick`` end to end on the trained tiny-pymoe (no timing assertions): its files, tokens and
+    budgets, the page cache, and every plugin run's bound. One bench run for all of them."""
 
     @pytest.fixture(scope="class")
     def bench(self, tmp_path_factory):
@@ -184,6 +185,37 @@ class TestBenchQuick:
         assert [row.split(" | ")[1] for row in rows] == ["100%", "25%", "50%"]
         assert "| ondemand | lru |" in section
         assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
+
+    def test_runs_and_files(self, bench):
+        out, report = bench
+        for name in ("bench.md", "bench-speed.png", "bench-cache.png", "bench.log"):
+            assert (out / name).exists()
+        for name in ("bench-speed.png", "bench-cache.png"):
+            assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        md = (out / "bench.md").read_text()
+        assert "shared development machine" in md and "| lru 25% |" in md and "(x" in md
+
+    def test_offload_runs_match_stock_and_respect_the_budget(self, bench):
+        _, report = bench
+        for run in report["runs"][1:]:
+            assert run["offload"]["slot_bytes"] <= run["offload"]["budget_bytes"]
+            for name, workload in run["workloads"].items():
+                assert workload["tokens_match_stock"], (run["name"], name)
+                assert workload["generated_tokens"] > 0 and workload["wall_s"] > 0
+        full = report["runs"][1]["offload_total"]
+        assert full["misses"] == 0 and full["hit_rate"] == 1.0
+        for run in report["runs"][2:]:
+            assert run["offload_total"]["misses"] > 0
+            assert sum(run["offload_total"]["bytes_read"].values()) > 0
+            assert run["workloads"]["decode"]["offload"]["demand_hit_rate"] < 1.0
+        for ondemand, lru in ((report["runs"][2], report["runs"][3]), (report["runs"][4], report["runs"][5])):
+            assert ondemand["offload_total"]["loads"] > lru["offload_total"]["loads"]
+
+    def test_page_cache_is_measured(self, bench):
+        _, report = bench
+        for run in report["runs"]:
+            assert run["page_cache_after"]["expert_bytes"] > 0
+            assert "drop_cache_error" not in run  # --no-drop-cache
 
     def test_rebuild_keeps_the_bound(self, bench):
         out, report = bench
