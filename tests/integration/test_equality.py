@@ -46,6 +46,9 @@ def results(tiny_models, tmp_path_factory):
         for policy in _policies(arch)
     ]
     offload_jobs.append(_job("mixtral/lru/50%/host", tiny_models["mixtral"], "lru", "50%", tier="host"))
+    # the link schedule (core/link.py, off by default): demand first, prefetches admitted by the link's idle time
+    offload_jobs += [_job(f"mixtral/{policy}/50%/link", tiny_models["mixtral"], policy, "50%", link_schedule=True)
+                     for policy in ("fate", "klotski")]
     stock = run_engines(tmp / "stock", stock_jobs, stock=True)
     offload = run_engines(tmp / "offload", offload_jobs, stock=False)
     multiprocess = run_engines(
@@ -78,7 +81,7 @@ def _policies(arch):
 
 def _case_names():
     return [f"{arch}/{policy}/{label}" for arch in ARCHS for label in BUDGETS for policy in _policies(arch)] + [
-        "mixtral/lru/50%/host"
+        "mixtral/lru/50%/host", "mixtral/fate/50%/link", "mixtral/klotski/50%/link",
     ] + [f"{arch}/{policy}/50%/multiprocess" for arch, policy in MULTIPROCESS.items()]
 
 

@@ -168,6 +168,12 @@ class OffloadConfig:
     resident_layers: int | None = None
     #: fate: experts prefetched per layer at least (None: measured compute/transfer ratio)
     overfetch: int | None = None
+    #: schedule the link (``core/link.py``): demand loads before prefetches, a prefetch only while the
+    #: link would otherwise idle before its layer runs, and a prefill's next layer loaded ahead. Off: every
+    #: load in the order issued and Fate's over-fetch depth. Off by default until a bench shows it pays:
+    #: on a loaded machine (docs/bench/link) it read 0-7 more experts than off per 64-token decode and 3-6
+    #: more per prefill, and its tok/s could not be told from off
+    link_schedule: bool = False
     #: longest a forward pass waits for one expert load; past it the tokens that need the
     #: expert fail (their requests end with an error) and the load finishes in the background
     load_timeout_s: float = 30.0
@@ -221,6 +227,8 @@ class OffloadConfig:
             if not isinstance(raw["direct_io"], bool):
                 raise OffloadConfigError(f"direct_io {raw['direct_io']!r} must be true or false")
             kw["direct_io"] = raw["direct_io"]
+        if "link_schedule" in raw:
+            kw["link_schedule"] = _switch(raw["link_schedule"], "link_schedule")
         if "io_threads" in raw:
             kw["io_threads"] = _number(raw["io_threads"], "io_threads", int, 1, 64)
         if "link_gbps" in raw:
@@ -360,6 +368,18 @@ def _check_quant(kw: dict[str, Any]) -> None:
             "store 'kernel' contradicts tier 'host': the host tier converts every expert once into memory and "
             "reads no store; use tier 'disk' or 'auto' with store 'kernel'"
         )
+
+
+def _switch(value: Any, key: str) -> bool:
+    """A boolean setting: true/false, or its text (``on``/``off`` too: bench policy entries are text)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "on", "1", "yes"):
+        return True
+    if text in ("false", "off", "0", "no"):
+        return False
+    raise OffloadConfigError(f"{key} {value!r} must be true or false (or on/off)")
 
 
 def _number(value: Any, key: str, kind: type, low: float, high: float) -> Any:

@@ -37,6 +37,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_moe_offload.core.cache import pack_passes
+from vllm_moe_offload.core.link import first_pass
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration.quantized_experts import ONE_CALL_PER_PASS, attach_extra_pools, check_layer
@@ -136,6 +137,7 @@ class OffloadRoutedExperts(RoutedExperts):
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
         slots = self.slots
         assert slots is not None
+        slots.begin_layer()  # before any prefetch this layer issues: they queue behind its own loads
         if self.observer is not None:
             self.observer.on_route(self, topk_ids)
         try:
@@ -174,7 +176,7 @@ class OffloadRoutedExperts(RoutedExperts):
                 # passes served by resident experts first: they run before any load
                 # (and before a failing load can evict what they need)
                 if self.ready_first:
-                    passes.sort(key=lambda idx: slots.num_missing({e for i in idx for e in rows[i]}))
+                    passes.sort(key=lambda idx: self._loads_to_start({e for i in idx for e in rows[i]}))
             out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
             for n, token_idx in enumerate(passes):
                 # the next pass's rows: its loads may start in slots this pass is done with
@@ -285,6 +287,15 @@ class OffloadRoutedExperts(RoutedExperts):
             order = load_order(then, missing, ahead=slots.in_flight(missing))
             slots.start_loads(order, set(needed) | experts, low=low)
 
+    def _loads_to_start(self, experts: set[int]) -> int:
+        """Loads a pass needing ``experts`` would start: not resident, and (with a scheduled link, whose
+        prefill prefetch loads the first pass ahead: ``core/link.first_pass``) not already loading."""
+        slots = self.slots
+        missing = slots.missing(experts)
+        if getattr(slots.engine, "schedule_prefetches", False):
+            return len(missing) - len(slots.in_flight(missing))
+        return len(missing)
+
     def _wave_pays(self, in_flight: int) -> bool:
         """Whether rows ready now should compute now, with ``in_flight`` loads their pass still waits for.
 
@@ -348,6 +359,14 @@ class OffloadRoutedExperts(RoutedExperts):
         """
         for distance, nxt, gate in self.lookahead:
             if distance > 1 and distance > self._lookahead_depth(nxt):
+                continue
+            if getattr(nxt.slots.engine, "schedule_prefetches", False):
+                # the link schedule decides how many (core/link.py): every candidate, most confident first
+                experts, scores = scheduled_prediction(
+                    gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance), nxt.slots,
+                )
+                many = x.shape[0] >= _PREFILL_MIN_TOKENS  # a prefill's needs outrank recency
+                nxt.slots.prefetch(experts, spare_useful=not many, distance=distance, scores=scores)
                 continue
             experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),
                                         nxt.slots.num_slots)
@@ -448,6 +467,38 @@ def predicted_experts(logits: torch.Tensor, top_k: int, overfetch: int, limit: i
     score = counts * float(logits.shape[0] + 1) + logits.softmax(dim=-1).sum(dim=0)  # counts first
     depth = max(int((counts > 0).sum()), overfetch)
     return score.topk(min(depth, limit)).indices.tolist()
+
+
+#: a pass of at least this many tokens prefetches its next layer's first pass, sparing no expert the
+#: prediction scores lower: a prompt this long needs nearly every expert of a layer (tiny-mixtral, 16
+#: experts, top-2: 64 tokens touch 15.2 of them on average), so recency says little about what stays useful
+_PREFILL_MIN_TOKENS = 64
+
+
+def scheduled_prediction(
+    logits: torch.Tensor, top_k: int, depth: int, slots: LayerSlots,
+) -> tuple[list[int], list[float]]:
+    """Prefetch candidates for a scheduled link from a router's ``logits [T, E]``, and every expert's score.
+
+    Decode (fewer than ``_PREFILL_MIN_TOKENS`` tokens): :func:`predicted_experts`
+    up to the over-fetch ``depth``, scored as it ranks them (a token's
+    probability; for a batch, tokens wanting it first, then probability mass);
+    the link schedule admits as many as the link can carry. A prefill: the
+    experts of the pass the next layer will run first (:func:`first_pass` on
+    the tokens' predicted top-k), most needed first, each scored by the share of
+    tokens wanting it, plus 1 in that pass (nothing outside the pass outranks it).
+    """
+    probs = logits.float().softmax(dim=-1)  # [T, E]
+    if logits.shape[0] == 1:
+        return predicted_experts(logits, top_k, depth, slots.num_slots), probs[0].tolist()
+    rows = probs.topk(top_k, dim=-1).indices  # [T, k]
+    counts = torch.bincount(rows.flatten(), minlength=logits.shape[-1]).float()  # [E]
+    if logits.shape[0] < _PREFILL_MIN_TOKENS:
+        scores = counts * float(logits.shape[0] + 1) + probs.sum(dim=0)  # as predicted_experts ranks them
+        return predicted_experts(logits, top_k, depth, slots.num_slots), scores.tolist()
+    experts = first_pass(rows.tolist(), slots.num_slots, slots.slot_map.resident())  # resident or loading
+    shares = (counts / logits.shape[0]).tolist()
+    return experts, [share + (1.0 if e in experts else 0.0) for e, share in enumerate(shares)]
 
 
 def _routed_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:

@@ -49,9 +49,9 @@ from vllm_moe_offload.core.klotski_plan import (
     KlotskiLimits,
     KlotskiPlan,
     StepCostFit,
-    hot_ahead,
     measured_costs,
     plan_klotski,
+    tendencies_ahead,
 )
 from vllm_moe_offload.core.config import KLOTSKI_FEATURES
 from vllm_moe_offload.integration import faults, scheduler
@@ -149,9 +149,10 @@ class RoutingObserver:
             target = self.layers[i + distance].slots
             if target is None or target.fully_resident:
                 continue
-            experts = hot_ahead(self.table, i + 1, ids, distance, self.plan.hot_experts)
-            # never evicting what the cache deems useful, as fate
-            target.prefetch(experts, spare_useful=True, distance=distance)
+            scores = tendencies_ahead(self.table, i + 1, ids, distance)  # [E], ranked as hot_ahead does
+            experts = self.table.rank(i + distance, scores, self.plan.hot_experts)
+            # never evicting what the cache deems useful, as fate (nor, on a scheduled link, what scores higher)
+            target.prefetch(experts, spare_useful=True, distance=distance, scores=scores.tolist())
 
     def _observe_paths(self, i: int, ids: np.ndarray) -> None:
         """eap: add the step's routing at MoE layer ``i`` to each request's activation matrix."""

@@ -175,6 +175,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     engine = make_transfer_engine(
         first.w13_weight.device, config.io_threads, expert_bytes, ledger=ledger, stuck_after_s=config.io_stuck_s,
     )
+    engine.schedule_prefetches = config.link_schedule  # core/link.py
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
     runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto)
     store = _open_store(layers, index, readers, config, plan)

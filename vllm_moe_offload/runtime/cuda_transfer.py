@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from vllm_moe_offload.core.link import DEMAND, LoadPriority
 from vllm_moe_offload.core.plan import STAGING_ALIGN_BYTES, ring_buffer_bytes, round_up
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.transfer import ThreadTransferEngine, TransferEngine
@@ -135,12 +136,12 @@ class CudaTransferEngine(ThreadTransferEngine):
             if max_expert_bytes > 0 else None
         )
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], *args: Any, priority: LoadPriority = DEMAND) -> Future[T]:
         if not self.is_cuda:
-            return super().submit(fn, *args)
+            return super().submit(fn, *args, priority=priority)
         fence = torch.cuda.Event()
         fence.record(torch.cuda.current_stream(self.device))  # kernels enqueued so far: the slots' old readers
-        inner = super().submit(self._on_copy_stream, fence, fn, args)
+        inner = super().submit(self._on_copy_stream, fence, fn, args, priority=priority)
         outer = _CopyFuture(self.device)
         inner.add_done_callback(lambda done: _settle(outer, done))
         return outer

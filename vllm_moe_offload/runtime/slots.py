@@ -33,6 +33,7 @@ from concurrent.futures import Future
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.link import DEMAND, LoadPriority, admit_prefetches, outranking
 from vllm_moe_offload.core.stats import LayerStats
 from vllm_moe_offload.runtime.tiers import ExpertSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
@@ -78,6 +79,7 @@ class LayerSlots:
         self.engine = engine
         self.link = link
         self.num_slots = w13_slots.shape[0]
+        self.expert_bytes = (w13_slots.nbytes + w2_slots.nbytes) // self.num_slots  # one slot's
         # expert id -> slot id, -1 when not resident. Kept on the host (decisions
         # are made there) and mirrored to the kernel's device per pass.
         self._expert_to_slot = torch.full((slot_map.num_experts,), -1, dtype=torch.int32)
@@ -143,7 +145,29 @@ class LayerSlots:
             )
         return self._identity
 
-    def prefetch(self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1) -> None:
+    def begin_layer(self) -> None:
+        """This layer's forward starts: with a scheduled link (``core/link.py``), tick its layer clock and
+        hold queued prefetches until this layer's own loads are queued (or it has none, or it waits)."""
+        if getattr(self.engine, "schedule_prefetches", False):
+            self.engine.layer_started(self.stats, hold=not self.fully_resident)
+
+    def _release_prefetches(self) -> None:
+        release = getattr(self.engine, "release_prefetches", None)
+        if release is not None:
+            release()
+
+    def _waiting_for(self, jobs: Iterable[Future]) -> None:
+        """The layer is about to wait for ``jobs``: queued prefetches among them become demand loads
+        (they run first, even while prefetches are held); a job the engine cannot promote releases the hold."""
+        promote = getattr(self.engine, "promote", None)
+        for job in jobs:
+            if not job.done() and (promote is None or not promote(job)) and not job.running():
+                self._release_prefetches()  # never wait for a load that is held
+
+    def prefetch(
+        self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1,
+        scores: Sequence[float] | None = None,
+    ) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
         At most ``num_slots`` are kept; experts already resident or in flight cost nothing.
@@ -154,6 +178,12 @@ class LayerSlots:
         layer that predicted and this one. Several predictions of one step may arrive
         (deeper look-ahead); the nearest is scored as ``predicted`` and its loads win:
         queued loads of a farther prediction that the nearer one drops are cancelled.
+
+        With a scheduled link (the engine's ``schedule_prefetches``): only the experts
+        :func:`admit_prefetches` admits are loaded (the rest count as ``prefetch_refused``),
+        queued behind demand loads, nearest layer and highest score first; ``scores``
+        (``[E]``, the prediction's score of every expert) keep residents scored at least
+        as high as a prefetch from being evicted for it (:func:`outranking`).
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
@@ -167,10 +197,26 @@ class LayerSlots:
             self._cancel_queued_prefetches(keep=set(wanted))
         self._predictions[distance] = set(wanted)
         pinned = set(wanted) | set(self._pending)
-        for expert in wanted:
-            if self.slot_map.slot_of(expert) is not None:
-                continue
-            if not self._start_load(expert, pinned, spare_useful=spare_useful):
+        todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
+        scheduled = getattr(self.engine, "schedule_prefetches", False)
+        if scheduled:
+            admitted = admit_prefetches(
+                todo, self.expert_bytes, distance, self.engine.prefetch_backlog_bytes(), self.engine.rate,
+                self.engine.clock.compute_s, lanes=self.engine.num_threads,
+            )
+            self.stats.prefetch_refused += len(todo) - admitted
+            todo = todo[:admitted]
+        for expert in todo:
+            priority, guard = DEMAND, pinned
+            if scheduled:
+                score = float(scores[expert]) if scores is not None else 0.0
+                priority = LoadPriority(
+                    demand=False, needed_at=self.engine.clock.layers + distance, confidence=score,
+                    num_bytes=self.expert_bytes,
+                )
+                if scores is not None:
+                    guard = pinned | outranking(score, self.slot_map.resident(), scores)
+            if not self._start_load(expert, guard, spare_useful=spare_useful, priority=priority):
                 if spare_useful:
                     self.stats.prefetch_skipped += 1
                 break  # every slot holds a wanted (or useful) expert or a load in flight
@@ -225,7 +271,10 @@ class LayerSlots:
                 return  # slots held by late loads: ensure reports what cannot be loaded
             self._demand.add(expert)
 
-    def _start_load(self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False) -> bool:
+    def _start_load(
+        self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False,
+        priority: LoadPriority = DEMAND,
+    ) -> bool:
         """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned.
 
         ``spare_useful``: useful experts count as pinned (prefetches, see :meth:`prefetch`).
@@ -236,7 +285,12 @@ class LayerSlots:
             return False
         if admission.evicted is not None:
             self._forget(admission.evicted)
-        self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
+        if priority.demand:
+            self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
+            self._release_prefetches()  # the layer's own loads are queued: prefetches may follow them
+        else:
+            job = self.engine.submit(self._load, expert, admission.slot, low, priority=priority)
+            self._pending[expert] = (admission.slot, job)
         if low:
             self._low.add(expert)
             self.stats.low_precision_loads += 1
@@ -286,6 +340,8 @@ class LayerSlots:
                 self.stats.prefetch_hits += 1
             else:
                 self.stats.hits += 1
+        if not missing:
+            self._release_prefetches()  # nothing of this layer's to load: queued prefetches may run
         self.stats.misses += len(missing) + len(late)
         counted.update(missing, late)
         self.stats.passes += 1
@@ -321,6 +377,7 @@ class LayerSlots:
         jobs = {self._pending[e][1]: e for e in experts if e in self._pending}
         if not jobs:
             return []
+        self._waiting_for(jobs)
         started = time.perf_counter()
         concurrent.futures.wait(jobs, timeout=self.load_timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
         self.stats.stall_s += time.perf_counter() - started
@@ -393,6 +450,7 @@ class LayerSlots:
 
     def _wait(self, job: Future, started: float) -> bool:
         """Wait for ``job`` until ``load_timeout_s`` after ``started``; True when it is done."""
+        self._waiting_for([job])
         if self.load_timeout_s is None:
             concurrent.futures.wait([job])
             return True
@@ -498,6 +556,7 @@ class LayerSlots:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
         self.stats.steps += 1
         self._step_needs = None
+        self._release_prefetches()
         # loads still running (a guess the step did not need) land later: no wait here, and
         # nothing in flight is dropped under its load (``keep``)
         self._collect_finished()
