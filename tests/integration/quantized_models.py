@@ -121,26 +121,25 @@ def _pack_rows(values: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
 
 
-def make_gptq_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny Qwen3-MoE whose experts are GPTQ int4 (v1, symmetric), in the released tensor names and config."""
+def _int4_tensors(quantize_int4):
+    """A checkpoint tensor ``<proj>.weight`` -> its ``qweight``, ``qzeros`` and ``scales`` by ``quantize_int4``."""
 
     def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        qweight, qzeros, scales = quantize_gptq(w)
+        qweight, qzeros, scales = quantize_int4(w)
         base = name.removesuffix(".weight")
         return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
 
-    return _quantized_experts(folder, seed, quantize, GPTQ_CONFIG)
+    return quantize
+
+
+def make_gptq_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are GPTQ int4 (v1, symmetric), in the released tensor names and config."""
+    return _quantized_experts(folder, seed, _int4_tensors(quantize_gptq), GPTQ_CONFIG)
 
 
 def make_awq_model(folder: Path, seed: int = 0) -> Path:
     """A tiny Qwen3-MoE whose experts are AWQ int4 (GEMM), in the released tensor names and config."""
-
-    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        qweight, qzeros, scales = quantize_awq(w)
-        base = name.removesuffix(".weight")
-        return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
-
-    return _quantized_experts(folder, seed, quantize, AWQ_CONFIG)
+    return _quantized_experts(folder, seed, _int4_tensors(quantize_awq), AWQ_CONFIG)
 
 
 def make_fp8_model(folder: Path, seed: int = 0) -> Path:

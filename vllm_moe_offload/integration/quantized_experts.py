@@ -215,6 +215,12 @@ def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
     return ("w13_weight", "w2_weight", *(fmt.extra_params if fmt is not None else ()))
 
 
+def one_expert_bytes(layer: torch.nn.Module) -> int:
+    """One expert's bytes as the kernel reads it (kernel layout, padding included; a quantized layer's
+    scales and zero points too), from the layer's one-expert placeholders."""
+    return sum(getattr(layer, name)[0].nbytes for name in expert_param_names(layer))
+
+
 def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) -> None:
     """Put the extra slot pools ``[S, ...]`` in place of the layer's one-expert placeholders.
 

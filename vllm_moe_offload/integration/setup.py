@@ -44,7 +44,7 @@ from vllm_moe_offload.integration.experts import (
 )
 from vllm_moe_offload.integration.layer_classes import refuse_unoffloaded
 from vllm_moe_offload.integration.kernel_format import conversion_identity, describe_conversion, make_converter
-from vllm_moe_offload.integration.quantized_experts import expert_param_names
+from vllm_moe_offload.integration.quantized_experts import expert_param_names, one_expert_bytes
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import (
     KERNEL,
@@ -137,8 +137,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     started = time.perf_counter()
     return_large_frees_to_the_os()
     first = layers[0]
-    # kernel layout, padding included; a quantized layer's scales too
-    expert_bytes = sum(getattr(first, name)[0].nbytes for name in expert_param_names(first))
+    expert_bytes = one_expert_bytes(first)
     index = CheckpointIndex(checkpoint_folder(vllm_config))
     layouts = expert_layouts(model, layers, index)  # by vLLM's expert mapping: per-expert or stacked tensors
     for layer in layers:
@@ -381,7 +380,7 @@ def _slots_for(
 ) -> LayerSlots:
     # [1, ...] placeholders in kernel layout: w13, w2 and a quantized layer's scales
     placeholders = [getattr(layer, name) for name in expert_param_names(layer)]
-    pool_bytes = num_slots * sum(p[0].nbytes for p in placeholders)
+    pool_bytes = num_slots * one_expert_bytes(layer)
     ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
     w13_slots, w2_slots, *extra_slots = (
         torch.empty((num_slots, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in placeholders

@@ -79,7 +79,7 @@ class LayerSlots:
         self.engine = engine
         self.link = link
         self.num_slots = w13_slots.shape[0]
-        self.expert_bytes = (w13_slots.nbytes + w2_slots.nbytes) // self.num_slots  # one slot's
+        self.expert_bytes = sum(t.nbytes for t in self.pools) // self.num_slots  # one slot's, scales included
         # expert id -> slot id, -1 when not resident. Kept on the host (decisions
         # are made there) and mirrored to the kernel's device per pass.
         self._expert_to_slot = torch.full((slot_map.num_experts,), -1, dtype=torch.int32)
@@ -101,7 +101,7 @@ class LayerSlots:
         self.stats = LayerStats(
             layer_idx=layer_idx,
             num_slots=self.num_slots,
-            slot_bytes=sum(t.nbytes for t in self.pools),
+            slot_bytes=self.expert_bytes * self.num_slots,
         )
 
     @property
