@@ -88,3 +88,57 @@ def test_fp8_kernel_gives_a_token_other_bits_in_a_smaller_call():
     differing = _rows_differing(run)
     print("rows differing from the 40-token call, by call size:", differing)
     assert differing[1] > 0
+
+
+def test_fp8_kernel_paths_follow_block_sizes_and_padding_restores_the_full_calls_bits():
+    """What ``integration/kernel_blocks.py`` relies on: a row's bits depend on whether its expert block (rows
+    of one expert, ``BLOCK_M`` at a time, in token order) is larger than ``SMALL_BLOCK``, and
+    ``stock_paths_call``'s dummy rows give every row of any part of a call the whole call's bits."""
+    if not cpu_reports_amx():
+        pytest.skip("vLLM's CPU FP8 MoE kernel needs AMX")
+    request_amx_permission()
+    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+
+    from vllm_moe_offload.integration.kernel_blocks import BLOCK_M, SMALL_BLOCK, stock_paths_call
+
+    gen = torch.Generator().manual_seed(1)
+    t = 3 * BLOCK_M + 8  # an expert with more than two blocks
+    x = torch.randn(t, H, generator=gen).bfloat16()
+    weights = torch.rand(t, K, generator=gen)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    w2 = torch.randn(E, H, I, generator=gen) / I**0.5
+
+    def quantize(w):
+        e, n, k = w.shape
+        blocks = w.view(e, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+        scale = blocks.abs().amax(dim=(2, 4)) / 448.0
+        fp8 = (blocks / scale[:, :, None, :, None]).view(e, n, k).to(torch.float8_e4m3fn)
+        return torch.ops._C.convert_weight_packed(fp8), scale.float()
+
+    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+
+    def call(xx, ww, ids):
+        out = torch.empty(len(xx), H, dtype=torch.bfloat16)
+        fused_experts_cpu(out, xx, q13, q2, ww, ids, CPUQuantMethod.FP8_W8A16,
+                          s13, s2, None, None, [BLOCK, BLOCK], None, None, None, None, True)
+        return out
+
+    # every row on experts 0 and 1: a row's block size alone decides its path
+    same = torch.tensor([[0, 1]] * t, dtype=torch.int32)
+    full = call(x, weights, same)
+    differs = [m for m in range(1, t + 1) if (call(x[:m], weights[:m], same[:m]) != full[:m]).any()]
+    assert differs == [m for m in range(1, t + 1) if 0 < m % BLOCK_M <= SMALL_BLOCK]
+
+    # mixed routing, the step split into parts by expert sets as offload's passes do: padded parts are exact
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]).int()
+    ids[: 2 * BLOCK_M + 2, 0] = 3  # expert 3: 66 + some rows, a small last block in the whole call
+    ids[: 2 * BLOCK_M + 2, 1] = torch.where(ids[: 2 * BLOCK_M + 2, 1] == 3, 4, ids[: 2 * BLOCK_M + 2, 1])
+    full = call(x, weights, ids)
+    unpadded = padded = 0
+    for part in (ids[:, 1] < 4, ids[:, 1] >= 4):  # two parts of the step, by the second expert
+        idx = part.nonzero().flatten()
+        xx, ww, slot_ids, n = stock_paths_call(idx, x[idx], weights[idx], ids[idx], ids, E)
+        padded += int((call(xx, ww, slot_ids)[n:] != full[idx]).any(dim=-1).sum())
+        unpadded += int((call(x[idx], weights[idx], ids[idx]) != full[idx]).any(dim=-1).sum())
+    assert unpadded > 0, "the parts gave the whole call's bits without padding: the test shows nothing"
+    assert padded == 0

@@ -40,6 +40,7 @@ from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.core.link import first_pass
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
+from vllm_moe_offload.integration.kernel_blocks import stock_paths_call
 from vllm_moe_offload.integration.quantized_experts import ONE_CALL_PER_PASS, attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
@@ -218,8 +219,21 @@ class OffloadRoutedExperts(RoutedExperts):
             except ExpertLoadError as err:
                 failed.update(dict.fromkeys(err.experts, str(err)))
                 continue
-            out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
+            if self.expert_format is not None and idx.numel() < topk_ids.shape[0]:
+                idx = idx.sort().values  # the step's token order: a row's kernel path depends on it
+                out[idx] = self._part_of_step(idx, x, topk_weights, topk_ids)
+            else:
+                out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
             return
+
+    def _part_of_step(self, idx, x, topk_weights, topk_ids) -> torch.Tensor:
+        """A quantized layer's kernel call for some of the step's rows ``idx``, padded so that each row takes
+        the kernel path it takes in the whole step's call (``integration/kernel_blocks.py``): its bits are
+        stock's. ``idx``: ascending."""
+        args = stock_paths_call(
+            idx, x[idx], topk_weights[idx], self.slots.remap(topk_ids[idx]), topk_ids, self.slots.num_slots,
+        )
+        return self._kernel(*args[:3])[args[3]:]
 
     def _run_waves(
         self, idx, x, topk_weights, topk_ids, out, low: set[int], counted: set[int], then: list[list[int]] = (),
