@@ -29,6 +29,7 @@ class Subcommand:
 SUBCOMMAND_MODULES = [
     "vllm_moe_offload.cli.simulate",
     "vllm_moe_offload.cli.pad_model",
+    "vllm_moe_offload.cli.quantize_model",
     "vllm_moe_offload.cli.trace",
     "vllm_moe_offload.cli.bench",
 ]
