@@ -62,7 +62,7 @@ class ContinuationMemory:
     and, per key, the ``max_occurrences`` latest steps it occurred at.
     """
 
-    def __init__(self, max_steps: int = 4096, max_occurrences: int = 32) -> None:
+    def __init__(self, max_steps: int = 4096, max_occurrences: int = 16) -> None:
         if max_steps < 2 or max_occurrences < 1:
             raise ValueError(f"max_steps must be >= 2 and max_occurrences >= 1, got {max_steps}, {max_occurrences}")
         self.max_steps = max_steps
@@ -80,7 +80,7 @@ class ContinuationMemory:
         """Append one ended step: its context key and the experts the layer used."""
         index = len(self)
         self._keys.append(key)
-        self._sets.append(frozenset(experts))
+        self._sets.append(experts if isinstance(experts, frozenset) else frozenset(experts))
         if not isinstance(key, _Barrier):
             where = self._where.setdefault(key, [])
             where.append(index)
@@ -119,9 +119,11 @@ class ContinuationMemory:
             while m < max_match and j - m >= base and keys[j - m - base] == keys[now - m - base]:
                 m += 1
             found.append((m, j))
-        found.sort(reverse=True)  # longest match first, then the latest
+        if neighbours < len(found):
+            found.sort(reverse=True)  # longest match first, then the latest
+            del found[neighbours:]
         weights: dict[int, float] = {}
-        for m, j in found[:neighbours]:
+        for m, j in found:
             w = float(m)
             for h in range(1, horizon + 1):
                 if j + h >= now:
@@ -195,11 +197,12 @@ class NextUsePolicy(ScoredPolicy):
 
     def on_step_end(self) -> None:
         if self._step_used:
+            used = frozenset(self._step_used)
             if self._token is not None:
-                self.token_memory.record(self._token, self._step_used)
+                self.token_memory.record(self._token, used)
             else:
-                self.token_memory.record_unkeyed(self._step_used)
-            self.routing_memory.record(frozenset(self._step_used), self._step_used)
+                self.token_memory.record_unkeyed(used)
+            self.routing_memory.record(used, used)
         self._step_used = set()
         self._needs = set()
         self._token = None
@@ -210,7 +213,7 @@ class NextUsePolicy(ScoredPolicy):
         return self._predicted.get(expert, 0.0) + self._counts.value(expert, self.step) * self._rate
 
     def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
-        now = self._needs | self._step_used | set(pinned)
+        now = self._step_used.union(self._needs, pinned)
         spared = now if any(e not in now for e in resident) else pinned
         if self._predicted is None:
             self._predicted = self._predict(now)
