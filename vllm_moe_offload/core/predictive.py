@@ -22,7 +22,9 @@ the engine passes them, the step's input token ids):
   pass's needs the simulator's sequential order has not served yet, told by
   :meth:`NextUsePolicy.begin_pass_needs`).
 
-Nothing here sees the future: a neighbour's continuation is taken only from
+The engine's slot caches call neither hook yet: there the routing key is the
+``pinned`` set of the first admission of the step (the pass's experts, plus any
+loads in flight), and no token key. Nothing here sees the future: a neighbour's continuation is taken only from
 steps already ended. The memories live as long as the policy; the
 simulator's per-sequence replay hands it from one sequence's cache to the next
 (:meth:`NextUsePolicy.inherit`), as the engine's policy keeps it across requests.
