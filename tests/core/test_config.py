@@ -148,7 +148,7 @@ def test_replacement_for_every_policy_with_a_cache(policy):
 @pytest.mark.parametrize(
     "raw, message",
     [({"policy": "lru", "replacement": "mru"},
-      r"replacement 'mru' is not one of \['lru', 'arc', 'lfru', 'log2decay', 'ewma', 'decay'\]"),
+      r"replacement 'mru' is not one of \['lru', 'arc', 'lfru', 'log2decay', 'ewma', 'decay', 'nextuse'\]"),
      ({"policy": "lru", "replacement": "ondemand"}, r"replacement 'ondemand' is not one of"),
      ({"policy": "ondemand", "replacement": "decay"},
       r"replacement only applies to policies with a cache \['lru', 'fate', 'klotski', 'eap'\], not 'ondemand'"),

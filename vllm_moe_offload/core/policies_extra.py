@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 
 from vllm_moe_offload.core.belady import BeladyPolicy
 from vllm_moe_offload.core.cache import ReplacementPolicy
-from vllm_moe_offload.core.replacement import FREQUENCY_POLICY_NAMES, make_policy
+from vllm_moe_offload.core.replacement import FREQUENCY_POLICY_NAMES, PREDICTIVE_POLICY_NAMES, make_policy
 
 
 class LFUPolicy(ReplacementPolicy):
@@ -43,7 +43,7 @@ class LFUPolicy(ReplacementPolicy):
 
 
 #: cache policies the simulator can replay
-SIM_POLICY_NAMES = ("lru", "lfu", "arc", *FREQUENCY_POLICY_NAMES, "ondemand", "belady")
+SIM_POLICY_NAMES = ("lru", "lfu", "arc", *FREQUENCY_POLICY_NAMES, *PREDICTIVE_POLICY_NAMES, "ondemand", "belady")
 
 
 def make_sim_policy(

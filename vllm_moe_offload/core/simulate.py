@@ -31,6 +31,12 @@ Counted per layer, over distinct (pass, expert) needs:
 Belady (evict the non-pinned expert needed farthest in the future) gives the
 same count under both orders and bounds both; caches start empty (the
 policies' ``warm_set`` is not loaded, so no policy starts ahead of Belady).
+
+``nextuse`` (``core/predictive.py``) is also told, as the engine can tell it,
+each step's input token ids and each pass's full needs before it is served (so
+under ``sequential`` it spares the needs not served yet, which the other
+policies may evict), and its learned history passes from one cache of a layer
+to the next (the next sequence's), as the engine's policy keeps it across requests.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from vllm_moe_offload.core.belady import BeladyPolicy, ClairvoyantPolicy
 from vllm_moe_offload.core.cache import ReplacementPolicy, SlotMap
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.policies_extra import SIM_POLICY_NAMES, make_sim_policy
+from vllm_moe_offload.core.predictive import NextUsePolicy
 from vllm_moe_offload.core.predictors import PREDICTOR_NAMES, Predictor, make_predictor
 from vllm_moe_offload.core.prefetch_eval import rebatch_trace, split_trace
 from vllm_moe_offload.core.schedule import MODES, SlotBudget, StepPlan, build_schedules
@@ -122,8 +129,10 @@ class _LayerCache:
         self.spare_useful = spare_useful
         self._pass = 0
 
-    def run_step(self, passes: list[list[int]], predicted: list[int] | None) -> None:
-        """Serve one step; ``predicted`` is None without a predictor."""
+    def run_step(self, passes: list[list[int]], predicted: list[int] | None, tokens: Sequence[int] = ()) -> None:
+        """Serve one step; ``predicted`` is None without a predictor; ``tokens``: its rows' input token ids."""
+        if isinstance(self.slots.policy, NextUsePolicy):
+            self.slots.policy.begin_step_tokens(tokens)
         fetched = self._prefetch(predicted or [])
         step_needed: set[int] = set()
         for needed in passes:
@@ -163,6 +172,8 @@ class _LayerCache:
         policy = self.slots.policy
         if isinstance(policy, ClairvoyantPolicy):
             policy.begin_pass(self._pass)
+        elif isinstance(policy, NextUsePolicy):
+            policy.begin_pass_needs(needed)
         self._pass += 1
         pinned = set(needed) if self.order == "step" else set()
         for expert in needed:
@@ -203,6 +214,7 @@ def replay(
     if predictor is not None:
         predictor.reset(trace)
     step_no = 0
+    previous: list[ReplacementPolicy | None] = [None] * len(slots)
     for schedule in schedules:
         caches = [
             _LayerCache(
@@ -213,6 +225,11 @@ def replay(
             )
             for layer, n in enumerate(slots)
         ]
+        for layer, cache in enumerate(caches):
+            policy = cache.slots.policy
+            if isinstance(policy, NextUsePolicy) and isinstance(previous[layer], NextUsePolicy):
+                policy.inherit(previous[layer])
+            previous[layer] = policy
         for step in schedule:
             _replay_step(trace, step, step_no, caches, predictor)
             step_no += 1
@@ -228,9 +245,10 @@ def _accesses(schedule: Sequence[StepPlan], layer: int) -> list[list[int]]:
 def _replay_step(
     trace: Trace, step: StepPlan, step_no: int, caches: list[_LayerCache], predictor: Predictor | None
 ) -> None:
+    tokens = trace.token_ids[step.rows].tolist()
     if predictor is None:
         for layer, cache in enumerate(caches):
-            cache.run_step(step.passes[layer], None)
+            cache.run_step(step.passes[layer], None, tokens)
         return
     predictor.begin_step(step_no, step.rows)
     num_experts = trace.meta.num_experts
@@ -239,7 +257,7 @@ def _replay_step(
         predicted = list(dict.fromkeys(predictor.predict(step_no, layer)))[:limit]
         if any(not 0 <= e < num_experts for e in predicted):
             raise ValueError(f"{predictor.name} predicted experts outside [0, {num_experts}): {predicted}")
-        cache.run_step(step.passes[layer], predicted)
+        cache.run_step(step.passes[layer], predicted, tokens)
         predictor.observe(step_no, layer, trace.topk_ids[step.rows, layer])
     for seq in step.ended:
         predictor.end_sequence(seq)
