@@ -1,6 +1,6 @@
 """Micro-benchmark (not a test): a replacement policy's bookkeeping per layer and step, in µs.
 
-``python tests/core/bench_replacement_cost.py``: replays the same random top-k routing
+``python scripts/measure/replacement_cost.py``: replays the same random top-k routing
 (batch-1 decode, a cache of half the experts, step order) through each policy's
 SlotMap at 8 experts (top-2) and 60 experts (top-4), and prints µs per layer-step
 next to LRU's, measured in the same run (timings on a shared machine are noisy; the
