@@ -41,7 +41,7 @@ from vllm_moe_offload.core.link import first_pass
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration.kernel_blocks import stock_paths_call
-from vllm_moe_offload.integration.quantized_experts import ONE_CALL_PER_PASS, attach_extra_pools, check_layer
+from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
 logger = logging.getLogger("vllm.moe_offload.experts")
@@ -92,8 +92,6 @@ class OffloadRoutedExperts(RoutedExperts):
         refuse_class(self, prefix)  # a vLLM subclass offload cannot take over: before any expert memory exists
         # unquantized or a quantization offload holds (integration/quantized_experts.py); the others are refused
         self.expert_format = check_layer(prefix, quant_method, quant_config, offload)
-        if self.expert_format is not None and ONE_CALL_PER_PASS:
-            self.ready_first = False  # no waves: the kernel's rows depend on the call (see ONE_CALL_PER_PASS)
         if moe_config.has_bias:
             raise NotImplementedError(f"{prefix}: MoE offload does not support expert biases yet")
         original = quant_method.create_weights
@@ -276,7 +274,11 @@ class OffloadRoutedExperts(RoutedExperts):
                 if then:
                     self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
                 slots.ensure(torch.unique(wave_ids).tolist(), low=low, counted=counted)  # resident: no wait
-                out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
+                if self.expert_format is not None:
+                    wave = wave.sort().values  # the step's token order: a row's kernel path depends on it
+                    out[wave] = self._part_of_step(wave, x, topk_weights, topk_ids)
+                else:
+                    out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
                 if waiting:
                     slots.stats.waves += 1
                 todo &= ~ready
