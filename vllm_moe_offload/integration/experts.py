@@ -40,6 +40,7 @@ from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.core.link import first_pass
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
+from vllm_moe_offload.integration import policy_inputs
 from vllm_moe_offload.integration.kernel_blocks import stock_paths_call
 from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
@@ -159,6 +160,7 @@ class OffloadRoutedExperts(RoutedExperts):
         try:
             unique = torch.unique(topk_ids).tolist()
             slots.score_prediction(unique)  # the whole step's needs, before passes split them
+            policy_inputs.begin_needs(slots, unique)
             if len(unique) <= slots.num_slots:
                 if x.shape[0] == 1 or not self.ready_first or not slots.num_missing(unique):
                     # nothing to compute while loading (or the ablation's plain order)

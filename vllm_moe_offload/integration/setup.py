@@ -34,6 +34,7 @@ from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
+from vllm_moe_offload.integration import policy_inputs
 from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
 from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
@@ -182,6 +183,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         source = _source_for(layer, index, readers, tier, store)
         runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger))
     runtime.observer = _observer(layers, config, vllm_config, profile)
+    policy_inputs.attach(model, runtime.layers)  # the step's token, for a policy that keys by it (nextuse)
     for ordinal, slots in enumerate(runtime.layers):
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     if config.policy is Policy.FATE:
