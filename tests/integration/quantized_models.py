@@ -174,9 +174,54 @@ def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) ->
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     not_converted = sorted(m for m in keep if not m.startswith("model.embed_tokens") and "norm" not in m)
-    # GPTQ names the layers it leaves out in its own "dynamic" patterns
+    # GPTQ names the layers it leaves out in its own "dynamic" patterns, compressed-tensors in its "ignore" list
     config["quantization_config"] = (
-        quant_config if "dynamic" in quant_config else {**quant_config, "modules_to_not_convert": not_converted}
+        quant_config if "dynamic" in quant_config or "ignore" in quant_config else {**quant_config, "modules_to_not_convert": not_converted}
     )
     config_path.write_text(json.dumps(config, indent=2))
     return folder
+
+
+#: llm-compressor's ``W4A16`` preset (compressed-tensors): int4, symmetric, groups of 128 inputs, minmax scales
+W4A16_PRESET = "W4A16"
+
+
+def quantize_w4a16(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``w [out, in]`` -> compressed-tensors pack-quantized (``weight_packed`` int32 ``[out, in/8]``,
+    ``weight_scale`` in ``w``'s dtype ``[out, in/g]``, ``weight_shape`` int64 ``[2]``), by compressed-tensors'
+    own scheme, observer arithmetic and compressor, as llm-compressor writes a W4A16 checkpoint."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme(W4A16_PRESET, ["Linear"])
+    group = scheme.weights.group_size
+    out_features, in_features = w.shape
+    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
+    scale, zero_point = calculate_qparams(groups.amin(dim=2), groups.amax(dim=2), scheme.weights)  # [out, G]
+    return PackedQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zero_point.to(torch.int8)}, scheme,
+    )
+
+
+def w4a16_config(ignore: list[str]) -> dict:
+    """The ``quantization_config`` llm-compressor writes for the W4A16 preset (pack-quantized)."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    config = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme(W4A16_PRESET, ["Linear"])}, format="pack-quantized",
+        quantization_status="compressed", ignore=ignore,
+    )
+    return config.model_dump(mode="json")
+
+
+def make_w4a16_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are compressed-tensors W4A16 (pack-quantized, symmetric, group 128), in
+    llm-compressor's tensor names and config; attention and routers in its ``ignore`` list."""
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        base = name.removesuffix(".weight")
+        return {f"{base}.{key}": t for key, t in quantize_w4a16(w.to(torch.bfloat16)).items()}
+
+    config = w4a16_config(["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate$"])
+    return _quantized_experts(folder, seed, quantize, config)

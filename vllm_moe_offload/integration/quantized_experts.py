@@ -54,7 +54,8 @@ SUPPORTED = (
     "unquantized experts (bf16/fp16), FP8 block-quantized experts (quant_method 'fp8' from a serialized "
     "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
     "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
-    "quant_method 'gptq', bits 4, desc_act false)"
+    "quant_method 'gptq', bits 4, desc_act false; quant_method 'compressed-tensors', pack-quantized W4A16: "
+    "bits 4, symmetric, strategy 'group')"
 )
 
 
@@ -87,6 +88,15 @@ class ExpertFormat:
     pack_out: int | None = None
     #: the same along the input dimension, stored ``[in/pack, out]`` (GPTQ)
     pack_in: int | None = None
+    #: the same along the input dimension, stored ``[out, in/pack]`` (compressed-tensors)
+    pack_in_last: int | None = None
+    #: the per-expert parameters vLLM's loader fills from the checkpoint besides the weights; None: every one
+    #: of ``extra_params`` (compressed-tensors W4A16: its scales; the CPU backend makes the zero points)
+    checkpoint_extras: tuple[str, ...] | None = None
+
+    @property
+    def loaded_extras(self) -> tuple[str, ...]:
+        return self.extra_params if self.checkpoint_extras is None else self.checkpoint_extras
 
     def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
         """A checkpoint projection's ``[out, in]`` from its stored shape (a 2-D one; others as they are)."""
@@ -96,6 +106,8 @@ class ExpertFormat:
             return (stored[1] * self.pack_out, stored[0])
         if self.pack_in is not None:
             return (stored[1], stored[0] * self.pack_in)
+        if self.pack_in_last is not None:
+            return (stored[0], stored[1] * self.pack_in_last)
         return stored
 
 
@@ -112,6 +124,14 @@ AWQ_INT4 = ExpertFormat(
 GPTQ_INT4 = ExpertFormat(
     "gptq-int4", AWQ_INT4.extra_params, AWQ_INT4.kernel_refs, weight_params=AWQ_INT4.weight_params, pack_in=8,
 )
+#: compressed-tensors W4A16 (pack-quantized, symmetric, group): ``w13_weight_packed`` ``[out, in/8]`` and
+#: ``w13_weight_scale`` ``[out, in/g]`` from the checkpoint; vLLM's CPU conversion makes the zero points
+#: (symmetric: 8 everywhere), which the kernel reads as it reads AWQ's and GPTQ's
+CT_W4A16 = ExpertFormat(
+    "compressed-tensors-w4a16", ("w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point", "w2_weight_zero_point"),
+    AWQ_INT4.kernel_refs, weight_params=("w13_weight_packed", "w2_weight_packed"), pack_in_last=8,
+    checkpoint_extras=("w13_weight_scale", "w2_weight_scale"),
+)
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
@@ -122,7 +142,13 @@ def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat |
 
     if type(quant_method) is UnquantizedFusedMoEMethod:
         return None
-    if type(quant_method) is AutoAWQMoEMethod:
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
+        CompressedTensorsWNA16MoEMethod,
+    )
+
+    if type(quant_method) is CompressedTensorsWNA16MoEMethod:
+        reason, fmt = _ct_wna16_refusal(quant_method), CT_W4A16
+    elif type(quant_method) is AutoAWQMoEMethod:
         reason, fmt = _awq_refusal(quant_method), AWQ_INT4
     elif type(quant_method) is AutoGPTQMoEMethod:
         reason, fmt = _gptq_refusal(quant_method), GPTQ_INT4
@@ -155,6 +181,25 @@ def _gptq_refusal(quant_method) -> str | None:
         return f"GPTQ experts with {config.quant_type.size_bits} bits"
     if config.desc_act:
         return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
+    return None
+
+
+def _ct_wna16_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``CompressedTensorsWNA16MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    args = quant_method.weight_quant
+    what = f"compressed-tensors W{args.num_bits}A16 experts"
+    if quant_method.wna16_backend is not WNA16MoEBackend.CPU:
+        return f"{what} on the {quant_method.wna16_backend.value} MoE backend"
+    if args.num_bits != 4:
+        return f"{what} ({args.num_bits} bits; offload holds 4)"
+    if not args.symmetric:
+        return f"{what} with zero points (symmetric false; offload holds symmetric ones)"
+    if args.strategy != "group":
+        return f"{what} with strategy {args.strategy!r} (offload holds 'group')"
+    if args.actorder == "group":
+        return f"{what} with actorder 'group' (weight_g_idx)"
     return None
 
 
@@ -206,7 +251,7 @@ def checkpoint_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
     """The layer's per-expert parameters vLLM's loader fills from the checkpoint: weights (as the quant method
     names them, ``w13_qweight`` for AWQ), then extras."""
     fmt = getattr(layer, "expert_format", None)
-    return (*fmt.weight_params, *fmt.extra_params) if fmt is not None else ("w13_weight", "w2_weight")
+    return (*fmt.weight_params, *fmt.loaded_extras) if fmt is not None else ("w13_weight", "w2_weight")
 
 
 def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
@@ -265,6 +310,7 @@ class QuantizedExpertConverter:
         self.quant_method = layer.quant_method
         #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
         self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
+                        else self.quant_method.wna16_backend if self.format is CT_W4A16
                         else self.quant_method.wna16_moe_backend)
         self.fused_experts = self.quant_method.moe_kernel.fused_experts
         # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
@@ -316,6 +362,8 @@ class QuantizedExpertConverter:
         """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
         if self.format is FP8_BLOCK:
             return self._convert_fp8(holder)
+        if self.format is CT_W4A16:
+            return self._convert_ct_wna16(holder)
         return self._convert_int4(holder)
 
     def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -345,5 +393,23 @@ class QuantizedExpertConverter:
             backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
             input_dtype=self.quant_method.input_dtype, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale,
             w13_qzeros=w13_qzeros, w2_qzeros=w2_qzeros,
+        )
+        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
+
+    def _convert_ct_wna16(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``CompressedTensorsWNA16MoEMethod.process_weights_after_loading`` does on the CPU backend: the
+        swigluoai interleave where the activation needs it (none for silu), then the conversion, which turns
+        the N-first tensors to GPTQ's layout and makes the symmetric zero points."""
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import swigluoai_w13_interleave_perm
+        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
+
+        method = self.quant_method
+        w13, w13_scale = holder.w13_weight_packed.data, holder.w13_weight_scale.data
+        perm = swigluoai_w13_interleave_perm(method.experts_cls, method.moe.activation, w13.size(1), w13.device)
+        if perm is not None:
+            w13, w13_scale = w13[:, perm].contiguous(), w13_scale[:, perm].contiguous()
+        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
+            backend=self.backend, layer=holder, quant_config=method.weight_quant, input_dtype=method.input_dtype,
+            w13=w13, w2=holder.w2_weight_packed.data, w13_scale=w13_scale, w2_scale=holder.w2_weight_scale.data,
         )
         return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
