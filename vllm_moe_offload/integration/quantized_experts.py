@@ -55,7 +55,8 @@ SUPPORTED = (
     "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
     "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
     "quant_method 'gptq', bits 4, desc_act false; quant_method 'compressed-tensors', pack-quantized W4A16: "
-    "bits 4, symmetric, strategy 'group')"
+    "bits 4, symmetric, strategy 'group') and gpt-oss's MXFP4 experts with their biases (quant_method 'mxfp4', "
+    "vLLM's CPU MXFP4 backend CPUExpertsMxfp4)"
 )
 
 
@@ -93,6 +94,9 @@ class ExpertFormat:
     #: the per-expert parameters vLLM's loader fills from the checkpoint besides the weights; None: every one
     #: of ``extra_params`` (compressed-tensors W4A16: its scales; the CPU backend makes the zero points)
     checkpoint_extras: tuple[str, ...] | None = None
+    #: vLLM's loader for the holder is the model's own class's (gpt-oss: ``GptOssRoutedExperts.weight_loader``,
+    #: shard ids from vLLM's gpt-oss table; integration/gpt_oss.py), not ``RoutedExperts``'
+    own_loader: bool = False
 
     @property
     def loaded_extras(self) -> tuple[str, ...]:
@@ -132,6 +136,14 @@ CT_W4A16 = ExpertFormat(
     AWQ_INT4.kernel_refs, weight_params=("w13_weight_packed", "w2_weight_packed"), pack_in_last=8,
     checkpoint_extras=("w13_weight_scale", "w2_weight_scale"),
 )
+#: gpt-oss MXFP4 (``GptOssMxfp4MoEMethod``): ``w13_weight`` uint8 ``[2I, H/2]`` (two FP4 values a byte),
+#: ``w13_weight_scale`` uint8 ``[2I, H/32]`` (e8m0), ``w13_bias`` ``[2I]``; w2 the same. vLLM's CPU conversion
+#: prepacks weights and scales for AMX and turns the biases to float32, which the kernel reads from its quant
+#: config as it reads the scales
+MXFP4 = ExpertFormat(
+    "mxfp4", ("w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias"),
+    ("w1_scale", "w2_scale", "w1_bias", "w2_bias"), own_loader=True,
+)
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
@@ -146,7 +158,11 @@ def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat |
         CompressedTensorsWNA16MoEMethod,
     )
 
-    if type(quant_method) is CompressedTensorsWNA16MoEMethod:
+    from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
+
+    if type(quant_method) is GptOssMxfp4MoEMethod:
+        reason, fmt = _mxfp4_refusal(quant_method), MXFP4
+    elif type(quant_method) is CompressedTensorsWNA16MoEMethod:
         reason, fmt = _ct_wna16_refusal(quant_method), CT_W4A16
     elif type(quant_method) is AutoAWQMoEMethod:
         reason, fmt = _awq_refusal(quant_method), AWQ_INT4
@@ -181,6 +197,15 @@ def _gptq_refusal(quant_method) -> str | None:
         return f"GPTQ experts with {config.quant_type.size_bits} bits"
     if config.desc_act:
         return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
+    return None
+
+
+def _mxfp4_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``GptOssMxfp4MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+
+    if quant_method.mxfp4_backend is not Mxfp4MoeBackend.CPU:
+        return f"gpt-oss MXFP4 experts on the {quant_method.mxfp4_backend.value} MoE backend"
     return None
 
 
@@ -310,11 +335,17 @@ class QuantizedExpertConverter:
         self.quant_method = layer.quant_method
         #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
         self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
+                        else self.quant_method.mxfp4_backend if self.format is MXFP4
                         else self.quant_method.wna16_backend if self.format is CT_W4A16
                         else self.quant_method.wna16_moe_backend)
         self.fused_experts = self.quant_method.moe_kernel.fused_experts
         # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
         self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
+        self._loader, self._shard = RoutedExperts.weight_loader, lambda shard_id, param: shard_id
+        if self.format.own_loader:
+            from vllm_moe_offload.integration import gpt_oss
+
+            self._loader, self._shard = gpt_oss.own_weight_loader(layer), gpt_oss.holder_shard
         self._local = threading.local()
 
     def _holder(self) -> torch.nn.Module:
@@ -340,8 +371,8 @@ class QuantizedExpertConverter:
                 continue
             # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
             # of one expert, scales included, into expert 0 of the holder
-            loaded = RoutedExperts.weight_loader(self.layer, getattr(holder, param), tensor, param, shard_id, 0,
-                                                 return_success=True)
+            loaded = self._loader(self.layer, getattr(holder, param), tensor, param, self._shard(shard_id, param), 0,
+                                  return_success=True)
             if not loaded:
                 raise RuntimeError(f"{self.layer.layer_name}: vLLM's weight_loader did not load {param} ({shard_id})")
         out = tuple(t[0] for t in self._convert(holder))  # no expert dim
@@ -364,6 +395,8 @@ class QuantizedExpertConverter:
             return self._convert_fp8(holder)
         if self.format is CT_W4A16:
             return self._convert_ct_wna16(holder)
+        if self.format is MXFP4:
+            return self._convert_mxfp4(holder)
         return self._convert_int4(holder)
 
     def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -413,3 +446,18 @@ class QuantizedExpertConverter:
             w13=w13, w2=holder.w2_weight_packed.data, w13_scale=w13_scale, w2_scale=holder.w2_weight_scale.data,
         )
         return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
+
+    def _convert_mxfp4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``GptOssMxfp4MoEMethod.process_weights_after_loading`` does on the CPU backend: vLLM's
+        conversion of the weights, scales and biases (its kernel's own ``process_weights_after_loading`` does
+        nothing on the CPU)."""
+        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import (
+            convert_gpt_oss_weight_to_mxfp4_moe_kernel_format,
+        )
+
+        w13, w2, w13_scale, w2_scale, w13_bias, w2_bias = convert_gpt_oss_weight_to_mxfp4_moe_kernel_format(
+            mxfp4_backend=self.backend, layer=holder, w13_weight=holder.w13_weight, w2_weight=holder.w2_weight,
+            w13_weight_scale=holder.w13_weight_scale, w2_weight_scale=holder.w2_weight_scale,
+            w13_bias=holder.w13_bias, w2_bias=holder.w2_bias, _cache_permute_indices={},
+        )
+        return w13, w2, w13_scale, w2_scale, w13_bias, w2_bias
