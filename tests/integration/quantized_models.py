@@ -315,3 +315,40 @@ def make_gpt_oss_mxfp4_model(folder: Path, seed: int = 0) -> Path:
     hf_config["quantization_config"] = MXFP4_CONFIG
     config_path.write_text(json.dumps(hf_config, indent=2))
     return folder
+
+
+#: llm-compressor's ``W8A8`` preset (compressed-tensors): int8 weights, symmetric, one scale per output
+#: channel; int8 activations, symmetric, one dynamic scale per token
+W8A8_PRESET = "W8A8"
+
+
+def quantize_w8a8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``w [out, in]`` -> compressed-tensors int-quantized (``weight`` int8 ``[out, in]``, ``weight_scale`` in
+    ``w``'s dtype ``[out, 1]``), by compressed-tensors' own W8A8 scheme, observer arithmetic and compressor."""
+    from compressed_tensors.compressors.naive_quantized import IntQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme(W8A8_PRESET, ["Linear"])
+    rows = w.float()
+    scale, zero_point = calculate_qparams(rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True),
+                                          scheme.weights)  # [out, 1]
+    return IntQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zero_point.to(torch.int8)}, scheme,
+    )
+
+
+def make_w8a8_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen3-MoE whose experts are compressed-tensors W8A8 int8 (int-quantized, per-channel weights,
+    dynamic per-token activations), in llm-compressor's tensor names and config."""
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        base = name.removesuffix(".weight")
+        return {f"{base}.{key}": t for key, t in quantize_w8a8(w.to(torch.bfloat16)).items()}
+
+    config = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme(W8A8_PRESET, ["Linear"])}, format="int-quantized",
+        quantization_status="compressed", ignore=["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate$"],
+    ).model_dump(mode="json")
+    return _quantized_experts(folder, seed, quantize, config)

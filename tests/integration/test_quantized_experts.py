@@ -11,7 +11,8 @@ Real engines, greedy tokens against stock vLLM on the same checkpoint at 100%, 5
 (top_k slots per layer), plus the host tier (FP8) and the kernel-layout store at 50%. The compressed-tensors
 W4A16 checkpoint (llm-compressor's pack-quantized ``weight_packed`` / ``weight_scale`` / ``weight_shape``) is
 made by compressed-tensors' own W4A16 scheme and compressor; vLLM's CPU conversion makes its zero points, which
-the slots hold too. In the same runner: the formats offload does not hold are refused while the layer is
+the slots hold too. The compressed-tensors W8A8 int8 checkpoint (int8 ``weight``, per-channel ``weight_scale``,
+dynamic per-token activations) is made the same way and runs on vLLM's ``CPUExpertsInt8``. In the same runner: the formats offload does not hold are refused while the layer is
 built, naming the format and what is supported (FP8 quantized at load, AWQ without zero points), GPTQ with
 ``desc_act`` gets vLLM's own refusal, and the plugin's own ``quant`` is refused on an already quantized
 checkpoint (FP8 and AWQ).
@@ -29,6 +30,7 @@ import pytest
 from tests.conftest import offload_job, run_engines
 from tests.integration.quantized_models import (
     HIDDEN, MOE_INTERMEDIATE, NUM_EXPERTS, TOP_K, make_awq_model, make_fp8_model, make_gptq_model, make_w4a16_model,
+    make_w8a8_model,
 )
 from vllm_moe_offload.cli.tiny_models import make_tiny_model
 from vllm_moe_offload.integration.quantized_experts import SUPPORTED
@@ -68,6 +70,13 @@ CHECKPOINT_BYTES = {"awq": INT4_CHECKPOINT_BYTES, "gptq": INT4_CHECKPOINT_BYTES,
 #: what a load reads besides: W4A16's three int64 weight_shape [2] lie between the expert's tensors and are read
 #: with them (vLLM's loader takes them, the offloaded layer drops them)
 READ_BETWEEN = {"awq": 0, "gptq": 0, "w4a16": 3 * 2 * 8}
+#: compressed-tensors W8A8 int8: 100%, 50% and the minimum
+W8A8_CASES = ["100%", "50%", "min"]
+#: one expert of the W8A8 checkpoint: int8 weights, a bfloat16 scale per output channel
+W8A8_CHECKPOINT_BYTES = 3 * MOE_INTERMEDIATE * HIDDEN + 2 * (2 * MOE_INTERMEDIATE + HIDDEN)
+#: in slots: the int8 weights VNNI-prepacked by vLLM's CPU kernel (``convert_weight_packed`` adds 4 bytes, an
+#: int32, to each output row: w13 [2I, H + 4], w2 [H, I + 4]), and float32 scales
+W8A8_SLOT_BYTES = 3 * MOE_INTERMEDIATE * HIDDEN + 4 * (2 * MOE_INTERMEDIATE + HIDDEN) + 4 * (2 * MOE_INTERMEDIATE + HIDDEN)
 #: the same expert in bf16
 BF16_EXPERT_BYTES = 3 * MOE_INTERMEDIATE * HIDDEN * 2
 
@@ -79,12 +88,14 @@ def results(tmp_path_factory):
     awq = make_awq_model(root / "models" / "awq")
     gptq = make_gptq_model(root / "models" / "gptq")
     w4a16 = make_w4a16_model(root / "models" / "w4a16")
+    w8a8 = make_w8a8_model(root / "models" / "w8a8")
     bf16 = make_tiny_model("qwen3_moe", root / "models" / "bf16")
     # the refused variants: their config only (the layer is refused before any tensor is read)
     awq_no_zero_point = _variant(awq, root / "models" / "awq-no-zero-point", zero_point=False)
     gptq_desc_act = _variant(gptq, root / "models" / "gptq-desc-act", desc_act=True)
     stock = run_engines(root / "stock", [offload_job(f"{name}/stock", model) for name, model in
-                                         (("fp8", fp8), ("awq", awq), ("gptq", gptq), ("w4a16", w4a16))], stock=True)
+                                         (("fp8", fp8), ("awq", awq), ("gptq", gptq), ("w4a16", w4a16),
+                                          ("w8a8", w8a8))], stock=True)
     online = offload_job("refused/online-fp8", bf16, policy="lru", budget="50%")
     online["engine"]["quantization"] = "fp8"  # FP8 quantized by vLLM at load: per-tensor scales
     jobs = [
@@ -100,6 +111,7 @@ def results(tmp_path_factory):
         *(offload_job(f"w4a16/{label}", w4a16, policy="lru", budget=BUDGETS[label][0]) for label in W4A16_CASES[:3]),
         offload_job("w4a16/kernel-store", w4a16, policy="lru", budget="50%", cache_dir=str(root / "w4a16-stores"),
                     store="kernel"),
+        *(offload_job(f"w8a8/{label}", w8a8, policy="lru", budget=BUDGETS[label][0]) for label in W8A8_CASES),
         offload_job("refused/awq-no-zero-point", awq_no_zero_point, policy="lru", budget="50%"),
         offload_job("refused/gptq-desc-act", gptq_desc_act, policy="lru", budget="50%"),
         offload_job("refused/quant-int4", fp8, policy="lru", budget="50%", quant="int4"),
@@ -274,3 +286,31 @@ def test_int4_kernel_store_holds_the_packed_experts_with_scales_and_zero_points(
     # vLLM's AMX blocks: int4 weights in bytes, then w13 / w2 scales (float32) and zero points (int8)
     assert kernel["w13"]["dtype"] == kernel["w2"]["dtype"] == "torch.uint8"
     assert [e["dtype"] for e in kernel["extra"]] == ["torch.float32"] * 2 + ["torch.int8"] * 2
+
+
+@pytest.mark.parametrize("label", W8A8_CASES)
+def test_int8_tokens_identical_to_stock(results, label):
+    _, stock, offload = results
+    got = offload[f"w8a8/{label}"]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["w8a8/stock"]["tokens"]
+
+
+@pytest.mark.parametrize("label", W8A8_CASES)
+def test_int8_slots_hold_prepacked_weights_and_scales_and_loads_read_single_experts(results, label):
+    _, _, offload = results
+    stats = offload[f"w8a8/{label}"]["stats"][0]
+    slots = BUDGETS[label][1]
+    assert stats["layer_slots"] == [slots, slots]
+    assert stats["expert_bytes"] == W8A8_SLOT_BYTES  # about half of bf16's
+    total = stats["total"]
+    assert total["slot_bytes"] == 2 * slots * W8A8_SLOT_BYTES
+    assert total["waves"] == 0
+    if label == "100%":
+        assert total["misses"] == 0 and total["loads"] == 2 * NUM_EXPERTS
+    else:
+        assert total["misses"] > 0
+    assert set(total["bytes_read"]) == {"disk"}
+    per_load = total["bytes_read"]["disk"] / total["loads"]
+    assert W8A8_CHECKPOINT_BYTES <= per_load <= W8A8_CHECKPOINT_BYTES + 2 * 4096
+    assert per_load < 0.6 * BF16_EXPERT_BYTES

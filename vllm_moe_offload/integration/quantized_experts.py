@@ -55,7 +55,8 @@ SUPPORTED = (
     "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
     "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
     "quant_method 'gptq', bits 4, desc_act false; quant_method 'compressed-tensors', pack-quantized W4A16: "
-    "bits 4, symmetric, strategy 'group') and gpt-oss's MXFP4 experts with their biases (quant_method 'mxfp4', "
+    "bits 4, symmetric, strategy 'group'), int8 W8A8 experts (quant_method 'compressed-tensors', per-channel "
+    "weights, dynamic per-token activations, vLLM's CPU int8 backend CPUExpertsInt8) and gpt-oss's MXFP4 experts with their biases (quant_method 'mxfp4', "
     "vLLM's CPU MXFP4 backend CPUExpertsMxfp4)"
 )
 
@@ -144,6 +145,10 @@ MXFP4 = ExpertFormat(
     "mxfp4", ("w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias"),
     ("w1_scale", "w2_scale", "w1_bias", "w2_bias"), own_loader=True,
 )
+#: compressed-tensors W8A8 int8 (``CompressedTensorsW8A8Int8MoEMethod``): ``w13_weight`` int8 ``[2I, H]`` and
+#: ``w13_weight_scale`` float32 ``[2I, 1]`` per output channel, activations quantized per token in the kernel;
+#: vLLM's CPU kernel (``CPUExpertsInt8``) prepacks the weights, the scales stay as loaded
+INT8_W8A8 = ExpertFormat("int8-w8a8", ("w13_weight_scale", "w2_weight_scale"), ("w1_scale", "w2_scale"))
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
@@ -160,7 +165,13 @@ def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat |
 
     from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
-    if type(quant_method) is GptOssMxfp4MoEMethod:
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_int8 import (  # noqa: E501
+        CompressedTensorsW8A8Int8MoEMethod,
+    )
+
+    if type(quant_method) is CompressedTensorsW8A8Int8MoEMethod:
+        reason, fmt = _int8_refusal(quant_method), INT8_W8A8
+    elif type(quant_method) is GptOssMxfp4MoEMethod:
         reason, fmt = _mxfp4_refusal(quant_method), MXFP4
     elif type(quant_method) is CompressedTensorsWNA16MoEMethod:
         reason, fmt = _ct_wna16_refusal(quant_method), CT_W4A16
@@ -197,6 +208,17 @@ def _gptq_refusal(quant_method) -> str | None:
         return f"GPTQ experts with {config.quant_type.size_bits} bits"
     if config.desc_act:
         return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
+    return None
+
+
+def _int8_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``CompressedTensorsW8A8Int8MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt8
+    from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
+
+    if quant_method.int8_backend is not Int8MoeBackend.CPU or quant_method.experts_cls is not CPUExpertsInt8:
+        return (f"int8 W8A8 experts on the {quant_method.int8_backend.value} MoE backend "
+                f"({getattr(quant_method.experts_cls, '__name__', None)})")
     return None
 
 
@@ -336,6 +358,7 @@ class QuantizedExpertConverter:
         #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
         self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
                         else self.quant_method.mxfp4_backend if self.format is MXFP4
+                        else self.quant_method.int8_backend if self.format is INT8_W8A8
                         else self.quant_method.wna16_backend if self.format is CT_W4A16
                         else self.quant_method.wna16_moe_backend)
         self.fused_experts = self.quant_method.moe_kernel.fused_experts
@@ -397,6 +420,8 @@ class QuantizedExpertConverter:
             return self._convert_ct_wna16(holder)
         if self.format is MXFP4:
             return self._convert_mxfp4(holder)
+        if self.format is INT8_W8A8:
+            return self._convert_int8(holder)
         return self._convert_int4(holder)
 
     def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -461,3 +486,19 @@ class QuantizedExpertConverter:
             w13_bias=holder.w13_bias, w2_bias=holder.w2_bias, _cache_permute_indices={},
         )
         return w13, w2, w13_scale, w2_scale, w13_bias, w2_bias
+
+    def _convert_int8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        """What ``CompressedTensorsW8A8Int8MoEMethod.process_weights_after_loading`` does on the CPU backend:
+        vLLM's conversion (none on the CPU), then the kernel's own ``process_weights_after_loading`` (the VNNI
+        prepack of both weights), run on a module of their own so that the holder keeps its parameters."""
+        from vllm.model_executor.layers.fused_moe.oracle.int8 import convert_to_int8_moe_kernel_format
+
+        w13, w2 = convert_to_int8_moe_kernel_format(
+            int8_backend=self.backend, w13=holder.w13_weight, w2=holder.w2_weight, layer=holder,
+            w13_scale=holder.w13_weight_scale,
+        )
+        weights = torch.nn.Module()
+        weights.w13_weight = torch.nn.Parameter(w13.data, requires_grad=False)
+        weights.w2_weight = torch.nn.Parameter(w2.data, requires_grad=False)
+        self.fused_experts.process_weights_after_loading(weights)
+        return weights.w13_weight.data, weights.w2_weight.data, holder.w13_weight_scale.data, holder.w2_weight_scale.data
