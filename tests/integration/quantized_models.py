@@ -176,7 +176,8 @@ def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) ->
     not_converted = sorted(m for m in keep if not m.startswith("model.embed_tokens") and "norm" not in m)
     # GPTQ names the layers it leaves out in its own "dynamic" patterns, compressed-tensors in its "ignore" list
     config["quantization_config"] = (
-        quant_config if "dynamic" in quant_config or "ignore" in quant_config else {**quant_config, "modules_to_not_convert": not_converted}
+        quant_config if "dynamic" in quant_config or "ignore" in quant_config
+        else {**quant_config, "modules_to_not_convert": not_converted}
     )
     config_path.write_text(json.dumps(config, indent=2))
     return folder
@@ -233,7 +234,9 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 MX_BLOCK = 32
 MXFP4_CONFIG = {
     "quant_method": "mxfp4",
-    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+    ],
 }
 
 

@@ -30,7 +30,9 @@ pytestmark = [
 ]
 
 #: label -> (budget, slots per layer)
-BUDGETS = {"100%": ("100%", NUM_EXPERTS), "50%": ("50%", NUM_EXPERTS // 2), "min": (f"{100 * TOP_K / NUM_EXPERTS}%", TOP_K)}
+BUDGETS = {
+    "100%": ("100%", NUM_EXPERTS), "50%": ("50%", NUM_EXPERTS // 2), "min": (f"{100 * TOP_K / NUM_EXPERTS}%", TOP_K),
+}
 CASES = [*BUDGETS, "kernel-store"]
 HIDDEN, INTERMEDIATE = 128, 64
 #: one expert in the checkpoint: MXFP4 weights half a byte a value, a uint8 scale per 32 inputs, bf16 biases

@@ -1,5 +1,6 @@
 """Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend,
-AWQ int4 experts on its CPU int4 backend.
+AWQ / GPTQ / compressed-tensors W4A16 int4 experts on its CPU int4 backend, compressed-tensors W8A8 int8
+experts on its CPU int8 backend, gpt-oss's MXFP4 experts (with biases) on its CPU MXFP4 backend.
 
 vLLM builds a quantized MoE layer with its quant method: ``create_weights`` makes
 the parameters (FP8 block: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and the
@@ -16,7 +17,14 @@ blocks all six for ``CPUExpertsInt4`` (``prepare_int4_moe_layer_for_cpu``) and
 the layer's ``w13_weight`` / ``w2_weight`` become aliases of the packed
 ``*_qweight``. GPTQ int4 (``AutoGPTQMoEMethod``) has the same parameters packed
 along the input (``[in/8, out]``), turned to ``[out, ...]`` before the same
-conversion. Offload runs the same steps one expert at a time:
+conversion. Compressed-tensors W4A16 (``CompressedTensorsWNA16MoEMethod``) stores
+``w13_weight_packed`` ``[out, in/8]`` and ``w13_weight_scale``; its CPU conversion
+makes the (symmetric) zero points, which the slots hold as well. W8A8 int8
+(``CompressedTensorsW8A8Int8MoEMethod``): int8 weights the kernel prepacks, float32
+per-channel scales. gpt-oss MXFP4 (``GptOssMxfp4MoEMethod``): uint8 weights and e8m0
+scales, bf16 biases the conversion turns to float32; its holder is filled by
+``GptOssRoutedExperts.weight_loader`` (integration/gpt_oss.py). Offload runs the same
+steps one expert at a time:
 
 * the layer is built with one expert (``OffloadRoutedExperts`` asks
   ``create_weights`` for one) and vLLM post-processes that placeholder, so the
@@ -56,8 +64,8 @@ SUPPORTED = (
     "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
     "quant_method 'gptq', bits 4, desc_act false; quant_method 'compressed-tensors', pack-quantized W4A16: "
     "bits 4, symmetric, strategy 'group'), int8 W8A8 experts (quant_method 'compressed-tensors', per-channel "
-    "weights, dynamic per-token activations, vLLM's CPU int8 backend CPUExpertsInt8) and gpt-oss's MXFP4 experts with their biases (quant_method 'mxfp4', "
-    "vLLM's CPU MXFP4 backend CPUExpertsMxfp4)"
+    "weights, dynamic per-token activations, vLLM's CPU int8 backend CPUExpertsInt8) and gpt-oss's MXFP4 experts "
+    "with their biases (quant_method 'mxfp4', vLLM's CPU MXFP4 backend CPUExpertsMxfp4)"
 )
 
 
@@ -133,7 +141,8 @@ GPTQ_INT4 = ExpertFormat(
 #: ``w13_weight_scale`` ``[out, in/g]`` from the checkpoint; vLLM's CPU conversion makes the zero points
 #: (symmetric: 8 everywhere), which the kernel reads as it reads AWQ's and GPTQ's
 CT_W4A16 = ExpertFormat(
-    "compressed-tensors-w4a16", ("w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point", "w2_weight_zero_point"),
+    "compressed-tensors-w4a16",
+    ("w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point", "w2_weight_zero_point"),
     AWQ_INT4.kernel_refs, weight_params=("w13_weight_packed", "w2_weight_packed"), pack_in_last=8,
     checkpoint_extras=("w13_weight_scale", "w2_weight_scale"),
 )
@@ -501,4 +510,5 @@ class QuantizedExpertConverter:
         weights.w13_weight = torch.nn.Parameter(w13.data, requires_grad=False)
         weights.w2_weight = torch.nn.Parameter(w2.data, requires_grad=False)
         self.fused_experts.process_weights_after_loading(weights)
-        return weights.w13_weight.data, weights.w2_weight.data, holder.w13_weight_scale.data, holder.w2_weight_scale.data
+        return (weights.w13_weight.data, weights.w2_weight.data, holder.w13_weight_scale.data,
+                holder.w2_weight_scale.data)
