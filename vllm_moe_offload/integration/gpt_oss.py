@@ -17,8 +17,6 @@ tensors in ways the unquantized per-expert path does not follow.
 
 from __future__ import annotations
 
-import torch
-
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout, ExtraSource, ProjectionSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex
 
@@ -104,10 +102,11 @@ def _check_shapes(layer, w13: tuple[int, ...], w2: tuple[int, ...]) -> None:
 
 
 def holder_shard(shard_id: str, param: str) -> str:
-    """The shard id ``GptOssRoutedExperts.weight_loader`` takes for ``param`` (the layout's ``w1`` / ``w2``)."""
+    """The shard id ``GptOssRoutedExperts.weight_loader`` takes for ``param``, in place of the layout's
+    ``shard_id`` (``w1`` / ``w2``): vLLM's gpt-oss table, which loads all of w13 at once."""
     return shard_ids()[param]
 
 
-def own_weight_loader(layer: torch.nn.Module):
+def own_weight_loader():
     """gpt-oss's weight_loader (unbound), the one its model's loader calls for each expert."""
     return vllm_gpt_oss_class().weight_loader

@@ -33,7 +33,7 @@ steps one expert at a time:
   method's own ``create_weights`` with one expert (so they carry what the loader
   reads, such as the scales' ``quant_method``), through vLLM's
   ``weight_loader``, then converts it with vLLM's per-expert conversion into the
-  slot (:class:`QuantizedExpertConverter`);
+  slot (``quantized_conversion.QuantizedExpertConverter``);
 * the slot pools take the placeholders' place, the scales' in place
   (:func:`attach_extra_pools`): the kernel reads the pools from then on.
 
@@ -44,16 +44,13 @@ naming it and what is supported; so is the plugin's own ``quant`` on a quantized
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
 from vllm_moe_offload.core.config import OffloadConfigError, Quant
-from vllm_moe_offload.runtime.tiers import Into, Scratch
 
 logger = logging.getLogger("vllm.moe_offload.quantized_experts")
 
@@ -106,6 +103,8 @@ class ExpertFormat:
     #: vLLM's loader for the holder is the model's own class's (gpt-oss: ``GptOssRoutedExperts.weight_loader``,
     #: shard ids from vLLM's gpt-oss table; integration/gpt_oss.py), not ``RoutedExperts``'
     own_loader: bool = False
+    #: the quant method's attribute naming its MoE backend (a kernel store's stamp, and what the conversion is for)
+    backend_attr: str = "wna16_moe_backend"
 
     @property
     def loaded_extras(self) -> tuple[str, ...]:
@@ -125,7 +124,7 @@ class ExpertFormat:
 
 
 FP8_BLOCK = ExpertFormat(
-    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"),
+    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"), backend_attr="fp8_backend",
 )
 
 
@@ -144,7 +143,7 @@ CT_W4A16 = ExpertFormat(
     "compressed-tensors-w4a16",
     ("w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point", "w2_weight_zero_point"),
     AWQ_INT4.kernel_refs, weight_params=("w13_weight_packed", "w2_weight_packed"), pack_in_last=8,
-    checkpoint_extras=("w13_weight_scale", "w2_weight_scale"),
+    checkpoint_extras=("w13_weight_scale", "w2_weight_scale"), backend_attr="wna16_backend",
 )
 #: gpt-oss MXFP4 (``GptOssMxfp4MoEMethod``): ``w13_weight`` uint8 ``[2I, H/2]`` (two FP4 values a byte),
 #: ``w13_weight_scale`` uint8 ``[2I, H/32]`` (e8m0), ``w13_bias`` ``[2I]``; w2 the same. vLLM's CPU conversion
@@ -152,12 +151,14 @@ CT_W4A16 = ExpertFormat(
 #: config as it reads the scales
 MXFP4 = ExpertFormat(
     "mxfp4", ("w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias"),
-    ("w1_scale", "w2_scale", "w1_bias", "w2_bias"), own_loader=True,
+    ("w1_scale", "w2_scale", "w1_bias", "w2_bias"), own_loader=True, backend_attr="mxfp4_backend",
 )
 #: compressed-tensors W8A8 int8 (``CompressedTensorsW8A8Int8MoEMethod``): ``w13_weight`` int8 ``[2I, H]`` and
 #: ``w13_weight_scale`` float32 ``[2I, 1]`` per output channel, activations quantized per token in the kernel;
 #: vLLM's CPU kernel (``CPUExpertsInt8``) prepacks the weights, the scales stay as loaded
-INT8_W8A8 = ExpertFormat("int8-w8a8", ("w13_weight_scale", "w2_weight_scale"), ("w1_scale", "w2_scale"))
+INT8_W8A8 = ExpertFormat(
+    "int8-w8a8", ("w13_weight_scale", "w2_weight_scale"), ("w1_scale", "w2_scale"), backend_attr="int8_backend",
+)
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
@@ -342,173 +343,3 @@ def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) ->
     for name, kernel_name in zip(fmt.weight_params, ("w13_weight", "w2_weight")):
         if name != kernel_name:  # vLLM's alias (AWQ: w13_weight is w13_qweight), now of the slot pool
             setattr(layer, name, getattr(layer, kernel_name))
-
-
-class QuantizedExpertConverter:
-    """(w1, w3, w2, into, extras) in checkpoint layout -> ``(w13, w2, *extra)`` in the kernel's, for one expert.
-
-    vLLM's ``weight_loader`` fills a one-expert holder made by the quant method's
-    ``create_weights``; vLLM's per-expert conversion packs it. One holder per I/O
-    thread, its parameters' memory the running fetch's conversion scratch when
-    ``scratch`` is given (reused, and counted in the budget's conversion hold).
-    """
-
-    prepack_isa = None  # how ``kernel_format.describe_conversion`` tells: vLLM converts, the result is copied
-
-    def __init__(
-        self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None], scratch: Scratch | None = None,
-    ) -> None:
-        self.layer = layer
-        self.create_weights = create_weights
-        self.scratch = scratch
-        self.params = expert_param_names(layer)
-        self.format: ExpertFormat = layer.expert_format
-        self.quant_method = layer.quant_method
-        #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
-        self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
-                        else self.quant_method.mxfp4_backend if self.format is MXFP4
-                        else self.quant_method.int8_backend if self.format is INT8_W8A8
-                        else self.quant_method.wna16_backend if self.format is CT_W4A16
-                        else self.quant_method.wna16_moe_backend)
-        self.fused_experts = self.quant_method.moe_kernel.fused_experts
-        # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
-        self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
-        self._loader, self._shard = RoutedExperts.weight_loader, lambda shard_id, param: shard_id
-        if self.format.own_loader:
-            from vllm_moe_offload.integration import gpt_oss
-
-            self._loader, self._shard = gpt_oss.own_weight_loader(layer), gpt_oss.holder_shard
-        self._local = threading.local()
-
-    def _holder(self) -> torch.nn.Module:
-        holder = getattr(self._local, "holder", None)
-        if holder is None:
-            holder = torch.nn.Module()
-            self.create_weights(holder)  # the quant method's own parameters, one expert
-            self._local.holder = holder
-        return holder
-
-    def __call__(
-        self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor, into: Into = None,
-        extras: Sequence[tuple[str, str, torch.Tensor]] = (),
-    ) -> tuple[torch.Tensor, ...]:
-        holder = self._holder()
-        for name, param in holder.named_parameters():
-            if self.scratch is not None:  # the Parameter and its loader attributes stay; its memory is reused
-                param.data = self.scratch(f"one-expert {name}", tuple(param.shape), param.dtype)
-            param.data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
-        w13_name, w2_name = self.format.weight_params
-        for param, shard_id, tensor in ((w13_name, "w1", w1), (w13_name, "w3", w3), (w2_name, "w2", w2), *extras):
-            if tensor is None:
-                continue
-            # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
-            # of one expert, scales included, into expert 0 of the holder
-            loaded = self._loader(self.layer, getattr(holder, param), tensor, param, self._shard(shard_id, param), 0,
-                                  return_success=True)
-            if not loaded:
-                raise RuntimeError(f"{self.layer.layer_name}: vLLM's weight_loader did not load {param} ({shard_id})")
-        out = tuple(t[0] for t in self._convert(holder))  # no expert dim
-        for got, name, (shape, dtype) in zip(out, self.params, self.shapes):
-            if tuple(got.shape) != shape or got.dtype != dtype:
-                raise RuntimeError(
-                    f"{self.layer.layer_name}: vLLM's conversion gave {name} {got.dtype} {list(got.shape)} for one "
-                    f"expert; the layer's slots hold {dtype} {list(shape)}"
-                )
-        if into is not None:
-            for dst, src in zip(into, out, strict=True):
-                dst.copy_(src)
-            return into
-        held = {p.untyped_storage().data_ptr() for p in holder.parameters()}
-        return tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in out)  # the holder is reused
-
-    def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
-        if self.format is FP8_BLOCK:
-            return self._convert_fp8(holder)
-        if self.format is CT_W4A16:
-            return self._convert_ct_wna16(holder)
-        if self.format is MXFP4:
-            return self._convert_mxfp4(holder)
-        if self.format is INT8_W8A8:
-            return self._convert_int8(holder)
-        return self._convert_int4(holder)
-
-    def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``process_weights_after_loading`` does to the weights of an FP8 block layer (its other
-        steps: ROCm's fnuz, static or per-tensor scales, none here)."""
-        from vllm.model_executor.layers.fused_moe.oracle.fp8 import convert_to_fp8_moe_kernel_format
-
-        w13, w2, w13_scale, w2_scale = convert_to_fp8_moe_kernel_format(
-            fp8_backend=self.backend, layer=holder, w13=holder.w13_weight, w2=holder.w2_weight,
-            w13_scale=holder.w13_weight_scale_inv, w2_scale=holder.w2_weight_scale_inv,
-            w13_input_scale=None, w2_input_scale=None,
-        )
-        return w13, w2, w13_scale, w2_scale
-
-    def _convert_int4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``AutoAWQMoEMethod`` / ``AutoGPTQMoEMethod.process_weights_after_loading`` do to an int4 layer's
-        tensors on the CPU backend (no biases, no input global scales: none on this path). GPTQ's are first
-        turned from ``[E, in/8, out]`` to vLLM's canonical ``[E, out, ...]``, as its method does."""
-        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
-
-        tensors = [holder.w13_qweight, holder.w2_qweight, holder.w13_scales, holder.w2_scales,
-                   holder.w13_qzeros, holder.w2_qzeros]
-        if self.format is GPTQ_INT4:
-            tensors = [t.data.transpose(1, 2).contiguous() for t in tensors]
-        w13, w2, w13_scale, w2_scale, w13_qzeros, w2_qzeros = tensors
-        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
-            backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
-            input_dtype=self.quant_method.input_dtype, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale,
-            w13_qzeros=w13_qzeros, w2_qzeros=w2_qzeros,
-        )
-        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
-
-    def _convert_ct_wna16(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``CompressedTensorsWNA16MoEMethod.process_weights_after_loading`` does on the CPU backend: the
-        swigluoai interleave where the activation needs it (none for silu), then the conversion, which turns
-        the N-first tensors to GPTQ's layout and makes the symmetric zero points."""
-        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import swigluoai_w13_interleave_perm
-        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
-
-        method = self.quant_method
-        w13, w13_scale = holder.w13_weight_packed.data, holder.w13_weight_scale.data
-        perm = swigluoai_w13_interleave_perm(method.experts_cls, method.moe.activation, w13.size(1), w13.device)
-        if perm is not None:
-            w13, w13_scale = w13[:, perm].contiguous(), w13_scale[:, perm].contiguous()
-        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
-            backend=self.backend, layer=holder, quant_config=method.weight_quant, input_dtype=method.input_dtype,
-            w13=w13, w2=holder.w2_weight_packed.data, w13_scale=w13_scale, w2_scale=holder.w2_weight_scale.data,
-        )
-        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp
-
-    def _convert_mxfp4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``GptOssMxfp4MoEMethod.process_weights_after_loading`` does on the CPU backend: vLLM's
-        conversion of the weights, scales and biases (its kernel's own ``process_weights_after_loading`` does
-        nothing on the CPU)."""
-        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import (
-            convert_gpt_oss_weight_to_mxfp4_moe_kernel_format,
-        )
-
-        w13, w2, w13_scale, w2_scale, w13_bias, w2_bias = convert_gpt_oss_weight_to_mxfp4_moe_kernel_format(
-            mxfp4_backend=self.backend, layer=holder, w13_weight=holder.w13_weight, w2_weight=holder.w2_weight,
-            w13_weight_scale=holder.w13_weight_scale, w2_weight_scale=holder.w2_weight_scale,
-            w13_bias=holder.w13_bias, w2_bias=holder.w2_bias, _cache_permute_indices={},
-        )
-        return w13, w2, w13_scale, w2_scale, w13_bias, w2_bias
-
-    def _convert_int8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``CompressedTensorsW8A8Int8MoEMethod.process_weights_after_loading`` does on the CPU backend:
-        vLLM's conversion (none on the CPU), then the kernel's own ``process_weights_after_loading`` (the VNNI
-        prepack of both weights), run on a module of their own so that the holder keeps its parameters."""
-        from vllm.model_executor.layers.fused_moe.oracle.int8 import convert_to_int8_moe_kernel_format
-
-        w13, w2 = convert_to_int8_moe_kernel_format(
-            int8_backend=self.backend, w13=holder.w13_weight, w2=holder.w2_weight, layer=holder,
-            w13_scale=holder.w13_weight_scale,
-        )
-        weights = torch.nn.Module()
-        weights.w13_weight = torch.nn.Parameter(w13.data, requires_grad=False)
-        weights.w2_weight = torch.nn.Parameter(w2.data, requires_grad=False)
-        self.fused_experts.process_weights_after_loading(weights)
-        return (weights.w13_weight.data, weights.w2_weight.data, holder.w13_weight_scale.data,
-                holder.w2_weight_scale.data)
