@@ -187,15 +187,16 @@ def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) ->
 W4A16_PRESET = "W4A16"
 
 
-def quantize_w4a16(w: torch.Tensor) -> dict[str, torch.Tensor]:
+def quantize_w4a16(w: torch.Tensor, preset: str = W4A16_PRESET) -> dict[str, torch.Tensor]:
     """``w [out, in]`` -> compressed-tensors pack-quantized (``weight_packed`` int32 ``[out, in/8]``,
-    ``weight_scale`` in ``w``'s dtype ``[out, in/g]``, ``weight_shape`` int64 ``[2]``), by compressed-tensors'
-    own scheme, observer arithmetic and compressor, as llm-compressor writes a W4A16 checkpoint."""
+    ``weight_scale`` in ``w``'s dtype ``[out, in/g]``, ``weight_shape`` int64 ``[2]``; ``W4A16_ASYM`` also
+    ``weight_zero_point`` int32 ``[out/8, in/g]``, eight outputs an int32), by compressed-tensors' own scheme,
+    observer arithmetic and compressor, as llm-compressor writes a W4A16 checkpoint."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    scheme = preset_name_to_scheme(W4A16_PRESET, ["Linear"])
+    scheme = preset_name_to_scheme(preset, ["Linear"])
     group = scheme.weights.group_size
     out_features, in_features = w.shape
     groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
@@ -205,26 +206,27 @@ def quantize_w4a16(w: torch.Tensor) -> dict[str, torch.Tensor]:
     )
 
 
-def w4a16_config(ignore: list[str]) -> dict:
+def w4a16_config(ignore: list[str], preset: str = W4A16_PRESET) -> dict:
     """The ``quantization_config`` llm-compressor writes for the W4A16 preset (pack-quantized)."""
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     config = QuantizationConfig(
-        config_groups={"group_0": preset_name_to_scheme(W4A16_PRESET, ["Linear"])}, format="pack-quantized",
+        config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])}, format="pack-quantized",
         quantization_status="compressed", ignore=ignore,
     )
     return config.model_dump(mode="json")
 
 
-def make_w4a16_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny Qwen3-MoE whose experts are compressed-tensors W4A16 (pack-quantized, symmetric, group 128), in
-    llm-compressor's tensor names and config; attention and routers in its ``ignore`` list."""
+def make_w4a16_model(folder: Path, seed: int = 0, preset: str = W4A16_PRESET) -> Path:
+    """A tiny Qwen3-MoE whose experts are compressed-tensors W4A16 (pack-quantized, group 128; symmetric, or
+    with zero points for ``W4A16_ASYM``), in llm-compressor's tensor names and config; attention and routers
+    in its ``ignore`` list."""
 
     def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         base = name.removesuffix(".weight")
-        return {f"{base}.{key}": t for key, t in quantize_w4a16(w.to(torch.bfloat16)).items()}
+        return {f"{base}.{key}": t for key, t in quantize_w4a16(w.to(torch.bfloat16), preset).items()}
 
-    config = w4a16_config(["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate$"])
+    config = w4a16_config(["lm_head", r"re:.*self_attn\..*", r"re:.*mlp\.gate$"], preset)
     return _quantized_experts(folder, seed, quantize, config)
 
 

@@ -13,9 +13,10 @@ W4A16 checkpoint (llm-compressor's pack-quantized ``weight_packed`` / ``weight_s
 made by compressed-tensors' own W4A16 scheme and compressor; vLLM's CPU conversion makes its zero points, which
 the slots hold too. The compressed-tensors W8A8 int8 checkpoint (int8 ``weight``, per-channel ``weight_scale``,
 dynamic per-token activations) is made the same way and runs on vLLM's ``CPUExpertsInt8``. In the same
-runner: the formats offload does not hold are refused while the layer is built, naming the format and what is supported (FP8 quantized at load, AWQ without zero points), GPTQ with
-``desc_act`` gets vLLM's own refusal, and the plugin's own ``quant`` is refused on an already quantized
-checkpoint (FP8 and AWQ).
+runner: the formats offload does not hold are refused while the layer is built, naming the format and what
+is supported (FP8 quantized at load, AWQ without zero points), GPTQ with ``desc_act`` and asymmetric W4A16
+get vLLM's own refusals, and the plugin's own ``quant`` is refused on an already quantized checkpoint (FP8
+and AWQ).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def results(tmp_path_factory):
     gptq = make_gptq_model(root / "models" / "gptq")
     w4a16 = make_w4a16_model(root / "models" / "w4a16")
     w8a8 = make_w8a8_model(root / "models" / "w8a8")
+    w4a16_asym = make_w4a16_model(root / "models" / "w4a16-asym", preset="W4A16_ASYM")
     bf16 = make_tiny_model("qwen3_moe", root / "models" / "bf16")
     # the refused variants: their config only (the layer is refused before any tensor is read)
     awq_no_zero_point = _variant(awq, root / "models" / "awq-no-zero-point", zero_point=False)
@@ -114,6 +116,7 @@ def results(tmp_path_factory):
         *(offload_job(f"w8a8/{label}", w8a8, policy="lru", budget=BUDGETS[label][0]) for label in W8A8_CASES),
         offload_job("refused/awq-no-zero-point", awq_no_zero_point, policy="lru", budget="50%"),
         offload_job("refused/gptq-desc-act", gptq_desc_act, policy="lru", budget="50%"),
+        offload_job("refused/w4a16-asym", w4a16_asym, policy="lru", budget="50%"),
         offload_job("refused/quant-int4", fp8, policy="lru", budget="50%", quant="int4"),
         offload_job("refused/awq-quant-int4", awq, policy="lru", budget="50%", quant="int4"),
         online,
@@ -218,6 +221,15 @@ def test_gptq_with_desc_act_gets_vllms_own_refusal(results):
     error = offload["refused/gptq-desc-act"]["error"]
     assert error.startswith("ValidationError: 1 validation error for VllmConfig")
     assert "GPTQ group activation ordering (desc_act=True) is no longer supported" in error
+
+
+def test_asymmetric_w4a16_gets_vllms_own_refusal(results):
+    # vLLM 0.32's CPU int4 kernel takes symmetric compressed-tensors W4A16 only: no backend is selected while the
+    # layer's quant method is built, before the plugin sees the layer
+    _, _, offload = results
+    assert offload["refused/w4a16-asym"]["error"] == (
+        "NotImplementedError: No WNA16 MoE backend supports the deployment configuration."
+    )
 
 
 INT4_LABELS = [
