@@ -58,10 +58,10 @@ def test_unquantized_kernel_gives_each_token_the_same_bits_in_any_call(isa):
 
 
 def test_fp8_kernel_gives_a_token_other_bits_in_a_smaller_call():
-    """Why a quantized layer runs without waves (integration/quantized_experts.py ONE_CALL_PER_PASS).
+    """Why a quantized layer's split calls need padding (integration/kernel_blocks.py).
 
-    If this fails because every row agrees, vLLM's FP8 kernel became batch-invariant and quantized
-    layers can compute in waves again.
+    If this fails because every row agrees, vLLM's FP8 kernel became batch-invariant and the padding
+    is no longer needed.
     """
     if not cpu_reports_amx():
         pytest.skip("vLLM's CPU FP8 MoE kernel needs AMX")

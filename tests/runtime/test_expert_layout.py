@@ -113,6 +113,47 @@ def test_a_stacked_tensor_of_other_experts_is_refused_at_start_up(tmp_path, read
         DiskSource(index, _layout("stacked"), _as_read, readers, num_experts=8)
 
 
+def test_stacked_packed_blocks_are_read_flat_one_expert_at_a_time(tmp_path, readers):
+    # gpt-oss's MXFP4 experts: uint8 blocks [E, out, in/32, 16] (two FP4 values a byte), a uint8 scale per 32
+    # inputs [E, out, in/32] and a bias [E, out], each read as vLLM's gpt-oss loader takes one expert: the blocks
+    # as [out, in/2] bytes, gate and up whole (interleaved rows, no halves)
+    from vllm_moe_offload.runtime.expert_layout import ExtraSource
+
+    torch.manual_seed(0)
+    w13 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8)
+    w2 = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8)
+    scale = torch.randint(100, 130, (E, 2 * I, H // 32), dtype=torch.uint8)
+    bias = torch.randn(E, 2 * I).to(torch.bfloat16)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.randn(7, 13).to(torch.bfloat16),
+               f"{PREFIX}.gate_up_proj_blocks": w13, f"{PREFIX}.down_proj_blocks": w2,
+               f"{PREFIX}.gate_up_proj_scales": scale, f"{PREFIX}.gate_up_proj_bias": bias},
+              str(folder / "model.safetensors"))
+    index = CheckpointIndex(folder)
+    layout = ExpertLayout(
+        PREFIX, ProjectionSource(f"{PREFIX}.gate_up_proj_blocks", stacked=True, flat=True), None,
+        ProjectionSource(f"{PREFIX}.down_proj_blocks", stacked=True, flat=True),
+        (ExtraSource("w13_weight_scale", "w1", ProjectionSource(f"{PREFIX}.gate_up_proj_scales", stacked=True)),
+         ExtraSource("w13_bias", "w1", ProjectionSource(f"{PREFIX}.gate_up_proj_bias", stacked=True))),
+    )
+    assert layout.problems(index, E) == []
+    assert layout.shapes(index) == [(2 * I, H // 2), (H, I // 2)]
+    seen = []
+
+    def convert(w1, w3, w2, into=None, extras=()):
+        seen.append((w1.clone(), w3, w2.clone(), [(p, s, t.clone()) for p, s, t in extras]))
+        return w1.clone(), w2.clone()
+
+    source = DiskSource(index, layout, convert, readers, num_experts=E)
+    source.fetch(3)
+    (got_w13, got_w3, got_w2, extras), = seen
+    assert got_w3 is None
+    assert torch.equal(got_w13, w13[3].reshape(2 * I, H // 2)) and torch.equal(got_w2, w2[3].reshape(H, I // 2))
+    assert [(p, s) for p, s, _ in extras] == [("w13_weight_scale", "w1"), ("w13_bias", "w1")]
+    assert torch.equal(extras[0][2], scale[3]) and torch.equal(extras[1][2], bias[3])
+
+
 class _Scaled:
     """A kernel layout unlike the checkpoint's: [H, 2I] and [I, H], doubled."""
 

@@ -112,6 +112,11 @@ def layer_layout(layer, tensors: dict[str, str], index: CheckpointIndex) -> Expe
     """``layer``'s experts among ``tensors`` (its checkpoint tensors: vLLM name -> checkpoint name)."""
     where = {"w1": {}, "w3": {}, "w2": {}}  # shard -> {expert (None: stacked): (checkpoint name, vLLM name, half)}
     params = checkpoint_param_names(layer)  # w13_weight / w2_weight (AWQ: w13_qweight / w2_qweight), extras
+    fmt = getattr(layer, "expert_format", None)
+    if fmt is not None and fmt.own_loader:  # gpt-oss: the model's own names and shards (gpt_oss.py)
+        from vllm_moe_offload.integration import gpt_oss
+
+        return gpt_oss.layer_layout(layer, tensors, params, index)
     weights, extra_params = params[:2], params[2:]
     extra: dict[tuple[str, str], dict] = {}  # (param, shard) -> as ``where``'s values
     mapping = layer.get_expert_mapping(include_fused=True)

@@ -90,11 +90,14 @@ class OffloadRoutedExperts(RoutedExperts):
             return quant_method
         from vllm_moe_offload.integration.layer_classes import refuse_class  # imports this module
 
-        refuse_class(self, prefix)  # a vLLM subclass offload cannot take over: before any expert memory exists
+        refuse_class(self, prefix, quant_method)  # a vLLM subclass offload cannot take over: before any expert memory exists
         # unquantized or a quantization offload holds (integration/quantized_experts.py); the others are refused
         self.expert_format = check_layer(prefix, quant_method, quant_config, offload)
-        if moe_config.has_bias:
-            raise NotImplementedError(f"{prefix}: MoE offload does not support expert biases yet")
+        if moe_config.has_bias and "w13_bias" not in getattr(self.expert_format, "extra_params", ()):
+            raise NotImplementedError(
+                f"{prefix}: MoE offload holds expert biases only with gpt-oss's MXFP4 experts; this layer's "
+                f"experts have biases and are {self.expert_format.name if self.expert_format else 'unquantized'}"
+            )
         original = quant_method.create_weights
 
         def create_weights(*args, **kwargs):

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
 
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-from vllm_moe_offload.integration.quantized_experts import QuantizedExpertConverter
+from vllm_moe_offload.integration.quantized_conversion import QuantizedExpertConverter
 from vllm_moe_offload.runtime.tiers import Converter, Into, Scratch
 
 logger = logging.getLogger("vllm.moe_offload.kernel_format")

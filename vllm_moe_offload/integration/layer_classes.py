@@ -117,10 +117,19 @@ def unoffloaded_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def refuse_class(layer: torch.nn.Module, prefix: str) -> None:
-    """Raise ``NotImplementedError`` while ``layer`` is built when its vLLM class cannot be offloaded."""
+def refuse_class(layer: torch.nn.Module, prefix: str, quant_method=None) -> None:
+    """Raise ``NotImplementedError`` while ``layer`` is built when its vLLM class cannot be offloaded.
+
+    gpt-oss's class loads its own way, which offload drives itself when the experts are MXFP4
+    (``integration/gpt_oss.py``)."""
+    from vllm_moe_offload.integration import gpt_oss
+
     cls = vllm_class(layer)
     reason = refusal(cls)
+    if reason is not None and gpt_oss.offloadable(cls, quant_method):
+        return
+    if reason is not None and gpt_oss.is_gpt_oss(cls):
+        reason += "; gpt-oss itself is offloaded with its MXFP4 experts only (quant_method 'mxfp4')"
     if reason is not None:
         from vllm.config import get_current_vllm_config_or_none
 

@@ -1,5 +1,6 @@
 """Quantized experts, offloaded through vLLM's own code: FP8 block-quantized experts on vLLM's CPU FP8 backend,
-AWQ int4 experts on its CPU int4 backend.
+AWQ / GPTQ / compressed-tensors W4A16 int4 experts on its CPU int4 backend, compressed-tensors W8A8 int8
+experts on its CPU int8 backend, gpt-oss's MXFP4 experts (with biases) on its CPU MXFP4 backend.
 
 vLLM builds a quantized MoE layer with its quant method: ``create_weights`` makes
 the parameters (FP8 block: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and the
@@ -16,7 +17,14 @@ blocks all six for ``CPUExpertsInt4`` (``prepare_int4_moe_layer_for_cpu``) and
 the layer's ``w13_weight`` / ``w2_weight`` become aliases of the packed
 ``*_qweight``. GPTQ int4 (``AutoGPTQMoEMethod``) has the same parameters packed
 along the input (``[in/8, out]``), turned to ``[out, ...]`` before the same
-conversion. Offload runs the same steps one expert at a time:
+conversion. Compressed-tensors W4A16 (``CompressedTensorsWNA16MoEMethod``) stores
+``w13_weight_packed`` ``[out, in/8]`` and ``w13_weight_scale``; its CPU conversion
+makes the (symmetric) zero points, which the slots hold as well. W8A8 int8
+(``CompressedTensorsW8A8Int8MoEMethod``): int8 weights the kernel prepacks, float32
+per-channel scales. gpt-oss MXFP4 (``GptOssMxfp4MoEMethod``): uint8 weights and e8m0
+scales, bf16 biases the conversion turns to float32; its holder is filled by
+``GptOssRoutedExperts.weight_loader`` (integration/gpt_oss.py). Offload runs the same
+steps one expert at a time:
 
 * the layer is built with one expert (``OffloadRoutedExperts`` asks
   ``create_weights`` for one) and vLLM post-processes that placeholder, so the
@@ -25,7 +33,7 @@ conversion. Offload runs the same steps one expert at a time:
   method's own ``create_weights`` with one expert (so they carry what the loader
   reads, such as the scales' ``quant_method``), through vLLM's
   ``weight_loader``, then converts it with vLLM's per-expert conversion into the
-  slot (:class:`QuantizedExpertConverter`);
+  slot (``quantized_conversion.QuantizedExpertConverter``);
 * the slot pools take the placeholders' place, the scales' in place
   (:func:`attach_extra_pools`): the kernel reads the pools from then on.
 
@@ -36,16 +44,13 @@ naming it and what is supported; so is the plugin's own ``quant`` on a quantized
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
 from vllm_moe_offload.core.config import OffloadConfigError, Quant
-from vllm_moe_offload.runtime.tiers import Into, Scratch
 
 logger = logging.getLogger("vllm.moe_offload.quantized_experts")
 
@@ -54,21 +59,11 @@ SUPPORTED = (
     "unquantized experts (bf16/fp16), FP8 block-quantized experts (quant_method 'fp8' from a serialized "
     "FP8 checkpoint, weight_block_size [n, k], dynamic activation scales, vLLM's CPU FP8 backend CPUExpertsFp8) "
     "and int4 experts run by vLLM's CPU int4 backend CPUExpertsInt4 (quant_method 'awq', bits 4, zero_point true; "
-    "quant_method 'gptq', bits 4, desc_act false)"
+    "quant_method 'gptq', bits 4, desc_act false; quant_method 'compressed-tensors', pack-quantized W4A16: "
+    "bits 4, symmetric, strategy 'group'), int8 W8A8 experts (quant_method 'compressed-tensors', per-channel "
+    "weights, dynamic per-token activations, vLLM's CPU int8 backend CPUExpertsInt8) and gpt-oss's MXFP4 experts "
+    "with their biases (quant_method 'mxfp4', vLLM's CPU MXFP4 backend CPUExpertsMxfp4)"
 )
-
-
-#: Why a quantized layer computes each pass in one kernel call (``OffloadRoutedExperts.ready_first`` off):
-#: vLLM's CPU kernel for quantized experts (``fused_experts_cpu``) gives a token a result that depends on the
-#: other tokens of the call. Measured for FP8 block-128 (hidden 256, intermediate 128, 8 experts, top-2, one
-#: or two threads): of a 40-token call's rows, the same rows called 1 to 8 at a time all differed in the last
-#: bits, 16 to 20 at a time about half, 33 at a time none. Offload's waves (rows computed as their experts
-#: land, grouped by load timing) then flipped near-tie tokens in some runs (3 of 7 runs of
-#: test_quantized_experts.py gave other tokens than stock at one budget). The unquantized kernel
-#: (``cpu_fused_moe``) gave every row the same bits at every call size. int4 runs in the same kernel
-#: family and is treated alike (not measured).
-ONE_CALL_PER_PASS = True
-
 
 @dataclass(frozen=True)
 class ExpertFormat:
@@ -87,6 +82,20 @@ class ExpertFormat:
     pack_out: int | None = None
     #: the same along the input dimension, stored ``[in/pack, out]`` (GPTQ)
     pack_in: int | None = None
+    #: the same along the input dimension, stored ``[out, in/pack]`` (compressed-tensors)
+    pack_in_last: int | None = None
+    #: the per-expert parameters vLLM's loader fills from the checkpoint besides the weights; None: every one
+    #: of ``extra_params`` (compressed-tensors W4A16: its scales; the CPU backend makes the zero points)
+    checkpoint_extras: tuple[str, ...] | None = None
+    #: vLLM's loader for the holder is the model's own class's (gpt-oss: ``GptOssRoutedExperts.weight_loader``,
+    #: shard ids from vLLM's gpt-oss table; integration/gpt_oss.py), not ``RoutedExperts``'
+    own_loader: bool = False
+    #: the quant method's attribute naming its MoE backend (a kernel store's stamp, and what the conversion is for)
+    backend_attr: str = "wna16_moe_backend"
+
+    @property
+    def loaded_extras(self) -> tuple[str, ...]:
+        return self.extra_params if self.checkpoint_extras is None else self.checkpoint_extras
 
     def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
         """A checkpoint projection's ``[out, in]`` from its stored shape (a 2-D one; others as they are)."""
@@ -96,11 +105,13 @@ class ExpertFormat:
             return (stored[1] * self.pack_out, stored[0])
         if self.pack_in is not None:
             return (stored[1], stored[0] * self.pack_in)
+        if self.pack_in_last is not None:
+            return (stored[0], stored[1] * self.pack_in_last)
         return stored
 
 
 FP8_BLOCK = ExpertFormat(
-    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"),
+    "fp8-block", ("w13_weight_scale_inv", "w2_weight_scale_inv"), ("w1_scale", "w2_scale"), backend_attr="fp8_backend",
 )
 
 
@@ -112,6 +123,29 @@ AWQ_INT4 = ExpertFormat(
 GPTQ_INT4 = ExpertFormat(
     "gptq-int4", AWQ_INT4.extra_params, AWQ_INT4.kernel_refs, weight_params=AWQ_INT4.weight_params, pack_in=8,
 )
+#: compressed-tensors W4A16 (pack-quantized, symmetric, group): ``w13_weight_packed`` ``[out, in/8]`` and
+#: ``w13_weight_scale`` ``[out, in/g]`` from the checkpoint; vLLM's CPU conversion makes the zero points
+#: (symmetric: 8 everywhere), which the kernel reads as it reads AWQ's and GPTQ's
+CT_W4A16 = ExpertFormat(
+    "compressed-tensors-w4a16",
+    ("w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point", "w2_weight_zero_point"),
+    AWQ_INT4.kernel_refs, weight_params=("w13_weight_packed", "w2_weight_packed"), pack_in_last=8,
+    checkpoint_extras=("w13_weight_scale", "w2_weight_scale"), backend_attr="wna16_backend",
+)
+#: gpt-oss MXFP4 (``GptOssMxfp4MoEMethod``): ``w13_weight`` uint8 ``[2I, H/2]`` (two FP4 values a byte),
+#: ``w13_weight_scale`` uint8 ``[2I, H/32]`` (e8m0), ``w13_bias`` ``[2I]``; w2 the same. vLLM's CPU conversion
+#: prepacks weights and scales for AMX and turns the biases to float32, which the kernel reads from its quant
+#: config as it reads the scales
+MXFP4 = ExpertFormat(
+    "mxfp4", ("w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias"),
+    ("w1_scale", "w2_scale", "w1_bias", "w2_bias"), own_loader=True, backend_attr="mxfp4_backend",
+)
+#: compressed-tensors W8A8 int8 (``CompressedTensorsW8A8Int8MoEMethod``): ``w13_weight`` int8 ``[2I, H]`` and
+#: ``w13_weight_scale`` float32 ``[2I, 1]`` per output channel, activations quantized per token in the kernel;
+#: vLLM's CPU kernel (``CPUExpertsInt8``) prepacks the weights, the scales stay as loaded
+INT8_W8A8 = ExpertFormat(
+    "int8-w8a8", ("w13_weight_scale", "w2_weight_scale"), ("w1_scale", "w2_scale"), backend_attr="int8_backend",
+)
 
 
 def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat | None:
@@ -122,7 +156,23 @@ def expert_format(quant_method, quant_name: str | None = None) -> ExpertFormat |
 
     if type(quant_method) is UnquantizedFusedMoEMethod:
         return None
-    if type(quant_method) is AutoAWQMoEMethod:
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_wna16 import (  # noqa: E501
+        CompressedTensorsWNA16MoEMethod,
+    )
+
+    from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
+
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_int8 import (  # noqa: E501
+        CompressedTensorsW8A8Int8MoEMethod,
+    )
+
+    if type(quant_method) is CompressedTensorsW8A8Int8MoEMethod:
+        reason, fmt = _int8_refusal(quant_method), INT8_W8A8
+    elif type(quant_method) is GptOssMxfp4MoEMethod:
+        reason, fmt = _mxfp4_refusal(quant_method), MXFP4
+    elif type(quant_method) is CompressedTensorsWNA16MoEMethod:
+        reason, fmt = _ct_wna16_refusal(quant_method), CT_W4A16
+    elif type(quant_method) is AutoAWQMoEMethod:
         reason, fmt = _awq_refusal(quant_method), AWQ_INT4
     elif type(quant_method) is AutoGPTQMoEMethod:
         reason, fmt = _gptq_refusal(quant_method), GPTQ_INT4
@@ -155,6 +205,45 @@ def _gptq_refusal(quant_method) -> str | None:
         return f"GPTQ experts with {config.quant_type.size_bits} bits"
     if config.desc_act:
         return "GPTQ int4 experts with desc_act (vLLM's CPU int4 MoE kernel has no activation reordering)"
+    return None
+
+
+def _int8_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``CompressedTensorsW8A8Int8MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt8
+    from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
+
+    if quant_method.int8_backend is not Int8MoeBackend.CPU or quant_method.experts_cls is not CPUExpertsInt8:
+        return (f"int8 W8A8 experts on the {quant_method.int8_backend.value} MoE backend "
+                f"({getattr(quant_method.experts_cls, '__name__', None)})")
+    return None
+
+
+def _mxfp4_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``GptOssMxfp4MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+
+    if quant_method.mxfp4_backend is not Mxfp4MoeBackend.CPU:
+        return f"gpt-oss MXFP4 experts on the {quant_method.mxfp4_backend.value} MoE backend"
+    return None
+
+
+def _ct_wna16_refusal(quant_method) -> str | None:
+    """Why ``quant_method`` (a ``CompressedTensorsWNA16MoEMethod``) is not one offload runs (None: it is)."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+    args = quant_method.weight_quant
+    what = f"compressed-tensors W{args.num_bits}A16 experts"
+    if quant_method.wna16_backend is not WNA16MoEBackend.CPU:
+        return f"{what} on the {quant_method.wna16_backend.value} MoE backend"
+    if args.num_bits != 4:
+        return f"{what} ({args.num_bits} bits; offload holds 4)"
+    if not args.symmetric:
+        return f"{what} with zero points (symmetric false; offload holds symmetric ones)"
+    if args.strategy != "group":
+        return f"{what} with strategy {args.strategy!r} (offload holds 'group')"
+    if args.actorder == "group":
+        return f"{what} with actorder 'group' (weight_g_idx)"
     return None
 
 
@@ -206,7 +295,7 @@ def checkpoint_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
     """The layer's per-expert parameters vLLM's loader fills from the checkpoint: weights (as the quant method
     names them, ``w13_qweight`` for AWQ), then extras."""
     fmt = getattr(layer, "expert_format", None)
-    return (*fmt.weight_params, *fmt.extra_params) if fmt is not None else ("w13_weight", "w2_weight")
+    return (*fmt.weight_params, *fmt.loaded_extras) if fmt is not None else ("w13_weight", "w2_weight")
 
 
 def expert_param_names(layer: torch.nn.Module) -> tuple[str, ...]:
@@ -241,109 +330,3 @@ def attach_extra_pools(layer: torch.nn.Module, pools: Sequence[torch.Tensor]) ->
     for name, kernel_name in zip(fmt.weight_params, ("w13_weight", "w2_weight")):
         if name != kernel_name:  # vLLM's alias (AWQ: w13_weight is w13_qweight), now of the slot pool
             setattr(layer, name, getattr(layer, kernel_name))
-
-
-class QuantizedExpertConverter:
-    """(w1, w3, w2, into, extras) in checkpoint layout -> ``(w13, w2, *extra)`` in the kernel's, for one expert.
-
-    vLLM's ``weight_loader`` fills a one-expert holder made by the quant method's
-    ``create_weights``; vLLM's per-expert conversion packs it. One holder per I/O
-    thread, its parameters' memory the running fetch's conversion scratch when
-    ``scratch`` is given (reused, and counted in the budget's conversion hold).
-    """
-
-    prepack_isa = None  # how ``kernel_format.describe_conversion`` tells: vLLM converts, the result is copied
-
-    def __init__(
-        self, layer: torch.nn.Module, create_weights: Callable[[torch.nn.Module], None], scratch: Scratch | None = None,
-    ) -> None:
-        self.layer = layer
-        self.create_weights = create_weights
-        self.scratch = scratch
-        self.params = expert_param_names(layer)
-        self.format: ExpertFormat = layer.expert_format
-        self.quant_method = layer.quant_method
-        #: vLLM's MoE backend the conversion is for (a kernel store's stamp)
-        self.backend = (self.quant_method.fp8_backend if self.format is FP8_BLOCK
-                        else self.quant_method.wna16_moe_backend)
-        self.fused_experts = self.quant_method.moe_kernel.fused_experts
-        # the slots' shapes: what vLLM's conversion made of the layer's one-expert placeholder
-        self.shapes = [(tuple(getattr(layer, n).shape[1:]), getattr(layer, n).dtype) for n in self.params]
-        self._local = threading.local()
-
-    def _holder(self) -> torch.nn.Module:
-        holder = getattr(self._local, "holder", None)
-        if holder is None:
-            holder = torch.nn.Module()
-            self.create_weights(holder)  # the quant method's own parameters, one expert
-            self._local.holder = holder
-        return holder
-
-    def __call__(
-        self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor, into: Into = None,
-        extras: Sequence[tuple[str, str, torch.Tensor]] = (),
-    ) -> tuple[torch.Tensor, ...]:
-        holder = self._holder()
-        for name, param in holder.named_parameters():
-            if self.scratch is not None:  # the Parameter and its loader attributes stay; its memory is reused
-                param.data = self.scratch(f"one-expert {name}", tuple(param.shape), param.dtype)
-            param.data.zero_()  # what a shard leaves out (padding) is zero, as in a fresh layer
-        w13_name, w2_name = self.format.weight_params
-        for param, shard_id, tensor in ((w13_name, "w1", w1), (w13_name, "w3", w3), (w2_name, "w2", w2), *extras):
-            if tensor is None:
-                continue
-            # vLLM's own loader (not the offloaded layer's, which drops expert tensors): this rank's shard
-            # of one expert, scales included, into expert 0 of the holder
-            loaded = RoutedExperts.weight_loader(self.layer, getattr(holder, param), tensor, param, shard_id, 0,
-                                                 return_success=True)
-            if not loaded:
-                raise RuntimeError(f"{self.layer.layer_name}: vLLM's weight_loader did not load {param} ({shard_id})")
-        out = tuple(t[0] for t in self._convert(holder))  # no expert dim
-        for got, name, (shape, dtype) in zip(out, self.params, self.shapes):
-            if tuple(got.shape) != shape or got.dtype != dtype:
-                raise RuntimeError(
-                    f"{self.layer.layer_name}: vLLM's conversion gave {name} {got.dtype} {list(got.shape)} for one "
-                    f"expert; the layer's slots hold {dtype} {list(shape)}"
-                )
-        if into is not None:
-            for dst, src in zip(into, out, strict=True):
-                dst.copy_(src)
-            return into
-        held = {p.untyped_storage().data_ptr() for p in holder.parameters()}
-        return tuple(t.clone() if t.untyped_storage().data_ptr() in held else t for t in out)  # the holder is reused
-
-    def _convert(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """vLLM's per-expert conversion of the holder, in :func:`expert_param_names` order."""
-        if self.format is FP8_BLOCK:
-            return self._convert_fp8(holder)
-        return self._convert_int4(holder)
-
-    def _convert_fp8(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``process_weights_after_loading`` does to the weights of an FP8 block layer (its other
-        steps: ROCm's fnuz, static or per-tensor scales, none here)."""
-        from vllm.model_executor.layers.fused_moe.oracle.fp8 import convert_to_fp8_moe_kernel_format
-
-        w13, w2, w13_scale, w2_scale = convert_to_fp8_moe_kernel_format(
-            fp8_backend=self.backend, layer=holder, w13=holder.w13_weight, w2=holder.w2_weight,
-            w13_scale=holder.w13_weight_scale_inv, w2_scale=holder.w2_weight_scale_inv,
-            w13_input_scale=None, w2_input_scale=None,
-        )
-        return w13, w2, w13_scale, w2_scale
-
-    def _convert_int4(self, holder: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        """What ``AutoAWQMoEMethod`` / ``AutoGPTQMoEMethod.process_weights_after_loading`` do to an int4 layer's
-        tensors on the CPU backend (no biases, no input global scales: none on this path). GPTQ's are first
-        turned from ``[E, in/8, out]`` to vLLM's canonical ``[E, out, ...]``, as its method does."""
-        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import convert_to_wna16_moe_kernel_format
-
-        tensors = [holder.w13_qweight, holder.w2_qweight, holder.w13_scales, holder.w2_scales,
-                   holder.w13_qzeros, holder.w2_qzeros]
-        if self.format is GPTQ_INT4:
-            tensors = [t.data.transpose(1, 2).contiguous() for t in tensors]
-        w13, w2, w13_scale, w2_scale, w13_qzeros, w2_qzeros = tensors
-        w13, w2, w13_scale, w2_scale, w13_zp, w2_zp, *_ = convert_to_wna16_moe_kernel_format(
-            backend=self.backend, layer=holder, quant_config=self.quant_method.quant_config,
-            input_dtype=self.quant_method.input_dtype, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale,
-            w13_qzeros=w13_qzeros, w2_qzeros=w2_qzeros,
-        )
-        return w13, w2, w13_scale, w2_scale, w13_zp, w2_zp

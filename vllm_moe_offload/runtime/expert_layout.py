@@ -22,6 +22,7 @@ expert's weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, TensorLocat
 
 #: where a per-expert name template takes the expert index
 EXPERT = "{expert}"
+#: the last part of a projection's weight tensor name: plain, AWQ / GPTQ, compressed-tensors pack-quantized
+_WEIGHT_NAMES = ("weight", "qweight", "weight_packed")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class ProjectionSource:
     transposed: bool = False
     #: 0 / 1: the first / second half of the ``out`` rows (gate / up of a fused gate_up); None: all of them
     half: int | None = None
+    #: one expert's slice ``[out, ...]`` is taken as ``[out, rest]`` (gpt-oss's MXFP4 blocks ``[out, in/32, 16]``
+    #: as ``[out, in/2]`` bytes, which is how vLLM's gpt-oss loader takes them)
+    flat: bool = False
 
     def __post_init__(self) -> None:
         if self.stacked == (EXPERT in self.name):
@@ -60,6 +66,8 @@ class ProjectionSource:
 
     def cut(self, tensor: torch.Tensor) -> torch.Tensor:
         """This projection ``[out, in]`` (a view) of the tensor read for one expert."""
+        if self.flat:
+            tensor = tensor.reshape(tensor.shape[0], -1)
         if self.transposed:
             tensor = tensor.t()  # [in, out] -> [out, in]
         if self.half is not None:
@@ -68,6 +76,8 @@ class ProjectionSource:
 
     def cut_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape :meth:`cut` gives for a tensor read of ``shape``, without reading it."""
+        if self.flat and len(shape) > 2:
+            shape = (shape[0], math.prod(shape[1:]))
         if len(shape) != 2:
             return shape  # not an expert weight; the caller refuses it
         out, inp = (shape[1], shape[0]) if self.transposed else shape
@@ -75,7 +85,8 @@ class ProjectionSource:
 
     def label(self) -> str:
         """The projection's name, and how it is cut when it is not a whole tensor of its own (manifests, logs)."""
-        base = self.name.removesuffix(".weight").removesuffix(".qweight").rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
+        base = self.name.rsplit(".", 1)[0] if self.name.rsplit(".", 1)[-1] in _WEIGHT_NAMES else self.name
+        base = base.rsplit(".", 1)[-1]  # "w1", "gate_up_proj"
         how = [w for w, on in (("stacked", self.stacked), ("transposed", self.transposed)) if on]
         if self.half is not None:
             how.append(("first", "second")[self.half] + " half")
@@ -155,7 +166,7 @@ class ExpertLayout:
                 out.append(problem)
             elif any(p.stacked and p.name == name for p in self.projections):
                 shape = index[name].shape
-                if len(shape) != 3 or shape[0] != num_experts:
+                if len(shape) < 3 or shape[0] != num_experts:  # MXFP4 blocks: [E, out, in/32, 16]
                     out.append(f"{name} is {list(shape)}, not one [{num_experts}, out, in] tensor of the experts")
         return out
 
