@@ -34,12 +34,13 @@ Hidden size 256 and moe_intermediate_size 128 (multiples of the block). The expe
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from vllm_moe_offload.cli import quantize_model
 from vllm_moe_offload.cli.tiny_models import make_tiny_model
 
 NUM_EXPERTS = 8
@@ -49,107 +50,26 @@ BLOCK = 128
 #: two blocks of hidden size and one of the experts' intermediate size: block scales [2, 2] (gate_up),
 #: [1, 2] (gate, up) and [2, 1] (down), so a scale read along the wrong axis changes the result
 HIDDEN, MOE_INTERMEDIATE = 2 * BLOCK, BLOCK
-#: the largest finite float8_e4m3fn value
-FP8_MAX = 448.0
-#: AutoAWQ's GEMM packing: the 4-bit value of output column ``8 * c + AWQ_ORDER[i]`` is bits ``4i..4i+3``
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-#: int4 values per int32
-PACK = 8
-AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": BLOCK, "zero_point": True, "version": "gemm"}
+AWQ_CONFIG, FP8_CONFIG = quantize_model.AWQ_CONFIG, quantize_model.FP8_CONFIG
 GPTQ_CONFIG = {
-    "quant_method": "gptq", "bits": 4, "group_size": BLOCK, "desc_act": False, "sym": True,
+    **quantize_model.GPTQ_CONFIG,
     "dynamic": {r"-:.*\.self_attn\..*": {}, r"-:.*\.mlp\.gate$": {}},  # attention and routers stay bf16
 }
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
-
-
-def quantize_fp8_block(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` -> (``float8_e4m3fn [N, K]``, ``weight_scale_inv`` float32 ``[ceil(N/b), ceil(K/b)]``)."""
-    n, k = w.shape
-    rows, cols = math.ceil(n / block), math.ceil(k / block)
-    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
-    padded[:n, :k] = w.float()
-    blocks = padded.view(rows, block, cols, block)  # [r, b, c, b]
-    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [r, c]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(rows * block, cols * block)[:n, :k].contiguous(), scale.contiguous()
-
-
-def quantize_awq(w: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w [out, in]`` (a Linear's weight) -> AWQ GEMM (``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32
-    ``[in/g, out/8]``, ``scales`` float16 ``[in/g, out]``), asymmetric per group of ``g`` inputs."""
-    out_features, in_features = w.shape
-    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
-    w_max, w_min = groups.amax(dim=2), groups.amin(dim=2)  # [out, G]
-    scales = ((w_max - w_min).clamp(min=1e-5) / 15).half()  # stored in float16: quantize with what is stored
-    zeros = (-w_min / scales.float()).round().clamp(0, 15)  # [out, G]
-    q = ((groups / scales.float()[..., None]).round() + zeros[..., None]).clamp(0, 15)  # [out, G, g]
-    q = q.reshape(out_features, in_features).t().to(torch.int32)  # [in, out]
-    return _awq_pack(q), _awq_pack(zeros.t().to(torch.int32)), scales.t().contiguous()
-
-
-def _awq_pack(values: torch.Tensor) -> torch.Tensor:
-    """int32 ``[rows, cols]`` of 4-bit values -> int32 ``[rows, cols/8]`` in AutoAWQ's order."""
-    rows, cols = values.shape
-    grouped = values.reshape(rows, cols // PACK, PACK)  # [rows, cols/8, 8]
-    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64)
-    for i, column in enumerate(AWQ_ORDER):
-        packed |= grouped[..., column].to(torch.int64) << (4 * i)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
-
-
-def quantize_gptq(w: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w [out, in]`` -> GPTQ v1 symmetric (``qweight`` int32 ``[in/8, out]``, ``qzeros`` int32
-    ``[in/g, out/8]``, ``scales`` float16 ``[in/g, out]``)."""
-    out_features, in_features = w.shape
-    groups = w.float().reshape(out_features, in_features // group, group)  # [out, G, g]
-    scales = (groups.abs().amax(dim=2) * 2 / 15).clamp(min=1e-5).half()  # [out, G]; symmetric: min = -max
-    q = ((groups / scales.float()[..., None]).round() + 8).clamp(0, 15)  # [out, G, g]
-    q = q.reshape(out_features, in_features).t().to(torch.int32)  # [in, out]
-    zeros = torch.full((in_features // group, out_features), 8 - 1, dtype=torch.int32)  # v1 stores zero - 1
-    return _pack_rows(q), _pack_rows(zeros.t()).t().contiguous(), scales.t().contiguous()
-
-
-def _pack_rows(values: torch.Tensor) -> torch.Tensor:
-    """int32 ``[rows, cols]`` of 4-bit values -> int32 ``[rows/8, cols]``: row ``8r + i`` in bits ``4i..4i+3``."""
-    rows, cols = values.shape
-    grouped = values.reshape(rows // PACK, PACK, cols).to(torch.int64)  # [rows/8, 8, cols]
-    packed = torch.zeros(rows // PACK, cols, dtype=torch.int64)
-    for i in range(PACK):
-        packed |= grouped[:, i] << (4 * i)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, signed
-
-
-def _int4_tensors(quantize_int4):
-    """A checkpoint tensor ``<proj>.weight`` -> its ``qweight``, ``qzeros`` and ``scales`` by ``quantize_int4``."""
-
-    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        qweight, qzeros, scales = quantize_int4(w)
-        base = name.removesuffix(".weight")
-        return {f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales}
-
-    return quantize
 
 
 def make_gptq_model(folder: Path, seed: int = 0) -> Path:
     """A tiny Qwen3-MoE whose experts are GPTQ int4 (v1, symmetric), in the released tensor names and config."""
-    return _quantized_experts(folder, seed, _int4_tensors(quantize_gptq), GPTQ_CONFIG)
+    return _quantized_experts(folder, seed, functools.partial(quantize_model.expert_tensors, "gptq"), GPTQ_CONFIG)
 
 
 def make_awq_model(folder: Path, seed: int = 0) -> Path:
     """A tiny Qwen3-MoE whose experts are AWQ int4 (GEMM), in the released tensor names and config."""
-    return _quantized_experts(folder, seed, _int4_tensors(quantize_awq), AWQ_CONFIG)
+    return _quantized_experts(folder, seed, functools.partial(quantize_model.expert_tensors, "awq"), AWQ_CONFIG)
 
 
 def make_fp8_model(folder: Path, seed: int = 0) -> Path:
     """A tiny Qwen3-MoE whose experts are FP8 block-128, in the released tensor names and config."""
-
-    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        weight, scale_inv = quantize_fp8_block(w)
-        return {name: weight, name + "_scale_inv": scale_inv}
-
-    return _quantized_experts(folder, seed, quantize, FP8_CONFIG)
+    return _quantized_experts(folder, seed, functools.partial(quantize_model.expert_tensors, "fp8"), FP8_CONFIG)
 
 
 def _quantized_experts(folder: Path, seed: int, quantize, quant_config: dict) -> Path:

@@ -68,9 +68,13 @@ W4A16_CASES = ["100%", "50%", "min", "kernel-store"]
 #: inputs; no zero points (symmetric)
 W4A16_CHECKPOINT_BYTES = 3 * (MOE_INTERMEDIATE * HIDDEN // 2 + 2 * INT4_GROUPS)
 CHECKPOINT_BYTES = {"awq": INT4_CHECKPOINT_BYTES, "gptq": INT4_CHECKPOINT_BYTES, "w4a16": W4A16_CHECKPOINT_BYTES}
-#: what a load reads besides: W4A16's three int64 weight_shape [2] lie between the expert's tensors and are read
-#: with them (vLLM's loader takes them, the offloaded layer drops them)
+#: what a load reads besides: W4A16's three int64 weight_shape [2] are read with the expert's tensors (vLLM's
+#: loader takes them, the offloaded layer drops them)
 READ_BETWEEN = {"awq": 0, "gptq": 0, "w4a16": 3 * 2 * 8}
+#: separate reads per load: compressed-tensors writes its tensors grouped by dtype (every expert's weight_shape,
+#: then every weight_packed, then every weight_scale), so a W4A16 expert lies in three runs of the file, each
+#: read widened to 4 KiB pages
+READS = {"awq": 1, "gptq": 1, "w4a16": 3}
 #: compressed-tensors W8A8 int8: 100%, 50% and the minimum
 W8A8_CASES = ["100%", "50%", "min"]
 #: one expert of the W8A8 checkpoint: int8 weights, a bfloat16 scale per output channel
@@ -264,8 +268,8 @@ def test_int4_slots_hold_packed_weights_scales_and_zero_points_and_loads_read_si
     tier = "kernel" if label == "kernel-store" else "disk"
     assert set(total["bytes_read"]) == {tier}
     per_load = total["bytes_read"][tier] / total["loads"]
-    if tier == "disk":  # one expert's six or nine tensors, adjacent in the file: widened to 4 KiB pages
-        assert checkpoint_bytes <= per_load <= checkpoint_bytes + READ_BETWEEN[fmt] + 2 * 4096
+    if tier == "disk":  # one expert's six or nine tensors, in READS runs of the file: each widened to 4 KiB pages
+        assert checkpoint_bytes <= per_load <= checkpoint_bytes + READ_BETWEEN[fmt] + READS[fmt] * 2 * 4096
 
 
 def test_the_loader_skips_awq_weights_scales_and_zero_points(results):
@@ -315,7 +319,6 @@ def test_int8_slots_hold_prepacked_weights_and_scales_and_loads_read_single_expe
     assert stats["expert_bytes"] == W8A8_SLOT_BYTES  # about half of bf16's
     total = stats["total"]
     assert total["slot_bytes"] == 2 * slots * W8A8_SLOT_BYTES
-    assert total["waves"] == 0
     if label == "100%":
         assert total["misses"] == 0 and total["loads"] == 2 * NUM_EXPERTS
     else:

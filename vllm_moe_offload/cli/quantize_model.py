@@ -182,7 +182,6 @@ def quantize_model(
 ) -> dict:
     """Write ``src`` with its experts quantized to ``fmt`` into ``dst``; returns what ``quantize_model.json``
     records (the expert bytes before and after)."""
-    import torch
     from safetensors import safe_open
     from tqdm import tqdm
 
