@@ -107,8 +107,8 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model), **geometry,
     )
     logger.info(
-        "MoE offload: policy %s, budget %s -> about %d of %d experts per layer in %d MoE layers%s",
-        offload.policy.value, offload.budget, plan.slots_per_layer, plan.num_experts, plan.num_layers,
+        "MoE offload: policy %s, budget %s -> about %s of %d experts per layer in %d MoE layers%s",
+        offload.policy.value, offload.budget, _slot_range(plan.layer_slots), plan.num_experts, plan.num_layers,
         _tp_note(tp),
     )
     if plan.budget_bytes > plan.total_expert_bytes + plan.staging_bytes:
@@ -117,6 +117,12 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
             "every expert stays resident and nothing is offloaded; --moe-offload off gives the same with no "
             "plugin in the path", offload.budget, plan.budget_bytes, plan.total_expert_bytes + plan.staging_bytes,
         )
+
+
+def _slot_range(layer_slots: tuple[int, ...]) -> str:
+    """``(4, 3, 3)`` -> ``3-4``: an even split's spare slots give some layers one more."""
+    low, high = min(layer_slots), max(layer_slots)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def check_expert_tensors(model: str) -> None:

@@ -31,7 +31,7 @@ from vllm_moe_offload.core.memory_budget import (
 )
 from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
+from vllm_moe_offload.core.resident import choose_resident_layers, extra_slot_order, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
 from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
@@ -153,6 +153,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
+        # the slots an even split leaves go to the layers a profile shows gain most (else spread evenly)
+        extra_order=extra_slot_order(layer_demand(profile.counts, profile.top_k)) if profile is not None else None,
     )
     try:
         plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
