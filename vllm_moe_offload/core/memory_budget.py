@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from vllm_moe_offload.core.config import format_bytes
 
 #: vLLM's working memory besides weights, KV cache and slots: a step's activations and logits, the
-#: allocator's slack, Python objects of new requests. A share of what is available, with a floor that
-#: covers a tiny model's engine here (its RSS grows about 200-300 MiB over the first requests)
+#: allocator's slack, Python objects of new requests, page cache. A share of what is available, with a
+#: floor from what it measured (bench --memory-limit --budgets auto, lru, multiprocess engine, batch-1
+#: decode of 32 tokens, a 128- or 512-token prefill, 4 requests at once): the cgroup's peak, page cache
+#: included, rose above what was in use when the worker planned plus its slots, staging and KV cache by
+#: 132 MiB (tiny-pymoe x512, 24 MiB experts, 3.25 GiB limit) and 275 MiB (x64, 3 MiB experts, 2.1 GiB
+#: limit, 512-token prefill); the worker's own RSS by at most 3 MiB. The floor covers the larger with
+#: room to spare; a step of many more tokens than these needs the share
 WORKING_SHARE = 0.10
-WORKING_MIN_BYTES = 512 * 2**20
+WORKING_MIN_BYTES = 320 * 2**20
 #: with no explicit KV cache size, vLLM's CPU worker gives its KV cache whatever is left of its share of
 #: memory (``gpu_memory_utilization``) after the weights, slots included; auto leaves the KV cache this
 #: share of that room, the experts the rest (``--kv-cache-memory-bytes`` makes the split explicit).
