@@ -211,7 +211,8 @@ def _resolve_budget(config: OffloadConfig, vllm_config, device: torch.device, tp
     import psutil  # a dependency of vLLM
 
     cache_config = vllm_config.cache_config
-    if cache_config.kv_cache_memory_bytes is not None:  # the user's, or the plugin's (engine_config.size_kv_for_offload)
+    # the user's size, or the plugin's (engine_config.size_kv_for_offload)
+    if cache_config.kv_cache_memory_bytes is not None:
         kv_bytes, note = cache_config.kv_cache_memory_bytes, kv_cache_note(vllm_config)
     else:
         share = cache_config.gpu_memory_utilization
