@@ -5,7 +5,7 @@ that is not shared memory) can be reclaimed, so it is not counted as used. The
 kernel's "working set" leaves out only inactive file pages, but the active ones
 unmapped are reclaimed too, only later: counting them made the room ``auto``
 saw vary by 0.27 GiB between two identical engine starts (1.44 and 1.71 GiB in
-use under a 3.25 GiB limit), with the page cache their only difference. A
+use under a 3.25 GiB limit) while the worker held 767 MiB both times. A
 cgroup nested in others is bound by the smallest limit on its path.
 Where no cgroup limits memory, the system's ``MemAvailable`` answers. Both
 cgroup versions are read: v1's memory controller (``memory.limit_in_bytes``,
