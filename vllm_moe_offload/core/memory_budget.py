@@ -21,9 +21,10 @@ from vllm_moe_offload.core.config import format_bytes
 #: floor from what it measured (bench --memory-limit --budgets auto, lru, multiprocess engine, batch-1
 #: decode of 32 tokens, a 128- or 512-token prefill, 4 requests at once): the cgroup's peak, page cache
 #: included, rose above what was in use when the worker planned plus its slots, staging and KV cache by
-#: 132 MiB (tiny-pymoe x512, 24 MiB experts, 3.25 GiB limit) and 275 MiB (x64, 3 MiB experts, 2.1 GiB
-#: limit, 512-token prefill); the worker's own RSS by at most 3 MiB. The floor covers the larger with
-#: room to spare; a step of many more tokens than these needs the share
+#: 132, 237 and 286 MiB in three runs (tiny-pymoe x512, 24 MiB experts, 3.25 GiB limit, 128-token
+#: prefill) and 275 MiB (x64, 3 MiB experts, 2.1 GiB limit, 512-token prefill); the worker's own RSS
+#: never rose above its plan by more than 3 MiB, so the rest is page cache the kernel can reclaim and
+#: the other processes. The floor covers the largest; a step of many more tokens than these needs the share
 WORKING_SHARE = 0.10
 WORKING_MIN_BYTES = 320 * 2**20
 #: with no explicit KV cache size, vLLM's CPU worker gives its KV cache whatever is left of its share of
