@@ -90,3 +90,41 @@ def test_cuda_ring_is_named_in_the_minimum():
     # a share below top_k slots is refused whatever the staging
     with pytest.raises(OffloadConfigError, match="below the minimum"):
         plan_slots(Budget(fraction=0.2), 3, 8, 2, 100, staging=staging)
+
+
+def test_what_an_even_split_leaves_goes_to_some_layers_as_one_more_slot():
+    # 20 slots over 6 layers: 3 each and 2 spare, spread from the first layer
+    plan = plan_slots(Budget(num_bytes=20 * 100 + 99), 6, 16, 2, 100)
+    assert plan.layer_slots == (4, 3, 3, 4, 3, 3) and plan.slots_per_layer == 3
+    assert plan.slot_bytes == 2000 <= plan.budget_bytes
+    # a preference names the layers first (repeats and resident layers ignored, the rest follow in order)
+    assert plan_slots(Budget(num_bytes=2000), 6, 16, 2, 100, extra_order=lambda base: [5, 5, 2]).layer_slots == (
+        3, 3, 4, 3, 3, 4)
+    assert plan_slots(Budget(num_bytes=2000), 6, 16, 2, 100, extra_order=lambda base: [4]).layer_slots == (
+        4, 3, 3, 3, 4, 3)
+    # a share budget too: 30% of 6 x 16 experts is 28.8 slots
+    assert plan_slots(Budget(fraction=0.3), 6, 16, 2, 100).layer_slots == (5, 5, 4, 5, 5, 4)
+
+
+def test_spare_slots_go_to_offloaded_layers_only():
+    # 22 slots, 4 layers of 8 experts, layer 0 resident: 14 left for 3 layers -> 4 each and 2 spare
+    plan = plan_slots(Budget(num_bytes=2200), 4, 8, 2, 100, resident_layers=1)
+    assert plan.layer_slots == (8, 5, 5, 4) and plan.resident_layers == 1
+    bases = []
+    plan = plan_slots(Budget(num_bytes=2200), 4, 8, 2, 100, resident_layers=1,
+                      extra_order=lambda base: bases.append(base) or [0, 3, 2, 1])
+    assert plan.layer_slots == (8, 4, 5, 5) and bases == [4]
+
+
+@pytest.mark.parametrize("num_layers,num_experts,resident", [(6, 16, 0), (4, 8, 1), (5, 7, 2), (1, 4, 0)])
+def test_no_whole_expert_of_the_budget_stays_idle(num_layers, num_experts, resident):
+    staging = staging_for(io_threads=1, expert_bytes=100, read_span_bytes=100)
+    for budget_bytes in range(staging.total_bytes + num_layers * 2 * 100, staging.total_bytes
+                              + num_layers * num_experts * 100 + 300, 37):
+        plan = plan_slots(Budget(num_bytes=budget_bytes), num_layers, num_experts, 2, 100,
+                          resident_layers=resident, staging=staging)
+        assert plan.slot_bytes + plan.staging_bytes <= budget_bytes
+        assert max(plan.layer_slots) <= num_experts and min(plan.layer_slots) >= 2
+        assert max(plan.layer_slots) - plan.slots_per_layer <= 1 or plan.resident_layers > 0
+        if not plan.fully_resident:
+            assert budget_bytes - plan.staging_bytes - plan.slot_bytes < 100, plan

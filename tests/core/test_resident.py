@@ -98,3 +98,18 @@ def test_layer_zero_resident_is_the_floor_unless_asked_otherwise():
     choice = choose_resident_layers(demand, _split(20), min_resident=0)
     assert set(choice.loads_by_count) == {0, 1, 2} and choice.resident_layers == 0  # even split loads least here
     assert choose_resident_layers(demand, _split(20)).resident_layers == 1
+
+
+def test_extra_slots_go_first_to_the_layers_they_save_most_misses():
+    from vllm_moe_offload.core.resident import extra_slot_order, layer_demand
+
+    counts = np.array([
+        [50, 50, 0, 0, 0, 0, 0, 0],  # two experts do all the work: a third slot saves nothing
+        [1, 1, 1, 1, 1, 1, 1, 1],  # spread over all eight: each slot saves most
+        [40, 30, 10, 10, 5, 5, 0, 0],
+    ])
+    demand = layer_demand(counts, top_k=2)
+    order = extra_slot_order(demand)
+    gains = [lru_misses_per_token(row, 2) - lru_misses_per_token(row, 3) for row in demand[order(2)]]
+    assert order(2)[-1] == 0 and gains[-1] == 0 and gains == sorted(gains, reverse=True) and gains[0] > 0.1
+    assert order(8) == [0, 1, 2]  # nothing to gain anywhere: layer order

@@ -40,6 +40,20 @@ def test_auto_keeps_every_expert_where_memory_allows(tmp_path):
     assert "auto       budget auto = " in log and "KV cache 64.00 MiB (--kv-cache-memory-bytes)" in log
 
 
+def test_without_a_kv_size_the_plugin_sizes_it_and_counts_it_once(tmp_path):
+    # no --kv-cache-memory-bytes: vLLM's CPU default would ask for 90% of the machine's memory
+    job = _job("sized", TINY_PYMOE, {"policy": "lru", "budget": "30%"})
+    job["engine"].update(kv_cache_memory_bytes=None, max_num_seqs=4)
+    stock = run_engines(tmp_path / "stock", [_job("stock", TINY_PYMOE)], stock=True)["stock"]
+    got = run_engines(tmp_path / "sized", [job], stock=False)["sized"]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["tokens"]
+    # 4 sequences x 512 tokens (4 blocks of 128) x 1.5 KiB (6 layers x K,V x 2 heads x 32 x bf16)
+    log = Path(got["log"]).read_text()
+    assert "kv cache   3.00 MiB (sized by the plugin: max_num_seqs 4 x max_model_len 512 x 1.50 KiB per token" in log
+    assert "Explicitly set (0.0/" in log  # vLLM's CPU worker took that size as given
+
+
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "pymoe-x64"

@@ -44,6 +44,27 @@ def test_v1_limit_and_working_set(tmp_path):
     assert cgroup_memory(tmp_path, proc) is None  # v1's "no limit"
 
 
+def test_unmapped_page_cache_is_reclaimable_active_or_not(tmp_path):
+    folder = tmp_path / "memory" / "box"
+    folder.mkdir(parents=True)
+    (folder / "memory.limit_in_bytes").write_text(f"{600 * MIB}\n")
+    (folder / "memory.usage_in_bytes").write_text(f"{400 * MIB}\n")
+    # 250 MiB of page cache: 60 mapped by a process, 20 shared memory, 30 inactive
+    (folder / "memory.stat").write_text(f"total_cache {250 * MIB}\ntotal_mapped_file {60 * MIB}\n"
+                                        f"total_shmem {20 * MIB}\ntotal_inactive_file {30 * MIB}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/box\n")
+    assert cgroup_memory(tmp_path, proc).used_bytes == 400 * MIB - (250 - 60 - 20) * MIB
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{600 * MIB}\n")
+    (v2 / "memory.current").write_text(f"{400 * MIB}\n")
+    (v2 / "memory.stat").write_text(f"anon 1\nfile {250 * MIB}\nfile_mapped {60 * MIB}\nshmem {20 * MIB}\n"
+                                    f"inactive_file {30 * MIB}\n")
+    proc.write_text("0::/v2\n")
+    assert cgroup_memory(tmp_path, proc).used_bytes == 230 * MIB
+
+
 def test_v2_smallest_limit_on_the_path(tmp_path):
     inner = tmp_path / "outer" / "inner"
     inner.mkdir(parents=True)

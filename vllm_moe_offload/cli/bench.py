@@ -42,6 +42,10 @@ FULL = {"decode_prompt": 32, "decode_tokens": 128, "prefill_tokens": 512,
 QUICK = {"decode_prompt": 8, "decode_tokens": 8, "prefill_tokens": 32,
          "batch_requests": 4, "batch_prompt": 8, "batch_tokens": 4}
 
+#: the KV cache of stock engines where --kv-cache-bytes is not given: vLLM's CPU default would ask for
+#: gpu_memory_utilization of all the machine's memory (and be killed under --memory-limit)
+STOCK_KV_CACHE_BYTES = 256 * 2**20
+
 #: rounds of the workloads on the engine that records the routing: with the timed stock run, samples of
 #: stock's time whose fastest is the compute floor (one slow moment of a shared machine must not raise it)
 ROUTING_ROUNDS = 5
@@ -81,7 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the engine core in the benchmark's process (VLLM_ENABLE_V1_MULTIPROCESSING=0: "
                         "starts in 2 s instead of 25 s, but the model then shares its process and cores with the "
                         "front end); default: vLLM's multiprocess engine, as deployed; --quick implies it")
-    parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="KV cache bytes (default 256 MiB)")
+    parser.add_argument("--kv-cache-bytes", type=int, default=None,
+                        help="KV cache bytes of every engine (default: stock engines 256 MiB, since vLLM's CPU "
+                        "backend would otherwise ask for most of the machine's memory; plugin engines as the "
+                        "plugin sizes it: every sequence at full length, within a share of the memory)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--rebuild", action="store_true",
                         help="start no engine: rewrite bench.md and the plots from the bench.json in --out")
@@ -260,8 +267,13 @@ def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str],
     """Stock, stock recording the routing, the plugin at 100%, then every policy at every budget."""
     max_len = max(sizes["decode_prompt"] + sizes["decode_tokens"], sizes["prefill_tokens"] + 1,
                   sizes["batch_prompt"] + sizes["batch_tokens"]) + 16
-    engine = {"dtype": "bfloat16", "max_model_len": max_len, "kv_cache_memory_bytes": args.kv_cache_bytes,
+    # no workload has more requests at once than the batch: vLLM's default (256 on CPU) would only size a
+    # KV cache the bench never fills
+    engine = {"dtype": "bfloat16", "max_model_len": max_len, "max_num_seqs": max(sizes["batch_requests"], 1),
               "enforce_eager": True, "seed": 0}
+    if args.kv_cache_bytes is not None:
+        engine["kv_cache_memory_bytes"] = args.kv_cache_bytes
+    stock_engine = {**engine, "kv_cache_memory_bytes": args.kv_cache_bytes or STOCK_KV_CACHE_BYTES}
     workloads = {
         "decode": {"prompts": prompts["decode"], "max_tokens": sizes["decode_tokens"]},
         "prefill": {"prompts": prompts["prefill"], "max_tokens": 1},
@@ -272,9 +284,9 @@ def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str],
               "warmup": {"prompts": prompts["warmup"], "max_tokens": 4}}
     profile = not (args.quick or args.no_profile)
     limited = bool(getattr(args, "memory_limit_bytes", None))
-    jobs = [{**common, "name": "stock", "kind": "stock", "offload": None, "profile": profile},
-            {**common, "name": "stock, no limit (routing)" if limited else "stock (routing)", "kind": "routing",
-             "offload": None, "profile": False, "drop_cache": limited, "record_routing": True,
+    jobs = [{**common, "engine": stock_engine, "name": "stock", "kind": "stock", "offload": None, "profile": profile},
+            {**common, "engine": stock_engine, "name": "stock, no limit (routing)" if limited else "stock (routing)",
+             "kind": "routing", "offload": None, "profile": False, "drop_cache": limited, "record_routing": True,
              "rounds": ROUTING_ROUNDS}]
     if not limited:  # under a limit, all experts do not fit: nothing to learn from budget 100%
         jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0],

@@ -362,7 +362,7 @@ def _memory_table(report: dict) -> list[str]:
         stall = total.get("stall_s", 0.0)
         lines.append(" | ".join([
             f"| {run['name']}",
-            str(off.get("slots_per_layer", "all")),
+            _slots_text(off["layer_slots"]) if off.get("layer_slots") else str(off.get("slots_per_layer", "all")),
             f"{off['slot_bytes'] / MIB:.1f}" if off else "-",
             f"{off['budget_bytes'] / MIB:.1f}" if off else "-",
             f"{off['num_experts'] * off['expert_bytes'] * total.get('layers', 0) / MIB:.1f}" if off else

@@ -272,6 +272,7 @@ def run_job(job: dict) -> dict:
         **job["engine"],
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
         "max_num_seqs": config.scheduler_config.max_num_seqs,
+        "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,  # the plugin's size where none was given
         "enable_prefix_caching": config.cache_config.enable_prefix_caching,
         "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_bytes
@@ -132,6 +133,7 @@ def minimum_bytes(num_layers: int, top_k: int, expert_bytes: int) -> int:
 def plan_slots(
     budget: Budget, num_layers: int, num_experts: int, top_k: int, expert_bytes: int, resident_layers: int = 0,
     min_rest_slots: int | None = None, staging: Staging | None = None,
+    extra_order: Callable[[int], Sequence[int]] | None = None,
 ) -> SlotPlan:
     """Split ``budget``, less the ``staging`` reservation, over ``num_layers`` layers of ``num_experts`` experts.
 
@@ -142,7 +144,12 @@ def plan_slots(
     ``resident_layers`` layers get every expert (Fate's shallow-favoring split:
     shallow layers predict worst) as long as each later layer keeps at least
     ``min_rest_slots`` (default ``top_k``) slots; fewer leading layers are made
-    resident otherwise. The rest is split evenly. A budget above the model's
+    resident otherwise. The rest is split evenly, and what an even split leaves
+    (fewer slots than offloaded layers) goes one slot each to offloaded layers,
+    so that no whole expert's worth of the budget stays idle: in the order
+    ``extra_order(base)`` gives (layer indices, ``base`` being the offloaded
+    layers' even count; e.g. those an extra slot saves most misses), else
+    spread evenly over the offloaded layers from the first. A budget above the model's
     expert bytes and the staging is capped at everything resident. Raises
     :class:`OffloadConfigError` naming the minimum in bytes, and its parts, when
     the budget cannot give every layer ``top_k`` slots besides the staging.
@@ -169,7 +176,31 @@ def plan_slots(
         if rest >= max(top_k, min_rest_slots or 0):
             layer_slots = [num_experts] * resident + [rest] * (num_layers - resident)
             break
+    _give_spare_slots(layer_slots, slots_total - sum(layer_slots), num_experts, extra_order)
     return SlotPlan(tuple(layer_slots), num_experts, expert_bytes, budget_bytes, staging)
+
+
+def _give_spare_slots(
+    layer_slots: list[int], spare: int, num_experts: int, extra_order: Callable[[int], Sequence[int]] | None,
+) -> None:
+    """One more slot each for ``spare`` offloaded layers (in place); ``spare`` is below their count.
+
+    Every offloaded layer has the same ``base`` count here (the even split of
+    what resident layers leave), so an order of layers is all a preference needs.
+    """
+    offloaded = [i for i, n in enumerate(layer_slots) if n < num_experts]
+    spare = min(spare, len(offloaded))
+    if spare <= 0:
+        return
+    if extra_order is None:  # evenly spread, from the first offloaded layer
+        order = [offloaded[i * len(offloaded) // spare] for i in range(spare)]
+    else:
+        allowed = set(offloaded)
+        order = [i for i in dict.fromkeys(extra_order(layer_slots[offloaded[0]])) if i in allowed]
+        named = set(order)
+        order += [i for i in offloaded if i not in named]  # layers the order left out come last
+    for layer in order[:spare]:
+        layer_slots[layer] += 1
 
 
 def _below_minimum(

@@ -24,8 +24,9 @@ layer's misses, from what a saved activation profile holds:
 The rule tries every count ``R`` from 1 (layer 0, which nothing predicts; the
 caller may allow 0) to the most the budget's plan allows, and keeps the one
 with the fewest expected costly loads per token (the fewest resident layers on
-a tie). It reads each count's slots from the plan itself, so slots the plan's
-even split leaves unused count as lost. No torch, no vLLM.
+a tie). It reads each count's slots from the plan itself, including the
+spare slots the plan gives some layers beyond its even split
+(:func:`extra_slot_order` says which). No torch, no vLLM.
 """
 
 from __future__ import annotations
@@ -134,3 +135,18 @@ def choose_resident_layers(
         return ResidentChoice(min(min_resident, num_layers), {})
     best = min(loads, key=lambda r: (round(loads[r], 9), r))
     return ResidentChoice(best, loads)
+
+
+def extra_slot_order(demand: np.ndarray) -> Callable[[int], list[int]]:
+    """For ``plan_slots(extra_order=...)``: the layers an extra slot saves most misses per token first.
+
+    ``demand``: ``[L, E]`` from :func:`layer_demand`. With ``base`` slots in every
+    offloaded layer, layer ``l`` gains ``misses(l, base) - misses(l, base + 1)``
+    (Che's approximation): a layer whose tokens spread over more experts gains
+    more than one that keeps returning to a few. Ties keep layer order.
+    """
+    def order(base: int) -> list[int]:
+        gain = [lru_misses_per_token(row, base) - lru_misses_per_token(row, base + 1) for row in demand]
+        return sorted(range(len(gain)), key=lambda layer: (-round(gain[layer], 9), layer))
+
+    return order

@@ -6,7 +6,14 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from vllm_moe_offload.core.config import CONFIG_KEY, Budget, OffloadConfig, OffloadConfigError, Policy
+from vllm_moe_offload.core.config import (
+    CONFIG_KEY,
+    Budget,
+    OffloadConfig,
+    OffloadConfigError,
+    Policy,
+    format_bytes,
+)
 from vllm_moe_offload.core.plan import SlotPlan, plan_slots, staging_for
 
 if TYPE_CHECKING:
@@ -88,6 +95,8 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         split_graphs_at_moe(vllm_config.compilation_config)
     if offload.policy is Policy.KLOTSKI and "groups" in offload.klotski_features:
         group_steps(vllm_config.scheduler_config, offload.klotski_max_group)
+    if current_platform.is_cpu() and vllm_config.cache_config.kv_cache_memory_bytes is None:
+        size_kv_for_offload(vllm_config)
     tp = parallel.tensor_parallel_size
     if offload.budget.auto:
         logger.info(
@@ -107,8 +116,8 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model), **geometry,
     )
     logger.info(
-        "MoE offload: policy %s, budget %s -> about %d of %d experts per layer in %d MoE layers%s",
-        offload.policy.value, offload.budget, plan.slots_per_layer, plan.num_experts, plan.num_layers,
+        "MoE offload: policy %s, budget %s -> about %s of %d experts per layer in %d MoE layers%s",
+        offload.policy.value, offload.budget, _slot_range(plan.layer_slots), plan.num_experts, plan.num_layers,
         _tp_note(tp),
     )
     if plan.budget_bytes > plan.total_expert_bytes + plan.staging_bytes:
@@ -117,6 +126,57 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
             "every expert stays resident and nothing is offloaded; --moe-offload off gives the same with no "
             "plugin in the path", offload.budget, plan.budget_bytes, plan.total_expert_bytes + plan.staging_bytes,
         )
+
+
+#: ``additional_config`` key where :func:`size_kv_for_offload` leaves why the KV cache has its size,
+#: for the worker's startup plan (the size itself is ``cache_config.kv_cache_memory_bytes``)
+KV_NOTE_KEY = "moe_offload_kv_cache"
+
+
+def size_kv_for_offload(vllm_config: VllmConfig) -> None:
+    """Give the KV cache an explicit size where the user gave none (neither --kv-cache-memory-bytes nor
+    VLLM_CPU_KVCACHE_SPACE), so that it is counted once, as what it will be, before the experts get the rest.
+
+    Without a size, vLLM's CPU worker asks for ``gpu_memory_utilization`` of all
+    the machine's memory (cgroup limits unseen) and gives the KV cache what its
+    process does not hold yet: most of a box the experts do not fit. The size
+    is ``core.memory_budget.size_kv_cache``'s, from the attention geometry.
+    """
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    from vllm_moe_offload.core.memory_budget import size_kv_cache
+    from vllm_moe_offload.runtime.memory_limit import engine_memory
+
+    model, cache, parallel = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    try:
+        layers = model.get_num_layers_by_block_type(parallel, "attention")
+    except (AttributeError, ValueError, NotImplementedError):
+        layers = model.get_num_layers(parallel)
+    keys_and_values = 1 if model.use_mla else 2  # MLA caches one latent per token
+    dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)
+    per_token = layers * keys_and_values * model.get_num_kv_heads(parallel) * model.get_head_size() * dtype.itemsize
+    if per_token < 1:
+        return  # no attention layer: nothing to size
+    size = size_kv_cache(per_token, cache.block_size or 16, model.max_model_len,
+                         vllm_config.scheduler_config.max_num_seqs, engine_memory())
+    cache.kv_cache_memory_bytes = size.kv_bytes
+    if isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config[KV_NOTE_KEY] = size.why
+    logger.info("MoE offload: KV cache %s (%s)", format_bytes(size.kv_bytes), size.why)
+
+
+def kv_cache_note(vllm_config: VllmConfig) -> str:
+    """Where an explicit KV cache size came from: the plugin's reason, else the user's setting."""
+    additional = vllm_config.additional_config
+    if isinstance(additional, dict) and additional.get(KV_NOTE_KEY):
+        return additional[KV_NOTE_KEY]
+    return "VLLM_CPU_KVCACHE_SPACE" if os.environ.get("VLLM_CPU_KVCACHE_SPACE") else "--kv-cache-memory-bytes"
+
+
+def _slot_range(layer_slots: tuple[int, ...]) -> str:
+    """``(4, 3, 3)`` -> ``3-4``: an even split's spare slots give some layers one more."""
+    low, high = min(layer_slots), max(layer_slots)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def check_expert_tensors(model: str) -> None:

@@ -31,12 +31,12 @@ from vllm_moe_offload.core.memory_budget import (
 )
 from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
+from vllm_moe_offload.core.resident import choose_resident_layers, extra_slot_order, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
 from vllm_moe_offload.integration import policy_inputs
 from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
-from vllm_moe_offload.integration.engine_config import offload_config_of, plan_rank_slots
+from vllm_moe_offload.integration.engine_config import kv_cache_note, offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
     OffloadRoutedExperts,
     attach_slots,
@@ -87,6 +87,8 @@ class OffloadRuntime:
     ledger: BudgetLedger | None = None
     #: what ``budget auto`` chose and why (None for a size or share budget)
     auto_budget: AutoBudget | None = None
+    #: the KV cache's explicit size and where it came from (None: vLLM sizes it from its memory share)
+    kv_cache: str | None = None
 
     def stats(self) -> dict:
         per_layer = [slots.stats_dict() for slots in self.layers]
@@ -154,6 +156,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
+        # the slots an even split leaves go to the layers a profile shows gain most (else spread evenly)
+        extra_order=extra_slot_order(layer_demand(profile.counts, profile.top_k)) if profile is not None else None,
     )
     try:
         plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
@@ -177,7 +181,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     )
     engine.schedule_prefetches = config.link_schedule  # core/link.py
     link = LinkEmulator(config.link_gbps, config.link_latency_ms)
-    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto)
+    runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto,
+                             kv_cache=_kv_cache_text(vllm_config))
     store = _open_store(layers, index, readers, config, plan)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
@@ -208,17 +213,23 @@ def _resolve_budget(config: OffloadConfig, vllm_config, device: torch.device, tp
     import psutil  # a dependency of vLLM
 
     cache_config = vllm_config.cache_config
+    # the user's size, or the plugin's (engine_config.size_kv_for_offload)
     if cache_config.kv_cache_memory_bytes is not None:
-        kv_bytes, note = cache_config.kv_cache_memory_bytes, "--kv-cache-memory-bytes"
+        kv_bytes, note = cache_config.kv_cache_memory_bytes, kv_cache_note(vllm_config)
     else:
         share = cache_config.gpu_memory_utilization
         requested = int(share * psutil.virtual_memory().total)
         kv_bytes = kv_bytes_when_unset(requested, psutil.Process().memory_info().rss)
         note = (f"{KV_SHARE_WHEN_UNSET:.0%} of what vLLM's share of memory (--gpu-memory-utilization {share:g}) "
                 "leaves after the weights; --kv-cache-memory-bytes sets it")
-    auto = choose_auto_budget(engine_memory(), kv_bytes, tp_size, note)
+    auto = choose_auto_budget(engine_memory(), kv_bytes, tp_size, note, psutil.Process().memory_info().rss)
     logger.info("MoE offload: %s", auto.explain())
     return Budget(num_bytes=auto.budget_bytes), auto
+
+
+def _kv_cache_text(vllm_config) -> str | None:
+    kv_bytes = vllm_config.cache_config.kv_cache_memory_bytes
+    return None if kv_bytes is None else f"{format_bytes(kv_bytes)} ({kv_cache_note(vllm_config)})"
 
 
 #: the cache policy behind each offload policy unless ``replacement`` says otherwise (Fate caches deep layers with ARC)

@@ -51,7 +51,8 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
         f"  where      {_where(runtime, first)}",
         f"  budget     {format_bytes(plan.budget_bytes)}; slots use {format_bytes(plan.slot_bytes)}; "
         f"staging {format_bytes(plan.staging_bytes)}; all experts {format_bytes(plan.total_expert_bytes)}",
-        *([f"  auto       {runtime.auto_budget.explain()}"] if runtime.auto_budget is not None else []),
+        *([f"  auto       {runtime.auto_budget.explain()}"] if runtime.auto_budget is not None else
+          [f"  kv cache   {runtime.kv_cache}"] if runtime.kv_cache is not None else []),
         f"  link       {_measure_link(runtime, offloaded)}",
     ]
     if config.policy is Policy.FATE:
