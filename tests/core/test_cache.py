@@ -48,7 +48,7 @@ def test_ondemand_with_every_slot_keeps_everything():
 
 
 def test_unknown_policy_names_allowed():
-    allowed = r"\['arc', 'decay', 'ewma', 'lfru', 'log2decay', 'lru', 'ondemand'\]"
+    allowed = r"\['arc', 'decay', 'ewma', 'lfru', 'log2decay', 'lru', 'nextuse', 'ondemand'\]"
     with pytest.raises(ValueError, match=r"unknown cache policy 'mru'; allowed: " + allowed):
         make_policy("mru", 8, 4, 2)
 
