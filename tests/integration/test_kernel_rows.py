@@ -57,6 +57,29 @@ def test_unquantized_kernel_gives_each_token_the_same_bits_in_any_call(isa):
     assert _rows_differing(run) == dict.fromkeys(CALL_SIZES, 0)
 
 
+def _fp8_call(w13, w2):
+    """vLLM's CPU FP8 MoE kernel on ``w13``/``w2`` quantized per 128 x 128 block (scale = absmax / 448):
+    ``call(x, topk_weights, topk_ids) -> out``."""
+    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+
+    def quantize(w):
+        e, n, k = w.shape
+        blocks = w.view(e, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+        scale = blocks.abs().amax(dim=(2, 4)) / 448.0
+        fp8 = (blocks / scale[:, :, None, :, None]).view(e, n, k).to(torch.float8_e4m3fn)
+        return torch.ops._C.convert_weight_packed(fp8), scale.float()
+
+    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+
+    def call(x, topk_weights, topk_ids):
+        out = torch.empty(len(x), H, dtype=torch.bfloat16)
+        fused_experts_cpu(out, x, q13, q2, topk_weights, topk_ids, CPUQuantMethod.FP8_W8A16,
+                          s13, s2, None, None, [BLOCK, BLOCK], None, None, None, None, True)
+        return out
+
+    return call
+
+
 def test_fp8_kernel_gives_a_token_other_bits_in_a_smaller_call():
     """Why a quantized layer's split calls need padding (integration/kernel_blocks.py).
 
@@ -66,24 +89,12 @@ def test_fp8_kernel_gives_a_token_other_bits_in_a_smaller_call():
     if not cpu_reports_amx():
         pytest.skip("vLLM's CPU FP8 MoE kernel needs AMX")
     request_amx_permission()
-    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
-
     x, ids, weights, w13, w2 = _inputs()
 
-    def quantize(w):  # per 128 x 128 block: scale = absmax / 448, weight = fp8(w / scale)
-        e, n, k = w.shape
-        blocks = w.view(e, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
-        scale = blocks.abs().amax(dim=(2, 4)) / 448.0
-        fp8 = (blocks / scale[:, :, None, :, None]).view(e, n, k).to(torch.float8_e4m3fn)
-        return torch.ops._C.convert_weight_packed(fp8), scale.float()
-
-    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+    call = _fp8_call(w13, w2)
 
     def run(rows):
-        out = torch.empty(len(rows), H, dtype=torch.bfloat16)
-        fused_experts_cpu(out, x[rows], q13, q2, weights[rows], ids[rows], CPUQuantMethod.FP8_W8A16,
-                          s13, s2, None, None, [BLOCK, BLOCK], None, None, None, None, True)
-        return out
+        return call(x[rows], weights[rows], ids[rows])
 
     differing = _rows_differing(run)
     print("rows differing from the 40-token call, by call size:", differing)
@@ -97,8 +108,6 @@ def test_fp8_kernel_paths_follow_block_sizes_and_padding_restores_the_full_calls
     if not cpu_reports_amx():
         pytest.skip("vLLM's CPU FP8 MoE kernel needs AMX")
     request_amx_permission()
-    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
-
     from vllm_moe_offload.integration.kernel_blocks import BLOCK_M, SMALL_BLOCK, stock_paths_call
 
     gen = torch.Generator().manual_seed(1)
@@ -108,20 +117,7 @@ def test_fp8_kernel_paths_follow_block_sizes_and_padding_restores_the_full_calls
     w13 = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
     w2 = torch.randn(E, H, I, generator=gen) / I**0.5
 
-    def quantize(w):
-        e, n, k = w.shape
-        blocks = w.view(e, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
-        scale = blocks.abs().amax(dim=(2, 4)) / 448.0
-        fp8 = (blocks / scale[:, :, None, :, None]).view(e, n, k).to(torch.float8_e4m3fn)
-        return torch.ops._C.convert_weight_packed(fp8), scale.float()
-
-    (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
-
-    def call(xx, ww, ids):
-        out = torch.empty(len(xx), H, dtype=torch.bfloat16)
-        fused_experts_cpu(out, xx, q13, q2, ww, ids, CPUQuantMethod.FP8_W8A16,
-                          s13, s2, None, None, [BLOCK, BLOCK], None, None, None, None, True)
-        return out
+    call = _fp8_call(w13, w2)
 
     # every row on experts 0 and 1: a row's block size alone decides its path
     same = torch.tensor([[0, 1]] * t, dtype=torch.int32)
