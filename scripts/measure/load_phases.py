@@ -8,7 +8,7 @@ the function that does it (the same names on every checkout this script is run o
     read      os.preadv / os.pread (the read syscalls; direct I/O unless direct_io=false)
     crc32     the kernel store's check of an expert's first read in the process
     loader    the converter's ``_load`` (vLLM's loader: this rank's shard into one-expert buffers)
-    prepack   ``kernel_format._prepack`` (CPU prepack of w13 and w2 into the slot)
+    prepack   ``kernel_format._prepack`` / ``_prepack_projections`` (CPU prepack of w13 and w2 into the slot)
     vllm_conv ``_ExpertConverter._vllm_conversion`` (vLLM's own conversion into fresh tensors)
     fill      ``tiers.fill`` / ``kernel_source.fill`` (copying what was read or converted into the slot)
     other     the rest of the load (views, Python, a zero-copy read's tail copy)
@@ -97,6 +97,7 @@ def _one_pass(runtime, n: int) -> dict:
         _patch(stack, os, "pread", timer, "read", len)
         _patch(stack, expert_store.zlib, "crc32", timer, "crc32")
         _patch(stack, kernel_format, "_prepack", timer, "prepack")
+        _patch(stack, kernel_format, "_prepack_projections", timer, "prepack")  # from the read buffer
         _patch(stack, kernel_format._ExpertConverter, "_vllm_conversion", timer, "vllm_conv")
         _patch(stack, kernel_format._ExpertConverter, "_load", timer, "loader")
         _patch(stack, tiers, "fill", timer, "fill")
