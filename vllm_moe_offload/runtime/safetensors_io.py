@@ -326,21 +326,7 @@ class TensorReader:
         align = ALIGN_BYTES if direct else 1
         lo = offset - offset % align  # a range that starts inside a block is read from the block's start
         first, last = offset - lo, offset - lo + length  # the range within the read
-        # the read in order: (start within the read, bytes, the part's tensor, or None: staged in the buffer)
-        segments: list[tuple[int, int, torch.Tensor | None]] = []
-        copied: list[tuple[int, torch.Tensor]] = []
-        pos = 0
-        for where, tensor in sorted(parts, key=lambda part: part[0]):
-            start = first + where
-            if not (is_aligned(tensor, align) and start % align == 0):
-                copied.append((start, tensor))
-                continue
-            if start > pos:
-                segments.append((pos, start - pos, None))
-            segments.append((start, tensor.nbytes, tensor))
-            pos = start + tensor.nbytes
-        if round_up(last, align) > pos:
-            segments.append((pos, round_up(last, align) - pos, None))
+        segments, copied = _plan_read(parts, first, last, align)
         staged_bytes = sum(num for _, num, tensor in segments if tensor is None)
         with contextlib.ExitStack() as stack:
             staging = None
@@ -473,6 +459,36 @@ class TensorReader:
 
 #: ``TensorReader._read_into``: direct I/O was refused at the read; read again (buffered)
 _REFUSED = object()
+
+
+#: one run of a read: (start within the read, bytes, the part's tensor it lands in, or None: the read buffer)
+_Segment = tuple[int, int, "torch.Tensor | None"]
+
+
+def _plan_read(
+    parts: Sequence[tuple[int, torch.Tensor]], first: int, last: int, align: int,
+) -> tuple[list[_Segment], list[tuple[int, torch.Tensor]]]:
+    """How one read of ``[0, round_up(last, align))`` fills ``parts`` (range ``[first, last)``, ``where`` in it).
+
+    Returns the read's segments in order, each straight into an aligned part or
+    into the buffer (everything else, whole blocks at a time), and the parts to
+    copy out of the buffer afterwards, as ``(start within the read, tensor)``.
+    """
+    segments: list[_Segment] = []
+    copied: list[tuple[int, torch.Tensor]] = []
+    pos = 0
+    for where, tensor in sorted(parts, key=lambda part: part[0]):
+        start = first + where
+        if not (is_aligned(tensor, align) and start % align == 0):
+            copied.append((start, tensor))
+            continue
+        if start > pos:
+            segments.append((pos, start - pos, None))
+        segments.append((start, tensor.nbytes, tensor))
+        pos = start + tensor.nbytes
+    if round_up(last, align) > pos:
+        segments.append((pos, round_up(last, align) - pos, None))
+    return segments, copied
 
 
 def _writable(tensor: torch.Tensor) -> memoryview:
