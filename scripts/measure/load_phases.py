@@ -81,8 +81,10 @@ def _probe(worker, passes: int) -> dict:
     # on an I/O thread of the engine, as loads run (one OpenMP thread: see runtime/transfer.py)
     results = [runtime.engine.submit(_one_pass, runtime, n).result() for n in range(passes)]
     stats = runtime.stats()
+    # conversion scratch the I/O lanes hold after the loads (real memory, reused load after load)
+    scratch = sum(lane.scratch_bytes for lane in getattr(runtime.readers, "_all_lanes", []))
     return {"expert_bytes": runtime.plan.expert_bytes, "conversion": stats["conversion"],
-            "ledger_peak_by_kind": stats.get("peak_by_kind"), "passes": results}
+            "ledger_peak_by_kind": stats.get("peak_by_kind"), "lane_scratch_bytes": scratch, "passes": results}
 
 
 def _one_pass(runtime, n: int) -> dict:

@@ -155,7 +155,8 @@ class _ExpertConverter:
         )
 
     def _buffer(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
-        if self.scratch is None:
+        # the first expert (the checks) gets fresh buffers: loads prepacked from the read never grow the scratch
+        if self.scratch is None or (self.prepack_isa is not None and not self.checked):
             return torch.zeros(shape, dtype=self.dtype)
         return self.scratch(name, shape, self.dtype).zero_()  # the loader leaves padding untouched
 
