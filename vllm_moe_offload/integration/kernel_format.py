@@ -96,11 +96,19 @@ def describe_conversion(convert: Converter | None) -> str | None:
     isa = getattr(convert, "prepack_isa", None)
     if isa is None:
         return "vLLM's conversion, copied into the slot"
-    return f"prepacked into the slots ({isa})" if convert.checked else None
+    if not convert.checked:
+        return None
+    return f"prepacked into the slots ({isa})" + (", straight from the read" if convert.from_read else "")
 
 
 class _ExpertConverter:
-    """See :func:`make_converter`. ``prepack_isa``: the direct prepack's ISA, None when vLLM converts."""
+    """See :func:`make_converter`. ``prepack_isa``: the direct prepack's ISA, None when vLLM converts.
+
+    ``from_read``: the prepack reads the checkpoint's projections where they were read (the read
+    buffer), skipping vLLM's loader and its one-expert buffers, because the loader would only copy
+    them (one rank, no padding, the layer's dtype) and prepacking gate and up separately gives the
+    same bytes (checked on the first expert, as the prepack itself is).
+    """
 
     def __init__(self, layer: torch.nn.Module, backend: UnquantizedMoeBackend, scratch: Scratch | None) -> None:
         self.layer = layer
@@ -115,10 +123,13 @@ class _ExpertConverter:
         self.w2_shape = (hidden, inter)  # [H, I/tp]
         self.prepack_isa = _prepack_isa(self.fused_experts, moe, self.w13_shape, self.w2_shape)
         self.checked = False  # the direct prepack is used once the first expert matched vLLM's conversion
+        self.from_read = False
 
     def __call__(self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor, into: Into = None):
-        w13, w2k = self._load(w1, w3, w2)
         isa = self.prepack_isa
+        if self.from_read and self._loader_would_copy(w1, w3, w2):
+            return _prepack_projections(isa, (w1, w3), w2, into, self.w13_shape)
+        w13, w2k = self._load(w1, w3, w2)
         if isa is not None and self.checked:
             return _prepack(isa, w13, w2k, into)
         out = self._vllm_conversion(w13, w2k)
@@ -128,10 +139,24 @@ class _ExpertConverter:
                 self.prepack_isa = None
                 logger.info("%s: prepacking experts straight into their slots does not give vLLM's bytes; "
                             "converting through vLLM instead (a fresh tensor per load)", self.layer.layer_name)
+            elif self._loader_would_copy(w1, w3, w2):  # and from the read, gate and up apart?
+                got = _prepack_projections(isa, (w1, w3), w2, None, self.w13_shape)
+                self.from_read = all(torch.equal(a, b) for a, b in zip(got, out))
         return out
 
+    def _loader_would_copy(self, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor) -> bool:
+        """vLLM's loader would only copy these projections into its buffers: one rank, gate and up
+        filling ``w13`` exactly (no padding), the layer's dtype, contiguous as the prepack reads them."""
+        return (
+            self.layer.moe_config.tp_size == 1 and w3 is not None
+            and tuple(w1.shape) == tuple(w3.shape) == (self.w13_shape[0] // 2, self.w13_shape[1])
+            and tuple(w2.shape) == self.w2_shape
+            and all(w.dtype == self.dtype and w.is_contiguous() for w in (w1, w3, w2))
+        )
+
     def _buffer(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
-        if self.scratch is None:
+        # the first expert (the checks) gets fresh buffers: loads prepacked from the read never grow the scratch
+        if self.scratch is None or (self.prepack_isa is not None and not self.checked):
             return torch.zeros(shape, dtype=self.dtype)
         return self.scratch(name, shape, self.dtype).zero_()  # the loader leaves padding untouched
 
@@ -188,6 +213,18 @@ def _prepack(isa: str, w13: torch.Tensor, w2k: torch.Tensor, into: Into) -> tupl
     out = into if into is not None else (torch.empty_like(w13), torch.empty_like(w2k))
     for src, dst in zip((w13, w2k), out):
         torch.ops._C.prepack_moe_weight(src[None], dst[None], isa)  # [1, N, K], as vLLM packs a layer
+    return out[0], out[1]
+
+
+def _prepack_projections(
+    isa: str, gate_up: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor, into: Into, w13_shape: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up ``[I, H]`` each prepacked into their halves of ``w13`` ``[2I, H]``, ``w2`` ``[H, I]`` into its
+    own, into ``into`` when given: the checkpoint's tensors as read, no ``[2I, H]`` copy of them first."""
+    out = into if into is not None else (torch.empty(w13_shape, dtype=w2.dtype), torch.empty_like(w2))
+    half = w13_shape[0] // 2
+    for src, dst in zip((*gate_up, w2), (out[0][:half], out[0][half:], out[1])):
+        torch.ops._C.prepack_moe_weight(src[None], dst[None], isa)  # [1, N, K]
     return out[0], out[1]
 
 

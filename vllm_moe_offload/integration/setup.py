@@ -62,7 +62,7 @@ from vllm_moe_offload.runtime.memory_limit import engine_memory
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.cuda_transfer import make_transfer_engine
-from vllm_moe_offload.runtime.slots import LayerSlots
+from vllm_moe_offload.runtime.slots import LayerSlots, slot_pool
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
 from vllm_moe_offload.runtime.tiers import DiskSource, ExpertSource, HostSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
@@ -395,9 +395,9 @@ def _slots_for(
     placeholders = [getattr(layer, name) for name in expert_param_names(layer)]
     pool_bytes = num_slots * one_expert_bytes(layer)
     ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
-    w13_slots, w2_slots, *extra_slots = (
-        torch.empty((num_slots, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in placeholders
-    )
+    # host pools start aligned for direct I/O where a slot's bytes allow: the kernel store reads into them
+    w13_slots, w2_slots, *extra_slots = (slot_pool(num_slots, tuple(p.shape[1:]), p.dtype, p.device)
+                                         for p in placeholders)
     replacement = config.replacement or _CACHE_POLICY[config.policy]
     policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
     slots = LayerSlots(

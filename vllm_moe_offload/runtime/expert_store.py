@@ -11,9 +11,10 @@ Two kinds of store:
   rows along its last dimension. A load is read + dequantize + the layer's
   converter, the same conversion the disk tier runs on every fetch.
 - kernel (scheme ``kernel``): each expert as the layer's converter returns it
-  for this tensor-parallel rank (``w13`` then ``w2``, each starting 4096-aligned,
-  then a quantized layer's per-expert scales),
-  so that a load is one direct read and a copy into the slot: no conversion.
+  for this tensor-parallel rank (``w13``, ``w2``, then a quantized layer's
+  per-expert scales; each tensor of whole 4 KiB blocks starts 4096-aligned),
+  so that a load is one direct read straight into the slot's tensors: no
+  conversion, no staging buffer, no copy (:meth:`ExpertStore.read_kernel`).
   The bytes depend on the vLLM and torch versions, the kernel (CPU ISA), the
   rank's shard and the dtype; all of them are in the manifest (:class:`KernelLayout`).
 
@@ -63,12 +64,14 @@ from vllm_moe_offload.runtime.safetensors_io import (
     ThreadLocalReaders,
 )
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
+from vllm_moe_offload.runtime.memory import aligned_empty
 from vllm_moe_offload.runtime.tiers import Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
 
-#: bump whenever the bytes or the manifest change meaning; older stores are rebuilt
-FORMAT_VERSION = 1
+#: bump whenever the bytes or the manifest change meaning; older stores are rebuilt.
+#: 2: in a kernel store every tensor of whole 4 KiB blocks starts aligned (read straight into its slot)
+FORMAT_VERSION = 2
 
 #: scheme -> the precisions stored for every expert: name -> bits (group from GROUP_OF_BITS)
 SCHEMES: dict[str, dict[str, int]] = {"int4": {"int4": 4}, "int4+int2": {"int4": 4, "int2": 2}}
@@ -120,6 +123,7 @@ class KernelLayout:
             "w13": {"shape": list(self.w13[0]), "dtype": str(self.w13[1])},
             "w2": {"shape": list(self.w2[0]), "dtype": str(self.w2[1])},
             "w2_offset": self.w2_offset,
+            "expert_bytes": self.expert_bytes,
         }
         if self.extra:
             out["extra"] = [{"shape": list(shape), "dtype": str(dtype), "offset": offset}
@@ -134,11 +138,13 @@ class KernelLayout:
     @property
     def offsets(self) -> list[int]:
         """Where each of :attr:`parts` starts in an expert's block: ``w13`` at 0, ``w2`` 4096-aligned after it,
-        each extra 64-aligned after the one before (scales are small: 4 KiB apart they would make a block
-        larger than the checkpoint's read of the same expert, which sizes the read buffers)."""
+        each extra 4096-aligned when it is whole 4 KiB blocks (so a direct read can land in its slot), else
+        64-aligned after the one before (small scales: 4 KiB apart they would make a block larger than the
+        checkpoint's read of the same expert, which sizes the read buffers; they are copied from a small one)."""
         out, end = [], 0
         for n, part in enumerate(self.parts):
-            out.append(round_up(end, ALIGN_BYTES if n < 2 else _EXTRA_ALIGN_BYTES))
+            whole_blocks = n < 2 or _nbytes(*part) % ALIGN_BYTES == 0
+            out.append(round_up(end, ALIGN_BYTES if whole_blocks else _EXTRA_ALIGN_BYTES))
             end = out[-1] + _nbytes(*part)
         return out
 
@@ -275,20 +281,43 @@ class ExpertStore:
         return out
 
     def read_kernel(
-        self, layer_key: str, expert_idx: int, reader: TensorReader,
-        use: Callable[..., tuple[torch.Tensor, ...]],
+        self, layer_key: str, expert_idx: int, reader: TensorReader, into: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """``use(w13, w2, *extra)`` on the expert's kernel tensors, views of the read where possible
-        (``TensorReader.read_then``: what ``use`` returns inside the read buffer is copied out)."""
+        """The expert's kernel tensors ``(w13, w2, *extra)``, read into ``into`` (a slot's) or fresh tensors.
+
+        One read of the expert's block: a tensor whose memory is aligned for
+        direct I/O (slot pools are, see ``slots.slot_pool``; fresh tensors are)
+        receives its bytes straight from the disk; only the rest (padding, small
+        scales) passes through a read buffer. The first read of an expert in this
+        process checks the block's crc32; a torn expert raises ExpertStoreError,
+        and what it left in ``into`` must not be used.
+        """
         kernel = self.kernel
         if kernel is None:
             raise ValueError(f"this store ({self.manifest['scheme']}) holds no experts in kernel layout")
-
-        def split(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return use(*(raw[at : at + _nbytes(shape, dtype)].view(dtype).view(shape)
-                         for (shape, dtype), at in zip(kernel.parts, kernel.offsets)))
-
-        return self._read_block(layer_key, expert_idx, KERNEL, reader, split)
+        if into is None:
+            into = tuple(aligned_empty(shape, dtype) for shape, dtype in kernel.parts)
+        elif [(tuple(t.shape), t.dtype) for t in into] != [(tuple(shape), dtype) for shape, dtype in kernel.parts]:
+            raise ValueError(f"cannot read expert {expert_idx} of {layer_key} into "
+                             f"{[(list(t.shape), t.dtype) for t in into]}: the store holds "
+                             f"{[(list(shape), dtype) for shape, dtype in kernel.parts]}")
+        path = self.layer_file(layer_key)
+        where = f"expert {expert_idx} of {layer_key} ({KERNEL}) in {path}"
+        block = self.block(layer_key, expert_idx, KERNEL)
+        key = (layer_key, expert_idx, KERNEL)
+        try:
+            crc = reader.read_into(str(path), block.offset, block.length, list(zip(kernel.offsets, into)),
+                                   checksum=key not in self._verified)
+        except OSError as exc:
+            raise ExpertStoreError(f"reading {where} failed: {exc}") from exc
+        if crc is not None:
+            if crc != block.crc32:
+                raise ExpertStoreError(
+                    f"{where} is corrupted: crc32 {crc:#010x} != {block.crc32:#010x} in the manifest; "
+                    f"delete {self.directory} to rebuild the store"
+                )
+            self._verified.add(key)
+        return tuple(into)
 
     def _read_block(
         self, layer_key: str, expert_idx: int, precision: str, reader: TensorReader,
@@ -368,6 +397,12 @@ def _stale_reason(manifest: dict, expected: dict, directory: Path) -> str | None
         path = directory / layer["file"]
         if not path.is_file() or path.stat().st_size != layer["file_bytes"]:
             return f"{path} is missing or has the wrong size"
+        if expected["scheme"] == KERNEL:  # each block read straight into a slot: where the layout says, aligned
+            length = expected["precisions"][KERNEL]["expert_bytes"]
+            for expert_idx, (offset, num_bytes, _) in enumerate(layer["experts"][KERNEL]):
+                if offset % ALIGN_BYTES or num_bytes != length or offset + num_bytes > layer["file_bytes"]:
+                    return (f"expert {expert_idx} in {path} is at byte {offset}, {num_bytes} bytes: "
+                            f"a kernel block is {length} bytes at a multiple of {ALIGN_BYTES} within the file")
     return None
 
 
@@ -485,7 +520,8 @@ def _quant_encoder(precisions: dict) -> Encoder:
 
 
 def _kernel_encoder(kernel: KernelLayout) -> Encoder:
-    """The layer's converter output: ``w13``, zeros up to ``w2_offset``, ``w2`` (then each extra, aligned)."""
+    """The layer's converter output: each of ``kernel.parts`` at its offset, zeros between (one expert's block
+    in memory at a time)."""
 
     def encode(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         w1, w3, w2 = weights[0], (weights[1] if len(weights) == 3 else None), weights[-1]
@@ -494,7 +530,7 @@ def _kernel_encoder(kernel: KernelLayout) -> Encoder:
         if len(parts) != len(kernel.parts):
             raise ExpertStoreError(f"{names[0]}: the converter gave {len(parts)} tensors, the layer's slots "
                                    f"hold {len(kernel.parts)}")
-        block = b""
+        block = bytearray(kernel.expert_bytes)
         for n, (got, (shape, dtype), offset) in enumerate(zip(parts, kernel.parts, kernel.offsets)):
             if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
                 what = ("w13", "w2")[n] if n < 2 else f"extra {n - 2}"
@@ -502,8 +538,9 @@ def _kernel_encoder(kernel: KernelLayout) -> Encoder:
                     f"{names[0]}: the converter gave {what} {got.dtype} {list(got.shape)}, the layer's slots "
                     f"hold {dtype} {list(shape)}"
                 )
-            block += b"\0" * (offset - len(block)) + got.contiguous().view(torch.uint8).flatten().numpy().tobytes()
-        return {KERNEL: block}
+            raw = got.contiguous().view(-1).view(torch.uint8).numpy()  # [bytes]
+            block[offset : offset + raw.size] = memoryview(raw)
+        return {KERNEL: bytes(block)}
 
     return encode
 

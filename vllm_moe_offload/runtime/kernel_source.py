@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from vllm_moe_offload.runtime.expert_store import ExpertStore
 from vllm_moe_offload.runtime.safetensors_io import ThreadLocalReaders
-from vllm_moe_offload.runtime.tiers import ExpertTensors, Into, TierKind, fill
+from vllm_moe_offload.runtime.tiers import ExpertTensors, Into, TierKind
 
 
 class KernelSource:
-    """One layer's experts from a ``kernel`` expert store: one direct read, then a copy into the slot.
+    """One layer's experts from a ``kernel`` expert store: one direct read straight into the slot.
 
     No conversion runs on a load: the store holds what the layer's converter
-    returned when the store was built. ``bytes_read`` counts whole 4 KiB blocks
+    returned when the store was built. Host slot pools are aligned for direct
+    I/O (``slots.slot_pool``), so the read lands in the slot itself: no staging
+    buffer and no copy, and the fetch holds no conversion memory
+    (``ExpertStore.read_kernel``). ``bytes_read`` counts whole 4 KiB blocks
     under direct I/O, as the disk tier counts them.
     """
 
@@ -23,11 +26,11 @@ class KernelSource:
         self.readers = readers
 
     def fetch(self, expert_idx: int, into: Into = None) -> ExpertTensors:
-        with self.readers.fetching(f"expert {expert_idx} of {self.layer_key} (kernel layout)") as reader:
+        what = f"expert {expert_idx} of {self.layer_key} (kernel layout)"
+        with self.readers.fetching(what, convert=False) as reader:
             before = reader.bytes_read
-            # w13 [2I', H'], w2 [H', I'] (and a quantized layer's scales) as views of the read: copied into
-            # the slot, or out of the buffer
-            w13, w2, *extra = self.store.read_kernel(self.layer_key, expert_idx, reader, lambda *got: fill(into, got))
+            # w13 [2I', H'], w2 [H', I'] (and a quantized layer's scales): ``into`` itself, or fresh tensors
+            w13, w2, *extra = self.store.read_kernel(self.layer_key, expert_idx, reader, into)
             return ExpertTensors(w13, w2, reader.bytes_read - before, tuple(extra))
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ fall back to buffered ``pread`` and a warning is logged once per file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import logging
@@ -20,6 +22,7 @@ import os
 import re
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ import torch
 
 from vllm_moe_offload.core.plan import READ_ALIGN_BYTES, round_up
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
+from vllm_moe_offload.runtime.memory import is_aligned
 
 logger = logging.getLogger("vllm.moe_offload.safetensors_io")
 
@@ -292,6 +296,87 @@ class TensorReader:
                     return tuple(t.clone() if t.untyped_storage().data_ptr() in inside else t for t in out)
         return tuple(use(self.read(locations)))
 
+    def read_into(
+        self, path: str, offset: int, length: int, parts: Sequence[tuple[int, torch.Tensor]], checksum: bool = False,
+    ) -> int | None:
+        """Read the file's ``length`` bytes at ``offset`` into ``parts``, ``(where in the range, tensor)`` each.
+
+        Each part receives ``tensor.nbytes`` bytes from ``offset + where`` on. With
+        direct I/O, a part that is aligned memory of whole blocks at an aligned file
+        offset (``memory.is_aligned``) is read straight into its tensor: no staging
+        buffer, no copy. The rest of the range (padding between parts, parts that
+        are not aligned) is read into a borrowed read buffer of just those blocks,
+        and those parts are copied out of it. One ``preadv`` reads the range.
+        Returns the crc32 of the range's bytes when ``checksum``, else None;
+        raises ``OSError`` on a short read.
+        """
+        ends = sorted((where, where + tensor.nbytes) for where, tensor in parts)
+        for (_, end), (start, _) in zip(ends, ends[1:]):
+            if start < end:
+                raise ValueError(f"parts overlap: one ends at byte {end}, the next starts at {start}")
+        if ends and (ends[0][0] < 0 or ends[-1][1] > length):
+            raise ValueError(f"parts span bytes {ends[0][0]}..{ends[-1][1]}, outside the {length} bytes read")
+        got = self._read_into(path, offset, length, parts, checksum)
+        if got is _REFUSED:  # O_DIRECT refused at the read (some file systems accept only the open)
+            got = self._read_into(path, offset, length, parts, checksum)
+        return got
+
+    def _read_into(self, path, offset, length, parts, checksum):
+        fd, direct = self._open(path)
+        align = ALIGN_BYTES if direct else 1
+        lo = offset - offset % align  # a range that starts inside a block is read from the block's start
+        first, last = offset - lo, offset - lo + length  # the range within the read
+        segments, copied = _plan_read(parts, first, last, align)
+        staged_bytes = sum(num for _, num, tensor in segments if tensor is None)
+        with contextlib.ExitStack() as stack:
+            staging = None
+            if staged_bytes:
+                staging = memoryview(stack.enter_context(self._buffers.borrow(staged_bytes)))
+                stack.callback(staging.release)
+            at_in_staging, used = {}, 0  # staged segment start -> where it lies in the buffer
+            for start, num, tensor in segments:
+                if tensor is None:
+                    at_in_staging[start] = used
+                    used += num
+
+            def segment(start: int, num: int, tensor: torch.Tensor | None) -> memoryview:
+                """Where a segment of the read lands: its part's memory, or its place in the buffer."""
+                if tensor is not None:
+                    return _writable(tensor)
+                return staging[at_in_staging[start] : at_in_staging[start] + num]
+
+            def staged(start: int, num: int) -> memoryview:
+                """The read's bytes [start, start + num), which lie in one staged segment."""
+                seg = max(s for s in at_in_staging if s <= start)
+                return staging[at_in_staging[seg] + start - seg :][:num]
+
+            views = [segment(*seg) for seg in segments]
+            try:
+                got = os.preadv(fd, views, lo)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self._fallback(path, exc)
+                return _REFUSED
+            finally:
+                for view in views:
+                    view.release()
+            if got < last:
+                raise OSError(f"short read from {path}: wanted {last} bytes at {lo}, got {got}")
+            self.bytes_read += got
+            for start, tensor in copied:
+                with staged(start, tensor.nbytes) as src:
+                    tensor.copy_(torch.frombuffer(src, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape))
+            if not checksum:
+                return None
+            crc = 0
+            for start, num, tensor in segments:
+                a, b = max(start, first), min(start + num, last)
+                if a < b:
+                    with segment(start, num, tensor) as whole, whole[a - start : b - start] as view:
+                        crc = zlib.crc32(view, crc)
+            return crc
+
     def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
         start = min(loc.offset for loc in group)
         end = max(_end(loc) for loc in group)
@@ -372,6 +457,45 @@ class TensorReader:
             self._buffers.close()
 
 
+#: ``TensorReader._read_into``: direct I/O was refused at the read; read again (buffered)
+_REFUSED = object()
+
+
+#: one run of a read: (start within the read, bytes, the part's tensor it lands in, or None: the read buffer)
+_Segment = tuple[int, int, "torch.Tensor | None"]
+
+
+def _plan_read(
+    parts: Sequence[tuple[int, torch.Tensor]], first: int, last: int, align: int,
+) -> tuple[list[_Segment], list[tuple[int, torch.Tensor]]]:
+    """How one read of ``[0, round_up(last, align))`` fills ``parts`` (range ``[first, last)``, ``where`` in it).
+
+    Returns the read's segments in order, each straight into an aligned part or
+    into the buffer (everything else, whole blocks at a time), and the parts to
+    copy out of the buffer afterwards, as ``(start within the read, tensor)``.
+    """
+    segments: list[_Segment] = []
+    copied: list[tuple[int, torch.Tensor]] = []
+    pos = 0
+    for where, tensor in sorted(parts, key=lambda part: part[0]):
+        start = first + where
+        if not (is_aligned(tensor, align) and start % align == 0):
+            copied.append((start, tensor))
+            continue
+        if start > pos:
+            segments.append((pos, start - pos, None))
+        segments.append((start, tensor.nbytes, tensor))
+        pos = start + tensor.nbytes
+    if round_up(last, align) > pos:
+        segments.append((pos, round_up(last, align) - pos, None))
+    return segments, copied
+
+
+def _writable(tensor: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU ``tensor``, as a writable memoryview (a read lands in the tensor)."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
 def _copies(span: memoryview, start: int, group: list[TensorLocation]) -> list[torch.Tensor]:
     """Fresh tensors of ``group`` out of ``span``, the file's bytes from offset ``start``."""
     out = []
@@ -437,13 +561,16 @@ class ThreadLocalReaders:
         return reader
 
     @contextmanager
-    def fetching(self, what: str) -> Iterator[TensorReader]:
-        """One expert fetch (read and convert): waits for a free lane, holds its conversion temporaries."""
+    def fetching(self, what: str, convert: bool = True) -> Iterator[TensorReader]:
+        """One expert fetch (read and convert): waits for a free lane, holds its conversion temporaries.
+
+        ``convert`` False: the fetch converts nothing (a store in kernel layout), so it holds none.
+        """
         with self._lanes:
             with self._lock:
                 lane = self._free_lanes.pop()
             try:
-                hold = max(0, self.convert_bytes - lane.scratch_bytes) if self.ledger is not None else 0
+                hold = max(0, self.convert_bytes - lane.scratch_bytes) if self.ledger is not None and convert else 0
                 if hold:
                     self.ledger.reserve(MemoryKind.CONVERT, hold, f"converting {what}")
                 lane.unspent = hold

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import Future
@@ -35,10 +36,24 @@ import torch
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.link import DEMAND, LoadPriority, admit_prefetches, outranking
 from vllm_moe_offload.core.stats import LayerStats
+from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty
 from vllm_moe_offload.runtime.tiers import ExpertSource
 from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
 
 logger = logging.getLogger("vllm.moe_offload.slots")
+
+
+def slot_pool(num_slots: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty pool ``[num_slots, *shape]`` of one expert tensor.
+
+    On the host, when one slot's bytes are a multiple of the direct-I/O block, the
+    pool starts aligned too, so every slot is: a store in kernel layout reads an
+    expert straight into its slot (``TensorReader.read_into``), no staging, no copy.
+    """
+    one_slot_bytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type == "cpu" and one_slot_bytes % ALIGN_BYTES == 0:
+        return aligned_empty((num_slots, *shape), dtype)
+    return torch.empty((num_slots, *shape), dtype=dtype, device=device)
 
 
 class ExpertLoadError(RuntimeError):
