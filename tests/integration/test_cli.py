@@ -39,7 +39,7 @@ def test_serve_help_lists_the_flags():
         assert flag in out.stdout
     assert "{off,ondemand,lru,fate,klotski,eap}" in out.stdout
     assert "--moe-offload-klotski-features" in out.stdout and "--moe-offload-klotski-max-group" in out.stdout
-    assert "{lru,arc,lfru,log2decay,ewma,decay}" in out.stdout  # --moe-offload-replacement
+    assert "{lru,arc,lfru,log2decay,ewma,decay,nextuse}" in out.stdout  # --moe-offload-replacement
 
 
 def test_bad_budget_flag_exits_with_the_reason(tiny_models):

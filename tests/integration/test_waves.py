@@ -49,6 +49,7 @@ class Layer:
     _run_waves = OffloadRoutedExperts._run_waves
     _wave_pays = OffloadRoutedExperts._wave_pays
     _start_next_pass = OffloadRoutedExperts._start_next_pass
+    expert_format = None  # unquantized: calls are not padded (integration/kernel_blocks.py)
 
     def __init__(self, slots: LayerSlots) -> None:
         self.slots = slots
