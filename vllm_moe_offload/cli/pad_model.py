@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="new intermediate size = factor x old (each expert weighs factor times more)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rows (default %(default)s)")
+    add_writer_arguments(parser)
+
+
+def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--shard-bytes`` and ``--no-progress``: how a command that writes a checkpoint writes it."""
     parser.add_argument(
         "--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
         help="largest safetensors shard written, in bytes (default 2 GiB)",

@@ -146,7 +146,7 @@ def quantization_config(fmt: str, kept_modules: list[str]) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_moe_offload.cli.pad_model import DEFAULT_SHARD_BYTES
+    from vllm_moe_offload.cli.pad_model import add_writer_arguments
 
     parser.add_argument("src", type=Path, help="folder of a bf16 MoE checkpoint with one tensor per expert")
     parser.add_argument("dst", type=Path, help="folder to write (created; must be empty or absent)")
@@ -155,11 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp8: block-128 FP8 (DeepSeek-V3 / Qwen3-FP8 releases); awq: AutoAWQ GEMM int4, group 128; "
         "gptq: AutoGPTQ v1 symmetric int4, group 128, no desc_act",
     )
-    parser.add_argument(
-        "--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
-        help="largest safetensors shard written, in bytes (default 2 GiB)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_writer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
