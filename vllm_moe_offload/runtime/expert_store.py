@@ -311,13 +311,17 @@ class ExpertStore:
         except OSError as exc:
             raise ExpertStoreError(f"reading {where} failed: {exc}") from exc
         if crc is not None:
-            if crc != block.crc32:
-                raise ExpertStoreError(
-                    f"{where} is corrupted: crc32 {crc:#010x} != {block.crc32:#010x} in the manifest; "
-                    f"delete {self.directory} to rebuild the store"
-                )
-            self._verified.add(key)
+            self._verify(key, crc, block.crc32, where)
         return tuple(into)
+
+    def _verify(self, key: tuple, crc: int, expected: int, where: str) -> None:
+        """An expert block's first read: its crc32 must be the manifest's; then it is not checked again."""
+        if crc != expected:
+            raise ExpertStoreError(
+                f"{where} is corrupted: crc32 {crc:#010x} != {expected:#010x} in the manifest; "
+                f"delete {self.directory} to rebuild the store"
+            )
+        self._verified.add(key)
 
     def _read_block(
         self, layer_key: str, expert_idx: int, precision: str, reader: TensorReader,
@@ -334,13 +338,7 @@ class ExpertStore:
             if raw.numel() != block.length:
                 raise ExpertStoreError(f"{where}: read {raw.numel()} bytes, the manifest says {block.length}")
             if key not in self._verified:
-                crc = zlib.crc32(raw.numpy())
-                if crc != block.crc32:
-                    raise ExpertStoreError(
-                        f"{where} is corrupted: crc32 {crc:#010x} != {block.crc32:#010x} in the manifest; "
-                        f"delete {self.directory} to rebuild the store"
-                    )
-                self._verified.add(key)
+                self._verify(key, zlib.crc32(raw.numpy()), block.crc32, where)
             return use(raw)
 
         loc = TensorLocation(str(path), block.offset, block.length, torch.uint8, (block.length,))
