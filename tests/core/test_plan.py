@@ -43,6 +43,23 @@ def test_staging_is_threads_times_read_buffer_and_conversion_plus_the_cuda_ring(
         staging_for(io_threads=0, expert_bytes=1000, read_span_bytes=2000)
 
 
+def test_loads_that_convert_nothing_reserve_only_what_misses_the_slot():
+    # a kernel-store load of a 96 MiB expert: read straight into the slot, nothing staged, nothing converted
+    big = 96 * 2**20
+    kernel = staging_for(io_threads=2, expert_bytes=big, read_span_bytes=0, convert=False)
+    assert kernel.convert_bytes == 0 and kernel.read_buffer_bytes == READ_ALIGN_BYTES
+    assert kernel.total_bytes == 2 * READ_ALIGN_BYTES
+    # a quantized layer's small scales pass through the buffer: whole blocks of them
+    scales = staging_for(io_threads=1, expert_bytes=big, read_span_bytes=5000, convert=False)
+    assert scales.total_bytes == read_buffer_bytes(5000) == 3 * READ_ALIGN_BYTES
+    checkpoint = staging_for(io_threads=2, expert_bytes=big, read_span_bytes=big)
+    assert checkpoint.total_bytes > 6 * big  # what the same loads reserve when each converts
+    # the budget of 4 slots and the checkpoint staging: the slots get that staging when nothing converts
+    budget = Budget(num_bytes=4 * big + checkpoint.total_bytes)
+    assert plan_slots(budget, 1, 16, 2, big, staging=kernel).layer_slots[0] >= 10
+    assert plan_slots(budget, 1, 16, 2, big, staging=checkpoint).layer_slots == (4,)
+
+
 def test_a_size_budget_holds_the_staging_and_the_slots():
     staging = staging_for(io_threads=1, expert_bytes=100, read_span_bytes=100)  # 8192 + 300
     assert staging.total_bytes == 8492

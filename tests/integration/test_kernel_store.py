@@ -53,6 +53,19 @@ def test_tokens_equal_stock_and_loads_only_read(results, name):
     assert stats["conversion"] == ["none (read in kernel layout from the kernel store)"]
 
 
+def test_kernel_loads_reserve_no_conversion(results):
+    _, _, offload = results
+    checkpoint = offload["checkpoint"]["stats"][0]
+    # a load that converts reserves a read buffer of the checkpoint's span and conversion temporaries of more
+    assert checkpoint["staging_bytes"] > 3 * checkpoint["expert_bytes"]
+    for name in ("lru/first", "fate", "klotski"):
+        stats = offload[name]["stats"][0]
+        # a kernel-store load lands in its slot: at most a read buffer for what is not aligned, no conversion
+        assert stats["staging_bytes"] < stats["expert_bytes"] * (2 if name == "klotski" else 1), name
+        assert stats["peak_by_kind"].get("convert", 0) == 0, name
+        assert stats["peak_held_bytes"] <= stats["budget_bytes"]
+
+
 def test_the_checkpoint_path_still_converts(results):
     _, stock, offload = results
     got = offload["checkpoint"]

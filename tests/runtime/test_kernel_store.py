@@ -4,6 +4,7 @@ only read it (no conversion), reuse, staleness when the layout's identity change
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import pytest
@@ -127,3 +128,28 @@ def test_a_converter_that_disagrees_with_the_slots_fails_the_build(checkpoint, t
                                                r"slots hold torch.bfloat16 \[128, 96\]"):
         _open(folder, tmp_path / "s", readers, layout)
     assert not store_directory(tmp_path / "s", folder, KERNEL).exists()
+
+
+def test_the_build_keeps_little_of_the_store_in_the_page_cache(checkpoint, tmp_path, readers, monkeypatch):
+    """A store is as large as the experts: written through the page cache whole, it would fill a memory cgroup
+    (which counts the cache). The build writes back and drops what it wrote every DROP_WRITTEN_BYTES."""
+    from vllm_moe_offload.cli.bench_run import resident_pages
+
+    folder, _ = checkpoint
+    block = 9 * ALIGN_BYTES  # one expert: w13 [96, 128] and w2 [64, 96] in bf16, whole blocks
+    monkeypatch.setattr(expert_store, "DROP_WRITTEN_BYTES", 2 * block)
+    root = tmp_path / "stores"
+    seen = []
+
+    class Measuring(Transposing):
+        def __call__(self, w1, w3, w2, into=None):  # runs before each expert is written
+            files = [p for p in root.rglob("*.bin") if p.stat().st_size]  # (an empty file maps nothing)
+            seen.append(sum(int(resident_pages(str(p)).sum()) for p in files) * os.sysconf("SC_PAGE_SIZE"))
+            return super().__call__(w1, w3, w2, into)
+
+    store = _open(folder, root, readers, _layout([Measuring(i) for i in range(LAYERS)]))
+    assert store.block(_names(0).prefix, 1, KERNEL).offset == block  # the geometry the limit above assumes
+    assert len(seen) == E * LAYERS and max(seen) > 0  # written pages are in the cache until dropped
+    # at most one expert written since the last drop (without the drops: up to 4 of a layer's 5)
+    assert max(seen) <= block, seen
+    assert all(not resident_pages(str(p)).any() for p in root.rglob("*.bin"))  # nothing left after the build

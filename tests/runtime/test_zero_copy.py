@@ -120,6 +120,7 @@ def test_a_load_lands_in_its_slot_bit_exact_with_no_staging(checkpoint, tmp_path
     assert len(iovecs.calls) == LAYERS * E  # one read per load
     # no staging: without extras no read buffer at all; never a conversion hold
     assert ledger.stats()["peak_by_kind"][MemoryKind.READ_BUFFER.value] == (ALIGN_BYTES if extras else 0)
+    assert layout.staged_read_bytes == (ALIGN_BYTES if extras else 0)  # what the plan reserves for these loads
     assert ledger.stats()["peak_by_kind"][MemoryKind.CONVERT.value] == 0
     readers.close()
 

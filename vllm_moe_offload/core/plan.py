@@ -59,21 +59,29 @@ class Staging:
         return f"{threads} x (read buffer {self.read_buffer_bytes} + conversion {self.convert_bytes}){ring}"
 
 
-def staging_for(io_threads: int, expert_bytes: int, read_span_bytes: int, cuda: bool = False) -> Staging:
+def staging_for(
+    io_threads: int, expert_bytes: int, read_span_bytes: int, cuda: bool = False, convert: bool = True,
+) -> Staging:
     """The staging reservation for ``io_threads`` loaders of experts of ``expert_bytes`` (kernel layout).
 
     ``read_span_bytes`` is the largest single read of one expert's checkpoint
     tensors (all tensor-parallel shards: the reader takes whole projections).
     The one function the user's process (from the model config) and the worker
     (from the checkpoint and the kernel layout) both plan with.
+
+    ``convert`` False: the loads convert nothing (a kernel-layout store read
+    straight into host slots); ``read_span_bytes`` is then the part of one read
+    that does not land in the slot (padding, parts not aligned for direct I/O),
+    and no conversion temporaries are reserved.
     """
-    if io_threads < 1 or expert_bytes < 1 or read_span_bytes < 1:
+    if io_threads < 1 or expert_bytes < 1 or read_span_bytes < (1 if convert else 0):
         raise ValueError(
             f"bad staging geometry: {io_threads} I/O threads, {expert_bytes} bytes per expert, "
             f"{read_span_bytes} bytes per read"
         )
     ring = (io_threads + 1) * ring_buffer_bytes(expert_bytes) if cuda else 0
-    return Staging(io_threads, read_buffer_bytes(read_span_bytes), read_span_bytes + 2 * expert_bytes, ring)
+    convert_bytes = read_span_bytes + 2 * expert_bytes if convert else 0
+    return Staging(io_threads, read_buffer_bytes(read_span_bytes), convert_bytes, ring)
 
 
 @dataclass(frozen=True)

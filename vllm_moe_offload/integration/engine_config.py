@@ -12,6 +12,8 @@ from vllm_moe_offload.core.config import (
     OffloadConfig,
     OffloadConfigError,
     Policy,
+    Quant,
+    Store,
     format_bytes,
 )
 from vllm_moe_offload.core.plan import SlotPlan, plan_slots, staging_for
@@ -113,7 +115,9 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         return
     plan = plan_rank_slots(
         offload.budget, tp, io_threads=offload.io_threads, cuda=current_platform.is_cuda(),
-        read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model), **geometry,
+        read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model),
+        # a kernel store's loads read into the slots: about nothing staged (the worker knows the layout)
+        staged_load_bytes=0 if offload.store is Store.KERNEL and offload.quant is Quant.NONE else None, **geometry,
     )
     logger.info(
         "MoE offload: policy %s, budget %s -> about %s of %d experts per layer in %d MoE layers%s",
@@ -237,7 +241,7 @@ def per_rank_budget(budget: Budget, tp_size: int) -> Budget:
 
 def plan_rank_slots(
     budget: Budget, tp_size: int, io_threads: int = 1, cuda: bool = False, read_span_bytes: int | None = None,
-    **geometry: Any,
+    staged_load_bytes: int | None = None, **geometry: Any,
 ) -> SlotPlan:
     """:func:`plan_slots` for one tensor-parallel rank; a too-small budget names the per-rank split.
 
@@ -245,10 +249,18 @@ def plan_rank_slots(
     the rank's budget first. ``read_span_bytes`` is the largest read of one
     expert from the checkpoint (:func:`checkpoint_expert_span`); unknown (a hub
     model in the user's process), it is taken as one whole expert in the
-    model's dtype: ``expert_bytes`` of every rank's shard.
+    model's dtype: ``expert_bytes`` of every rank's shard. ``staged_load_bytes``
+    (host slots loaded from a kernel-layout store, which converts nothing): the
+    bytes of one load's read that pass through a read buffer
+    (``KernelLayout.staged_read_bytes``); the loads then reserve that read
+    buffer and no conversion memory (the store's build runs before any slot
+    exists, one expert at a time).
     """
     expert_bytes = geometry["expert_bytes"]
-    staging = staging_for(io_threads, expert_bytes, read_span_bytes or expert_bytes * tp_size, cuda)
+    if staged_load_bytes is not None and not cuda:
+        staging = staging_for(io_threads, expert_bytes, staged_load_bytes, convert=False)
+    else:
+        staging = staging_for(io_threads, expert_bytes, read_span_bytes or expert_bytes * tp_size, cuda)
     try:
         return plan_slots(per_rank_budget(budget, tp_size), staging=staging, **geometry)
     except OffloadConfigError as exc:

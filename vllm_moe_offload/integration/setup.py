@@ -29,7 +29,7 @@ from vllm_moe_offload.core.memory_budget import (
     choose_auto_budget,
     kv_bytes_when_unset,
 )
-from vllm_moe_offload.core.plan import SlotPlan, read_buffer_bytes
+from vllm_moe_offload.core.plan import SlotPlan
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, extra_slot_order, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
@@ -153,6 +153,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     plan_with = functools.partial(
         plan_rank_slots, budget, first.moe_config.tp_size, io_threads=config.io_threads,
         cuda=first.w13_weight.device.type == "cuda", read_span_bytes=_read_span_bytes(first, index, config),
+        staged_load_bytes=_kernel_load_staging(first, config),
         num_layers=len(layers), num_experts=first.global_num_experts, top_k=first.top_k, expert_bytes=expert_bytes,
         # automatic: a resident layer must leave the predicted layers room to over-fetch
         min_rest_slots=2 * first.top_k if config.resident_layers is None else None,
@@ -326,16 +327,20 @@ def _open_store(
     if config.quant is not Quant.NONE:
         scheme = config.quant.value
         return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
+    # the build (before any slot exists) converts one expert at a time with its own reader; the loads
+    # read into the slots and stage only what is not aligned (``_kernel_load_staging``)
     kernel = _kernel_layout(layers, readers)
-    if plan.staging is not None and read_buffer_bytes(kernel.expert_bytes) > plan.staging.read_buffer_bytes:
-        raise OffloadConfigError(
-            f"store 'kernel': one expert in kernel layout ({format_bytes(kernel.expert_bytes)}) reads more than "
-            f"the staging planned from the checkpoint ({format_bytes(plan.staging.read_buffer_bytes)} per read); "
-            "use store 'checkpoint' for this model"
-        )
     moe = layers[0].moe_config
     label = f"{KERNEL}-tp{moe.tp_rank}of{moe.tp_size}"  # each rank stores its own shard
     return open_or_build(index, specs, KERNEL, store_directory(root, index.folder, label), readers, kernel)
+
+
+def _kernel_load_staging(first: OffloadRoutedExperts, config: OffloadConfig) -> int | None:
+    """Bytes of one load's read that pass through a read buffer when loads come from a kernel store into host
+    slots (``KernelLayout.staged_read_bytes``); None when loads convert (checkpoint or quantized store)."""
+    if config.store is not Store.KERNEL or config.quant is not Quant.NONE or first.w13_weight.device.type != "cpu":
+        return None
+    return _kernel_layout([first]).staged_read_bytes
 
 
 def _kernel_layout(layers: list[OffloadRoutedExperts], readers=None) -> KernelLayout:

@@ -149,6 +149,15 @@ class KernelLayout:
         return out
 
     @property
+    def staged_read_bytes(self) -> int:
+        """The bytes of one direct read of a block into host slots that do not land in a slot (the read buffer's
+        share, ``TensorReader.read_into``): the padding and the parts that are not whole 4 KiB blocks, whose slot
+        pools are not aligned (``slots.slot_pool``). Whole-block parts at aligned offsets land in their slots."""
+        direct = sum(_nbytes(*part) for part, offset in zip(self.parts, self.offsets)
+                     if _nbytes(*part) % ALIGN_BYTES == 0 and offset % ALIGN_BYTES == 0)
+        return round_up(self.expert_bytes, ALIGN_BYTES) - direct
+
+    @property
     def w2_offset(self) -> int:
         """Where ``w2`` starts in an expert's block: after ``w13``, aligned for direct I/O."""
         return self.offsets[1]
@@ -482,6 +491,7 @@ def _write_layer(
     """Write one layer's experts; ``check_space`` is given the first expert's bytes before anything is written."""
     blocks: dict[str, list[list[int]]] = {p: [] for p in expected["precisions"]}
     with open(path, "wb") as f:
+        dropped = 0  # bytes of the file written back and dropped from the page cache so far
         for expert_idx in range(layer.num_experts):
             names = layer.names.labels(expert_idx)
             # [out, in] each: an expert's own tensors, or its slices of stacked ones (transposed where stored so)
@@ -496,13 +506,26 @@ def _write_layer(
                 f.write(b"\0" * (-len(raw) % ALIGN_BYTES))  # the next expert starts aligned for O_DIRECT
                 blocks[precision].append([offset, len(raw), zlib.crc32(raw)])
             bar.update(1)
-        f.flush()
-        os.fsync(f.fileno())
-        # drop the written pages from the page cache: loads read with O_DIRECT and never use them,
-        # and a store as large as the experts would otherwise push everything else out
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            if f.tell() - dropped >= DROP_WRITTEN_BYTES:
+                dropped = _drop_written(f)
+        _drop_written(f)
         file_bytes = f.tell()
     return {"file": path.name, "file_bytes": file_bytes, **expected["layers"][layer.key], "experts": blocks}
+
+
+#: how much of a store file is written before it is written back and dropped from the page cache: a layer
+#: of big experts (16 x 96 MiB) would otherwise sit in the cache, dirty, where a memory cgroup counts it
+DROP_WRITTEN_BYTES = 64 * 2**20
+
+
+def _drop_written(f) -> int:
+    """Write ``f``'s bytes back to the disk and drop them from the page cache (loads read with O_DIRECT and
+    never use them; a store as large as the experts would otherwise push everything else out). Returns the
+    bytes written so far."""
+    f.flush()
+    os.fsync(f.fileno())
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return f.tell()
 
 
 def _quant_encoder(precisions: dict) -> Encoder:
