@@ -147,9 +147,10 @@ def test_paths_vote_by_similarity_over_the_layers_routed_so_far():
     assert paths.predict(1, neighbours=1, horizon=1, gamma=0.5) == {2: 0.5, 3: 0.5}
     # two steps ahead: step 0's second step is step 2 ({0, 1} at layer 1)
     assert paths.predict(1, neighbours=1, horizon=2, gamma=0.5) == {2: 0.5, 3: 0.5, 0: 0.25, 1: 0.25}
-    # layer 1's own experts join the similarity: now steps 0 (4 shared) and 2 (2 shared) both vote, by share
+    # layer 1's own experts join the similarity: now steps 0 (4 shared) and 2 (2 shared) vote, by share (of the
+    # 5 neighbours asked for, only they share anything)
     paths.observe(1, {0, 1})
-    got = paths.predict(1, neighbours=2, horizon=1, gamma=1.0)
+    got = paths.predict(1, neighbours=5, horizon=1, gamma=1.0)
     assert got == pytest.approx({2: 4 / 6, 3: 4 / 6, 4: 2 / 6, 5: 2 / 6})
     paths.end_layer(0)
     paths.end_layer(1)

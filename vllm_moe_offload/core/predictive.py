@@ -174,10 +174,13 @@ class StepPaths:
                 f"num_layers and num_experts must be >= 1 and window >= 2, got {num_layers}, {num_experts}, {window}"
             )
         self.num_layers, self.num_experts, self.window = num_layers, num_experts, window
-        self._rows = np.zeros((window, num_layers, num_experts), np.int8)  # [W, L, E]: ring of ended steps
-        self._barrier = np.zeros(window, bool)  # [W]: a sequence boundary (an empty step matching nothing)
+        # [L, E, W]: 1 where the step stored in ring slot w used expert e at layer l
+        self._used = np.zeros((num_layers, num_experts, window), np.int8)
+        self._sets: list[list[tuple[int, ...]]] = [[()] * num_layers for _ in range(window)]  # [W][L]
+        self._step_of = np.full(window, -1, np.int64)  # [W]: the global step a slot holds, -1: none or a barrier
+        self._barrier = [False] * window
         self._stored = 0  # steps stored so far (global index of the next)
-        self._current = np.zeros((num_layers, num_experts), np.int8)  # [L, E]: this step so far
+        self._current: list[set[int]] = [set() for _ in range(num_layers)]  # this step so far, per layer
         self._similarity = np.zeros(window, np.int32)  # [W]: shared experts with each stored step, so far
         self._ended: set[int] = set()  # layers that ended this step
 
@@ -188,11 +191,11 @@ class StepPaths:
         """Layer ``layer_idx`` of the running step uses ``experts`` (repeats are counted once)."""
         if layer_idx in self._ended:  # that layer already ended this step: a new one started
             self._store()
-        row = self._current[layer_idx]
-        new = [e for e in experts if not row[e]]
-        if new:
-            row[new] = 1
-            self._similarity += self._rows[:, layer_idx, new].sum(axis=1, dtype=np.int32)
+        current = self._current[layer_idx]
+        for expert in experts:
+            if expert not in current:
+                current.add(expert)
+                self._similarity += self._used[layer_idx, expert]
 
     def end_layer(self, layer_idx: int) -> None:
         """Layer ``layer_idx`` ended the step; the last linked layer to end it stores it."""
@@ -205,17 +208,23 @@ class StepPaths:
 
         Idempotent: every layer's policy may call it at the same boundary.
         """
-        if self._ended or self._current.any():
+        if self._ended or any(self._current):
             self._store()
         if not self._stored or not self._barrier[(self._stored - 1) % self.window]:
             self._store(barrier=True)
 
     def _store(self, barrier: bool = False) -> None:
         slot = self._stored % self.window
-        self._rows[slot] = 0 if barrier else self._current
+        self._used[:, :, slot] = 0
+        sets = [tuple(sorted(experts)) for experts in self._current]
+        if not barrier:
+            for layer_idx, experts in enumerate(sets):
+                self._used[layer_idx, list(experts), slot] = 1
+        self._sets[slot] = sets if not barrier else [()] * self.num_layers
+        self._step_of[slot] = -1 if barrier else self._stored
         self._barrier[slot] = barrier
         self._stored += 1
-        self._current[:] = 0
+        self._current = [set() for _ in range(self.num_layers)]
         self._similarity[:] = 0
         self._ended.clear()
 
@@ -232,28 +241,26 @@ class StepPaths:
         last = self._stored - 1  # the latest stored step: its continuation has not ended
         if last < 1:
             return {}
-        w = self.window
-        slots = np.arange(w)
-        steps = last - (last - slots) % w  # [W]: global step each ring slot holds (negative: none yet)
-        valid = (steps >= 0) & (steps < last) & ~self._barrier
-        # higher similarity first, then the latest: one integer key (steps < stored, similarity < L * E)
-        key = np.where(valid & (self._similarity > 0), self._similarity.astype(np.int64) * (last + 1) + steps, -1)
-        if neighbours < w:
-            top = np.argpartition(key, w - neighbours)[w - neighbours :]
-        else:
-            top = slots
-        top = top[key[top] >= 0]
-        if not len(top):
+        # one integer key per slot, similarity * (last + 1) + step: higher similarity first, then the latest;
+        # <= last where the similarity is 0. One more than asked for, as the latest step may be among them.
+        span = last + 1
+        key = self._similarity * np.int64(span) + self._step_of  # [W]
+        w, wanted = self.window, neighbours + 1
+        top = np.argpartition(key, w - wanted)[w - wanted :] if wanted < w else np.arange(w)
+        found = sorted((k // span, k % span) for k in key[top].tolist() if k > last and k % span < last)
+        found = found[max(0, len(found) - neighbours) :] if neighbours > 0 else []  # (similarity, step), best last
+        if not found:
             return {}
-        total = float(self._similarity[top].sum())
+        total = float(sum(similarity for similarity, _ in found))
         weights: dict[int, float] = {}
-        for slot in top.tolist():
-            step, weight = int(steps[slot]), int(self._similarity[slot]) / total
+        for similarity, step in found:
+            weight = similarity / total
             for h in range(1, horizon + 1):
-                if step + h > last or self._barrier[(step + h) % w]:
+                slot = (step + h) % w
+                if step + h > last or self._barrier[slot]:
                     break
                 weight *= gamma
-                for expert in np.flatnonzero(self._rows[(step + h) % w, layer_idx]).tolist():
+                for expert in self._sets[slot][layer_idx]:
                     weights[expert] = weights.get(expert, 0.0) + weight
         return weights
 
