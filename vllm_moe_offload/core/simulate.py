@@ -50,7 +50,7 @@ from vllm_moe_offload.core.belady import BeladyPolicy, ClairvoyantPolicy
 from vllm_moe_offload.core.cache import ReplacementPolicy, SlotMap
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.policies_extra import SIM_POLICY_NAMES, make_sim_policy
-from vllm_moe_offload.core.predictive import NextUsePolicy
+from vllm_moe_offload.core.predictive import NextUsePolicy, link_layers
 from vllm_moe_offload.core.predictors import PREDICTOR_NAMES, Predictor, make_predictor
 from vllm_moe_offload.core.prefetch_eval import rebatch_trace, split_trace
 from vllm_moe_offload.core.schedule import MODES, SlotBudget, StepPlan, build_schedules
@@ -230,6 +230,9 @@ def replay(
             if isinstance(policy, NextUsePolicy) and isinstance(previous[layer], NextUsePolicy):
                 policy.inherit(previous[layer])
             previous[layer] = policy
+        nextuse = [cache.slots.policy for cache in caches if isinstance(cache.slots.policy, NextUsePolicy)]
+        if nextuse and len(nextuse) == len(caches) and nextuse[0].paths is None:
+            link_layers(nextuse, trace.meta.num_experts)  # as the engine's layers share one step's routing
         for step in schedule:
             _replay_step(trace, step, step_no, caches, predictor)
             step_no += 1
