@@ -112,6 +112,9 @@ def test_startup_plan_block(runs):
     assert re.search(r"  budget     2.25 MiB; slots use 1.50 MiB; staging 772.00 KiB; all experts 3.00 MiB", lru), lru
     assert re.search(r"  link       measured [\d.]+ KiB \(one expert, disk -> cpu\) in [\d.]+ ms = [\d.]+ GB/s", lru)
     assert "  hit rate   expected: unknown" in lru
+    # loads from the checkpoint convert: the block names the store that reads experts ready
+    assert re.search(r"  store      each load converts its expert from the checkpoint; --moe-offload-store kernel "
+                     r"writes the experts once in the kernel layout \(3.00 MiB of disk", lru), lru
     assert "prediction" not in lru
     fate = _plan_block(log, "fate")
     assert "  resident   layer 0 (every expert in fast memory)\n" in fate, fate

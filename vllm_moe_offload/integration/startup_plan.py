@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_moe_offload.core.config import Policy, Tier, format_bytes
+from vllm_moe_offload.core.config import Policy, Quant, Store, Tier, format_bytes
 from vllm_moe_offload.runtime.ledger import MemoryKind
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
         *([f"  auto       {runtime.auto_budget.explain()}"] if runtime.auto_budget is not None else
           [f"  kv cache   {runtime.kv_cache}"] if runtime.kv_cache is not None else []),
         f"  link       {_measure_link(runtime, offloaded)}",
+        *_store_hint(runtime, offloaded),
     ]
     if config.policy is Policy.FATE:
         lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
@@ -62,6 +63,19 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
         "`vllm-moe-offload simulate` estimates it for a budget)"
     )
     return lines
+
+
+def _store_hint(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> list[str]:
+    """Where loads convert every expert read from the checkpoint on the host: what the kernel store would save."""
+    config, plan = runtime.config, runtime.plan
+    if (not offloaded or runtime.tier is not Tier.DISK or config.store is not Store.CHECKPOINT
+            or config.quant is not Quant.NONE or offloaded[0].w13_slots.device.type != "cpu"):
+        return []
+    return [
+        f"  store      each load converts its expert from the checkpoint; --moe-offload-store kernel writes the "
+        f"experts once in the kernel layout ({format_bytes(plan.total_expert_bytes)} of disk under the cache "
+        f"directory) and reads them straight into the slots: no conversion, and the staging goes to the slots"
+    ]
 
 
 def _where(runtime: OffloadRuntime, first: LayerSlots) -> str:
