@@ -7,6 +7,7 @@ through ``pyplot``, so nothing global (backend, open figures) changes.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 #: the bound is drawn in black, dashed, so it never reads as one more policy
@@ -54,12 +55,12 @@ def plot_hit_rates(report: dict, path: str | Path) -> Path:
     return path
 
 
-def _bench_axes(report: dict, titles: list[str], height: float = 4.0):
+def _bench_axes(report: dict, titles: list[str], height: float = 4.0, min_width: float = 4.2):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     runs = report.get("runs", [])
-    width = max(4.2, 0.3 * len(runs))  # inches per panel: room for every run's bar and label
+    width = max(min_width, 0.3 * len(runs))  # inches per panel: room for every run's bar and label
     longest = max((len(_label(r["name"])) for r in runs), default=0)
     fig = Figure(figsize=(width * len(titles), height + 0.06 * longest))  # rotated labels below the bars
     FigureCanvasAgg(fig)
@@ -94,7 +95,10 @@ def _label(name: str) -> str:
 
 def _bench_footer(fig, report: dict) -> None:
     model = Path(report["model"]).name
-    fig.suptitle(f"vllm-moe-offload bench: {model}; {report['link']}\n{report['machine']['note']}", fontsize=9)
+    text = f"vllm-moe-offload bench: {model}; {report['link']}\n{report['machine']['note']}"
+    columns = max(40, int(fig.get_figwidth() * 12))  # about what fits the figure's width at 9 points
+    lines = [part for line in text.split("\n") for part in textwrap.wrap(line, columns)]
+    fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
 
 
@@ -157,12 +161,17 @@ def plot_bench_memory(report: dict, path: str | Path) -> Path:
     """Under ``--memory-limit``: each engine's peak memory (its cgroup's) against the limit, and how it ended."""
     runs = report["runs"]
     limit_gib = report["memory_limit_bytes"] / 2**30
-    fig, axes = _bench_axes(report, ["peak memory of each engine's cgroup\n(all its processes, page cache)"])
+    fig, axes = _bench_axes(report, ["peak memory of each engine's cgroup\n(all its processes, page cache)"],
+                            min_width=7.0)
     ax = axes[0]
     values = [r.get("peak_memory_bytes", 0) / 2**30 for r in runs]
     bars = ax.bar(range(len(runs)), values, color=_bench_colors(runs))
-    ax.bar_label(bars, [f"{v:.2f}" + ("" if r.get("ended") == "ran" else f"\n{r.get('ended')}")
-                        for r, v in zip(runs, values)], fontsize=7)
+    ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=7)
+    # how a run that did not finish ended: above its bar and clear of the limit's line
+    for bar, run in zip(bars, runs):
+        if run.get("ended") not in (None, "ran"):
+            ax.text(bar.get_x() + bar.get_width() / 2, max(bar.get_height(), limit_gib) * 1.25,
+                    "\n".join(textwrap.wrap(run["ended"], 14)), ha="center", va="bottom", fontsize=7)
     ax.axhline(limit_gib, color="black", linestyle="--", linewidth=1, label="memory limit")
     ref = report.get("reference") or {}
     if ref.get("peak_memory_bytes"):
