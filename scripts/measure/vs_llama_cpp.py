@@ -2,7 +2,7 @@
 
 Usage (from the repository root, in .venv, as root: it makes memory cgroups and drops the page cache):
     python scripts/measure/vs_llama_cpp.py [--factor 2048] [--memory-limit 4.5GiB] [--threads 2]
-        [--work /work/scratch-mem] [--policies "lru,fate,lru[store=kernel],fate[store=kernel]"]
+        [--work /work/scratch-mem] [--policies POLICIES] [--inprocess-policies POLICIES]
 
 1. Pads the shipped models/tiny-pymoe with ``pad-model --factor F`` into WORK (2048: 96 MiB experts,
    9 GiB of experts in all; same function), unless it is there.
@@ -13,7 +13,8 @@ Usage (from the repository root, in .venv, as root: it makes memory cgroups and 
    mapped to ``gpt-2``, what the tokenizer is: byte-level BPE), unless converted.
 4. Runs ``vllm-moe-offload bench --memory-limit`` on the padded model: stock vLLM and every policy with
    ``--moe-offload-budget auto``, each engine in a memory cgroup of the limit (plus stock without a
-   limit for the reference tokens).
+   limit for the reference tokens); then again with ``--inprocess`` for ``--inprocess-policies`` (vLLM's
+   engine in one process instead of three: what ``LLM(...)`` runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 5. Runs ``llama-completion`` in a memory cgroup of the same limit (page cache dropped first; llama.cpp
    memory-maps the model, so its page cache is what caches experts) on the bench's batch-1 decode
    prompt (the same token ids, turned to text), greedy, the same number of tokens and threads.
@@ -136,12 +137,18 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="an already padded model (default: WORK/pymoe-xF)")
     parser.add_argument("--memory-limit", default="4.5GiB", help="memory limit of every engine (default 4.5GiB)")
     parser.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
-    parser.add_argument("--policies", default="lru,fate,lru[store=kernel],fate[store=kernel]",
+    parser.add_argument("--policies", default="lru,fate,lru[store=kernel],fate[store=kernel],"
+                        "lru[replacement=nextuse;store=kernel]",
                         help="bench --policies, each run with budget auto (default %(default)s)")
     parser.add_argument("--work", type=Path, default=REPO / ".scratch" / "vs-llama-cpp",
                         help="padded model, llama.cpp build, GGUF, stores and results (default %(default)s)")
     parser.add_argument("--llama-cpp-python", default="0.3.36", help="llama-cpp-python sdist version (%(default)s)")
-    parser.add_argument("--skip-bench", action="store_true", help="reuse WORK/bench/bench.json (llama.cpp only)")
+    parser.add_argument("--inprocess-policies", default="lru[store=kernel],lru[replacement=nextuse;store=kernel]",
+                        help="policies also run with vLLM's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0: "
+                             "one process instead of three, so auto finds more memory for the experts); '' for none "
+                             "(default %(default)s)")
+    parser.add_argument("--skip-bench", action="store_true",
+                        help="reuse WORK/bench/bench.json and WORK/bench-inprocess/bench.json (llama.cpp only)")
     args = parser.parse_args()
     from vllm_moe_offload.cli.bench import parse_memory_limit, split_policies
 
@@ -159,17 +166,23 @@ def main() -> None:
     gguf = work / f"{model.name}-bf16.gguf"
     convert(model, src, gguf)
 
-    bench_out = work / "bench"
+    bench_out, inprocess_out = work / "bench", work / "bench-inprocess"
     if not args.skip_bench:
         stores = work / "stores"
-        policies = ",".join(p if "store=" not in p else p.replace("]", f";cache_dir={stores}]")
-                            for p in split_policies(args.policies))
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
-        run([sys.executable, "-m", "vllm_moe_offload.cli.main", "bench", str(model), "--memory-limit",
-             args.memory_limit, "--policies", policies, "--budgets", "auto", "--tokens",
-             str(model / "heldout-tokens.npy"), *BENCH_SIZES, "--no-profile", "--timeout-s", "3600",
-             "--out", str(bench_out)], env=env)
+        for out, spec, extra in ((bench_out, args.policies, []), (inprocess_out, args.inprocess_policies,
+                                                                   ["--inprocess"])):
+            if not spec:
+                continue
+            policies = ",".join(p if "store=" not in p else p.replace("]", f";cache_dir={stores}]")
+                                for p in split_policies(spec))
+            run([sys.executable, "-m", "vllm_moe_offload.cli.main", "bench", str(model), "--memory-limit",
+                 args.memory_limit, "--policies", policies, "--budgets", "auto", "--tokens",
+                 str(model / "heldout-tokens.npy"), *BENCH_SIZES, "--no-profile", "--timeout-s", "3600",
+                 *extra, "--out", str(out)], env=env)
     report = json.loads((bench_out / "bench.json").read_text())
+    inprocess = (json.loads((inprocess_out / "bench.json").read_text())
+                 if args.inprocess_policies and (inprocess_out / "bench.json").exists() else None)
     text, ids = decode_prompt_text(model, model / "heldout-tokens.npy")
     prompt_file = work / "decode-prompt.txt"
     prompt_file.write_text(text)
@@ -178,11 +191,12 @@ def main() -> None:
     llama["bench_prompt_tokens"] = len(ids)
 
     rows = []
-    for run_ in report["runs"]:
-        decode = run_["workloads"].get("decode", {})
-        rows.append({"name": run_["name"], "ended": run_.get("ended"), "decode_tok_s": decode.get("decode_tok_s"),
-                     "peak_gib": run_.get("peak_memory_bytes", 0) / 2**30, "startup_s": run_.get("startup_s"),
-                     "tokens_match_stock": decode.get("tokens_match_stock")})
+    for runs, suffix in ((report["runs"], ""), ((inprocess or {}).get("runs", []), ", in-process engine")):
+        for run_ in runs:
+            decode = run_["workloads"].get("decode", {})
+            rows.append({"name": _short(run_["name"]) + suffix, "ended": run_.get("ended"),
+                         "decode_tok_s": decode.get("decode_tok_s"), "peak_gib": run_.get("peak_memory_bytes", 0) / 2**30,
+                         "startup_s": run_.get("startup_s"), "tokens_match_stock": decode.get("tokens_match_stock")})
     ref = report.get("reference") or {}
     rows.append({"name": "stock, no limit (reference)", "ended": ref.get("ended"),
                  "decode_tok_s": ref.get("decode_tok_s"), "peak_gib": ref.get("peak_memory_bytes", 0) / 2**30,
@@ -208,7 +222,14 @@ def main() -> None:
         print(f"| {r['name']} | {r['ended']} | {tok} | {r['peak_gib']:.2f} | {start} | {same} |")
     print(f"\nllama.cpp start-up: its 'load time'; vLLM's: LLM() construction. llama.cpp's prompt: "
           f"{llama.get('prompt_tokens')} tokens as it tokenized the text of the bench's {len(ids)}. "
-          f"Wrote {work / 'vs_llama_cpp.json'}, {bench_out / 'bench.md'}")
+          f"Wrote {work / 'vs_llama_cpp.json'}, {bench_out / 'bench.md'}"
+          + (f", {inprocess_out / 'bench.md'}" if inprocess is not None else ""))
+
+
+def _short(name: str) -> str:
+    """A run's name without the store's cache folder (``lru[store=kernel;cache_dir=/x] auto`` -> ``lru[store=kernel]
+    auto``)."""
+    return re.sub(r";?cache_dir=[^;\]]*", "", name).replace("[]", "")
 
 
 if __name__ == "__main__":
