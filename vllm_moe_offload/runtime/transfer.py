@@ -1,8 +1,8 @@
 """The transfer engine: where expert loads run, and the link emulator.
 
 One protocol, :class:`TransferEngine`; :class:`ThreadTransferEngine` runs loads
-on CPU threads (the engine's worker keeps one core for itself and leaves the
-other to these threads). A CUDA engine would add a copy stream and events
+on CPU threads, free to run on any CPU the process may use (vLLM pins its
+worker's threads to the cores it computes on). A CUDA engine would add a copy stream and events
 behind the same ``submit``. The threads take loads from one queue per engine
 (one tier), demand loads first and prefetches nearest layer first
 (``core/link.py``); the engine also measures the tier's bandwidth and the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,24 @@ from vllm_moe_offload.core.link import DEMAND, LayerClock, LinkRate, LoadPriorit
 T = TypeVar("T")
 
 logger = logging.getLogger("vllm.moe_offload.transfer")
+
+
+def _float_over_all_cpus() -> None:
+    """Let a loader thread run on any CPU the process may use, not only on its creator's.
+
+    A thread inherits its creator's CPU affinity, and vLLM's CPU worker pins
+    each of its OpenMP threads to one core (``VLLM_CPU_OMP_THREADS_BIND``; by
+    default, on this 2-core machine, the whole worker to core 0). A loader
+    thread started by the worker's main thread could then run only on the core
+    the model computes on: a load queued while a layer computes would not even
+    issue its read until that core is free, and the core vLLM leaves to the
+    other processes would go unused. The kernel keeps the mask inside the
+    process's cpuset.
+    """
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError) as exc:  # no affinity on this platform, or none allowed: keep the inherited
+        logger.debug("MoE offload: loader thread keeps its CPU affinity (%s)", exc)
 
 
 def _one_openmp_thread() -> None:
@@ -161,6 +180,7 @@ class ThreadTransferEngine:
             return running + self._queue.queued_prefetch_bytes()
 
     def _work(self) -> None:
+        _float_over_all_cpus()
         _one_openmp_thread()
         while True:
             with self._lock:
