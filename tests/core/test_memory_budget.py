@@ -33,6 +33,16 @@ def test_the_experts_get_what_the_kv_cache_and_the_margin_leave():
     assert "10.00 GiB available (cgroup)" in text and "KV cache 2.00 GiB" in text and "= 7.00 GiB" in text
 
 
+def test_under_a_cgroup_the_other_processes_share_is_known():
+    # the cgroup's usage counts every process of the engine; the worker knows what it holds itself
+    view = MemoryView(2 * GIB, "cgroup v2 limit", in_use_bytes=3 * GIB)
+    auto = choose_auto_budget(view, kv_bytes=0, planned_at_bytes=GIB + GIB // 4)
+    assert auto.in_use_bytes == 3 * GIB and auto.other_processes_bytes == GIB * 3 // 4 + GIB
+    # without a cgroup's usage (MemAvailable) or the worker's own, nothing is said
+    assert choose_auto_budget(MemoryView(2 * GIB, "MemAvailable"), 0, planned_at_bytes=GIB).other_processes_bytes is None
+    assert choose_auto_budget(view, kv_bytes=0).other_processes_bytes is None
+
+
 def test_every_rank_keeps_its_kv_cache():
     auto = choose_auto_budget(MemoryView(10 * GIB, "MemAvailable"), kv_bytes=2 * GIB, tp_size=2)
     assert auto.budget_bytes == 10 * GIB - 2 * 2 * GIB - GIB

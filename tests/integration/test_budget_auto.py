@@ -92,3 +92,18 @@ def test_auto_offloads_under_a_memory_limit_with_stock_tokens(padded, tmp_path):
     assert all(2 <= n < EXPERTS for n in slots), slots  # offloaded, by the limit's arithmetic
     assert "(cgroup v" in log
     assert peak <= limit and oom_kills == 0
+    assert "  processes  " not in log  # one process here (the tests' in-process engine): nothing to get back
+
+
+def test_the_plan_says_what_the_other_processes_took_from_the_experts():
+    from vllm_moe_offload.core.memory_budget import MemoryView, choose_auto_budget
+    from vllm_moe_offload.integration.startup_plan import processes_hint
+
+    view = MemoryView(2500 * MIB, "cgroup v1 limit 4.50 GiB less 2.00 GiB in use", in_use_bytes=2048 * MIB)
+    auto = choose_auto_budget(view, kv_bytes=MIB, planned_at_bytes=1200 * MIB)
+    (line,) = processes_hint(auto, multiprocess=True)
+    assert line.startswith("  processes  vLLM's front end and engine core hold 848.00 MiB of the limit; ")
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in line
+    assert processes_hint(auto, multiprocess=False) == []  # already one process
+    small = choose_auto_budget(view, kv_bytes=MIB, planned_at_bytes=1900 * MIB)  # 148 MiB: not worth a line
+    assert processes_hint(small, multiprocess=True) == [] and processes_hint(None, multiprocess=True) == []

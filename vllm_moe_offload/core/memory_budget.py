@@ -44,6 +44,8 @@ class MemoryView:
 
     available_bytes: int
     source: str
+    #: the memory cgroup's usage when its limit is the bound (every process of the engine, page cache aside)
+    in_use_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,15 @@ class AutoBudget:
     #: what this worker process held when it planned (the weights loaded, no slot or KV cache yet): with its
     #: peak, what the working margin must cover is measured (README, "Bigger than memory")
     planned_at_bytes: int | None = None
+    #: the memory cgroup's usage then (all the engine's processes), when a cgroup limit was the bound
+    in_use_bytes: int | None = None
+
+    @property
+    def other_processes_bytes(self) -> int | None:
+        """What the engine's other processes (vLLM's front end and engine core) held of the limit, if known."""
+        if self.in_use_bytes is None or self.planned_at_bytes is None:
+            return None
+        return max(0, self.in_use_bytes - self.planned_at_bytes)
 
     def explain(self) -> str:
         ranks = f"{self.tp_size} x " if self.tp_size > 1 else ""
@@ -90,7 +101,8 @@ def choose_auto_budget(
     available = max(0, view.available_bytes)
     working = max(WORKING_MIN_BYTES, int(WORKING_SHARE * available))
     budget = max(0, available - tp_size * kv_bytes - working)
-    return AutoBudget(budget, available, kv_bytes, working, tp_size, view.source, kv_note, planned_at_bytes)
+    return AutoBudget(budget, available, kv_bytes, working, tp_size, view.source, kv_note, planned_at_bytes,
+                      view.in_use_bytes)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from vllm_moe_offload.core.config import Policy, Quant, Store, Tier, format_byte
 from vllm_moe_offload.runtime.ledger import MemoryKind
 
 if TYPE_CHECKING:
+    from vllm_moe_offload.core.memory_budget import AutoBudget
     from vllm_moe_offload.integration.setup import OffloadRuntime
     from vllm_moe_offload.runtime.slots import LayerSlots
 
@@ -55,6 +56,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
           [f"  kv cache   {runtime.kv_cache}"] if runtime.kv_cache is not None else []),
         f"  link       {_measure_link(runtime, offloaded)}",
         *_store_hint(runtime, offloaded),
+        *processes_hint(runtime.auto_budget, _multiprocess()),
     ]
     if config.policy is Policy.FATE:
         lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
@@ -76,6 +78,28 @@ def _store_hint(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> list[st
         f"experts once in the kernel layout ({format_bytes(plan.total_expert_bytes)} of disk under the cache "
         f"directory) and reads them straight into the slots: no conversion, and the staging goes to the slots"
     ]
+
+
+#: other processes' share of a memory limit below which the startup plan does not mention them
+_OTHERS_WORTH_SAYING_BYTES = 256 * 2**20
+
+
+def processes_hint(auto: AutoBudget | None, multiprocess: bool) -> list[str]:
+    """Under a memory limit, what vLLM's other processes took from the experts, and how to get it back."""
+    others = auto.other_processes_bytes if auto is not None else None
+    if not multiprocess or others is None or others < _OTHERS_WORTH_SAYING_BYTES:
+        return []
+    return [
+        f"  processes  vLLM's front end and engine core hold {format_bytes(others)} of the limit; LLM(...) with "
+        f"VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine in one process, and auto then gives most of it to "
+        f"the experts"
+    ]
+
+
+def _multiprocess() -> bool:
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)
 
 
 def _where(runtime: OffloadRuntime, first: LayerSlots) -> str:

@@ -124,5 +124,6 @@ def engine_memory() -> MemoryView:
             cgroup.limit_bytes - cgroup.used_bytes,
             f"cgroup v{cgroup.version} limit {format_bytes(cgroup.limit_bytes)} less "
             f"{format_bytes(cgroup.used_bytes)} in use, reclaimable page cache not counted",
+            cgroup.used_bytes,
         )
     return MemoryView(system, "MemAvailable of the system" + ("" if cgroup is None else ", below the cgroup's room"))
