@@ -65,15 +65,18 @@ def test_the_plugins_kv_cache_holds_every_sequence_at_full_length_within_its_sha
     from vllm_moe_offload.core.memory_budget import KV_MAX_SHARE, size_kv_cache
 
     roomy = MemoryView(100 * GIB, "MemAvailable")
-    # 1536 bytes a token (tiny-pymoe: 6 layers x K,V x 2 heads x 32 x bf16); 145 tokens take 2 blocks of 128
+    # 1536 bytes a token (tiny-pymoe: 6 layers x K,V x 2 heads x 32 x bf16); 145 tokens take 2 blocks of 128,
+    # and vLLM's block pool holds one block back (its null block): without it vLLM refuses to start
     every = size_kv_cache(1536, 128, 145, 4, roomy)
-    assert every.kv_bytes == 4 * 256 * 1536 and "sized by the plugin: max_num_seqs 4 x max_model_len 145" in every.why
+    assert every.kv_bytes == (4 * 256 + 128) * 1536 and "sized by the plugin: max_num_seqs 4 x max_model_len 145" in every.why
+    one = size_kv_cache(1536, 128, 64, 1, roomy)  # `vllm serve --max-num-seqs 1 --max-model-len 64`
+    assert one.kv_bytes == 2 * 128 * 1536 and "the block vLLM holds back" in one.why
     # the share caps it: 256 sequences of 32768 tokens at 128 KiB a token would be 1 TiB
     capped = size_kv_cache(128 * 1024, 128, 32768, 256, MemoryView(100 * GIB, "cgroup v2"))
     assert capped.kv_bytes == int(KV_MAX_SHARE * 100 * GIB) and capped.kv_bytes // (4 * GIB) == 2
     assert "10% of 100.00 GiB available (cgroup v2), for 2 of max_num_seqs 256 full-length requests" in capped.why
     # never below one request of max_model_len: vLLM would not start
     tight = size_kv_cache(128 * 1024, 128, 32768, 256, MemoryView(GIB, "cgroup v2"))
-    assert tight.kv_bytes == 32768 * 128 * 1024 and "one request of max_model_len 32768" in tight.why
+    assert tight.kv_bytes == (32768 + 128) * 128 * 1024 and "one request of max_model_len 32768" in tight.why
     with pytest.raises(ValueError, match="bad KV geometry"):
         size_kv_cache(0, 128, 145, 4, roomy)

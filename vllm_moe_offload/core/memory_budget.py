@@ -120,27 +120,32 @@ def size_kv_cache(
 
     ``bytes_per_token``: one token's keys and values in every attention layer
     of one rank. vLLM hands out whole blocks of ``block_tokens`` tokens, so a
-    sequence takes its length rounded up to blocks. Never below one sequence:
-    vLLM refuses to start with a KV cache that cannot hold one request of
-    ``max_model_len``.
+    sequence takes its length rounded up to blocks, and its block pool holds one
+    block back for good (its null block). Never below one sequence and that
+    block: vLLM refuses to start with a KV cache that cannot hold one request of
+    ``max_model_len`` besides it ("No available memory for the cache blocks").
     """
     if min(bytes_per_token, block_tokens, max_model_len, max_num_seqs) < 1:
         raise ValueError(
             f"bad KV geometry: {bytes_per_token} bytes per token, blocks of {block_tokens} tokens, "
             f"max_model_len {max_model_len}, max_num_seqs {max_num_seqs}"
         )
-    one = -(-max_model_len // block_tokens) * block_tokens * bytes_per_token
-    every = one * max_num_seqs
+    block = block_tokens * bytes_per_token
+    per_sequence = -(-max_model_len // block_tokens) * block
+    one = per_sequence + block  # and vLLM's null block
+    every = per_sequence * max_num_seqs + block
     cap = int(KV_MAX_SHARE * max(0, view.available_bytes))
     kv_bytes = max(one, min(every, cap))
-    full = f"max_num_seqs {max_num_seqs} x max_model_len {max_model_len} x {format_bytes(bytes_per_token)} per token"
+    full = (f"max_num_seqs {max_num_seqs} x max_model_len {max_model_len} x {format_bytes(bytes_per_token)} per token"
+            f", and the block vLLM holds back")
     if kv_bytes == every:
         why = f"sized by the plugin: {full}"
     elif kv_bytes == one:
         why = (f"sized by the plugin: one request of max_model_len {max_model_len} x {format_bytes(bytes_per_token)} "
-               f"per token (the least vLLM starts with; {full} would be {format_bytes(every)})")
+               f"per token and the block vLLM holds back (the least vLLM starts with; {full} would be "
+               f"{format_bytes(every)})")
     else:
         why = (f"sized by the plugin: {KV_MAX_SHARE:.0%} of {format_bytes(view.available_bytes)} available "
-               f"({view.source}), for {kv_bytes // one} of max_num_seqs {max_num_seqs} full-length requests "
-               f"({full} would be {format_bytes(every)})")
+               f"({view.source}), for {(kv_bytes - block) // per_sequence} of max_num_seqs {max_num_seqs} "
+               f"full-length requests ({full} would be {format_bytes(every)})")
     return KvSize(kv_bytes, why + "; --kv-cache-memory-bytes sets it")
