@@ -29,14 +29,19 @@ def run(name: str, num_experts: int, top_k: int, steps: int, seed: int = 0) -> f
     for needed in routing:
         if hasattr(slots.policy, "begin_step_tokens"):
             slots.policy.begin_step_tokens([rng.randrange(64)])
-        pinned = set(needed)
-        for expert in needed:
-            hit = slots.slot_of(expert) is not None
-            if not hit:
-                slots.admit(expert, pinned)
-            slots.touch(expert, hit)
+        _serve(slots, needed)
         slots.end_step()
     return (time.perf_counter() - start) / steps * 1e6
+
+
+def _serve(slots: SlotMap, needed: list[int]) -> None:
+    """One layer's pass: its experts pinned, each a hit or admitted."""
+    pinned = set(needed)
+    for expert in needed:
+        hit = slots.slot_of(expert) is not None
+        if not hit:
+            slots.admit(expert, pinned)
+        slots.touch(expert, hit)
 
 
 def run_linked(num_experts: int, top_k: int, steps: int, seed: int = 0) -> float:
@@ -52,12 +57,7 @@ def run_linked(num_experts: int, top_k: int, steps: int, seed: int = 0) -> float
         for slots, needed in zip(layers, step):
             slots.policy.begin_step_tokens([token])
             slots.policy.begin_pass_needs(needed)
-            pinned = set(needed)
-            for expert in needed:
-                hit = slots.slot_of(expert) is not None
-                if not hit:
-                    slots.admit(expert, pinned)
-                slots.touch(expert, hit)
+            _serve(slots, needed)
         for slots in layers:
             slots.end_step()
     return (time.perf_counter() - start) / (steps * LINKED_LAYERS) * 1e6

@@ -40,17 +40,22 @@ def test_auto_keeps_every_expert_where_memory_allows(tmp_path):
     assert "auto       budget auto = " in log and "KV cache 64.00 MiB (--kv-cache-memory-bytes)" in log
 
 
-def test_without_a_kv_size_the_plugin_sizes_it_and_counts_it_once(tmp_path):
-    # no --kv-cache-memory-bytes: vLLM's CPU default would ask for 90% of the machine's memory
+def _sized_by_the_plugin(tmp_path, max_num_seqs: int) -> str:
+    """The log of an engine with ``max_num_seqs`` and no KV size set, after checking its tokens are stock's."""
     job = _job("sized", TINY_PYMOE, {"policy": "lru", "budget": "30%"})
-    job["engine"].update(kv_cache_memory_bytes=None, max_num_seqs=4)
+    job["engine"].update(kv_cache_memory_bytes=None, max_num_seqs=max_num_seqs)
     stock = run_engines(tmp_path / "stock", [_job("stock", TINY_PYMOE)], stock=True)["stock"]
     got = run_engines(tmp_path / "sized", [job], stock=False)["sized"]
     assert "error" not in got, got.get("error")
     assert got["tokens"] == stock["tokens"]
+    return Path(got["log"]).read_text()
+
+
+def test_without_a_kv_size_the_plugin_sizes_it_and_counts_it_once(tmp_path):
+    # no --kv-cache-memory-bytes: vLLM's CPU default would ask for 90% of the machine's memory
+    log = _sized_by_the_plugin(tmp_path, max_num_seqs=4)
     # 4 sequences x 512 tokens (4 blocks of 128) x 1.5 KiB (6 layers x K,V x 2 heads x 32 x bf16), and the
     # block vLLM holds back: 17 blocks of 192 KiB
-    log = Path(got["log"]).read_text()
     assert "kv cache   3.19 MiB (sized by the plugin: max_num_seqs 4 x max_model_len 512 x 1.50 KiB per token" in log
     assert "Explicitly set (0.0/" in log  # vLLM's CPU worker took that size as given
 
@@ -58,14 +63,9 @@ def test_without_a_kv_size_the_plugin_sizes_it_and_counts_it_once(tmp_path):
 def test_one_sequence_gets_its_blocks_and_the_one_vllm_holds_back(tmp_path):
     # `vllm serve --max-num-seqs 1`: a KV cache of exactly one request's blocks left vLLM none once its block
     # pool held one back ("No available memory for the cache blocks"), and the engine did not start
-    job = _job("one", TINY_PYMOE, {"policy": "lru", "budget": "30%"})
-    job["engine"].update(kv_cache_memory_bytes=None, max_num_seqs=1)
-    stock = run_engines(tmp_path / "stock", [_job("stock", TINY_PYMOE)], stock=True)["stock"]
-    got = run_engines(tmp_path / "one", [job], stock=False)["one"]
-    assert "error" not in got, got.get("error")
-    assert got["tokens"] == stock["tokens"]
+    log = _sized_by_the_plugin(tmp_path, max_num_seqs=1)
     # 4 blocks of 128 tokens x 1.5 KiB for one request of 512, and the block vLLM holds back
-    assert "kv cache   960.00 KiB (sized by the plugin: max_num_seqs 1 x max_model_len 512" in Path(got["log"]).read_text()
+    assert "kv cache   960.00 KiB (sized by the plugin: max_num_seqs 1 x max_model_len 512" in log
 
 
 @pytest.fixture(scope="module")
