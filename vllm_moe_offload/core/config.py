@@ -198,6 +198,11 @@ class OffloadConfig:
     def enabled(self) -> bool:
         return self.policy is not Policy.OFF
 
+    @property
+    def kernel_store(self) -> bool:
+        """Loads read full-precision experts from the kernel-layout store: ready for the kernel, no conversion."""
+        return self.store is Store.KERNEL and self.quant is Quant.NONE
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> OffloadConfig:
         """Validate a ``moe_offload`` dict; ``None`` or ``{}`` means off."""

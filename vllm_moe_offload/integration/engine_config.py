@@ -12,8 +12,6 @@ from vllm_moe_offload.core.config import (
     OffloadConfig,
     OffloadConfigError,
     Policy,
-    Quant,
-    Store,
     format_bytes,
 )
 from vllm_moe_offload.core.plan import SlotPlan, plan_slots, staging_for
@@ -117,7 +115,7 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         offload.budget, tp, io_threads=offload.io_threads, cuda=current_platform.is_cuda(),
         read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model),
         # a kernel store's loads read into the slots: about nothing staged (the worker knows the layout)
-        staged_load_bytes=0 if offload.store is Store.KERNEL and offload.quant is Quant.NONE else None, **geometry,
+        staged_load_bytes=0 if offload.kernel_store else None, **geometry,
     )
     logger.info(
         "MoE offload: policy %s, budget %s -> about %s of %d experts per layer in %d MoE layers%s",

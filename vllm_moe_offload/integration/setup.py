@@ -338,7 +338,7 @@ def _open_store(
 def _kernel_load_staging(first: OffloadRoutedExperts, config: OffloadConfig) -> int | None:
     """Bytes of one load's read that pass through a read buffer when loads come from a kernel store into host
     slots (``KernelLayout.staged_read_bytes``); None when loads convert (checkpoint or quantized store)."""
-    if config.store is not Store.KERNEL or config.quant is not Quant.NONE or first.w13_weight.device.type != "cpu":
+    if not config.kernel_store or first.w13_weight.device.type != "cpu":
         return None
     return _kernel_layout([first]).staged_read_bytes
 
@@ -366,7 +366,7 @@ def _read_span_bytes(first: OffloadRoutedExperts, index: CheckpointIndex, config
     """The largest single read of one expert: from the checkpoint, or a kernel store's block when larger
     (a quantized checkpoint's scales lie apart from its weights, read separately; the block holds both)."""
     span = index.largest_expert_span()
-    if config.store is Store.KERNEL and config.quant is Quant.NONE and first.expert_format is not None:
+    if config.kernel_store and first.expert_format is not None:
         return max(span or 0, _kernel_layout([first]).expert_bytes)
     return span
 
