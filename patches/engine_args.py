@@ -49,9 +49,10 @@ def apply() -> None:
         from vllm_moe_offload.integration.engine_config import after_config, before_config
 
         offload = before_config(self)
+        requested_backend = self.distributed_executor_backend
         vllm_config = orig_create(self, *args, **kwargs)
         if offload is not None:
-            after_config(vllm_config, offload)
+            after_config(vllm_config, offload, requested_backend)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(mark(add_cli_args, orig_add))

@@ -79,16 +79,23 @@ def test_stock_vllm_worker_dies_with_sigill_without_the_permission(model, refere
 
 def test_llm_multiprocess_with_and_without_offload_matches_in_process_stock(model, reference, tmp_path):
     # only the plugin's main entry point (not moe_offload_amx beside it): its register() asks for AMX itself
+    # fate: the worker runs in the engine-core process (the plugin's layout, integration/engine_config.py);
+    # fate-mp: in a process of its own, as vLLM lays a CPU engine out, when the user asks for it
+    fate_mp = _job("fate-mp", model, OFFLOAD)
+    fate_mp["engine"]["distributed_executor_backend"] = "mp"
     results = run_engines(
-        tmp_path, [_job("off", model), _job("fate", model, OFFLOAD)], stock=False, multiprocess=True,
-        env={**NO_ONEDNN_AMX, "VLLM_PLUGINS": "moe_offload"}, timeout_s=300,
+        tmp_path, [_job("off", model), _job("fate", model, OFFLOAD), fate_mp], stock=False, multiprocess=True,
+        env={**NO_ONEDNN_AMX, "VLLM_PLUGINS": "moe_offload"}, timeout_s=400,
     )
-    for name in ("off", "fate"):
+    for name in ("off", "fate", "fate-mp"):
         assert "error" not in results[name], results[name].get("error")
         assert results[name]["tokens"] == reference, name
     assert results["off"]["stats"] is None  # offload off: vLLM's own worker, which has no offload statistics
-    stats = results["fate"]["stats"][0]
-    assert stats["policy"] == "fate" and stats["total"]["misses"] > 0  # really offloaded: 6 of 12 slots
+    for name in ("fate", "fate-mp"):
+        stats = results[name]["stats"][0]
+        assert stats["policy"] == "fate" and stats["total"]["misses"] > 0  # really offloaded: 6 of 12 slots
+    ready = [line.split(")")[0] for line in open(results["fate"]["log"]) if "MoE offload ready" in line]
+    assert [who.split()[0] for who in ready] == ["(EngineCore", "(Worker"], ready
 
 
 @pytest.mark.parametrize("flags", [(), ("--moe-offload", "fate", "--moe-offload-budget", "50%")],

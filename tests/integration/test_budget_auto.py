@@ -115,9 +115,11 @@ def test_the_plan_says_what_the_other_processes_took_from_the_experts():
 
     view = MemoryView(2500 * MIB, "cgroup v1 limit 4.50 GiB less 2.00 GiB in use", in_use_bytes=2048 * MIB)
     auto = choose_auto_budget(view, kv_bytes=MIB, planned_at_bytes=1200 * MIB)
-    (line,) = processes_hint(auto, multiprocess=True)
+    (line,) = processes_hint(auto, "front end and engine core")
     assert line.startswith("  processes  vLLM's front end and engine core hold 848.00 MiB of the limit; ")
     assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in line
-    assert processes_hint(auto, multiprocess=False) == []  # already one process
+    (line,) = processes_hint(auto, "front end")  # the plugin's layout: the worker in the engine core
+    assert line.startswith("  processes  vLLM's front end holds 848.00 MiB of the limit; ")
+    assert processes_hint(auto, None) == []  # already one process
     small = choose_auto_budget(view, kv_bytes=MIB, planned_at_bytes=1900 * MIB)  # 148 MiB: not worth a line
-    assert processes_hint(small, multiprocess=True) == [] and processes_hint(None, multiprocess=True) == []
+    assert processes_hint(small, "front end") == [] and processes_hint(None, "front end") == []

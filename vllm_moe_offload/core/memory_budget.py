@@ -3,7 +3,8 @@
 Arithmetic only. The runtime measures what the engine may still allocate
 (``runtime/memory_limit.py``: a cgroup's limit less its use, or the system's
 MemAvailable) in each worker once the non-expert weights are loaded, so the
-other processes of the engine (API server, engine core) and the weights are
+other processes of the engine (API server or ``LLM``'s front end, and the engine
+core where the worker has a process of its own) and the weights are
 already counted. What is still to come is taken out before the experts get the
 rest: the KV cache of every rank, and vLLM's working memory (a step's
 activations, allocator slack), for which a safety margin is kept. The budget
@@ -67,7 +68,7 @@ class AutoBudget:
 
     @property
     def other_processes_bytes(self) -> int | None:
-        """What the engine's other processes (vLLM's front end and engine core) held of the limit, if known."""
+        """What the engine's other processes (vLLM's front end, engine core) held of the limit, if known."""
         if self.in_use_bytes is None or self.planned_at_bytes is None:
             return None
         return max(0, self.in_use_bytes - self.planned_at_bytes)

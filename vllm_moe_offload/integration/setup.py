@@ -414,6 +414,6 @@ def _slots_for(
 
 
 def _log_plan(runtime: OffloadRuntime, vllm_config, took_s: float) -> None:
-    from vllm_moe_offload.integration.startup_plan import log_startup_plan
+    from vllm_moe_offload.integration.startup_plan import log_startup_plan, other_processes
 
-    log_startup_plan(runtime, vllm_config.model_config.model, took_s)
+    log_startup_plan(runtime, vllm_config.model_config.model, took_s, other_processes(vllm_config.parallel_config))

@@ -28,12 +28,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.moe_offload.startup_plan")
 
 
-def log_startup_plan(runtime: OffloadRuntime, model: str, took_s: float) -> None:
+def log_startup_plan(runtime: OffloadRuntime, model: str, took_s: float, others: str | None = None) -> None:
     """Log :func:`plan_lines` as one INFO record."""
-    logger.info("%s", "\n".join(plan_lines(runtime, model, took_s)))
+    logger.info("%s", "\n".join(plan_lines(runtime, model, took_s, others)))
 
 
-def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
+def plan_lines(runtime: OffloadRuntime, model: str, took_s: float, others: str | None = None) -> list[str]:
+    """``others``: the engine's processes besides this worker's, in words (:func:`other_processes`)."""
     config, plan = runtime.config, runtime.plan
     layers = runtime.layers
     resident = [s.layer_idx for s in layers if s.fully_resident]
@@ -56,7 +57,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float) -> list[str]:
           [f"  kv cache   {runtime.kv_cache}"] if runtime.kv_cache is not None else []),
         f"  link       {_measure_link(runtime, offloaded)}",
         *_store_hint(runtime, offloaded),
-        *processes_hint(runtime.auto_budget, _multiprocess()),
+        *processes_hint(runtime.auto_budget, others),
     ]
     if config.policy is Policy.FATE:
         lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
@@ -84,22 +85,29 @@ def _store_hint(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> list[st
 _OTHERS_WORTH_SAYING_BYTES = 256 * 2**20
 
 
-def processes_hint(auto: AutoBudget | None, multiprocess: bool) -> list[str]:
-    """Under a memory limit, what vLLM's other processes took from the experts, and how to get it back."""
-    others = auto.other_processes_bytes if auto is not None else None
-    if not multiprocess or others is None or others < _OTHERS_WORTH_SAYING_BYTES:
+def processes_hint(auto: AutoBudget | None, others: str | None) -> list[str]:
+    """Under a memory limit, what vLLM's other processes took from the experts, and how to get it back.
+
+    ``others``: what they are, in words (:func:`other_processes`); None when the engine is one process.
+    """
+    held = auto.other_processes_bytes if auto is not None else None
+    if others is None or held is None or held < _OTHERS_WORTH_SAYING_BYTES:
         return []
     return [
-        f"  processes  vLLM's front end and engine core hold {format_bytes(others)} of the limit; LLM(...) with "
-        f"VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine in one process, and auto then gives most of it to "
-        f"the experts"
+        f"  processes  vLLM's {others} hold{'s' if ' and ' not in others else ''} {format_bytes(held)} of the "
+        f"limit; LLM(...) with VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine in one process, and auto then "
+        f"gives most of it to the experts"
     ]
 
 
-def _multiprocess() -> bool:
+def other_processes(parallel_config) -> str | None:
+    """The engine's processes besides this worker's, in words; None when there are none."""
     import vllm.envs as envs
 
-    return bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)
+    if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        return None
+    # "uni" under multiprocessing: the worker runs in the engine core (integration/engine_config.py)
+    return "front end" if parallel_config.distributed_executor_backend == "uni" else "front end and engine core"
 
 
 def _where(runtime: OffloadRuntime, first: LayerSlots) -> str:
