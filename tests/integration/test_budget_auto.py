@@ -123,3 +123,28 @@ def test_the_plan_says_what_the_other_processes_took_from_the_experts():
     assert processes_hint(auto, None) == []  # already one process
     small = choose_auto_budget(view, kv_bytes=MIB, planned_at_bytes=1900 * MIB)  # 148 MiB: not worth a line
     assert processes_hint(small, "front end") == [] and processes_hint(None, "front end") == []
+
+
+def test_the_placeholders_give_their_memory_back_before_auto_measures():
+    """vLLM's loader makes one placeholder expert per layer (integration/experts.py); auto must not count it.
+
+    Each keeps its Parameter object (a quantized kernel's config holds it), its
+    shape, dtype and device, from which the slot pools and converters are made;
+    its storage becomes one element.
+    """
+    import torch
+
+    from vllm_moe_offload.integration.quantized_experts import one_expert_bytes
+    from vllm_moe_offload.integration.setup import _release_placeholders
+
+    layer = torch.nn.Module()
+    layer.expert_format = None
+    layer.w13_weight = torch.nn.Parameter(torch.ones(1, 256, 128, dtype=torch.bfloat16), requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(torch.ones(1, 128, 128, dtype=torch.bfloat16), requires_grad=False)
+    params, before = [layer.w13_weight, layer.w2_weight], one_expert_bytes(layer)
+    _release_placeholders([layer])
+    assert layer.w13_weight is params[0] and layer.w2_weight is params[1]  # the same objects
+    assert [tuple(p.shape) for p in params] == [(1, 256, 128), (1, 128, 128)]
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in params)
+    assert [p.untyped_storage().nbytes() for p in params] == [2, 2]  # was 64 KiB and 32 KiB
+    assert one_expert_bytes(layer) == before == (256 + 128) * 128 * 2

@@ -147,6 +147,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         layer.checkpoint_layout = layouts[layer.layer_name]
     # a saved profile is read once: it may choose fate's resident layers and starts the observer's table
     profile = make_table(layers, config.profile, vllm_config.model_config.model) if config.profile else None
+    _release_placeholders(layers)  # before auto measures what is left, and before any slot exists
     budget, auto = _resolve_budget(config, vllm_config, first.w13_weight.device, first.moe_config.tp_size)
     # tensor parallel: each rank plans its own shard of every expert with 1/tp of a size budget;
     # the staging of the loads (read buffers, conversion, CUDA ring) comes out of it first
@@ -196,6 +197,23 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
     _log_plan(runtime, vllm_config, time.perf_counter() - started)
     return runtime
+
+
+def _release_placeholders(layers: list[OffloadRoutedExperts]) -> None:
+    """Give back the memory of the one-expert placeholders vLLM's loader made (``experts.py``).
+
+    From here on they are read for their shape, dtype and device only (the slot
+    pools, the converters and the kernel store take those), so each keeps its
+    Parameter (a quantized kernel's config holds the object) with one element
+    expanded to its shape. Their memory, one expert per layer (576 MiB for 6
+    layers of 96 MiB experts), would otherwise stay in use until the slot pool
+    replaced it: ``auto`` counted it as taken, and the slots were allocated
+    beside it.
+    """
+    for layer in layers:
+        for name in expert_param_names(layer):
+            param = getattr(layer, name)
+            param.data = torch.empty((1,) * param.dim(), dtype=param.dtype, device=param.device).expand(param.shape)
 
 
 def _resolve_budget(config: OffloadConfig, vllm_config, device: torch.device, tp_size: int):
