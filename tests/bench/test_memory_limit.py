@@ -62,12 +62,14 @@ def test_run_limited_measures_every_process_and_says_how_it_ended(cgroup_allowed
     assert len(ran.processes) == 2  # processes, not threads
     assert max(p["RssAnon"] for p in ran.processes) >= 200 * MIB
     assert ran.as_dict()["peak_memory_bytes"] == ran.peak_bytes
+    assert ran.pressure["major_faults"] >= 0 and ran.pressure["limit_hits"] == 0  # 1 GiB: never met
 
     assert run_limited(_holder(10, exit_code=3), 1024 * MIB, timeout_s=60).ended == "exit code 3"
 
     killed = run_limited(_holder(600), 256 * MIB, timeout_s=60)
     assert killed.oom_kills >= 1 and killed.ended.startswith("OOM-killed") and killed.exit_code != 0
     assert killed.peak_bytes <= 256 * MIB
+    assert killed.pressure["limit_hits"] >= 1  # it met the limit before the kill
 
     slow = run_limited([sys.executable, "-c", "import time; time.sleep(60)"], None, timeout_s=1)
     assert slow.ended == "timed out" and slow.exit_code is None and slow.limit_bytes is None
@@ -80,7 +82,8 @@ def _report() -> dict:
               "tokens": [[5, 6, 7, 8]],
               "offload": {"bytes_read": 8 * MIB, "demand_hit_rate": 0.5, "ready_rate": 0.5, "stall_s": 0.1}}
     cache = {"file_bytes": 9, "resident_bytes": 0, "expert_bytes": 100 * MIB, "expert_resident_bytes": 0}
-    limit = {"memory_limit_bytes": 4 * 2**30, "exit_code": 0, "oom_kills": 0, "process_wall_s": 30.0}
+    limit = {"memory_limit_bytes": 4 * 2**30, "exit_code": 0, "oom_kills": 0, "process_wall_s": 30.0,
+             "major_faults": 1200, "limit_hits": 0}
     return {
         "model": "/m/pymoe-x2048", "quick": False, "link": "none", "policies": ["lru"], "budgets": ["auto"],
         "sizes": {"decode_prompt": 8, "decode_tokens": 4, "prefill_tokens": 8, "batch_requests": 2,
@@ -119,8 +122,9 @@ def test_report_of_a_killed_stock_run(tmp_path):
     assert "tokens" not in report["reference"]
     md = format_markdown(report)
     assert "## Under a memory limit of 4.00 GiB" in md
-    assert "| stock | OOM-killed (1 kill(s), exit code -9) | 4.00 | - | - | - | - |" in md
-    assert "| lru auto | ran | 3.00 | 30.0 | 2.50 | 2.00 | front end (LLM) 1.00 (0.50); EngineCore 2.00 (1.00) |" in md
+    assert "| stock | OOM-killed (1 kill(s), exit code -9) | 4.00 | 1200 | 0 | - | - | - | - |" in md
+    assert ("| lru auto | ran | 3.00 | 1200 | 0 | 30.0 | 2.50 | 2.00 | front end (LLM) 1.00 (0.50); "
+            "EngineCore 2.00 (1.00) |") in md
     assert "peaked at 12.00 GiB" in md
     for plot in (plot_bench_memory, plot_bench_speed):
         assert plot(report, tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -299,14 +299,18 @@ def _memory_limit_section(report: dict) -> list[str]:
         "Each engine ran in a memory cgroup of this size (`cli/cgroup.py`), the page cache emptied before it and "
         "counted against the limit, as on a real box. *peak*: the cgroup's peak, every process of the engine "
         "with its page cache. *processes*: peak resident memory (RSS; anonymous part in brackets) of each process "
-        "of the engine, sampled every 0.5 s. The reference tokens come from "
+        "of the engine, sampled every 0.5 s. *major faults*: pages the engine's processes read back from disk, "
+        "start-up included (the code each process first runs, since the page cache was emptied; beyond that, what "
+        "the kernel reclaimed to stay under the limit and was needed again); *at limit*: how often a charge met "
+        "the limit (the kernel then reclaimed page cache). The reference tokens come from "
         + ("the timed stock run." if not ref else f"`{ref.get('name')}`, the stock engine run without a limit "
            f"(in a cgroup that only measures): it peaked at {_gib(ref.get('peak_memory_bytes'))} GiB, started in "
            f"{ref.get('startup_s', 0):.1f} s and decoded {ref.get('decode_tok_s') or 0:.2f} tok/s "
            "(batch-1, while recording the routing)."),
         "",
-        "| run | ended | peak GiB | start-up s | decode tok/s | expert slots GiB | processes: peak RSS GiB (anon) |",
-        "|---" * 7 + "|",
+        "| run | ended | peak GiB | major faults | at limit | start-up s | decode tok/s | expert slots GiB "
+        "| processes: peak RSS GiB (anon) |",
+        "|---" * 9 + "|",
     ]
     for run in report["runs"]:
         off = run.get("offload") or {}
@@ -315,6 +319,7 @@ def _memory_limit_section(report: dict) -> list[str]:
                           for p in run.get("processes", []))
         lines.append(" | ".join([
             f"| {run['name']}", run.get("ended", "?"), _gib(run.get("peak_memory_bytes")),
+            str(run.get("major_faults", "-")), str(run.get("limit_hits", "-")),
             f"{run['startup_s']:.1f}" if "startup_s" in run else "-", f"{decode:.2f}" if decode else "-",
             _gib(off.get("slot_bytes")), (procs or "-") + " |",
         ]))

@@ -64,6 +64,20 @@ class MemoryCgroup:
             fields = dict(line.split() for line in (self.folder / "memory.events").read_text().splitlines())
         return int(fields.get("oom_kill", 0))
 
+    def pressure(self) -> dict:
+        """How hard the limit pressed: major page faults of the cgroup's processes (pages read back from disk:
+        after the page cache was emptied, the code each process first runs, and later what the kernel reclaimed
+        to stay under the limit and was needed again) and how often a charge met the limit (the kernel
+        reclaimed, or would have failed it)."""
+        stat = dict(line.split() for line in (self.folder / "memory.stat").read_text().splitlines())
+        faults = int(stat.get("total_pgmajfault" if self.version == 1 else "pgmajfault", 0))
+        if self.version == 1:
+            hits = int((self.folder / "memory.failcnt").read_text())
+        else:
+            events = dict(line.split() for line in (self.folder / "memory.events").read_text().splitlines())
+            hits = int(events.get("max", 0))
+        return {"major_faults": faults, "limit_hits": hits}
+
     def pids(self) -> list[int]:
         """The processes in the cgroup now."""
         try:
@@ -108,6 +122,8 @@ class LimitedRun:
     wall_s: float
     #: per process (``pid``, ``name`` from its title or command line), the highest sample of each _STATUS_KEYS (bytes)
     processes: list[dict] = field(default_factory=list)
+    #: :meth:`MemoryCgroup.pressure` at the end (start-up included)
+    pressure: dict = field(default_factory=dict)
 
     @property
     def ended(self) -> str:
@@ -121,7 +137,7 @@ class LimitedRun:
     def as_dict(self) -> dict:
         return {"memory_limit_bytes": self.limit_bytes, "ended": self.ended, "exit_code": self.exit_code,
                 "oom_kills": self.oom_kills, "peak_memory_bytes": self.peak_bytes, "process_wall_s": self.wall_s,
-                "processes": self.processes}
+                "processes": self.processes, **self.pressure}
 
 
 def _process_sample(pid: int) -> dict | None:
@@ -178,7 +194,8 @@ def run_limited(cmd: list[str], limit_bytes: int | None, *, timeout_s: float, **
         stop.set()
         sampler.join()
         return LimitedRun(limit_bytes, exit_code, box.oom_kills(), box.peak_bytes(),
-                          round(time.perf_counter() - started, 1), sorted(peaks.values(), key=lambda p: p["pid"]))
+                          round(time.perf_counter() - started, 1), sorted(peaks.values(), key=lambda p: p["pid"]),
+                          box.pressure())
     finally:
         stop.set()
         box.kill_all()
