@@ -14,7 +14,7 @@ Usage (from the repository root, in .venv, as root: it makes memory cgroups and 
 4. Runs ``vllm-moe-offload bench --memory-limit`` on the padded model: stock vLLM and every policy with
    ``--moe-offload-budget auto``, each engine in a memory cgroup of the limit (plus stock without a
    limit for the reference tokens); then again with ``--inprocess`` for ``--inprocess-policies`` (vLLM's
-   engine in one process instead of three: what ``LLM(...)`` runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+   engine in one process instead of two: what ``LLM(...)`` runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 5. Runs ``llama-completion`` in a memory cgroup of the same limit (page cache dropped first; llama.cpp
    memory-maps the model, so its page cache is what caches experts) on the bench's batch-1 decode
    prompt (the same token ids, turned to text), greedy, the same number of tokens and threads.
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp-python", default="0.3.36", help="llama-cpp-python sdist version (%(default)s)")
     parser.add_argument("--inprocess-policies", default="lru[store=kernel],lru[replacement=nextuse;store=kernel]",
                         help="policies also run with vLLM's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0: "
-                             "one process instead of three, so auto finds more memory for the experts); '' for none "
+                             "one process instead of two, so auto finds more memory for the experts); '' for none "
                              "(default %(default)s)")
     parser.add_argument("--skip-bench", action="store_true",
                         help="reuse WORK/bench/bench.json and WORK/bench-inprocess/bench.json (llama.cpp only)")
