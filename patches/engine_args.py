@@ -47,12 +47,14 @@ def apply() -> None:
 
     def create_engine_config(self, *args, **kwargs):
         from vllm_moe_offload.integration.engine_config import after_config, before_config
+        from vllm_moe_offload.patches.cpu_executor import keep_uni_executor
 
         offload = before_config(self)
         requested_backend = self.distributed_executor_backend
         vllm_config = orig_create(self, *args, **kwargs)
         if offload is not None:
-            after_config(vllm_config, offload, requested_backend)
+            after_config(vllm_config, offload)
+            keep_uni_executor(vllm_config.parallel_config, requested_backend)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(mark(add_cli_args, orig_add))

@@ -79,7 +79,7 @@ def test_stock_vllm_worker_dies_with_sigill_without_the_permission(model, refere
 
 def test_llm_multiprocess_with_and_without_offload_matches_in_process_stock(model, reference, tmp_path):
     # only the plugin's main entry point (not moe_offload_amx beside it): its register() asks for AMX itself
-    # fate: the worker runs in the engine-core process (the plugin's layout, integration/engine_config.py);
+    # fate: the worker runs in the engine-core process (the plugin's layout, patches/cpu_executor.py);
     # fate-mp: in a process of its own, as vLLM lays a CPU engine out, when the user asks for it
     fate_mp = _job("fate-mp", model, OFFLOAD)
     fate_mp["engine"]["distributed_executor_backend"] = "mp"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_PYMOE, run_engines
-from vllm_moe_offload.core.config import Budget, OffloadConfig
+from vllm_moe_offload.core.config import Budget, OffloadConfig, Tier
 from vllm_moe_offload.core.correlation import CorrelationTable, load_profile
 from vllm_moe_offload.core.plan import plan_slots
 from vllm_moe_offload.core.resident import choose_resident_layers, layer_demand
@@ -62,7 +62,9 @@ def results(tiny_models, tmp_path_factory):
     profile = tmp / "profile.npz"
     offload = run_engines(tmp / "offload", [
         _job("random 25%", random_model, {"budget": "25%"}, prompts=_random_prompts()),
-        _job("trained 50%", TINY_PYMOE, {"budget": "50%", "save_profile": str(profile)}, rounds=_trained_rounds()),
+        # layer 0 kept whole, as asked: the restart from its profile below chooses for itself
+        _job("trained 50%", TINY_PYMOE, {"budget": "50%", "resident_layers": 1, "save_profile": str(profile)},
+             rounds=_trained_rounds()),
     ], stock=False)
     # a restart from the saved profile chooses its resident layers from the recall measured above
     offload.update(run_engines(tmp / "profiled", [
@@ -131,7 +133,7 @@ def test_resident_layers_follow_the_loads_the_saved_profile_predicts(results):
     before = offload["trained 50%"]["stats"][0]["layer_slots"]
     after = offload["trained 50% profiled"]["stats"][0]["layer_slots"]
     num_layers, num_experts, top_k = TINY_PYMOE_SHAPE
-    assert before[0] == num_experts and before[1] < num_experts  # default: layer 0 only
+    assert before[0] == num_experts and before[1] < num_experts  # asked: layer 0 only
     # the same rule over the saved counts, with the 50% budget split as the engine splits it (staging aside)
     layer_slots = _split(Budget.parse("50%"), num_layers, num_experts, top_k)
     choice = choose_resident_layers(layer_demand(table.counts, table.top_k), layer_slots, min_resident=0)
@@ -159,15 +161,18 @@ def test_resident_layer_rule_without_engine(tmp_path):
     profile = load_profile(tmp_path / "p.npz")
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "62.5%", "profile": str(tmp_path / "p.npz")})
     roomy = _split(Budget.parse("62.5%"), 4, 8, 2, min_rest=2)  # 20 slots: 2 resident layers leave 2 each
-    assert _resident_layers(config, profile, lambda resident_layers: _Plan(roomy(resident_layers))) == 2
+    assert _resident_layers(config, profile, lambda resident_layers: _Plan(roomy(resident_layers)), Tier.DISK) == 2
     tight = _split(Budget.parse("62.5%"), 4, 8, 2, min_rest=4)  # 2 resident layers would leave under 4
     # and layer 0 needs only experts 0 and 1: its 2+ cached slots never miss, keeping it whole wastes 6
-    assert _resident_layers(config, profile, lambda resident_layers: _Plan(tight(resident_layers))) == 0
+    assert _resident_layers(config, profile, lambda resident_layers: _Plan(tight(resident_layers)), Tier.DISK) == 0
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "50%"})
-    assert _resident_layers(config, None, None) == 1  # no profile: layer 0 only, as without the rule
+    # no profile: from disk none (a load outlasts a layer's compute: the slots serve more spread out); from
+    # host memory layer 0, which nothing predicts, while prefetches hide the other layers' loads
+    assert _resident_layers(config, None, None, Tier.DISK) == 0
+    assert _resident_layers(config, None, None, Tier.HOST) == 1
     config = OffloadConfig.from_dict({"policy": "fate", "budget": "50%", "resident_layers": 3,
                                      "profile": str(tmp_path / "p.npz")})
-    assert _resident_layers(config, profile, None) == 3  # an explicit count wins
+    assert _resident_layers(config, profile, None, Tier.DISK) == 3  # an explicit count wins
 
 
 class _Plan:

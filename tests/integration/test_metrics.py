@@ -20,9 +20,10 @@ def runs(tiny_models, tmp_path_factory) -> dict:
     model = str(tiny_models["mixtral"])
     jobs = [
         {"name": policy, "model": model, "prompts": PROMPTS, "max_tokens": 8,
-         "engine": {"additional_config": {"moe_offload": {"policy": policy, "budget": budget}}}}
-        # fate at 75%: layer 0 whole (8 slots) and 4 for layer 1, its predicted layer's minimum
-        for policy, budget in (("lru", "50%"), ("fate", "75%"))
+         "engine": {"additional_config": {"moe_offload": {"policy": policy, "budget": budget, **extra}}}}
+        # fate at 75%, asked to keep layer 0 whole (from disk it keeps none unless asked or profiled):
+        # 8 slots, and 4 for layer 1, its predicted layer's minimum
+        for policy, budget, extra in (("lru", "50%", {}), ("fate", "75%", {"resident_layers": 1}))
     ]
     results = run_engines(tmp_path_factory.mktemp("metrics"), jobs, stock=False)
     for result in results.values():

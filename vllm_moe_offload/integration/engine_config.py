@@ -84,17 +84,11 @@ MOE_OP = "vllm_moe_offload::routed_experts"
 CUDA_MOE_BACKEND = "triton"
 
 
-def after_config(vllm_config: VllmConfig, offload: OffloadConfig, requested_backend: str | None = None) -> None:
-    """Refuse what the offloaded layer cannot do, adapt graphs and kernels, and check the budget.
-
-    ``requested_backend``: the ``--distributed-executor-backend`` the user gave (None: vLLM's choice).
-    """
+def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
+    """Refuse what the offloaded layer cannot do, adapt graphs and kernels, and check the budget."""
     parallel = vllm_config.parallel_config
     check_parallel(parallel)
     from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        worker_in_engine_core(parallel, requested_backend)
 
     if current_platform.is_cuda():
         force_moe_backend(vllm_config.kernel_config)
@@ -134,28 +128,6 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig, requested_back
             "every expert stays resident and nothing is offloaded; --moe-offload off gives the same with no "
             "plugin in the path", offload.budget, plan.budget_bytes, plan.total_expert_bytes + plan.staging_bytes,
         )
-
-
-def worker_in_engine_core(parallel: Any, requested_backend: str | None) -> None:
-    """One rank on the CPU backend: run the worker inside the engine-core process, as vLLM does on a GPU.
-
-    vLLM's CPU platform turns the single-rank ``uni`` executor into ``mp`` while
-    multiprocessing is on, so a default engine is three processes (front end,
-    engine core, worker), each holding its own copy of torch and vLLM: about
-    0.4 GiB apiece that, on a box the experts do not fit, the expert cache
-    would rather have (README, "Bigger than memory"). The reason it gives, that
-    OpenMP cannot be set up without the worker process, does not hold for the
-    engine core: it is spawned after the platform set OpenMP's environment
-    (``LD_PRELOAD``, thread binding) for its children, so it gets the same
-    environment the worker would. ``--distributed-executor-backend mp`` keeps
-    vLLM's layout; tensor parallelism keeps one worker process per rank.
-    """
-    if parallel.world_size != 1 or requested_backend not in (None, "uni"):
-        return
-    if parallel.distributed_executor_backend == "mp":
-        parallel.distributed_executor_backend = "uni"
-        logger.info("MoE offload: the worker runs in the engine-core process (one process fewer holding "
-                    "torch and vLLM; --distributed-executor-backend mp keeps vLLM's own worker process)")
 
 
 #: ``additional_config`` key where :func:`size_kv_for_offload` leaves why the KV cache has its size,

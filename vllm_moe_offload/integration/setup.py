@@ -161,8 +161,9 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         # the slots an even split leaves go to the layers a profile shows gain most (else spread evenly)
         extra_order=extra_slot_order(layer_demand(profile.counts, profile.top_k)) if profile is not None else None,
     )
+    tier = _resolve_tier(config.tier, first.w13_weight.device, config)
     try:
-        plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with))
+        plan = plan_with(resident_layers=_resident_layers(config, profile, plan_with, tier))
     except OffloadConfigError as exc:
         if auto is None:
             raise
@@ -174,7 +175,6 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
             "budget for this rank %s (the budget %s shared by %d ranks)", first.moe_config.tp_rank,
             first.moe_config.tp_size, format_bytes(plan.budget_bytes), config.budget, first.moe_config.tp_size,
         )
-    tier = _resolve_tier(config.tier, first.w13_weight.device, config)
     # one fetch per I/O thread at a time, each with the conversion temporaries the plan reserved
     convert_bytes = plan.staging.convert_bytes if plan.staging is not None else 0
     readers = ThreadLocalReaders(config.direct_io, lanes=config.io_threads, ledger=ledger, convert_bytes=convert_bytes)
@@ -286,9 +286,18 @@ def _warm_set(observer: RoutingObserver | None, config: OffloadConfig, ordinal: 
 
 
 def _resident_layers(
-    config: OffloadConfig, profile: CorrelationTable | None, plan_with: Callable[..., SlotPlan],
+    config: OffloadConfig, profile: CorrelationTable | None, plan_with: Callable[..., SlotPlan], tier: Tier,
 ) -> int:
-    """Fate keeps shallow layers whole: at least the first, which nothing can predict.
+    """How many leading layers Fate keeps whole.
+
+    Without a profile nothing says which layers are busy: the first layer, which
+    nothing predicts, is kept whole where the other layers' loads come from host
+    memory (a fast link, where prefetches hide them behind compute), and none
+    where they come from disk: there a load outlasts a layer's compute, a
+    prefetch hides little of it, and layer 0's slots serve more spread over all
+    layers (trained tiny-pymoe x64 at 50%, kernel store, default engine: decode
+    136.1 tok/s with none against 102.2 with layer 0 whole, batch 168.3 against
+    134.6, prefill 2200 against 2004; `docs/bench/fate-resident/`).
 
     With a saved profile and no explicit ``resident_layers``, the count of leading
     resident layers with the fewest expected expert loads per token under this
@@ -304,7 +313,7 @@ def _resident_layers(
     if config.resident_layers is not None:
         return config.resident_layers
     if profile is None:
-        return 1
+        return 1 if tier is Tier.HOST else 0
     demand = layer_demand(profile.counts, profile.top_k)
     # from 0: measured, keeping no layer whole loaded least on this host (trained tiny Mixtral at 50%, replay:
     # 1194 loads with none resident, 1729 with layer 0); layer 0 is then an ordinary demand-cached layer

@@ -106,7 +106,7 @@ def other_processes(parallel_config) -> str | None:
 
     if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:
         return None
-    # "uni" under multiprocessing: the worker runs in the engine core (integration/engine_config.py)
+    # "uni" under multiprocessing: the worker runs in the engine core (patches/cpu_executor.py)
     return "front end" if parallel_config.distributed_executor_backend == "uni" else "front end and engine core"
 
 
