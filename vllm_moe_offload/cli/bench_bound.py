@@ -3,11 +3,14 @@
 DESIGN.md section 5: for one workload on one machine the bound is
 ``max(compute floor, I/O floor)``. Here, per workload (batch-1 decode, prefill, batch):
 
-* **compute floor**: stock vLLM's wall time on the workload, every expert
-  resident, measured in the same bench: the fastest of the timed stock run and
-  the rounds of the stock engine that records the routing (same settings and
-  prompts; the recorder runs in its first round only), so that one slow moment
-  of a shared machine does not raise the floor;
+* **compute floor**: the fastest all-resident wall time on the workload
+  measured in the same bench: stock vLLM's timed run and the rounds of the
+  stock engine that records the routing (same settings and prompts; the
+  recorder runs in its first round only), and the plugin's runs that hold every
+  expert in a slot (a 100% budget), so that one slow moment of a shared machine
+  does not raise the floor. The plugin's count because on the CPU backend they
+  run the worker in the engine-core process (``patches/cpu_executor.py``), one
+  process fewer than stock, and were measured faster than stock;
 * **I/O floor**: the expert loads of the optimal cache (:func:`optimal_loads`)
   for the workload's recorded routing with the run's slots per layer
   (``layer_slots`` of its statistics), times the run's ``expert_bytes``, over
@@ -204,7 +207,8 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
 
     ``routing``: the result of the bench's routing job (per workload its
     ``routing``, ``[step][token][layer][k]`` expert ids, its ``tokens`` and
-    times). The compute floor is the fastest of stock's times.
+    times). The compute floor is the fastest of stock's times and of the
+    plugin's all-resident runs (:func:`_all_resident`).
     ``config_of(run)``: the run's offload settings. One bandwidth probe per
     distinct read path (I/O threads, direct I/O, emulated link). Runs that do
     not read full-precision experts from disk get ``{"skipped": why}``.
@@ -214,6 +218,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
     stock_s = {name: [*([stock["workloads"][name]["wall_s"]] if name in stock["workloads"] else []), w["wall_s"],
                       *w.get("round_wall_s", [])]
                for name, w in routing["workloads"].items()}
+    resident_s = {name: [r["workloads"][name]["wall_s"] for r in runs
+                         if _all_resident(r) and "wall_s" in r["workloads"].get(name, {})]
+                  for name in routing["workloads"]}
     probes: dict[tuple, dict] = {}
     loads: dict[tuple, list[int]] = {}
     for run in runs:
@@ -237,15 +244,23 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
                 loads[name, slots] = routing_loads(recorded["routing"], slots, stats["num_experts"],
                                                    merge=name in MERGED_WORKLOADS)
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probes[key]["gbps"],
-                                                min(stock_s[name]), run["workloads"][name]["wall_s"])
+                                                min(stock_s[name] + resident_s[name]),
+                                                run["workloads"][name]["wall_s"])
     return {
         "stock_wall_s": stock_s,
+        "resident_wall_s": resident_s,
         "routing_steps": {name: len(w["routing"]) for name, w in routing["workloads"].items()},
         "routing_tokens_match_stock": {name: w["tokens"] == stock["workloads"][name].get("tokens")
                                        for name, w in routing["workloads"].items() if name in stock["workloads"]},
         "merged_workloads": list(MERGED_WORKLOADS),
         "bandwidth": list(probes.values()),
     }
+
+
+def _all_resident(run: dict) -> bool:
+    """A plugin run whose every layer holds every expert in a slot: nothing is loaded while it serves."""
+    stats = run.get("offload")
+    return run["kind"] != "stock" and bool(stats) and all(n == stats["num_experts"] for n in stats["layer_slots"])
 
 
 def _unbounded(stats: dict, config: OffloadConfig) -> str | None:

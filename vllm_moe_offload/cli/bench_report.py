@@ -196,9 +196,13 @@ def _bound_section(report: dict) -> list[str]:
     lines = [
         "## Fraction of the physical bound", "",
         "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster, a perfect one "
-        "reaches it. *compute floor*: stock's wall time on the workload (every expert resident; the fastest of "
-        f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it: the timed one and the rounds of the "
-        "stock engine that recorded the routing). *I/O floor*: "
+        "reaches it. *compute floor*: the fastest all-resident wall time on the workload: of "
+        f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it (the timed one and the rounds of the "
+        "stock engine that recorded the routing)"
+        + (f" and {n} plugin run(s) holding every expert in a slot (their worker runs in the engine-core process, "
+           "one process fewer than stock's)" if (n := len(next(iter(bound.get("resident_wall_s", {}).values()), [])))
+           else "")
+        + ". *I/O floor*: "
         "the expert loads of the optimal cache (Belady's rule, `cli/bench_bound.py`) for the workload's routing "
         "with the run's slots per layer, times the run's bytes per expert, over the disk's read bandwidth "
         f"measured the way the runs read (direct I/O, one expert per read: {probes}). The cache starts warm "

@@ -233,7 +233,7 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
     """Each plugin run's wall time per workload (bars, log scale) against its physical bound (dashed black).
 
     Bars are labelled with the run's fraction of its bound (bound / time); the
-    dotted grey line is the compute floor (stock's time).
+    dotted grey line is the compute floor (the fastest all-resident time: stock's, or the plugin's at 100%).
     """
     workloads = [("decode", "batch-1 decode"), ("prefill", "prefill"),
                  ("batch", f"{report['sizes']['batch_requests']} concurrent requests")]
@@ -250,7 +250,7 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
                   label="bound: max(compute, I/O floor)")
         if x:
             ax.axhline(bounds[x[0]]["compute_floor_s"], color="0.5", linestyle=":", linewidth=1,
-                       label="compute floor (stock)")
+                       label="compute floor (fastest all-resident)")
         ax.set_yscale("log")  # offload runs are often 10-100x above the bound
         _plain_log_ticks(ax)
         if x:  # headroom above the tallest bar for its label and the legend
