@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm_moe_offload.patches import PatchContractError
+
 logger = logging.getLogger("vllm.moe_offload.config")
 
 
@@ -34,6 +36,9 @@ def keep_uni_executor(parallel: Any, requested_backend: str | None) -> None:
     """``parallel``: the engine's ``ParallelConfig``; ``requested_backend``: the user's, None for vLLM's choice."""
     from vllm.platforms import current_platform
 
+    for attr in ("world_size", "distributed_executor_backend"):
+        if not hasattr(parallel, attr):
+            raise PatchContractError(f"vllm-moe-offload: ParallelConfig.{attr} is missing; this vLLM is not supported")
     if not current_platform.is_cpu() or parallel.world_size != 1 or requested_backend not in (None, "uni"):
         return
     if parallel.distributed_executor_backend == "mp":

@@ -36,3 +36,13 @@ def _backend(model, monkeypatch, **engine) -> str:
 )
 def test_offload_runs_a_single_rank_cpu_worker_in_the_engine_core(tiny_models, monkeypatch, engine, expected):
     assert _backend(tiny_models["mixtral"], monkeypatch, **engine) == expected
+
+
+def test_a_vllm_without_the_fields_the_override_sets_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from vllm_moe_offload.patches import PatchContractError
+    from vllm_moe_offload.patches.cpu_executor import keep_uni_executor
+
+    with pytest.raises(PatchContractError, match="ParallelConfig.distributed_executor_backend"):
+        keep_uni_executor(SimpleNamespace(world_size=1), None)
