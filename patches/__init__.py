@@ -55,9 +55,10 @@ def mark(wrapper: Callable, original: Callable) -> Callable:
 
 def apply_all() -> None:
     """Apply every runtime patch (idempotent). Called by ``register()``."""
-    from vllm_moe_offload.patches import async_llm, default_loader, engine_args, scheduler, weight_utils
+    from vllm_moe_offload.patches import async_llm, cpu_executor, default_loader, engine_args, scheduler, weight_utils
 
     engine_args.apply()
+    cpu_executor.apply()
     weight_utils.apply()
     default_loader.apply()
     scheduler.apply()

@@ -33,6 +33,13 @@ def rss_anon_kib() -> int:
     return -1
 
 
+def torch_threads(worker) -> int:
+    """Runs where the model computes (``collective_rpc``): the OpenMP threads its kernels use."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_job(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -76,6 +83,8 @@ def run_job(job: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - stock workers have no such method
         result["stats"] = None
         result["stats_error"] = f"{type(exc).__name__}: {exc}"
+    if job.get("report_threads"):  # a function sent to the engine: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1
+        result["torch_threads"] = llm.collective_rpc(torch_threads)
     result["rss_anon_kib"] = rss_anon_kib()
     t0 = time.perf_counter()
     del llm

@@ -83,9 +83,12 @@ def test_llm_multiprocess_with_and_without_offload_matches_in_process_stock(mode
     # fate-mp: in a process of its own, as vLLM lays a CPU engine out, when the user asks for it
     fate_mp = _job("fate-mp", model, OFFLOAD)
     fate_mp["engine"]["distributed_executor_backend"] = "mp"
+    jobs = [_job("off", model), _job("fate", model, OFFLOAD), fate_mp]
+    for job in jobs:
+        job["report_threads"] = True
     results = run_engines(
-        tmp_path, [_job("off", model), _job("fate", model, OFFLOAD), fate_mp], stock=False, multiprocess=True,
-        env={**NO_ONEDNN_AMX, "VLLM_PLUGINS": "moe_offload"}, timeout_s=400,
+        tmp_path, jobs, stock=False, multiprocess=True, timeout_s=400,
+        env={**NO_ONEDNN_AMX, "VLLM_PLUGINS": "moe_offload", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
     )
     for name in ("off", "fate", "fate-mp"):
         assert "error" not in results[name], results[name].get("error")
@@ -94,6 +97,9 @@ def test_llm_multiprocess_with_and_without_offload_matches_in_process_stock(mode
     for name in ("fate", "fate-mp"):
         stats = results[name]["stats"][0]
         assert stats["policy"] == "fate" and stats["total"]["misses"] > 0  # really offloaded: 6 of 12 slots
+    # the engine core running the worker computes with as many threads as vLLM's own worker process (without
+    # the plugin setting OMP_NUM_THREADS it took every core, and tokens of longer decodes parted from stock's)
+    assert results["fate"]["torch_threads"] == results["fate-mp"]["torch_threads"] == results["off"]["torch_threads"]
     ready = [line.split(")")[0] for line in open(results["fate"]["log"]) if "MoE offload ready" in line]
     assert [who.split()[0] for who in ready] == ["(EngineCore", "(Worker"], ready
 

@@ -10,7 +10,7 @@ DESIGN.md section 5: for one workload on one machine the bound is
   expert in a slot (a 100% budget), so that one slow moment of a shared machine
   does not raise the floor. The plugin's count because on the CPU backend they
   run the worker in the engine-core process (``patches/cpu_executor.py``), one
-  process fewer than stock, and were measured faster than stock;
+  process fewer than stock, and were measured up to 7% faster than stock;
 * **I/O floor**: the expert loads of the optimal cache (:func:`optimal_loads`)
   for the workload's recorded routing with the run's slots per layer
   (``layer_slots`` of its statistics), times the run's ``expert_bytes``, over
