@@ -1,9 +1,10 @@
 """SlotMap with the runtime's policies: capacity, pinning, Load-on-Demand drops, pass packing."""
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import use_expert
 from vllm_moe_offload.core.cache import LRUPolicy, OnDemandPolicy, SlotMap, pack_passes
@@ -83,6 +84,41 @@ def test_pack_passes_keeps_tokens_whole_and_within_slots(num_slots, tokens):
     assert sorted(i for p in passes for i in p) == list(range(len(tokens)))
     for p in passes:
         assert len({e for i in p for e in tokens[i]}) <= num_slots
+
+
+def _pass_loads(passes, rows, num_slots, resident=()):
+    """Loads of running ``passes`` in order through an LRU slot cache, each pass's experts pinned."""
+    slots = SlotMap(16, num_slots, LRUPolicy(16, num_slots))
+    for expert in resident:
+        slots.admit(expert)
+        slots.touch(expert, hit=False)
+    loads = 0
+    for tokens in passes:
+        needed = {e for i in tokens for e in rows[i]}
+        for expert in sorted(needed):
+            if slots.slot_of(expert) is None:
+                loads += 1
+                slots.admit(expert, pinned=needed)
+                slots.touch(expert, hit=False)
+            else:
+                slots.touch(expert, hit=True)
+    return loads
+
+
+def test_planned_passes_reuse_what_the_pass_before_left():
+    from vllm_moe_offload.core.cache import _pack_sorted
+
+    rows = [list(pair) for pair in itertools.combinations(range(6), 2)]  # every pair of 6 experts
+    for num_slots, planned, in_sorted_order in ((3, 12, 15), (4, 9, 10)):
+        assert _pass_loads(pack_passes(rows, num_slots), rows, num_slots) == planned
+        assert _pass_loads(_pack_sorted([frozenset(r) for r in rows], num_slots), rows, num_slots) == in_sorted_order
+
+
+def test_the_first_pass_is_served_by_the_resident_experts():
+    rows = [[0, 1], [2, 3], [4, 5], [2, 4]]
+    passes = pack_passes(rows, 2, resident={4, 5})
+    assert passes == [[2], [3], [1], [0]] and _pass_loads(passes, rows, 2, resident=[4, 5]) == 4
+    assert pack_passes(rows, 2)[0] == [0]  # nothing resident: the lowest experts first
 
 
 def test_pack_passes_refuses_a_token_wider_than_the_slots():

@@ -245,19 +245,71 @@ class SlotMap:
         return dropped
 
 
-def pack_passes(token_experts: Iterable[Collection[int]], num_slots: int) -> list[list[int]]:
-    """Split tokens into passes that each need at most ``num_slots`` distinct experts.
+#: above this many distinct expert sets in one step, :func:`pack_passes` packs in sorted order (linear)
+#: instead of planning (quadratic in the sets: about 0.1 ms for a 512-token prefill of 15 sets)
+PLAN_MAX_SETS = 256
+
+
+def pack_passes(
+    token_experts: Iterable[Collection[int]], num_slots: int, resident: Collection[int] = (),
+) -> list[list[int]]:
+    """Split tokens into passes that each need at most ``num_slots`` distinct experts, in the order to run.
 
     Tokens stay whole (all of a token's experts in one pass) because splitting a
-    token's experts across passes changes the kernel's rounding. Tokens are
-    grouped by their expert set before the greedy packing, so tokens that share
-    experts share a pass (a 512-token prefill at 25% of the experts loaded 6.8x
-    fewer experts than packing in token order). Returns token indices.
+    token's experts across passes changes the kernel's rounding. Tokens with the
+    same expert set always share a pass. A pass is planned greedily: it takes,
+    one set at a time, the set adding the fewest experts that are not
+    resident (``resident`` for the first pass, then what the passes before left
+    in the slots), then the fewest experts at all, then the most tokens, while
+    the pass fits the slots; so consecutive passes share experts and one load
+    serves several passes. On the trained tiny-mixtral's 512-token prefills,
+    replayed through an LRU cache with each pass pinned, that loaded 26% fewer
+    experts at 4 of 16 slots and 20% fewer at 8 than packing in sorted order
+    (which itself loaded 6.8x fewer than token order). Returns token indices.
     """
     rows = [frozenset(experts) for experts in token_experts]
     for idx, needed in enumerate(rows):
         if len(needed) > num_slots:
             raise ValueError(f"token {idx} needs {len(needed)} experts but only {num_slots} slots exist")
+    groups: dict[frozenset[int], list[int]] = {}
+    for idx, needed in enumerate(rows):
+        groups.setdefault(needed, []).append(idx)
+    if len(groups) > PLAN_MAX_SETS:
+        return _pack_sorted(rows, num_slots)
+    # expert sets as bit masks: a union is an or, a size a popcount
+    remaining = {_mask(needed): tokens for needed, tokens in groups.items()}
+    held = _mask(resident)
+    passes: list[list[int]] = []
+    while remaining:
+        union, chosen = 0, []
+        while True:
+            best, best_key = None, None
+            for mask, tokens in remaining.items():
+                if (union | mask).bit_count() > num_slots:
+                    continue
+                new = mask & ~union
+                key = ((new & ~held).bit_count(), new.bit_count(), -len(tokens), mask)
+                if best_key is None or key < best_key:
+                    best, best_key = mask, key
+            if best is None:
+                break
+            chosen.append(remaining.pop(best))
+            union |= best
+        passes.append(sorted(i for tokens in chosen for i in tokens))
+        # what the slots hold after this pass: its experts, and the earlier ones while they fit
+        held = union | held if (union | held).bit_count() <= num_slots else union
+    return passes
+
+
+def _mask(experts: Iterable[int]) -> int:
+    mask = 0
+    for expert in experts:
+        mask |= 1 << expert
+    return mask
+
+
+def _pack_sorted(rows: list[frozenset[int]], num_slots: int) -> list[list[int]]:
+    """Tokens sorted by their expert set, packed greedily: tokens sharing experts share a pass."""
     passes: list[list[int]] = []
     current: list[int] = []
     union: set[int] = set()

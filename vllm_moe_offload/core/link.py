@@ -205,19 +205,17 @@ def first_pass(rows: Sequence[Sequence[int]], num_slots: int, resident: Iterable
 
     What a prefill's next layer should load while this one computes (issue 17,
     overlap in prefill): the layer splits its tokens into passes of at most
-    ``num_slots`` experts (``core/cache.pack_passes``) and runs first the pass
-    with the fewest experts to load (neither ``resident`` nor already loading),
-    the first such pass on ties; so loading that pass's experts ahead makes it
-    the one that runs first. When every expert fits at once, that is all of them.
+    ``num_slots`` experts, planned from what is resident or already loading
+    (``core/cache.pack_passes``), and runs them in the planned order, whose
+    first pass needs the fewest experts that are not ``resident``; so loading
+    that pass's experts ahead keeps it the one that runs first. When every
+    expert fits at once, that is all of them.
     """
     if not rows:
         return []
-    have = set(resident)
-    passes = pack_passes(rows, num_slots)
-    experts_of = [{e for i in idx for e in rows[i]} for idx in passes]
-    best = min(range(len(passes)), key=lambda n: len(experts_of[n] - have))
+    passes = pack_passes(rows, num_slots, resident=set(resident))
     uses: dict[int, int] = {}
-    for i in passes[best]:
+    for i in passes[0]:
         for e in rows[i]:
             uses[e] = uses.get(e, 0) + 1
     return sorted(uses, key=lambda e: (-uses[e], e))

@@ -176,11 +176,12 @@ class OffloadRoutedExperts(RoutedExperts):
                 rows = []
             else:
                 rows = topk_ids.tolist()
-                passes = pack_passes(rows, slots.num_slots)
-                # passes served by resident experts first: they run before any load
-                # (and before a failing load can evict what they need)
-                if self.ready_first:
-                    passes.sort(key=lambda idx: self._loads_to_start({e for i in idx for e in rows[i]}))
+                # planned from what is resident or already loading: passes served by resident experts
+                # run first (before any load, and before a failing load can evict what they need), and
+                # each next pass reuses what the one before left
+                missing = slots.missing(unique)
+                held = set(unique).difference(missing).union(slots.in_flight(missing)) if self.ready_first else ()
+                passes = pack_passes(rows, slots.num_slots, resident=held)
             out = torch.empty_like(x)  # every row is computed, or zeroed by _fail_tokens
             for n, token_idx in enumerate(passes):
                 # the next pass's rows: its loads may start in slots this pass is done with
@@ -307,15 +308,6 @@ class OffloadRoutedExperts(RoutedExperts):
         if missing:
             order = load_order(then, missing, ahead=slots.in_flight(missing))
             slots.start_loads(order, set(needed) | experts, low=low)
-
-    def _loads_to_start(self, experts: set[int]) -> int:
-        """Loads a pass needing ``experts`` would start: not resident, and (with a scheduled link, whose
-        prefill prefetch loads the first pass ahead: ``core/link.first_pass``) not already loading."""
-        slots = self.slots
-        missing = slots.missing(experts)
-        if getattr(slots.engine, "schedule_prefetches", False):
-            return len(missing) - len(slots.in_flight(missing))
-        return len(missing)
 
     def _wave_pays(self, in_flight: int) -> bool:
         """Whether rows ready now should compute now, with ``in_flight`` loads their pass still waits for.
