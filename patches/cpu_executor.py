@@ -22,8 +22,9 @@ stock's worker runs 1, which changed the kernels' reduction order (greedy
 tokens differed from stock's at the 117th token of a 128-token decode on the
 padded tiny-mixtral) and made all-resident runs look 1.2-1.6x faster than stock.
 Checked by ``tests/integration/test_amx.py`` (tokens equal to stock in both
-layouts, in vLLM's default multiprocess mode), ``test_process_layout.py`` (the
-engine core's threads) and the serving tests.
+layouts, in vLLM's default multiprocess mode, and the engine core's thread count
+equal to stock's worker's), ``test_process_layout.py`` (the executor choice) and
+the serving tests.
 Upstream: ``CpuPlatform.check_and_update_config`` keeping ``uni`` under
 multiprocessing, and the engine core spawned with the OpenMP environment then.
 Remove when: vLLM's CPU platform keeps ``uni`` for a single rank.
