@@ -105,9 +105,12 @@ def test_stats_rpc_answers_one_dict_per_rank(results, name):
     for rank in stats:
         assert rank["total"]["misses"] > 0  # 4 of 8 slots: every rank really offloaded
         assert rank["slot_bytes"] <= rank["budget_bytes"]
-    # both ranks see the same routing, so the same needs; their hits may differ by a few, because the
-    # order in which a rank's loads land (timing) orders its LRU (seen: 186 and 189 hits of 343 needs)
-    assert len({r["total"]["hits"] + r["total"]["misses"] for r in stats}) == 1
+    # both ranks see the same routing; their hits may differ by a few, because the order in which a rank's
+    # loads land (timing) orders its LRU (seen: 186 and 189 hits of 343 needs), and so may their needs: a
+    # step's passes are planned from the rank's residents, so its tokens may be split differently and an
+    # expert serving two passes counts twice (seen: 317 and 319, 247 and 249)
+    needs = [r["total"]["hits"] + r["total"]["misses"] for r in stats]
+    assert max(needs) - min(needs) <= 0.02 * max(needs)
 
 
 def test_each_rank_holds_its_shard_with_its_share_of_the_budget(results):
