@@ -40,6 +40,16 @@ def expect_params(owner: Any, attr: str, params: Sequence[str]) -> Callable:
     return func
 
 
+def expect_attrs(obj: Any, what: str, attrs: Sequence[str]) -> None:
+    """Check that ``obj`` (vLLM's ``what``, for the message) has every one of ``attrs``.
+
+    Raises :class:`PatchContractError` naming the first one missing.
+    """
+    for attr in attrs:
+        if not hasattr(obj, attr):
+            raise PatchContractError(f"vllm-moe-offload: {what}.{attr} is missing; this vLLM is not supported")
+
+
 def is_patched(owner: Any, attr: str) -> bool:
     func = inspect.getattr_static(owner, attr, None)
     raw = func.__func__ if isinstance(func, (staticmethod, classmethod)) else func

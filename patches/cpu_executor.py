@@ -36,11 +36,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
-from vllm_moe_offload.patches import PatchContractError, expect_params, is_patched, mark
+from vllm_moe_offload.patches import PatchContractError, expect_attrs, expect_params, is_patched, mark
 
 logger = logging.getLogger("vllm.moe_offload.config")
 
@@ -49,9 +48,7 @@ def keep_uni_executor(parallel: Any, requested_backend: str | None) -> None:
     """``parallel``: the engine's ``ParallelConfig``; ``requested_backend``: the user's, None for vLLM's choice."""
     from vllm.platforms import current_platform
 
-    for attr in ("world_size", "distributed_executor_backend"):
-        if not hasattr(parallel, attr):
-            raise PatchContractError(f"vllm-moe-offload: ParallelConfig.{attr} is missing; this vLLM is not supported")
+    expect_attrs(parallel, "ParallelConfig", ("world_size", "distributed_executor_backend"))
     if not current_platform.is_cpu() or parallel.world_size != 1 or requested_backend not in (None, "uni"):
         return
     if parallel.distributed_executor_backend == "mp":
@@ -100,6 +97,7 @@ def engine_core_openmp(vllm_config: Any, executor_class: type, local_engine_coun
     """
     from vllm.platforms import current_platform
     from vllm.utils.ompmultiprocessing import OMPProcessManager
+    from vllm.utils.system_utils import set_env_var
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
     from vllm_moe_offload.integration.engine_config import offload_config_of
@@ -110,20 +108,11 @@ def engine_core_openmp(vllm_config: Any, executor_class: type, local_engine_coun
         yield
         return
     manager = OMPProcessManager(vllm_config)
-    for attr in ("skip_setup", "cpu_lists"):
-        if not hasattr(manager, attr):
-            raise PatchContractError(f"vllm-moe-offload: OMPProcessManager.{attr} is missing; this vLLM is not supported")
+    expect_attrs(manager, "OMPProcessManager", ("skip_setup", "cpu_lists"))
     if manager.skip_setup or not manager.cpu_lists:
         yield
         return
     threads = str(len(manager.cpu_lists[0]))
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = threads
     logger.info("MoE offload: the engine core computes with %s OpenMP thread(s), as vLLM's worker would", threads)
-    try:
+    with set_env_var("OMP_NUM_THREADS", threads):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
