@@ -49,6 +49,8 @@ class Layer:
     _run_waves = OffloadRoutedExperts._run_waves
     _wave_pays = OffloadRoutedExperts._wave_pays
     _start_next_pass = OffloadRoutedExperts._start_next_pass
+    _compute_rows = OffloadRoutedExperts._compute_rows
+    _free_for_next_pass = OffloadRoutedExperts._free_for_next_pass
     expert_format = None  # unquantized: calls are not padded (integration/kernel_blocks.py)
 
     def __init__(self, slots: LayerSlots) -> None:
@@ -176,6 +178,56 @@ def test_the_next_pass_loads_into_slots_this_pass_is_done_with(experts):  # noqa
     slots.ensure([5, 2])  # the next pass: 5 is a miss that was loaded while this pass computed
     assert source.started == [2, 4, 3, 5] and slots.stats.misses == 2 + 3 + 1
     slots.engine.shutdown()
+
+
+def _all_resident_layer(folder):
+    """Every expert of ROWS resident (all 5 slots), the next pass's 5 gated."""
+    layer, source = _layer(folder, gated={5})
+    layer.slots.ensure([2, 3, 4])
+    layer.slots.end_step()
+    source.started.clear()
+    started_at_call = []  # the next pass's loads in flight (submitted) when each kernel call came
+    kernel = layer._kernel
+
+    def logged(*args):
+        started_at_call.append(layer.slots.in_flight([5]))
+        return kernel(*args)
+
+    layer._kernel = logged
+    return layer, source, started_at_call
+
+
+def test_a_resident_pass_frees_a_slot_for_the_next_pass_before_its_last_call(experts):  # noqa: F811
+    folder, tensors = experts
+    layer, source, started_at_call = _all_resident_layer(folder)
+    hits = layer.slots.stats.hits
+    x, topk_weights, topk_ids = _inputs()
+    out, thread = _run(layer, x, topk_weights, topk_ids, failed := {}, then=[[5, 0]])
+    # every slot holds an expert of this pass; 3 is the leaving expert (not in the next pass) with the fewest
+    # rows: its row computes first, then 5 loads into its slot while the rest of the pass computes
+    thread.join(RELEASE_WAIT_S)
+    assert not thread.is_alive() and not failed
+    assert layer.calls == [[3], [0, 1, 2, 4]] and started_at_call == [[], [5]]
+    torch.testing.assert_close(out, _reference(tensors, x, topk_weights))
+    slots = layer.slots
+    assert slots.in_flight([5]) == [5] and slots.slot_map.slot_of(3) is None
+    assert slots.stats.hits - hits == 5 and slots.stats.waves == 1  # one need per expert and pass
+    source.release(5)
+    slots.ensure([5, 0])  # the next pass: 5 was loaded while this one computed
+    slots.engine.shutdown()
+
+
+def test_a_resident_pass_stays_one_call_when_a_call_costs_more_than_a_load(experts):  # noqa: F811
+    folder, tensors = experts
+    layer, source, started_at_call = _all_resident_layer(folder)
+    layer.slots.load_s_ema, layer.call_s_min = 0.001, 1e6
+    x, topk_weights, topk_ids = _inputs()
+    out, thread = _run(layer, x, topk_weights, topk_ids, failed := {}, then=[[5, 0]])
+    thread.join(RELEASE_WAIT_S)
+    assert layer.calls == [[0, 1, 2, 3, 4]] and started_at_call == [[]]
+    torch.testing.assert_close(out, _reference(tensors, x, topk_weights))
+    assert layer.slots.in_flight([5]) == []  # every slot held by this pass until its one call
+    layer.slots.engine.shutdown()
 
 
 def test_a_wave_that_costs_more_than_the_loads_left_waits_for_them(experts):  # noqa: F811

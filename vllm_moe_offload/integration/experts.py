@@ -266,25 +266,20 @@ class OffloadRoutedExperts(RoutedExperts):
         experts = sorted({e for row in rows for e in row})
         missing = slots.missing(experts)
         if not missing:
-            self._start_next_pass(then, experts, low)
-            return idx
+            return self._free_for_next_pass(idx, ids, x, topk_weights, topk_ids, out, low, counted, then)
         slots.start_loads(load_order(rows, missing, ahead=slots.in_flight(missing)), experts, low=low)
         todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
         while True:
             absent = torch.tensor(slots.missing(missing), dtype=ids.dtype, device=ids.device)
             ready = todo & ~torch.isin(ids, absent).any(dim=-1)  # [t]
             waiting = slots.in_flight({e for row in ids[todo & ~ready].tolist() for e in row})
+            if not waiting and bool(ready.eq(todo).all()):  # the pass's last rows: free slots for the next first
+                return self._free_for_next_pass(idx[todo], ids[todo], x, topk_weights, topk_ids, out, low, counted,
+                                                then)
             if ready.any() and (not waiting or self._wave_pays(len(waiting))):
-                wave = idx[ready]
-                wave_ids = ids[ready]  # [w, k]
                 if then:
                     self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
-                slots.ensure(torch.unique(wave_ids).tolist(), low=low, counted=counted)  # resident: no wait
-                if self.expert_format is not None:
-                    wave = wave.sort().values  # the step's token order: a row's kernel path depends on it
-                    out[wave] = self._part_of_step(wave, x, topk_weights, topk_ids)
-                else:
-                    out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
+                self._compute_rows(idx[ready], ids[ready], x, topk_weights, topk_ids, out, low, counted)
                 if waiting:
                     slots.stats.waves += 1
                 todo &= ~ready
@@ -292,6 +287,55 @@ class OffloadRoutedExperts(RoutedExperts):
                     return idx[todo]
             if not waiting or not slots.wait_next(waiting):
                 return idx[todo]  # nothing in flight for them, or a late load: ensure reports it
+
+    def _compute_rows(self, wave, wave_ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int]) -> None:
+        """One kernel call for the rows ``wave`` (their experts ``wave_ids [w, k]``, all resident) into ``out``."""
+        slots = self.slots
+        slots.ensure(torch.unique(wave_ids).tolist(), low=low, counted=counted)  # resident: no wait
+        if self.expert_format is not None:
+            wave = wave.sort().values  # the step's token order: a row's kernel path depends on it
+            out[wave] = self._part_of_step(wave, x, topk_weights, topk_ids)
+        else:
+            out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
+
+    def _free_for_next_pass(
+        self, idx, ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int], then: list[list[int]],
+    ) -> torch.Tensor:
+        """A pass whose experts are all resident: free slots for the next pass's loads before computing it all.
+
+        When this pass holds every slot the next pass's loads could take, they
+        could only start once the pass is done, and the link would idle for
+        the pass's whole compute. Instead, one at a time, an expert the next
+        pass does not need ("leaving", the one with the fewest rows first)
+        computes its rows in a kernel call of their own; its slot is then
+        free and the next pass's next load starts (:meth:`_start_next_pass`)
+        while the rest of this pass computes. As many experts leave early as
+        the next pass has loads that find no slot, each only while a load
+        outlasts one more kernel call (:meth:`_wave_pays`). Tokens stay whole,
+        so results are exact. Returns the rows left, for the caller's one call.
+        """
+        slots = self.slots
+        rows = ids.tolist()
+        self._start_next_pass(then, {e for row in rows for e in row}, low)  # into slots this pass leaves alone
+        if not then:
+            return idx
+        upcoming = {e for row in then for e in row}
+        todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
+        while True:
+            waiting = [e for e in slots.missing(upcoming) if e not in slots.in_flight(upcoming)]  # no slot yet
+            left = ids[todo]  # [r, k]
+            leaving = set(torch.unique(left).tolist()) - upcoming
+            if not waiting or not leaving or not self._wave_pays(1):
+                return idx[todo]
+            counts = {e: int((left == e).any(dim=-1).sum()) for e in leaving}
+            expert = min(leaving, key=lambda e: (counts[e], e))
+            wave = todo & (ids == expert).any(dim=-1)
+            if bool(wave.eq(todo).all()):  # every row left needs it: nothing would compute while loading
+                return idx[todo]
+            self._compute_rows(idx[wave], ids[wave], x, topk_weights, topk_ids, out, low, counted)
+            slots.stats.waves += 1
+            todo &= ~wave
+            self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
 
     def _start_next_pass(self, then: list[list[int]], needed: Collection[int], low: set[int]) -> None:
         """Start the loads of the next pass's rows ``then`` in slots whose experts no row in ``needed`` needs.
