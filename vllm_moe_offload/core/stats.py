@@ -29,7 +29,9 @@ class LayerStats:
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
     ``waves``: kernel calls that computed a pass's rows while loads it still
-    waited for were in flight (rows whose experts had landed).
+    waited for were in flight (rows whose experts had landed), or that
+    computed a leaving expert's rows early so the next pass's load could
+    start in its slot.
     """
 
     layer_idx: int = -1

@@ -52,7 +52,8 @@ _LAYER_COUNTERS = (
     ("prefetch_unused", "prefetch_unused", "Prefetched experts evicted before any pass used them."),
     ("stall_s", "stall_seconds", "Seconds the forward pass waited for expert loads."),
     ("passes", "passes", "Kernel-call groups through the layer (a pass of tokens, or one wave of it)."),
-    ("waves", "waves", "Kernel calls that computed tokens whose experts had landed while other loads ran."),
+    ("waves", "waves", "Kernel calls that computed tokens whose experts had landed while other loads ran, "
+              "or a leaving expert's tokens early so the next pass's load could start in its slot."),
     ("failed_loads", "failed_loads", "Expert needs that could not be met (a read failed or timed out)."),
     ("failed_tokens", "failed_tokens", "Token rows computed without a needed expert (their requests failed)."),
 )
