@@ -1,7 +1,7 @@
 """Waves: a pass's rows compute as their experts' loads land, one load waited for at a time.
 
-The layer's own pass logic (``OffloadRoutedExperts._run_pass`` and the methods
-it calls) runs on a real slot pool over a real checkpoint and a real one-thread
+The layer's own pass logic (``integration/passes.py``: ``PassSchedule._run_pass``
+and the methods it calls) runs on a real slot pool over a real checkpoint and a real one-thread
 transfer engine; the source holds chosen experts' loads on an Event, so the
 test decides when each load lands. The MoE kernel is a plain torch SwiGLU over
 the slot weights that logs which rows each call computed (the real kernel and
@@ -17,7 +17,7 @@ from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa
 from tests.runtime.test_slots_cancel import RELEASE_WAIT_S, GatedSource, _wait_running
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.integration.experts import OffloadRoutedExperts, load_order
+from vllm_moe_offload.integration.passes import PassSchedule, load_order
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
 from vllm_moe_offload.runtime.expert_layout import per_expert_layout
@@ -42,15 +42,9 @@ class FailingSource(GatedSource):
         return super().fetch(expert_idx, into=into)
 
 
-class Layer:
-    """The pass logic of :class:`OffloadRoutedExperts` on a slot pool, with a reference kernel."""
+class Layer(PassSchedule):
+    """The pass schedule of ``OffloadRoutedExperts`` on a slot pool, with a reference kernel."""
 
-    _run_pass = OffloadRoutedExperts._run_pass
-    _run_waves = OffloadRoutedExperts._run_waves
-    _wave_pays = OffloadRoutedExperts._wave_pays
-    _start_next_pass = OffloadRoutedExperts._start_next_pass
-    _compute_rows = OffloadRoutedExperts._compute_rows
-    _free_for_next_pass = OffloadRoutedExperts._free_for_next_pass
     expert_format = None  # unquantized: calls are not padded (integration/kernel_blocks.py)
 
     def __init__(self, slots: LayerSlots) -> None:

@@ -1,0 +1,248 @@
+"""The pass schedule of an offloaded MoE layer: which rows compute when, and which loads start meanwhile.
+
+A step that needs more distinct experts than the layer has slots runs in passes
+split by tokens (each token's experts in one pass, one kernel call per token, so
+results are bit-identical to stock); ``OffloadRoutedExperts._offloaded_forward``
+plans them (``core.cache.pack_passes``) and runs each with :meth:`PassSchedule._run_pass`.
+Within a pass, rows whose experts are resident compute while the others' experts
+load, in waves as they land (:meth:`PassSchedule._run_waves`); a pass that holds
+every slot frees some early for the next pass's loads
+(:meth:`PassSchedule._free_for_next_pass`).
+
+:class:`PassSchedule` is a mixin of ``OffloadRoutedExperts``; it needs the layer's
+``slots`` (``runtime.slots.LayerSlots``), ``_kernel(x, topk_weights, slot_ids)``,
+``expert_format`` (None when unquantized), ``call_s_min`` and ``ready_first``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection
+
+import torch
+
+from vllm_moe_offload.integration.kernel_blocks import stock_paths_call
+from vllm_moe_offload.runtime.slots import ExpertLoadError
+
+
+class PassSchedule:
+    """How a layer runs one pass of a step: waves as loads land, slots freed early for the next pass."""
+
+    def _run_pass(
+        self, idx, x, topk_weights, topk_ids, out, failed: dict[int, str], low: set[int],
+        then: list[list[int]] = (),
+    ) -> None:
+        """Compute the rows ``idx`` into ``out``, except those that need an expert in ``failed``.
+
+        Experts whose load fails on the way join ``failed``; the pass then goes
+        on with the rows that do not need them. ``then``: the experts of each row
+        of the step's next pass (see :meth:`_run_waves`).
+        """
+        slots = self.slots
+        counted: set[int] = set()  # experts whose need this pass has counted (hits and misses once a pass)
+        while idx.numel():
+            if failed:
+                gone = torch.tensor(sorted(failed), device=topk_ids.device)
+                idx = idx[~torch.isin(topk_ids[idx], gone).any(dim=-1)]
+                if not idx.numel():
+                    return
+            try:
+                if self.ready_first:
+                    idx = self._run_waves(idx, x, topk_weights, topk_ids, out, low, counted, then)
+                    if not idx.numel():
+                        return
+                ids = topk_ids[idx]  # [t, k]
+                slots.ensure(torch.unique(ids).tolist(), low=low, counted=counted)
+            except ExpertLoadError as err:
+                failed.update(dict.fromkeys(err.experts, str(err)))
+                continue
+            if self.expert_format is not None and idx.numel() < topk_ids.shape[0]:
+                idx = idx.sort().values  # the step's token order: a row's kernel path depends on it
+                out[idx] = self._part_of_step(idx, x, topk_weights, topk_ids)
+            else:
+                out[idx] = self._kernel(x[idx], topk_weights[idx], slots.remap(ids))
+            return
+
+    def _part_of_step(self, idx, x, topk_weights, topk_ids) -> torch.Tensor:
+        """A quantized layer's kernel call for some of the step's rows ``idx``, padded so that each row takes
+        the kernel path it takes in the whole step's call (``integration/kernel_blocks.py``): its bits are
+        stock's. ``idx``: ascending."""
+        args = stock_paths_call(
+            idx, x[idx], topk_weights[idx], self.slots.remap(topk_ids[idx]), topk_ids, self.slots.num_slots,
+        )
+        return self._kernel(*args[:3])[args[3]:]
+
+    def _run_waves(
+        self, idx, x, topk_weights, topk_ids, out, low: set[int], counted: set[int], then: list[list[int]] = (),
+    ) -> torch.Tensor:
+        """Compute the rows ``idx`` in waves as their experts land; returns the rows left to compute.
+
+        Starts the pass's missing loads in the order that completes rows soonest
+        (:func:`load_order`), computes the rows whose experts are all resident,
+        then waits for one load at a time and computes the rows it completes (a
+        wave) while the later loads run (:meth:`_wave_pays` decides when a wave
+        is worth its kernel call). Tokens stay whole, one kernel call each, so
+        results are exact. Rows left: those needing an expert whose load could
+        not start, failed (it is retried) or is late; the caller's ensure loads
+        or reports them.
+
+        ``then`` (the step's next pass's rows, when the step runs in several
+        passes): before each kernel call, the next pass's missing loads start in
+        the slots of experts no row left here needs, so the I/O thread works
+        while this pass computes instead of waiting for the next pass to begin.
+        """
+        slots = self.slots
+        if idx.numel() < 2:
+            return idx
+        ids = topk_ids[idx]  # [t, k]
+        rows = ids.tolist()
+        experts = sorted({e for row in rows for e in row})
+        missing = slots.missing(experts)
+        if not missing:
+            return self._free_for_next_pass(idx, ids, x, topk_weights, topk_ids, out, low, counted, then)
+        slots.start_loads(load_order(rows, missing, ahead=slots.in_flight(missing)), experts, low=low)
+        todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
+        while True:
+            absent = torch.tensor(slots.missing(missing), dtype=ids.dtype, device=ids.device)
+            ready = todo & ~torch.isin(ids, absent).any(dim=-1)  # [t]
+            waiting = slots.in_flight({e for row in ids[todo & ~ready].tolist() for e in row})
+            if not waiting and bool(ready.eq(todo).all()):  # the pass's last rows: free slots for the next first
+                return self._free_for_next_pass(idx[todo], ids[todo], x, topk_weights, topk_ids, out, low, counted,
+                                                then)
+            if ready.any() and (not waiting or self._wave_pays(len(waiting))):
+                if then:
+                    self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
+                self._compute_rows(idx[ready], ids[ready], x, topk_weights, topk_ids, out, low, counted)
+                if waiting:
+                    slots.stats.waves += 1
+                todo &= ~ready
+                if not todo.any():
+                    return idx[todo]
+            if not waiting or not slots.wait_next(waiting):
+                return idx[todo]  # nothing in flight for them, or a late load: ensure reports it
+
+    def _compute_rows(self, wave, wave_ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int]) -> None:
+        """One kernel call for the rows ``wave`` (their experts ``wave_ids [w, k]``, all resident) into ``out``."""
+        slots = self.slots
+        slots.ensure(torch.unique(wave_ids).tolist(), low=low, counted=counted)  # resident: no wait
+        if self.expert_format is not None:
+            wave = wave.sort().values  # the step's token order: a row's kernel path depends on it
+            out[wave] = self._part_of_step(wave, x, topk_weights, topk_ids)
+        else:
+            out[wave] = self._kernel(x[wave], topk_weights[wave], slots.remap(wave_ids))
+
+    def _free_for_next_pass(
+        self, idx, ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int], then: list[list[int]],
+    ) -> torch.Tensor:
+        """A pass whose experts are all resident: free slots for the next pass's loads before computing it all.
+
+        When this pass holds every slot the next pass's loads could take, they
+        could only start once the pass is done, and the link would idle for
+        the pass's whole compute. Instead, one at a time, an expert the next
+        pass does not need ("leaving", the one with the fewest rows first)
+        computes its rows in a kernel call of their own; its slot is then
+        free and the next pass's next load starts (:meth:`_start_next_pass`)
+        while the rest of this pass computes. As many experts leave early as
+        the next pass has loads that find no slot, each only while a load
+        outlasts one more kernel call (:meth:`_wave_pays`). Tokens stay whole,
+        so results are exact. Returns the rows left, for the caller's one call.
+        """
+        slots = self.slots
+        rows = ids.tolist()
+        self._start_next_pass(then, {e for row in rows for e in row}, low)  # into slots this pass leaves alone
+        if not then:
+            return idx
+        upcoming = {e for row in then for e in row}
+        todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
+        while True:
+            waiting = [e for e in slots.missing(upcoming) if e not in slots.in_flight(upcoming)]  # no slot yet
+            left = ids[todo]  # [r, k]
+            leaving = set(torch.unique(left).tolist()) - upcoming
+            if not waiting or not leaving or not self._wave_pays(1):
+                return idx[todo]
+            counts = {e: int((left == e).any(dim=-1).sum()) for e in leaving}
+            expert = min(leaving, key=lambda e: (counts[e], e))
+            wave = todo & (ids == expert).any(dim=-1)
+            if bool(wave.eq(todo).all()):  # every row left needs it: nothing would compute while loading
+                return idx[todo]
+            self._compute_rows(idx[wave], ids[wave], x, topk_weights, topk_ids, out, low, counted)
+            slots.stats.waves += 1
+            todo &= ~wave
+            self._start_next_pass(then, set(torch.unique(ids[todo]).tolist()), low)
+
+    def _start_next_pass(self, then: list[list[int]], needed: Collection[int], low: set[int]) -> None:
+        """Start the loads of the next pass's rows ``then`` in slots whose experts no row in ``needed`` needs.
+
+        Pinned: ``needed`` (this pass's rows still to compute) and the next pass's
+        experts; the loads stop at the first one with no such slot. They count as
+        misses of the next pass, which waits for them like for its own.
+        """
+        if not then:
+            return
+        slots = self.slots
+        experts = {e for row in then for e in row}
+        missing = slots.missing(experts)
+        if missing:
+            order = load_order(then, missing, ahead=slots.in_flight(missing))
+            slots.start_loads(order, set(needed) | experts, low=low)
+
+    def _wave_pays(self, in_flight: int) -> bool:
+        """Whether rows ready now should compute now, with ``in_flight`` loads their pass still waits for.
+
+        A wave run now overlaps its kernel with those loads; held back, it joins
+        a later kernel call. Run now, it hides up to the loads' remaining time
+        and costs one more call's fixed part (the fastest call seen: a few rows,
+        their experts' weights read once more), so it pays while
+        ``in_flight x load time >= fastest call``. Until both are measured, it
+        runs. On the padded tiny Mixtral (CPU) a load takes ~3.3 ms and a small
+        call well under a millisecond, so every wave with a load in flight runs;
+        gating on the smoothed call time instead (big prefill passes included)
+        held back 425 of 1538 waves and stalled longer (4.2-4.8 s against 3.9 s
+        in the batch bench at 25%).
+        """
+        load_s = self.slots.load_s_ema
+        if load_s is None or self.call_s_min is None:
+            return True
+        return in_flight * load_s >= self.call_s_min
+
+
+#: above this many (distinct row need, candidate) pairs per pick, :func:`load_order` orders by need only
+#: (the greedy is O(missing x distinct rows) per pick in Python; a prefill of a 64-expert model would
+#: cost more than its loads save)
+_GREEDY_MAX_PAIRS = 20_000
+
+
+def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collection[int] = ()) -> list[int]:
+    """The order to load ``missing`` experts in so that rows complete soonest.
+
+    ``rows``: each token's experts; ``ahead``: those of ``missing`` already in
+    flight (they land before anything started now, and are not returned).
+    Greedy: next the expert that completes the most rows given those before
+    it; ties: the one most rows still wait for, then the lowest id.
+    """
+    wanted = set(missing)
+    covered = set(ahead)
+    needs = Counter(frozenset(e for e in row if e in wanted) for row in rows)  # missing set -> rows
+    needs.pop(frozenset(), None)
+    left = sorted(wanted - covered)
+    if len(needs) * len(left) > _GREEDY_MAX_PAIRS:
+        counts: Counter[int] = Counter()
+        for need, num in needs.items():
+            for expert in need:
+                counts[expert] += num
+        return sorted(left, key=lambda e: (-counts[e], e))
+    order = []
+    while left:
+        completes: Counter[int] = Counter()
+        waiting: Counter[int] = Counter()
+        for need, num in needs.items():
+            rest = need - covered
+            if len(rest) == 1:
+                completes[next(iter(rest))] += num
+            for expert in rest:
+                waiting[expert] += num
+        best = min(left, key=lambda e: (-completes[e], -waiting[e], e))
+        order.append(best)
+        covered.add(best)
+        left.remove(best)
+    return order
