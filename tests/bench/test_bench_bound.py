@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
-    layer_accesses, optimal_loads, read_bandwidth, routing_loads, workload_bound,
+    layer_accesses, median_time_s, optimal_loads, read_bandwidth, routing_loads, timings, workload_bound,
 )
 from vllm_moe_offload.cli.main import main
 from vllm_moe_offload.core.belady import belady_misses
@@ -95,6 +95,19 @@ def test_workload_bound():
     assert b["fraction"] == pytest.approx(0.8)
 
 
+def test_a_runs_time_is_the_median_of_its_rounds():
+    assert timings({}) == [] and timings({"wall_s": 0.3}) == [0.3]
+    assert median_time_s({"wall_s": 0.3}) == 0.3
+    # bench --rounds 3: the first timing was disturbed; the median ignores it
+    assert median_time_s({"wall_s": 0.9, "round_wall_s": [0.31, 0.3]}) == pytest.approx(0.31)
+    assert median_time_s({"wall_s": 0.4, "round_wall_s": [0.2]}) == pytest.approx(0.3)
+
+
+def test_rounds_below_one_are_refused(tmp_path, capsys):
+    assert main(["bench", str(TINY_PYMOE), "--quick", "--rounds", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--rounds 0: give 1 or more timings per workload" in capsys.readouterr().out
+
+
 def _write_experts(folder, num_experts: int = 4, shape: tuple[int, int] = (64, 512)) -> int:
     """A safetensors file of one layer's experts (bf16); the bytes of one expert."""
     import torch
@@ -141,15 +154,15 @@ def test_bandwidth_probe_follows_the_emulated_link(tmp_path):
 
 @pytest.mark.engine
 class TestBenchQuick:
-    """``bench --quick`` end to end on the trained tiny-pymoe (no timing assertions): its files, tokens and
-    budgets, the page cache, and every plugin run's bound. One bench run for all of them."""
+    """``bench --quick --rounds 2`` end to end on the trained tiny-pymoe (no timing assertions): its files, tokens
+    and budgets, the page cache, and every plugin run's bound. One bench run for all of them."""
 
     @pytest.fixture(scope="class")
     def bench(self, tmp_path_factory):
         out = tmp_path_factory.mktemp("bench-bound")
         rc = main([
             "bench", str(TINY_PYMOE), "--quick", "--policies", "ondemand,lru", "--budgets", "25%,50%",
-            "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--out", str(out),
+            "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--rounds", "2", "--out", str(out),
         ])
         assert rc == 0
         return out, json.loads((out / "bench.json").read_text())
@@ -165,11 +178,15 @@ class TestBenchQuick:
             for workload in ("decode", "prefill", "batch"):
                 b = run["bound"][workload]
                 samples = report["bound"]["stock_wall_s"][workload]
-                assert len(samples) == 6 and samples[0] == stock["workloads"][workload]["wall_s"]
-                # ondemand 100% holds every expert: its time is a compute floor as much as stock's
+                # the timed engine's 2 rounds, then the routing engine's 5
+                assert len(samples) == 7 and samples[:2] == timings(stock["workloads"][workload])
+                # ondemand 100% holds every expert: its times are a compute floor as much as stock's
                 resident = report["bound"]["resident_wall_s"][workload]
-                assert resident == [report["runs"][1]["workloads"][workload]["wall_s"]]
+                assert resident == timings(report["runs"][1]["workloads"][workload]) and len(resident) == 2
                 assert b["compute_floor_s"] == min(samples + resident)
+                # the run's time: the median of its two timings
+                assert len(timings(run["workloads"][workload])) == 2
+                assert b["time_s"] == pytest.approx(median_time_s(run["workloads"][workload]))
                 assert b["bound_s"] == max(b["compute_floor_s"], b["io_floor_s"])
                 # a fraction is a timing: only its sign is checked here (speed is shown by the bench itself)
                 assert b["fraction"] > 0, (run["name"], workload, b)
@@ -187,7 +204,9 @@ class TestBenchQuick:
         rows = [line for line in section.splitlines() if line.startswith("| decode |")]
         assert [row.split(" | ")[1] for row in rows] == ["100%", "25%", "50%"]
         assert "| ondemand | lru |" in section
-        assert "of 6 stock runs of it" in section and "and 1 plugin run(s) holding every expert in a slot" in section
+        assert "of 7 stock runs of it (the timed engine's 2 rounds" in section
+        assert "and 2 timing(s) of plugin runs holding every expert in a slot" in section
+        assert "(the median of its 2 timings, `--rounds`)" in section
         assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
 
     def test_runs_and_files(self, bench):

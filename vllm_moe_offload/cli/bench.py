@@ -93,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild", action="store_true",
                         help="start no engine: rewrite bench.md and the plots from the bench.json in --out")
     parser.add_argument("--timeout-s", type=int, default=1200, help="limit per engine process (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="time every workload N times on each engine (the prompts' prefix cache reset before "
+                        "each repeat): the fraction of the bound takes each run's median time, the compute floor "
+                        "every all-resident timing (default %(default)s; the tables show the first timing)")
     parser.add_argument("--memory-limit", default=None, metavar="SIZE",
                         help="run every engine, stock included, in a memory cgroup of SIZE (e.g. 4.5GiB; page cache "
                         "counted; needs root or a delegated cgroup tree) and record how it ended and its peak memory")
@@ -195,6 +199,8 @@ def _check_settings(args: argparse.Namespace, policies: list[str], budgets: list
 
     if not policies or not budgets:
         raise ValueError("--policies and --budgets need at least one entry each")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: give 1 or more timings per workload")
     for policy in policies:
         for budget in budgets:
             if not OffloadConfig.from_dict(_offload(args, policy, budget)).enabled:
@@ -284,17 +290,21 @@ def plan_jobs(args: argparse.Namespace, policies: list[str], budgets: list[str],
               "warmup": {"prompts": prompts["warmup"], "max_tokens": 4}}
     profile = not (args.quick or args.no_profile)
     limited = bool(getattr(args, "memory_limit_bytes", None))
-    jobs = [{**common, "engine": stock_engine, "name": "stock", "kind": "stock", "offload": None, "profile": profile},
+    rounds = {"rounds": args.rounds} if args.rounds > 1 else {}
+    jobs = [{**common, "engine": stock_engine, "name": "stock", "kind": "stock", "offload": None, "profile": profile,
+             **rounds},
             {**common, "engine": stock_engine, "name": "stock, no limit (routing)" if limited else "stock (routing)",
              "kind": "routing", "offload": None, "profile": False, "drop_cache": limited, "record_routing": True,
              "rounds": ROUTING_ROUNDS}]
     if not limited:  # under a limit, all experts do not fit: nothing to learn from budget 100%
         jobs.append({**common, "name": f"{policies[0]} 100%", "kind": "full", "policy": policies[0],
-                     "budget": "100%", "offload": _offload(args, policies[0], "100%"), "profile": profile})
+                     "budget": "100%", "offload": _offload(args, policies[0], "100%"), "profile": profile,
+                     **rounds})
     for budget in budgets:
         for policy in policies:
             jobs.append({**common, "name": f"{policy} {budget}", "kind": "offload", "policy": policy,
-                         "budget": budget, "offload": _offload(args, policy, budget), "profile": False})
+                         "budget": budget, "offload": _offload(args, policy, budget), "profile": False,
+                         **rounds})
     return jobs
 
 
@@ -414,6 +424,7 @@ def build_report(args, sizes, machine, results, policies, budgets) -> dict:
         "model": str(args.model),
         "model_info": _model_info(Path(args.model)),
         "quick": args.quick,
+        "rounds": args.rounds,
         "sizes": sizes,
         "policies": policies,
         "budgets": budgets,

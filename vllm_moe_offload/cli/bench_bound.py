@@ -215,11 +215,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
     """
     stock = next(r for r in runs if r["kind"] == "stock")
     # stock's timed run is missing where it did not finish (killed under --memory-limit)
-    stock_s = {name: [*([stock["workloads"][name]["wall_s"]] if name in stock["workloads"] else []), w["wall_s"],
-                      *w.get("round_wall_s", [])]
+    stock_s = {name: [*timings(stock["workloads"].get(name, {})), *timings(w)]
                for name, w in routing["workloads"].items()}
-    resident_s = {name: [r["workloads"][name]["wall_s"] for r in runs
-                         if _all_resident(r) and "wall_s" in r["workloads"].get(name, {})]
+    resident_s = {name: [t for r in runs if _all_resident(r) for t in timings(r["workloads"].get(name, {}))]
                   for name in routing["workloads"]}
     probes: dict[tuple, dict] = {}
     loads: dict[tuple, list[int]] = {}
@@ -245,7 +243,7 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
                                                    merge=name in MERGED_WORKLOADS)
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probes[key]["gbps"],
                                                 min(stock_s[name] + resident_s[name]),
-                                                run["workloads"][name]["wall_s"])
+                                                median_time_s(run["workloads"][name]))
     return {
         "stock_wall_s": stock_s,
         "resident_wall_s": resident_s,
@@ -255,6 +253,17 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
         "merged_workloads": list(MERGED_WORKLOADS),
         "bandwidth": list(probes.values()),
     }
+
+
+def timings(workload: dict) -> list[float]:
+    """Every wall time of one run's workload: the timed one, then its repeats (``bench --rounds``); [] if none."""
+    return [*([workload["wall_s"]] if "wall_s" in workload else []), *workload.get("round_wall_s", [])]
+
+
+def median_time_s(workload: dict) -> float:
+    """The run's time on a workload for its fraction: the median of its timings (of an even count, the mean of
+    the middle two); the one timing without ``bench --rounds``."""
+    return float(np.median(timings(workload)))
 
 
 def _all_resident(run: dict) -> bool:

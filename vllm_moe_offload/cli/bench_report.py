@@ -197,9 +197,10 @@ def _bound_section(report: dict) -> list[str]:
         "## Fraction of the physical bound", "",
         "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster, a perfect one "
         "reaches it. *compute floor*: the fastest all-resident wall time on the workload: of "
-        f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it (the timed one and the rounds of the "
-        "stock engine that recorded the routing)"
-        + (f" and {n} plugin run(s) holding every expert in a slot (their worker runs in the engine-core process, "
+        f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it (the timed "
+        + ("one" if report.get("rounds", 1) == 1 else f"engine's {report['rounds']} rounds")
+        + " and the rounds of the stock engine that recorded the routing)"
+        + (f" and {n} timing(s) of plugin runs holding every expert in a slot (their worker runs in the engine-core process, "
            "one process fewer than stock's)" if (n := len(next(iter(bound.get("resident_wall_s", {}).values()), [])))
            else "")
         + ". *I/O floor*: "
@@ -211,7 +212,9 @@ def _bound_section(report: dict) -> list[str]:
         "The routing was recorded by a second stock engine on the same prompts after the timed stock run "
         "(routing is the same for every run: their tokens equal stock's"
         + (f"; **the recording's tokens differ from stock's in {', '.join(unequal)}**" if unequal else "")
-        + "). *fraction* = bound / the run's wall time on the workload (1.00: at the bound; the goal is >= 0.8). "
+        + "). *fraction* = bound / the run's wall time on the workload"
+        + ("" if report.get("rounds", 1) == 1 else f" (the median of its {report['rounds']} timings, `--rounds`)")
+        + " (1.00: at the bound; the goal is >= 0.8). "
         "*I/O* or *compute*: the larger floor.", "",
     ]
     policies = report["policies"]
