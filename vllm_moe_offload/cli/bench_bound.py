@@ -18,7 +18,9 @@ DESIGN.md section 5: for one workload on one machine the bound is
   (:func:`read_bandwidth`: direct I/O, one expert per read, the run's I/O
   threads and emulated link);
 * **fraction**: bound over the run's wall time on the workload (1.0: at the
-  bound; no run can exceed it by more than noise).
+  bound; no run can exceed it by more than noise); with ``bench --rounds N``
+  the median of the run's N timings (:func:`median_time_s`), and every timing
+  of stock and of all-resident runs counts for the compute floor.
 
 Routing is the same for every policy (their tokens equal stock's), so one
 recording per workload serves all runs. A prefill needs every expert its prompt
