@@ -64,8 +64,10 @@ def _is_method(value) -> bool:
 
 
 def vllm_class(layer: torch.nn.Module) -> type:
-    """The vLLM class a (possibly offloaded) MoE layer stands for."""
-    return next(k for k in type(layer).__mro__ if not issubclass(k, OffloadRoutedExperts))
+    """The vLLM class a (possibly offloaded) MoE layer stands for: the first ``RoutedExperts`` class of its MRO
+    that is not offload's (offload's mixins, e.g. ``passes.PassSchedule``, come before it and are skipped)."""
+    return next(k for k in type(layer).__mro__
+                if issubclass(k, RoutedExperts) and not issubclass(k, OffloadRoutedExperts))
 
 
 def register_model_classes(vllm_config) -> list[str]:
