@@ -155,7 +155,8 @@ class PassSchedule:
         upcoming = {e for row in then for e in row}
         todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
         while True:
-            waiting = [e for e in slots.missing(upcoming) if e not in slots.in_flight(upcoming)]  # no slot yet
+            flying = set(slots.in_flight(upcoming))
+            waiting = [e for e in slots.missing(upcoming) if e not in flying]  # no slot yet
             left = ids[todo]  # [r, k]
             leaving = set(torch.unique(left).tolist()) - upcoming
             if not waiting or not leaving or not self._wave_pays(1):
