@@ -63,6 +63,13 @@ class Quant(str, enum.Enum):
     INT4_INT2 = "int4+int2"  # both int4 and int2 (groups of 32) of every expert; int2 on request
 
 
+class Pool(str, enum.Enum):
+    """How the budget's slots are split between the MoE layers."""
+
+    LAYER = "layer"  # a pool per layer, each its share of the budget (what the papers do)
+    SHARED = "shared"  # one pool: the layer that runs takes slots from the others (``core/shared_pool.py``)
+
+
 class Store(str, enum.Enum):
     """Where the disk tier reads full-precision experts from."""
 
@@ -183,6 +190,10 @@ class OffloadConfig:
     #: the slot caches' replacement policy (``core/cache.py``, ``core/frequency.py``); None: the
     #: offload policy's own (ARC for fate, LRU for the others). ``ondemand`` has no cache to replace in
     replacement: str | None = None
+    #: ``layer``: each MoE layer its own share of the slots; ``shared``: one pool for every offloaded layer,
+    #: evicting by expected next use over the whole model (``core/shared_pool.py``). Layer by default until
+    #: the bench shows shared wins (``docs/bench/shared-pool/``)
+    pool: Pool = Pool.LAYER
     #: klotski: which of its parts run (see KLOTSKI_FEATURES); all by default, none for the
     #: ablation's first row (whole next layer prefetched, no grouping, no reordering)
     klotski_features: tuple[str, ...] = KLOTSKI_FEATURES
@@ -228,6 +239,13 @@ class OffloadConfig:
             kw["quant"] = _parse_quant(raw["quant"])
         if "store" in raw:
             kw["store"] = _enum(Store, raw["store"], "store")
+        if "pool" in raw:
+            kw["pool"] = _enum(Pool, raw["pool"], "pool")
+            if kw["pool"] is Pool.SHARED and kw.get("policy") is Policy.ONDEMAND:
+                raise OffloadConfigError(
+                    "pool 'shared' needs a policy with a cache to replace in (lru, fate, klotski, eap), "
+                    "not 'ondemand', whose scratch slots are emptied every step"
+                )
         if "direct_io" in raw:
             if not isinstance(raw["direct_io"], bool):
                 raise OffloadConfigError(f"direct_io {raw['direct_io']!r} must be true or false")
@@ -286,6 +304,7 @@ class OffloadConfig:
         out["tier"] = self.tier.value
         out["quant"] = self.quant.value
         out["store"] = self.store.value
+        out["pool"] = self.pool.value
         if self.policy is Policy.KLOTSKI:
             out["klotski_features"] = ",".join(self.klotski_features) or "none"
         else:  # they only apply to klotski, and from_dict refuses them elsewhere

@@ -16,6 +16,7 @@ from vllm_moe_offload.core.config import (
     Budget,
     OffloadConfigError,
     Policy,
+    Pool,
     Quant,
     Store,
     Tier,
@@ -38,6 +39,7 @@ FLAG_KEYS = {
     "moe_offload_load_timeout_s": "load_timeout_s",
     "moe_offload_io_stuck_s": "io_stuck_s",
     "moe_offload_replacement": "replacement",
+    "moe_offload_pool": "pool",
     "moe_offload_profile": "profile",
     "moe_offload_save_profile": "save_profile",
     "moe_offload_klotski_features": "klotski_features",
@@ -145,6 +147,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "(moe-surgeon: moving average of use per step), 'decay' (use count halving every 32 steps; the best "
         "demand hit rate in trace replay, `vllm-moe-offload simulate TRACE --policies all`). Default: the "
         "policy's own ('arc' for fate, 'lru' otherwise).",
+    )
+    group.add_argument(
+        "--moe-offload-pool", dest="moe_offload_pool", default=None, choices=[p.value for p in Pool],
+        help="How the budget's slots are split between MoE layers: 'layer' (the default: each layer its "
+        "share) or 'shared' (one pool: the layer that runs takes slots from the others, up to all of its "
+        "experts or half the pool, evicting the expert whose next use is expected farthest over the whole "
+        "model; a prefill then loads each expert of a layer once instead of in passes).",
     )
     group.add_argument(
         "--moe-offload-profile", dest="moe_offload_profile", default=None, metavar="PATH",

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap
+from vllm_moe_offload.core.shared_pool import SharedPool
 from vllm_moe_offload.core.config import (
     Budget,
     OffloadConfig,
     OffloadConfigError,
     Policy,
+    Pool,
     Quant,
     Store,
     Tier,
@@ -186,9 +188,10 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto,
                              kv_cache=_kv_cache_text(vllm_config))
     store = _open_store(layers, index, readers, config, plan)
+    shared = _shared_pool(layers, plan, config, ledger)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
-        runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger))
+        runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger, shared))
     runtime.observer = _observer(layers, config, vllm_config, profile)
     policy_inputs.attach(model, runtime.layers)  # the step's token, for a policy that keys by it (nextuse)
     for ordinal, slots in enumerate(runtime.layers):
@@ -420,21 +423,66 @@ def _source_for(
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")
 
 
+@dataclass
+class _Shared:
+    """One slot pool for the offloaded layers (``pool = shared``): its bookkeeping and tensors."""
+
+    pool: SharedPool
+    tensors: list[torch.Tensor]  # [S, ...] each: w13, w2 and a quantized layer's scales
+    ordinal: dict[str, int]  # layer name -> its view of the pool
+
+
+def _shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLedger) -> _Shared | None:
+    """The shared pool of the layers the plan gives fewer slots than experts; None for pools per layer.
+
+    Layers the plan keeps whole keep their own pool (every expert in the slot of its id). Every shared layer
+    must hold experts of one shape and dtype: one slot takes any layer's expert.
+    """
+    if config.pool is not Pool.SHARED:
+        return None
+    shared = [(layer, n) for layer, n in zip(layers, plan.layer_slots) if n < plan.num_experts]
+    if len(shared) < 2:
+        logger.info("MoE offload: pool 'shared' has %d offloaded layer(s) to share; each keeps its own pool",
+                    len(shared))
+        return None
+    shapes = {tuple((tuple(getattr(layer, name).shape[1:]), getattr(layer, name).dtype)
+                    for name in expert_param_names(layer)) for layer, _ in shared}
+    if len(shapes) > 1:
+        raise OffloadConfigError(
+            "pool 'shared' needs every offloaded MoE layer's experts in one shape and dtype; this model's differ "
+            f"({len(shapes)} kinds); use pool 'layer'"
+        )
+    first = shared[0][0]
+    num_slots = sum(n for _, n in shared)
+    ledger.reserve(MemoryKind.SLOTS, num_slots * one_expert_bytes(first),
+                   f"the slot pool shared by {len(shared)} layers ({num_slots} slots)")
+    tensors = [slot_pool(num_slots, tuple(getattr(first, name).shape[1:]), getattr(first, name).dtype,
+                         getattr(first, name).device) for name in expert_param_names(first)]
+    pool = SharedPool(len(shared), plan.num_experts, num_slots, first.top_k)
+    return _Shared(pool, tensors, {layer.layer_name: i for i, (layer, _) in enumerate(shared)})
+
+
 def _slots_for(
     layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link, ledger: BudgetLedger,
+    shared: _Shared | None = None,
 ) -> LayerSlots:
-    # [1, ...] placeholders in kernel layout: w13, w2 and a quantized layer's scales
-    placeholders = [getattr(layer, name) for name in expert_param_names(layer)]
-    pool_bytes = num_slots * one_expert_bytes(layer)
-    ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
-    # host pools start aligned for direct I/O where a slot's bytes allow: the kernel store reads into them
-    w13_slots, w2_slots, *extra_slots = (slot_pool(num_slots, tuple(p.shape[1:]), p.dtype, p.device)
-                                         for p in placeholders)
     replacement = config.replacement or _CACHE_POLICY[config.policy]
     policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
+    if shared is not None and layer.layer_name in shared.ordinal:
+        w13_slots, w2_slots, *extra_slots = shared.tensors
+        slot_map = shared.pool.view(shared.ordinal[layer.layer_name]).attach(policy)
+    else:
+        # [1, ...] placeholders in kernel layout: w13, w2 and a quantized layer's scales
+        placeholders = [getattr(layer, name) for name in expert_param_names(layer)]
+        pool_bytes = num_slots * one_expert_bytes(layer)
+        ledger.reserve(MemoryKind.SLOTS, pool_bytes, f"the slot pool of layer {layer.layer_idx} ({num_slots} slots)")
+        # host pools start aligned for direct I/O where a slot's bytes allow: the kernel store reads into them
+        w13_slots, w2_slots, *extra_slots = (slot_pool(num_slots, tuple(p.shape[1:]), p.dtype, p.device)
+                                             for p in placeholders)
+        slot_map = SlotMap(plan.num_experts, num_slots, policy)
     slots = LayerSlots(
-        layer.layer_idx, w13_slots, w2_slots, SlotMap(plan.num_experts, num_slots, policy), source, engine, link,
-        load_timeout_s=config.load_timeout_s, extra_slots=extra_slots,
+        layer.layer_idx, w13_slots, w2_slots, slot_map, source, engine, link,
+        load_timeout_s=config.load_timeout_s, extra_slots=extra_slots, share=num_slots,
     )
     attach_slots(layer, slots)
     return slots

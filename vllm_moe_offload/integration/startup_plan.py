@@ -49,7 +49,7 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float, others: str |
             ", ".join(f"{_ranges(ids)}: {n}/{plan.num_experts} slots" for n, ids in _by_slots(offloaded))
             or "none (the budget holds every expert)"
         ),
-        *([f"  cache      {offloaded[0].slot_map.policy.name} replacement"] if offloaded else []),
+        *_pool_lines(offloaded),
         f"  where      {_where(runtime, first)}",
         f"  budget     {format_bytes(plan.budget_bytes)}; slots use {format_bytes(plan.slot_bytes)}; "
         f"staging {format_bytes(plan.staging_bytes)}; all experts {format_bytes(plan.total_expert_bytes)}",
@@ -152,11 +152,26 @@ def _measure_link(runtime: OffloadRuntime, offloaded: list[LayerSlots]) -> str:
 
 
 def _by_slots(layers: list[LayerSlots]) -> list[tuple[int, list[int]]]:
-    """Layers grouped by slot count, in layer order of the first of each group."""
+    """Layers grouped by slot count (a shared pool's layers: their share), in layer order of the first of each."""
     groups: dict[int, list[int]] = {}
     for slots in layers:
-        groups.setdefault(slots.num_slots, []).append(slots.layer_idx)
+        groups.setdefault(slots.stats.num_slots, []).append(slots.layer_idx)
     return list(groups.items())
+
+
+def _pool_lines(offloaded: list[LayerSlots]) -> list[str]:
+    """The cache's replacement, and how a shared pool works, for the offloaded layers."""
+    if not offloaded:
+        return []
+    pooled = [s for s in offloaded if s.pooled]
+    if not pooled:
+        return [f"  cache      {offloaded[0].slot_map.policy.name} replacement"]
+    pool = pooled[0].slot_map.pool
+    return [
+        f"  cache      one pool of {pool.num_slots} slots shared by {_ranges([s.layer_idx for s in pooled])}: the "
+        f"layer that runs takes up to {pool.pass_capacity} from the others, evicting the expert whose next use "
+        "is expected farthest (decayed use rate and layer distance)",
+    ]
 
 
 def _ranges(ids: list[int]) -> str:

@@ -35,6 +35,7 @@ import torch
 
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.link import DEMAND, LoadPriority, admit_prefetches, outranking
+from vllm_moe_offload.core.shared_pool import PooledSlotMap
 from vllm_moe_offload.core.stats import LayerStats
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty
 from vllm_moe_offload.runtime.tiers import ExpertSource
@@ -75,12 +76,13 @@ class LayerSlots:
         layer_idx: int,
         w13_slots: torch.Tensor,  # [S, 2I', H']
         w2_slots: torch.Tensor,  # [S, H', I']
-        slot_map: SlotMap,
+        slot_map: SlotMap | PooledSlotMap,
         source: ExpertSource,
         engine: TransferEngine,
         link: LinkEmulator,
         load_timeout_s: float | None = None,
         extra_slots: Sequence[torch.Tensor] = (),  # [S, ...] each: the kernel's other per-expert tensors
+        share: int | None = None,
     ) -> None:
         self.layer_idx = layer_idx
         #: longest wait for one load before the experts it brings count as failed (None: no limit)
@@ -93,8 +95,13 @@ class LayerSlots:
         self.source = source
         self.engine = engine
         self.link = link
-        self.num_slots = w13_slots.shape[0]
-        self.expert_bytes = sum(t.nbytes for t in self.pools) // self.num_slots  # one slot's, scales included
+        #: the pools are the model's, shared by every layer (``core/shared_pool.py``): slot ids are the pool's,
+        #: another layer's admission may evict this layer's experts, and a pass may hold up to the pool's
+        #: pass capacity; ``share`` is this layer's part of the budget, for the reports
+        self.pooled = isinstance(slot_map, PooledSlotMap)
+        #: the most experts this layer holds at once (its pool's rows, or a shared pool's pass capacity)
+        self.num_slots = slot_map.num_slots if self.pooled else w13_slots.shape[0]
+        self.expert_bytes = sum(t.nbytes for t in self.pools) // w13_slots.shape[0]  # one slot's, scales included
         # expert id -> slot id, -1 when not resident. Kept on the host (decisions
         # are made there) and mirrored to the kernel's device per pass.
         self._expert_to_slot = torch.full((slot_map.num_experts,), -1, dtype=torch.int32)
@@ -113,10 +120,14 @@ class LayerSlots:
         self.load_s_ema: float | None = None
         #: predicted experts not resident when a step's first prediction came, smoothed (look-ahead depth)
         self.prefetch_missing_ema: float | None = None
+        if self.pooled:
+            slot_map.loading = self._pending.keys  # loads in flight hold their slots, whoever admits
+            slot_map.on_evicted = self._forget  # another layer's admission took one of this layer's slots
+        reported = share if share is not None else self.num_slots
         self.stats = LayerStats(
             layer_idx=layer_idx,
-            num_slots=self.num_slots,
-            slot_bytes=self.expert_bytes * self.num_slots,
+            num_slots=reported,
+            slot_bytes=self.expert_bytes * reported,
         )
 
     @property
@@ -129,7 +140,8 @@ class LayerSlots:
 
         Runs at start-up: a failed load raises :class:`ExpertLoadError`.
         """
-        experts = list(self.slot_map.policy.warm_set() if experts is None else experts)[: self.num_slots]
+        # a shared pool's layer warms its share only: the others' shares are theirs
+        experts = list(self.slot_map.policy.warm_set() if experts is None else experts)[: self.stats.num_slots]
         if not experts:
             return
         failures = self._load_missing(experts, pinned=set(experts))
@@ -142,7 +154,7 @@ class LayerSlots:
 
     @property
     def fully_resident(self) -> bool:
-        return self.num_slots >= self.slot_map.num_experts
+        return not self.pooled and self.num_slots >= self.slot_map.num_experts
 
     @property
     def identity(self) -> bool:
@@ -163,6 +175,8 @@ class LayerSlots:
     def begin_layer(self) -> None:
         """This layer's forward starts: with a scheduled link (``core/link.py``), tick its layer clock and
         hold queued prefetches until this layer's own loads are queued (or it has none, or it waits)."""
+        if self.pooled:
+            self.slot_map.pool.begin_layer(self.slot_map.ordinal)
         if getattr(self.engine, "schedule_prefetches", False):
             self.engine.layer_started(self.stats, hold=not self.fully_resident)
 
@@ -213,6 +227,11 @@ class LayerSlots:
         self._predictions[distance] = set(wanted)
         pinned = set(wanted) | set(self._pending)
         todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
+        if self.pooled:  # loads in flight hold pool slots: leave the running layer a full pass
+            pool = self.slot_map.pool
+            room = max(0, pool.in_flight_allowance - pool.in_flight())
+            self.stats.prefetch_refused += max(0, len(todo) - room)
+            todo = todo[:room]
         scheduled = getattr(self.engine, "schedule_prefetches", False)
         if scheduled:
             admitted = admit_prefetches(

@@ -1,0 +1,45 @@
+"""``pool = shared`` in real engines: one slot pool for every offloaded layer, tokens stay stock's.
+
+On the shipped trained tiny-pymoe (6 MoE layers x 16 experts) at 25% each layer's share is 4 slots; with
+one pool of 24 the layer that runs may hold 12, so the prompts' prefill runs in fewer passes than with a
+pool per layer (a pass holds every expert its tokens need).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY_PYMOE, offload_job, run_engines
+
+pytestmark = pytest.mark.engine
+
+
+def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
+    stock = run_engines(tmp_path / "stock", [offload_job("stock", TINY_PYMOE)], stock=True)["stock"]
+    runs = run_engines(tmp_path / "offload", [
+        offload_job("lru/layer", TINY_PYMOE, policy="lru", budget="25%"),
+        offload_job("lru/shared", TINY_PYMOE, policy="lru", budget="25%", pool="shared"),
+        # fate prefetches into the pool from the layer before; klotski plans with its spare slots
+        offload_job("fate/shared", TINY_PYMOE, policy="fate", budget="25%", pool="shared"),
+        offload_job("klotski/shared", TINY_PYMOE, policy="klotski", budget="50%", pool="shared"),
+    ], stock=False)
+    for name, result in runs.items():
+        assert "error" not in result, result.get("error")
+        assert result["tokens"] == stock["tokens"], name
+        assert result["stats"][0]["total"]["misses"] > 0, name
+    layer, shared = (runs[name]["stats"][0]["total"] for name in ("lru/layer", "lru/shared"))
+    assert shared["passes"] < layer["passes"], (shared["passes"], layer["passes"])
+    assert shared["slots"] == layer["slots"] == 24  # the same budget: the shares add up to the pool
+    log = open(runs["lru/shared"]["log"]).read()
+    assert "one pool of 24 slots shared by layers 0-5: the layer that runs takes up to 12" in log
+
+
+def test_shared_pool_in_the_default_multiprocess_engine(tiny_models, tmp_path):
+    model = tiny_models["mixtral"]
+    stock = run_engines(tmp_path / "stock", [offload_job("stock", model)], stock=True, multiprocess=True)["stock"]
+    got = run_engines(tmp_path / "shared", [
+        offload_job("lru/shared", model, policy="lru", budget="25%", pool="shared"),
+    ], stock=False, multiprocess=True)["lru/shared"]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["tokens"]
+    assert "one pool of 4 slots shared by layers 0-1" in open(got["log"]).read()

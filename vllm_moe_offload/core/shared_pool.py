@@ -1,0 +1,250 @@
+"""One slot pool for every MoE layer: a layer takes slots from the others as it needs them.
+
+With a pool per layer, each layer holds a fixed share of the budget (4 of 16
+experts at 25%), so a prefill needing every expert of a layer runs in passes
+that reload experts, and a layer whose routing spreads wide misses as often as
+one whose routing is concentrated. With one pool, the layer that runs takes
+what it needs (up to :attr:`SharedPool.pass_capacity` at once) from the
+experts the whole model is least likely to need soon.
+
+Replacement (:meth:`SharedPool.choose_victim`): evict the resident expert whose
+next use is expected farthest, counted in MoE layers run from now: the layers
+until its own layer runs next, plus a whole model's layers for every token it
+is expected to skip, from its use rate (``decay``'s count, halving every
+``half_life_steps`` steps, kept after eviction). Replayed on the trained
+tiny-mixtral's decode routing, one cache per sequence (the replay script is in
+the session-14 bench notes): 2.65 misses per token at 32 slots against 3.66 for
+an LRU pool of 4 per layer and 2.55 for Belady's with 4 per layer; 0.70 against
+0.91 and 0.69 at 64. On Mixtral's humaneval trace it loses to pools per layer
+(24.8 misses per token against LRU's 24.3 at 4 of 8 per layer): its experts are
+used nearly uniformly, so frequency says little there.
+
+Contract, as :class:`~vllm_moe_offload.core.cache.SlotMap`'s: the pool never
+holds more experts than slots; a view's ``pinned`` experts are never evicted;
+nor are experts whose load is in flight (each view's :attr:`PooledSlotMap.loading`),
+nor, for another layer's admission, the experts of the layer that runs now
+(:meth:`SharedPool.begin_layer`). No torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from vllm_moe_offload.core.cache import Admission, ReplacementPolicy
+from vllm_moe_offload.core.frequency import DecayedCounts
+
+#: the use count's half-life, in steps: ``decay``'s (tuned on Mixtral humaneval, see ``core/frequency.py``);
+#: 8 and 128 replayed slightly worse on tiny-mixtral's routing (2.73 / 2.74 misses per token against 2.65)
+HALF_LIFE_STEPS = 32.0
+
+
+class SharedPool:
+    """Slot ids ``0..num_slots-1`` shared by ``num_layers`` layers of ``num_experts`` experts each."""
+
+    def __init__(
+        self, num_layers: int, num_experts: int, num_slots: int, top_k: int,
+        half_life_steps: float = HALF_LIFE_STEPS,
+    ) -> None:
+        if num_layers < 1 or num_experts < 1:
+            raise ValueError(f"a shared pool needs layers and experts, got {num_layers} x {num_experts}")
+        if not top_k <= num_slots < num_layers * num_experts:
+            raise ValueError(
+                f"a shared pool of {num_slots} slots for {num_layers} x {num_experts} experts: give at least "
+                f"top_k ({top_k}) and fewer than every expert (then no layer needs another's slots)"
+            )
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        #: the most experts one layer may need at once: all of its own, at most half the pool (the other
+        #: half stays free for loads of other layers in flight, which hold their slots), never under top_k
+        self.pass_capacity = min(num_experts, max(top_k, num_slots // 2))
+        #: slots other layers' loads in flight may hold while a layer runs a full pass
+        self.in_flight_allowance = num_slots - self.pass_capacity
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._counts = [DecayedCounts(num_experts, half_life_steps) for _ in range(num_layers)]
+        self._rate = 1.0 - 0.5 ** (1.0 / half_life_steps)  # decayed count -> uses per step
+        self.current = 0  # the layer that runs now
+        self.views = [PooledSlotMap(self, ordinal) for ordinal in range(num_layers)]
+
+    def view(self, ordinal: int) -> PooledSlotMap:
+        """The slot map of the ``ordinal``-th layer (its position among the pool's layers, in run order)."""
+        return self.views[ordinal]
+
+    def begin_layer(self, ordinal: int) -> None:
+        """Layer ``ordinal`` starts its forward: distances count from it, and its experts stay."""
+        self.current = ordinal
+
+    def in_flight(self) -> int:
+        """Slots held by loads in flight, every layer's."""
+        return sum(len(view.loading()) for view in self.views)
+
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def expected_next_use(self, ordinal: int, expert: int) -> float:
+        """Layers run from now until ``expert`` of layer ``ordinal`` is expected to be used again."""
+        view = self.views[ordinal]
+        rate = min(1.0, self._counts[ordinal].value(expert, view.step) * self._rate)
+        until_layer = (ordinal - self.current - 1) % self.num_layers + 1  # its own layer next runs in 1..L layers
+        if rate <= 0.0:
+            return float("inf")
+        return until_layer + self.num_layers * (1.0 / rate - 1.0)
+
+    def choose_victim(
+        self, requester: int, pinned: Collection[int], spare_useful: bool = False,
+    ) -> tuple[int, int] | None:
+        """The (layer ordinal, expert) to evict for an admission into layer ``requester``; None: none may go.
+
+        Never: the requester's ``pinned`` experts, any load in flight, or (for another layer's admission)
+        an expert of the layer running now; with ``spare_useful`` (a prefetch) no layer's useful expert
+        (:meth:`PooledSlotMap.useful`, its own policy's judgement) either: a guess must not push out what the
+        next token likely needs, wherever it sits. Ties: the lowest layer distance last, then the lowest id.
+        """
+        best: tuple[float, int, int] | None = None
+        for view in self.views:
+            if view.ordinal == self.current and requester != self.current:
+                continue
+            held = view.loading()
+            for expert in view.resident_keys():
+                if expert in held or (view.ordinal == requester and expert in pinned):
+                    continue
+                if spare_useful and view.useful(expert):
+                    continue
+                key = (self.expected_next_use(view.ordinal, expert), -view.ordinal, -expert)
+                if best is None or key > best:
+                    best = key
+        return None if best is None else (-best[1], -best[2])
+
+    def _victim(self, requester: int, pinned: Collection[int], spare_useful: bool) -> tuple[int, int] | None:
+        """What an admission into ``requester`` would evict (None: a free slot); raises when nothing may go."""
+        if self._free:
+            return None
+        victim = self.choose_victim(requester, pinned, spare_useful)
+        if victim is None:
+            raise RuntimeError(
+                f"all {self.num_slots} slots of the shared pool hold experts a pass needs or loads in flight"
+                + (" or useful ones" if spare_useful else "")
+            )
+        return victim
+
+    def _take(self, requester: int, victim: tuple[int, int] | None) -> int:
+        """A slot for ``requester``: a free one, or ``victim``'s."""
+        if victim is None:
+            return self._free.pop()
+        ordinal, expert = victim
+        return self.views[ordinal].evict(expert, notify=ordinal != requester)
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _count(self, ordinal: int, expert: int) -> None:
+        self._counts[ordinal].add(expert, self.views[ordinal].step)
+
+
+class PooledSlotMap:
+    """One layer's view of a :class:`SharedPool`, with :class:`~vllm_moe_offload.core.cache.SlotMap`'s interface.
+
+    Slot ids are the pool's. ``num_slots`` is the most this layer may hold in one pass
+    (:attr:`SharedPool.pass_capacity`); how many it holds between passes depends on the others.
+    ``policy`` (the configured replacement policy, sized to the layer's share of the budget) is told about
+    accesses and evictions and decides :meth:`useful` and the warm set; the pool chooses victims.
+    """
+
+    def __init__(self, pool: SharedPool, ordinal: int) -> None:
+        self.pool = pool
+        self.ordinal = ordinal
+        self.num_experts = pool.num_experts
+        self.num_slots = pool.pass_capacity
+        self.policy: ReplacementPolicy | None = None  # set by the owner (:meth:`attach`)
+        #: experts of this layer whose load is in flight (set by the runtime; the simulator has none)
+        self.loading: Callable[[], Collection[int]] = tuple
+        #: called with an expert another layer's admission evicted (the runtime forgets its slot)
+        self.on_evicted: Callable[[int], None] = lambda expert: None
+        self.step = 0
+        self._slot_of: dict[int, int] = {}
+        self._used_at: dict[int, int] = {}
+
+    def attach(self, policy: ReplacementPolicy) -> PooledSlotMap:
+        self.policy = policy
+        return self
+
+    # -- SlotMap's interface --
+
+    def slot_of(self, expert: int) -> int | None:
+        return self._slot_of.get(expert)
+
+    def resident(self) -> dict[int, int]:
+        return dict(self._slot_of)
+
+    def resident_keys(self) -> list[int]:
+        return list(self._slot_of)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def steps_since_use(self, expert: int) -> int | None:
+        used = self._used_at.get(expert)
+        return None if used is None else self.step - used
+
+    def useful(self, expert: int) -> bool:
+        return self.policy.useful(expert, self.steps_since_use(expert))
+
+    def spare_slots(self) -> int:
+        """Slots a prefetch into this layer may take without evicting anything useful of its own: free ones,
+        its own not useful ones, and the other layers' residents (up to what loads in flight may hold)."""
+        others = sum(len(view) for view in self.pool.views if view is not self)
+        room = self.pool.free_slots() + others + sum(1 for e in self._slot_of if not self.useful(e))
+        return max(0, min(room, self.pool.in_flight_allowance - self.pool.in_flight()))
+
+    def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False) -> Admission:
+        """Reserve a pool slot for non-resident ``expert``; the victim may be another layer's.
+
+        Returns ``Admission(slot, evicted)`` where ``evicted`` is this layer's expert that left, if the
+        victim was this layer's (another layer's victim is reported through its ``on_evicted``).
+        ``spare_useful`` (a prefetch): every layer's useful experts count as pinned. Raises ``RuntimeError`` when
+        nothing may leave; nothing changes then.
+        """
+        if expert in self._slot_of:
+            raise ValueError(f"expert {expert} is already resident")
+        victim = self.pool._victim(self.ordinal, pinned, spare_useful)  # nothing changes on refusal
+        self.policy.before_admit(expert)
+        slot = self.pool._take(self.ordinal, victim)
+        evicted = victim[1] if victim is not None and victim[0] == self.ordinal else None
+        self._slot_of[expert] = slot
+        return Admission(slot, evicted)
+
+    def touch(self, expert: int, hit: bool, demand: bool = True) -> None:
+        self.policy.on_access(expert, hit)
+        if demand:
+            self._used_at[expert] = self.step
+            self.pool._count(self.ordinal, expert)
+
+    def drop(self, expert: int) -> None:
+        slot = self._slot_of.pop(expert, None)
+        if slot is not None:
+            self._used_at.pop(expert, None)
+            self.policy.on_evict(expert)
+            self.pool._release(slot)
+
+    def end_step(self, keep: Collection[int] = ()) -> list[int]:
+        dropped = [e for e in self._slot_of if e not in keep and not self.policy.keep_after_step(e)]
+        for expert in dropped:
+            self.drop(expert)
+        self.step += 1
+        self.policy.on_step_end()
+        return dropped
+
+    # -- the pool's side --
+
+    def evict(self, expert: int, notify: bool) -> int:
+        """Remove ``expert`` for the pool's replacement; returns its slot (not freed: the admission takes it).
+
+        ``notify``: another layer admits, so this layer's owner hears of it (:attr:`on_evicted`); a layer's own
+        admission reports its victim in the :class:`Admission`.
+        """
+        slot = self._slot_of.pop(expert)
+        self._used_at.pop(expert, None)
+        self.policy.on_evict(expert)
+        if notify:
+            self.on_evicted(expert)
+        return slot
