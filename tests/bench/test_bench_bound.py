@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
-    layer_accesses, median_time_s, optimal_loads, read_bandwidth, routing_loads, timings, workload_bound,
+    layer_accesses, median_time_s, optimal_loads, pooled_routing_loads, read_bandwidth, routing_loads, timings,
+    workload_bound,
 )
 from vllm_moe_offload.cli.main import main
 from vllm_moe_offload.core.belady import belady_misses
@@ -82,6 +83,23 @@ def test_optimal_loads_is_optimal(case, warm):
     assert optimal_loads(steps, num_experts, capacity, warm) == brute_force_loads(steps, num_experts, capacity, warm)
     if not warm and all(len(s) <= capacity for s in steps):
         assert optimal_loads(steps, num_experts, capacity, warm) == belady_misses(steps, num_experts, capacity)
+
+
+def test_a_shared_pool_is_bounded_by_one_optimal_cache():
+    # layer 0 cycles over experts 0, 1, 2; layer 1 always needs expert 3; 2 slots each, or one pool of 4
+    steps = [[[[e], [3]]] for e in [0, 1, 2] * 4]  # [step][token][layer][k]
+    assert routing_loads(steps, [2, 2], 4) == [5, 0]  # warm with 0 and 1: every third step a reload or two
+    assert pooled_routing_loads(steps, [2, 2], 4) == [0, 0]  # warm with the 4 needed first: all of them fit
+    assert pooled_routing_loads(steps, [2, 1], 4) == [5, 0] == routing_loads(steps, [2, 1], 4)  # 3 keeps its slot
+    assert pooled_routing_loads(steps, [4, 2], 4) == [0, 0]  # layer 0 whole, layer 1 alone in the pool
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), min_size=2, max_size=2), min_size=1, max_size=30),
+       st.lists(st.integers(2, 5), min_size=2, max_size=2))
+def test_one_pool_never_loads_more_than_pools_per_layer(needs, layer_slots):
+    steps = [[[[a], [b]]] for a, b in needs]
+    assert sum(pooled_routing_loads(steps, layer_slots, 6)) <= sum(routing_loads(steps, layer_slots, 6))
 
 
 def test_workload_bound():

@@ -13,7 +13,9 @@ DESIGN.md section 5: for one workload on one machine the bound is
   process fewer than stock, and were measured up to 7% faster than stock;
 * **I/O floor**: the expert loads of the optimal cache (:func:`optimal_loads`)
   for the workload's recorded routing with the run's slots per layer
-  (``layer_slots`` of its statistics), times the run's ``expert_bytes``, over
+  (``layer_slots`` of its statistics; a run with one pool for its layers,
+  ``pool = shared``: one optimal cache of all those slots,
+  :func:`pooled_routing_loads`), times the run's ``expert_bytes``, over
   the tier's read bandwidth measured the way the run reads
   (:func:`read_bandwidth`: direct I/O, one expert per read, the run's I/O
   threads and emulated link);
@@ -71,19 +73,7 @@ def optimal_loads(accesses: Sequence[Collection[int]], num_experts: int, capacit
     content may be there). ``warm=False`` starts empty; when every step fits,
     the count is then ``core.belady.belady_misses``'s.
     """
-    if capacity < 1:
-        raise ValueError(f"a cache needs at least 1 slot, got {capacity}")
-    upcoming = next_use_table(accesses, num_experts)  # [P + 1, E]: each expert's next step of need
-    resident = set(_soonest(range(num_experts), upcoming[0], capacity)) if warm else set()
-    loads = 0
-    for p, needed in enumerate(accesses):
-        needed = set(needed)
-        loads += len(needed - resident)
-        if len(needed) <= capacity:
-            resident = needed | set(_soonest(resident - needed, upcoming[p + 1], capacity - len(needed)))
-        else:
-            resident = set(_soonest(resident | needed, upcoming[p + 1], capacity))
-    return loads
+    return sum(_optimal_misses(accesses, num_experts, capacity, warm))
 
 
 def _soonest(experts: Collection[int], next_use: np.ndarray, count: int) -> list[int]:
@@ -110,6 +100,51 @@ def routing_loads(steps: Sequence, layer_slots: Sequence[int], num_experts: int,
         raise ValueError(f"the routing has {len(steps[0][0])} MoE layers, the run {len(layer_slots)}")
     accesses = layer_accesses(steps, len(layer_slots), merge)
     return [optimal_loads(needs, num_experts, slots) for needs, slots in zip(accesses, layer_slots)]
+
+
+def pooled_routing_loads(steps: Sequence, layer_slots: Sequence[int], num_experts: int,
+                         merge: bool = False) -> list[int]:
+    """Optimal loads per layer when the layers with fewer slots than experts share one pool of their slots.
+
+    A run with ``pool = shared`` (``core/shared_pool.py``) is bounded by the optimal cache of the same
+    organisation: one cache over every (layer, expert), needed in run order (a step's layers one after
+    another), with as many slots as the shared layers' shares together. Belady's rule is optimal for it
+    too, and it never loads more than optimal caches per layer of the same slots (it may keep any split of
+    them). Layers holding every expert load nothing.
+    """
+    if steps and len(steps[0][0]) != len(layer_slots):
+        raise ValueError(f"the routing has {len(steps[0][0])} MoE layers, the run {len(layer_slots)}")
+    accesses = layer_accesses(steps, len(layer_slots), merge)
+    shared = [layer for layer, n in enumerate(layer_slots) if n < num_experts]
+    loads = [0] * len(layer_slots)
+    if not shared:
+        return loads
+    # one need per (step, layer) in run order, keyed layer * num_experts + expert
+    sequence = [{layer * num_experts + e for e in accesses[layer][step]}
+                for step in range(len(accesses[0])) for layer in shared]
+    for need, layer in zip(_optimal_misses(sequence, len(layer_slots) * num_experts,
+                                           sum(layer_slots[layer] for layer in shared)),
+                           [layer for _ in range(len(accesses[0])) for layer in shared]):
+        loads[layer] += need
+    return loads
+
+
+def _optimal_misses(accesses: Sequence[Collection[int]], num_experts: int, capacity: int,
+                    warm: bool = True) -> list[int]:
+    """:func:`optimal_loads`'s loads, step by step."""
+    if capacity < 1:
+        raise ValueError(f"a cache needs at least 1 slot, got {capacity}")
+    upcoming = next_use_table(accesses, num_experts)  # [P + 1, E]: each expert's next step of need
+    resident = set(_soonest(range(num_experts), upcoming[0], capacity)) if warm else set()
+    out = []
+    for p, needed in enumerate(accesses):
+        needed = set(needed)
+        out.append(len(needed - resident))
+        if len(needed) <= capacity:
+            resident = needed | set(_soonest(resident - needed, upcoming[p + 1], capacity - len(needed)))
+        else:
+            resident = set(_soonest(resident | needed, upcoming[p + 1], capacity))
+    return out
 
 
 def workload_bound(loads: Sequence[int], expert_bytes: int, read_gbps: float, compute_floor_s: float,
@@ -238,11 +273,13 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
         if key not in probes:
             probes[key] = read_bandwidth(model, duration_s=probe_s, **read)
         run["bound"] = {"read_gbps": probes[key]["gbps"]}
+        pooled = stats.get("pool") == "shared"
+        count = pooled_routing_loads if pooled else routing_loads
         for name, recorded in routing["workloads"].items():
-            slots = tuple(stats["layer_slots"])
+            slots = (tuple(stats["layer_slots"]), pooled)
             if (name, slots) not in loads:
-                loads[name, slots] = routing_loads(recorded["routing"], slots, stats["num_experts"],
-                                                   merge=name in MERGED_WORKLOADS)
+                loads[name, slots] = count(recorded["routing"], slots[0], stats["num_experts"],
+                                           merge=name in MERGED_WORKLOADS)
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probes[key]["gbps"],
                                                 min(stock_s[name] + resident_s[name]),
                                                 median_time_s(run["workloads"][name]))

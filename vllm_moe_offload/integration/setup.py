@@ -103,6 +103,8 @@ class OffloadRuntime:
             **(self.ledger.stats() if self.ledger is not None else {}),  # held / peak bytes, by kind
             "slots_per_layer": self.plan.slots_per_layer,
             "layer_slots": list(self.plan.layer_slots),
+            # "shared": the layers with fewer slots than experts hold them in one pool (core/shared_pool.py)
+            "pool": "shared" if any(slots.pooled for slots in self.layers) else "layer",
             "num_experts": self.plan.num_experts,
             "expert_bytes": self.plan.expert_bytes,
             "link": self.link.describe(),
