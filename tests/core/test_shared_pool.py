@@ -115,7 +115,8 @@ def test_the_victim_is_the_expert_expected_farthest():
 
 def test_config():
     assert OffloadConfig.from_dict({"policy": "lru", "pool": "shared"}).pool is Pool.SHARED
-    assert OffloadConfig.from_dict({"policy": "lru"}).pool is Pool.LAYER
+    assert OffloadConfig.from_dict({"policy": "lru"}).pool is Pool.AUTO
+    assert OffloadConfig.from_dict({"policy": "lru", "pool": "layer"}).pool is Pool.LAYER
     assert OffloadConfig.from_dict({"policy": "fate", "pool": "shared"}).to_dict()["pool"] == "shared"
     with pytest.raises(OffloadConfigError, match="pool 'bogus' is not one of"):
         OffloadConfig.from_dict({"policy": "lru", "pool": "bogus"})

@@ -1,4 +1,5 @@
-"""``pool = shared`` in real engines: one slot pool for every offloaded layer, tokens stay stock's.
+"""``pool = shared`` (and ``auto``, the default) in real engines: one slot pool for every offloaded layer,
+tokens stay stock's.
 
 On the shipped trained tiny-pymoe (6 MoE layers x 16 experts) at 25% each layer's share is 4 slots; with
 one pool of 24 the layer that runs may hold 12, so the prompts' prefill runs in fewer passes than with a
@@ -17,21 +18,28 @@ pytestmark = pytest.mark.engine
 def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
     stock = run_engines(tmp_path / "stock", [offload_job("stock", TINY_PYMOE)], stock=True)["stock"]
     runs = run_engines(tmp_path / "offload", [
-        offload_job("lru/layer", TINY_PYMOE, policy="lru", budget="25%"),
+        offload_job("lru/layer", TINY_PYMOE, policy="lru", budget="25%", pool="layer"),
         offload_job("lru/shared", TINY_PYMOE, policy="lru", budget="25%", pool="shared"),
         # fate prefetches into the pool from the layer before; klotski plans with its spare slots
         offload_job("fate/shared", TINY_PYMOE, policy="fate", budget="25%", pool="shared"),
         offload_job("klotski/shared", TINY_PYMOE, policy="klotski", budget="50%", pool="shared"),
+        # auto: shared for full-precision experts on the CPU backend, never for the Load-on-Demand baseline
+        offload_job("lru/auto", TINY_PYMOE, policy="lru", budget="25%"),
+        offload_job("ondemand/auto", TINY_PYMOE, policy="ondemand", budget="25%"),
     ], stock=False)
     for name, result in runs.items():
         assert "error" not in result, result.get("error")
         assert result["tokens"] == stock["tokens"], name
         assert result["stats"][0]["total"]["misses"] > 0, name
+    pools = {name: result["stats"][0]["pool"] for name, result in runs.items()}
+    assert pools == {"lru/layer": "layer", "lru/shared": "shared", "fate/shared": "shared",
+                     "klotski/shared": "shared", "lru/auto": "shared", "ondemand/auto": "layer"}
     layer, shared = (runs[name]["stats"][0]["total"] for name in ("lru/layer", "lru/shared"))
     assert shared["passes"] < layer["passes"], (shared["passes"], layer["passes"])
     assert shared["slots"] == layer["slots"] == 24  # the same budget: the shares add up to the pool
     log = open(runs["lru/shared"]["log"]).read()
-    assert "one pool of 24 slots shared by layers 0-5: the layer that runs takes up to 12" in log
+    assert "  cache      lru replacement\n" in log
+    assert "  pool       one pool of 24 slots shared by layers 0-5: the layer that runs takes up to 12" in log
 
 
 def test_shared_pool_in_the_default_multiprocess_engine(tiny_models, tmp_path):

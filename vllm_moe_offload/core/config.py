@@ -66,6 +66,7 @@ class Quant(str, enum.Enum):
 class Pool(str, enum.Enum):
     """How the budget's slots are split between the MoE layers."""
 
+    AUTO = "auto"  # shared where it applies (full-precision experts on the CPU backend), else layer
     LAYER = "layer"  # a pool per layer, each its share of the budget (what the papers do)
     SHARED = "shared"  # one pool: the layer that runs takes slots from the others (``core/shared_pool.py``)
 
@@ -191,9 +192,10 @@ class OffloadConfig:
     #: offload policy's own (ARC for fate, LRU for the others). ``ondemand`` has no cache to replace in
     replacement: str | None = None
     #: ``layer``: each MoE layer its own share of the slots; ``shared``: one pool for every offloaded layer,
-    #: evicting by expected next use over the whole model (``core/shared_pool.py``). Layer by default until
-    #: the bench shows shared wins (``docs/bench/shared-pool/``)
-    pool: Pool = Pool.LAYER
+    #: evicting by expected next use over the whole model (``core/shared_pool.py``); ``auto`` (default):
+    #: shared for full-precision experts on the CPU backend, where the bench measured it faster in every
+    #: cell (``docs/bench/shared-pool/``), layer elsewhere (quantized kernels and CUDA: not measured yet)
+    pool: Pool = Pool.AUTO
     #: klotski: which of its parts run (see KLOTSKI_FEATURES); all by default, none for the
     #: ablation's first row (whole next layer prefetched, no grouping, no reordering)
     klotski_features: tuple[str, ...] = KLOTSKI_FEATURES

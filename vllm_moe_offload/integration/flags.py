@@ -150,10 +150,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--moe-offload-pool", dest="moe_offload_pool", default=None, choices=[p.value for p in Pool],
-        help="How the budget's slots are split between MoE layers: 'layer' (the default: each layer its "
-        "share) or 'shared' (one pool: the layer that runs takes slots from the others, up to all of its "
-        "experts or half the pool, evicting the expert whose next use is expected farthest over the whole "
-        "model; a prefill then loads each expert of a layer once instead of in passes).",
+        help="How the budget's slots are split between MoE layers: 'shared' (one pool: the layer that runs "
+        "takes slots from the others, up to all of its experts or half the pool, evicting the expert whose "
+        "next use is expected farthest over the whole model; a prefill then loads each expert of a layer once "
+        "instead of in passes), 'layer' (each layer its share), or 'auto' (the default: shared for "
+        "full-precision experts on the CPU backend, layer for quantized experts and on CUDA).",
     )
     group.add_argument(
         "--moe-offload-profile", dest="moe_offload_profile", default=None, metavar="PATH",

@@ -440,7 +440,7 @@ def _shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLe
     Layers the plan keeps whole keep their own pool (every expert in the slot of its id). Every shared layer
     must hold experts of one shape and dtype: one slot takes any layer's expert.
     """
-    if config.pool is not Pool.SHARED:
+    if config.pool is Pool.LAYER or (config.pool is Pool.AUTO and not _shared_by_default(layers, config)):
         return None
     shared = [(layer, n) for layer, n in zip(layers, plan.layer_slots) if n < plan.num_experts]
     if len(shared) < 2:
@@ -462,6 +462,19 @@ def _shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLe
                          getattr(first, name).device) for name in expert_param_names(first)]
     pool = SharedPool(len(shared), plan.num_experts, num_slots, first.top_k)
     return _Shared(pool, tensors, {layer.layer_name: i for i, (layer, _) in enumerate(shared)})
+
+
+def _shared_by_default(layers, config: OffloadConfig) -> bool:
+    """``pool = auto``: shared where the bench measured it (full-precision experts, host slots), else layer.
+
+    A quantized kernel's layers carry per-expert scales beside the weights, and CUDA slots take another
+    copy path: both work with a shared pool in principle, neither has been measured with one. ``ondemand``
+    (the papers' baseline) keeps its fixed resident set and scratch slots per layer.
+    """
+    first = layers[0]
+    return (config.policy is not Policy.ONDEMAND and config.quant is Quant.NONE
+            and first.w13_weight.device.type == "cpu"
+            and getattr(first, "expert_format", None) is None)
 
 
 def _slots_for(

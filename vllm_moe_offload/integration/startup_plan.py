@@ -163,14 +163,16 @@ def _pool_lines(offloaded: list[LayerSlots]) -> list[str]:
     """The cache's replacement, and how a shared pool works, for the offloaded layers."""
     if not offloaded:
         return []
+    name = offloaded[0].slot_map.policy.name
     pooled = [s for s in offloaded if s.pooled]
     if not pooled:
-        return [f"  cache      {offloaded[0].slot_map.policy.name} replacement"]
+        return [f"  cache      {name} replacement"]
     pool = pooled[0].slot_map.pool
     return [
-        f"  cache      one pool of {pool.num_slots} slots shared by {_ranges([s.layer_idx for s in pooled])}: the "
-        f"layer that runs takes up to {pool.pass_capacity} from the others, evicting the expert whose next use "
-        "is expected farthest (decayed use rate and layer distance)",
+        f"  cache      {name} replacement",
+        f"  pool       one pool of {pool.num_slots} slots shared by {_ranges([s.layer_idx for s in pooled])}: the "
+        f"layer that runs takes up to {pool.pass_capacity} from the others; the pool evicts the expert whose "
+        f"next use is expected farthest (decayed use rate and layer distance), {name} says what a prefetch spares",
     ]
 
 

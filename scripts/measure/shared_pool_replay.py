@@ -1,0 +1,119 @@
+"""Replay a routing trace through slot pools per layer and one shared pool: misses per token.
+
+    python scripts/measure/shared_pool_replay.py TRACE [--shares 25%,50%] [--json OUT]
+
+TRACE: a ``vllm-moe-offload trace`` file (.npz) or one of ``../shared/traces`` (.jsonl). Batch-1 view:
+one cold cache per sequence, its rows in position order, each layer's step pinned while it is served (as
+the engine serves a token). Per budget share (slots per layer = share x experts; the shared pool holds
+all layers' shares): LRU and ``decay`` per layer, the shared pool's rule (``core/shared_pool.py``), and
+the optimal cache of each organisation (Belady, cold start). For tiny-mixtral's routing:
+
+    vllm-moe-offload trace ../shared/models/tiny-mixtral --prompts ../shared/models/tiny-mixtral-heldout-tokens.npy \\
+      --num-prompts 8 --prompt-len 32 --max-tokens 128 --ignore-eos --out tm-trace.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vllm_moe_offload.cli.bench_bound import optimal_loads
+from vllm_moe_offload.core.cache import LRUPolicy, SlotMap
+from vllm_moe_offload.core.replacement import make_policy
+from vllm_moe_offload.core.shared_pool import SharedPool
+from vllm_moe_offload.core.traces import load_trace, read_shared_jsonl
+
+
+def sequences(trace) -> list[np.ndarray]:
+    """Each sequence's routing ``[T, L, k]`` in position order."""
+    out = []
+    for seq in np.unique(trace.seq_ids):
+        rows = np.flatnonzero(trace.seq_ids == seq)
+        out.append(trace.topk_ids[rows[np.argsort(trace.positions[rows])]])
+    return out
+
+
+def serve(slot_map, needed: list[int]) -> int:
+    misses = 0
+    for expert in needed:
+        if slot_map.slot_of(expert) is None:
+            slot_map.admit(expert, pinned=needed)
+            misses += 1
+        slot_map.touch(expert, hit=False)
+    slot_map.end_step()
+    return misses
+
+
+def per_layer(seqs, experts: int, slots: int, policy: str) -> int:
+    misses = 0
+    for ids in seqs:
+        maps = [SlotMap(experts, slots, make_policy(policy, experts, slots, ids.shape[2])) for _ in range(ids.shape[1])]
+        misses += sum(serve(maps[l], [int(e) for e in ids[t, l]]) for t in range(len(ids)) for l in range(ids.shape[1]))
+    return misses
+
+
+def shared(seqs, experts: int, slots: int) -> int:
+    misses = 0
+    for ids in seqs:
+        layers = ids.shape[1]
+        pool = SharedPool(layers, experts, slots * layers, ids.shape[2])
+        for view in pool.views:
+            view.attach(LRUPolicy(experts, slots))
+        for t in range(len(ids)):
+            for l in range(layers):
+                pool.begin_layer(l)
+                misses += serve(pool.view(l), [int(e) for e in ids[t, l]])
+    return misses
+
+
+def belady(seqs, experts: int, slots: int, pooled: bool) -> int:
+    misses = 0
+    for ids in seqs:
+        layers = ids.shape[1]
+        if pooled:
+            needs = [{l * experts + int(e) for e in ids[t, l]} for t in range(len(ids)) for l in range(layers)]
+            misses += optimal_loads(needs, layers * experts, slots * layers, warm=False)
+        else:
+            misses += sum(optimal_loads([set(map(int, ids[t, l])) for t in range(len(ids))], experts, slots,
+                                        warm=False) for l in range(layers))
+    return misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace")
+    parser.add_argument("--shares", default="25%,50%", help="slots per layer as shares of its experts")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    trace = read_shared_jsonl(args.trace) if args.trace.endswith(".jsonl") else load_trace(args.trace)
+    seqs = sequences(trace)
+    experts = int(trace.topk_ids.max()) + 1
+    tokens = sum(len(ids) for ids in seqs)
+    rows = []
+    print(f"{args.trace}: {len(seqs)} sequences, {tokens} tokens, {trace.topk_ids.shape[1]} layers x {experts} "
+          f"experts, top-{trace.topk_ids.shape[2]}; misses per token")
+    print("share  slots/layer  lru/layer  decay/layer  belady/layer  shared  belady/shared")
+    for text in args.shares.split(","):
+        slots = max(trace.topk_ids.shape[2], round(experts * float(text.rstrip("%")) / 100))
+        row = {
+            "share": text, "slots_per_layer": slots,
+            "lru_layer": per_layer(seqs, experts, slots, "lru") / tokens,
+            "decay_layer": per_layer(seqs, experts, slots, "decay") / tokens,
+            "belady_layer": belady(seqs, experts, slots, pooled=False) / tokens,
+            "shared": shared(seqs, experts, slots) / tokens,
+            "belady_shared": belady(seqs, experts, slots, pooled=True) / tokens,
+        }
+        rows.append(row)
+        print(f"{text:>5}  {slots:>11}  {row['lru_layer']:9.2f}  {row['decay_layer']:11.2f}  "
+              f"{row['belady_layer']:12.2f}  {row['shared']:6.2f}  {row['belady_shared']:13.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"trace": args.trace, "tokens": tokens, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
