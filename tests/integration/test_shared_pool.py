@@ -24,8 +24,10 @@ def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
         offload_job("fate/shared", TINY_PYMOE, policy="fate", budget="25%", pool="shared"),
         offload_job("klotski/shared", TINY_PYMOE, policy="klotski", budget="50%", pool="shared"),
         # auto: shared for full-precision experts on the CPU backend, never for the Load-on-Demand baseline
+        # nor with a replacement the user chose (it evicts within a layer's pool)
         offload_job("lru/auto", TINY_PYMOE, policy="lru", budget="25%"),
         offload_job("ondemand/auto", TINY_PYMOE, policy="ondemand", budget="25%"),
+        offload_job("lru/decay/auto", TINY_PYMOE, policy="lru", budget="25%", replacement="decay"),
     ], stock=False)
     for name, result in runs.items():
         assert "error" not in result, result.get("error")
@@ -33,7 +35,8 @@ def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
         assert result["stats"][0]["total"]["misses"] > 0, name
     pools = {name: result["stats"][0]["pool"] for name, result in runs.items()}
     assert pools == {"lru/layer": "layer", "lru/shared": "shared", "fate/shared": "shared",
-                     "klotski/shared": "shared", "lru/auto": "shared", "ondemand/auto": "layer"}
+                     "klotski/shared": "shared", "lru/auto": "shared", "ondemand/auto": "layer",
+                     "lru/decay/auto": "layer"}
     layer, shared = (runs[name]["stats"][0]["total"] for name in ("lru/layer", "lru/shared"))
     assert shared["passes"] < layer["passes"], (shared["passes"], layer["passes"])
     assert shared["slots"] == layer["slots"] == 24  # the same budget: the shares add up to the pool

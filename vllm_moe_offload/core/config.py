@@ -194,7 +194,8 @@ class OffloadConfig:
     #: ``layer``: each MoE layer its own share of the slots; ``shared``: one pool for every offloaded layer,
     #: evicting by expected next use over the whole model (``core/shared_pool.py``); ``auto`` (default):
     #: shared for full-precision experts on the CPU backend, where the bench measured it faster in every
-    #: cell (``docs/bench/shared-pool/``), layer elsewhere (quantized kernels and CUDA: not measured yet)
+    #: cell (``docs/bench/shared-pool/``), layer elsewhere (quantized kernels and CUDA: not measured yet;
+    #: ``ondemand``; and when ``replacement`` is given, since it evicts within a layer's pool)
     pool: Pool = Pool.AUTO
     #: klotski: which of its parts run (see KLOTSKI_FEATURES); all by default, none for the
     #: ablation's first row (whole next layer prefetched, no grouping, no reordering)

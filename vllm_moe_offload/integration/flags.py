@@ -154,7 +154,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "takes slots from the others, up to all of its experts or half the pool, evicting the expert whose "
         "next use is expected farthest over the whole model; a prefill then loads each expert of a layer once "
         "instead of in passes), 'layer' (each layer its share), or 'auto' (the default: shared for "
-        "full-precision experts on the CPU backend, layer for quantized experts and on CUDA).",
+        "full-precision experts on the CPU backend, layer for quantized experts, on CUDA, for ondemand and "
+        "when --moe-offload-replacement is given).",
     )
     group.add_argument(
         "--moe-offload-profile", dest="moe_offload_profile", default=None, metavar="PATH",

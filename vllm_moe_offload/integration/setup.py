@@ -469,10 +469,11 @@ def _shared_by_default(layers, config: OffloadConfig) -> bool:
 
     A quantized kernel's layers carry per-expert scales beside the weights, and CUDA slots take another
     copy path: both work with a shared pool in principle, neither has been measured with one. ``ondemand``
-    (the papers' baseline) keeps its fixed resident set and scratch slots per layer.
+    (the papers' baseline) keeps its fixed resident set and scratch slots per layer, and a ``replacement``
+    the user chose keeps the pools per layer it evicts in (in a shared pool the pool's rule evicts).
     """
     first = layers[0]
-    return (config.policy is not Policy.ONDEMAND and config.quant is Quant.NONE
+    return (config.policy is not Policy.ONDEMAND and config.replacement is None and config.quant is Quant.NONE
             and first.w13_weight.device.type == "cpu"
             and getattr(first, "expert_format", None) is None)
 
