@@ -24,7 +24,7 @@ import numpy as np
 from vllm_moe_offload.cli.bench_bound import optimal_loads
 from vllm_moe_offload.core.cache import LRUPolicy, SlotMap
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.core.shared_pool import SharedPool
+from vllm_moe_offload.core.shared_pool import SharedPool, serve_step
 from vllm_moe_offload.core.traces import load_trace, read_shared_jsonl
 
 
@@ -37,22 +37,12 @@ def sequences(trace) -> list[np.ndarray]:
     return out
 
 
-def serve(slot_map, needed: list[int]) -> int:
-    misses = 0
-    for expert in needed:
-        if slot_map.slot_of(expert) is None:
-            slot_map.admit(expert, pinned=needed)
-            misses += 1
-        slot_map.touch(expert, hit=False)
-    slot_map.end_step()
-    return misses
-
-
 def per_layer(seqs, experts: int, slots: int, policy: str) -> int:
     misses = 0
     for ids in seqs:
         maps = [SlotMap(experts, slots, make_policy(policy, experts, slots, ids.shape[2])) for _ in range(ids.shape[1])]
-        misses += sum(serve(maps[l], [int(e) for e in ids[t, l]]) for t in range(len(ids)) for l in range(ids.shape[1]))
+        misses += sum(serve_step(maps[layer], [int(e) for e in ids[t, layer]])
+                      for t in range(len(ids)) for layer in range(ids.shape[1]))
     return misses
 
 
@@ -66,7 +56,7 @@ def shared(seqs, experts: int, slots: int) -> int:
         for t in range(len(ids)):
             for l in range(layers):
                 pool.begin_layer(l)
-                misses += serve(pool.view(l), [int(e) for e in ids[t, l]])
+                misses += serve_step(pool.view(l), [int(e) for e in ids[t, l]])
     return misses
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from vllm_moe_offload.core.cache import LRUPolicy, SlotMap
 from vllm_moe_offload.core.config import OffloadConfig, OffloadConfigError, Pool
-from vllm_moe_offload.core.shared_pool import SharedPool
+from vllm_moe_offload.core.shared_pool import SharedPool, serve_step
 from vllm_moe_offload.core.traces import load_trace
 
 HUMANEVAL = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mixtral-8x7b-humaneval-decode.jsonl"
@@ -26,15 +26,7 @@ def make_pool(layers: int = 4, experts: int = 8, slots: int = 8, top_k: int = 2)
 def use(pool: SharedPool, ordinal: int, experts: list[int]) -> int:
     """One step of layer ``ordinal`` needing ``experts`` (pinned together); returns its misses."""
     pool.begin_layer(ordinal)
-    view = pool.view(ordinal)
-    misses = 0
-    for expert in experts:
-        if view.slot_of(expert) is None:
-            view.admit(expert, pinned=experts)
-            misses += 1
-        view.touch(expert, hit=False)
-    view.end_step()
-    return misses
+    return serve_step(pool.view(ordinal), experts)
 
 
 def test_sizes():
@@ -139,15 +131,7 @@ def replay(trace, share: float, shared: bool) -> float:
         for row in rows:
             for layer in range(layers):
                 needed = [int(e) for e in trace.topk_ids[row, layer]]
-                if shared:
-                    misses += use(pool, layer, needed)
-                    continue
-                for expert in needed:
-                    if maps[layer].slot_of(expert) is None:
-                        maps[layer].admit(expert, pinned=needed)
-                        misses += 1
-                    maps[layer].touch(expert, hit=False)
-                maps[layer].end_step()
+                misses += use(pool, layer, needed) if shared else serve_step(maps[layer], needed)
             tokens += 1
     return misses / tokens
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from vllm_moe_offload.core.cache import Admission, ReplacementPolicy
+from vllm_moe_offload.core.cache import Admission, ReplacementPolicy, SlotMap
 from vllm_moe_offload.core.frequency import DecayedCounts
 
 #: the use count's half-life, in steps: ``decay``'s (tuned on Mixtral humaneval, see ``core/frequency.py``);
@@ -84,7 +84,7 @@ class SharedPool:
     def expected_next_use(self, ordinal: int, expert: int) -> float:
         """Layers run from now until ``expert`` of layer ``ordinal`` is expected to be used again."""
         view = self.views[ordinal]
-        rate = min(1.0, self._counts[ordinal].value(expert, view.step) * self._rate)
+        rate = min(1.0, self._counts[ordinal].value(expert, view._step) * self._rate)
         until_layer = (ordinal - self.current - 1) % self.num_layers + 1  # its own layer next runs in 1..L layers
         if rate <= 0.0:
             return float("inf")
@@ -138,19 +138,21 @@ class SharedPool:
         self._free.append(slot)
 
     def _count(self, ordinal: int, expert: int) -> None:
-        self._counts[ordinal].add(expert, self.views[ordinal].step)
+        self._counts[ordinal].add(expert, self.views[ordinal]._step)
 
 
-class PooledSlotMap:
-    """One layer's view of a :class:`SharedPool`, with :class:`~vllm_moe_offload.core.cache.SlotMap`'s interface.
+class PooledSlotMap(SlotMap):
+    """One layer's view of a :class:`SharedPool`: a :class:`~vllm_moe_offload.core.cache.SlotMap` whose slots
+    are the pool's.
 
-    Slot ids are the pool's. ``num_slots`` is the most this layer may hold in one pass
-    (:attr:`SharedPool.pass_capacity`); how many it holds between passes depends on the others.
-    ``policy`` (the configured replacement policy, sized to the layer's share of the budget) is told about
-    accesses and evictions and decides :meth:`useful` and the warm set; the pool chooses victims.
+    ``num_slots`` is the most this layer may hold in one pass (:attr:`SharedPool.pass_capacity`); how many it
+    holds between passes depends on the others. ``policy`` (the configured replacement policy, sized to the
+    layer's share of the budget) is told about accesses and evictions and decides :meth:`useful` and the warm
+    set; the pool chooses victims.
     """
 
     def __init__(self, pool: SharedPool, ordinal: int) -> None:
+        # not SlotMap.__init__: the slots and the free list are the pool's
         self.pool = pool
         self.ordinal = ordinal
         self.num_experts = pool.num_experts
@@ -160,34 +162,16 @@ class PooledSlotMap:
         self.loading: Callable[[], Collection[int]] = tuple
         #: called with an expert another layer's admission evicted (the runtime forgets its slot)
         self.on_evicted: Callable[[int], None] = lambda expert: None
-        self.step = 0
         self._slot_of: dict[int, int] = {}
+        self._step = 0
         self._used_at: dict[int, int] = {}
 
     def attach(self, policy: ReplacementPolicy) -> PooledSlotMap:
         self.policy = policy
         return self
 
-    # -- SlotMap's interface --
-
-    def slot_of(self, expert: int) -> int | None:
-        return self._slot_of.get(expert)
-
-    def resident(self) -> dict[int, int]:
-        return dict(self._slot_of)
-
     def resident_keys(self) -> list[int]:
         return list(self._slot_of)
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def steps_since_use(self, expert: int) -> int | None:
-        used = self._used_at.get(expert)
-        return None if used is None else self.step - used
-
-    def useful(self, expert: int) -> bool:
-        return self.policy.useful(expert, self.steps_since_use(expert))
 
     def spare_slots(self) -> int:
         """Slots a prefetch into this layer may take without evicting anything useful of its own: free ones,
@@ -214,9 +198,8 @@ class PooledSlotMap:
         return Admission(slot, evicted)
 
     def touch(self, expert: int, hit: bool, demand: bool = True) -> None:
-        self.policy.on_access(expert, hit)
+        super().touch(expert, hit, demand)
         if demand:
-            self._used_at[expert] = self.step
             self.pool._count(self.ordinal, expert)
 
     def drop(self, expert: int) -> None:
@@ -225,14 +208,6 @@ class PooledSlotMap:
             self._used_at.pop(expert, None)
             self.policy.on_evict(expert)
             self.pool._release(slot)
-
-    def end_step(self, keep: Collection[int] = ()) -> list[int]:
-        dropped = [e for e in self._slot_of if e not in keep and not self.policy.keep_after_step(e)]
-        for expert in dropped:
-            self.drop(expert)
-        self.step += 1
-        self.policy.on_step_end()
-        return dropped
 
     # -- the pool's side --
 
@@ -248,3 +223,17 @@ class PooledSlotMap:
         if notify:
             self.on_evicted(expert)
         return slot
+
+
+def serve_step(slot_map: SlotMap, needed: list[int]) -> int:
+    """Replay one step of one layer (batch-1 view): admit the misses with the step's experts pinned, count
+    every use, end the step. Returns the misses. For a :class:`PooledSlotMap`, tell the pool the layer runs
+    (:meth:`SharedPool.begin_layer`) first."""
+    misses = 0
+    for expert in needed:
+        if slot_map.slot_of(expert) is None:
+            slot_map.admit(expert, pinned=needed)
+            misses += 1
+        slot_map.touch(expert, hit=False)
+    slot_map.end_step()
+    return misses
