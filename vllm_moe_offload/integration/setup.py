@@ -13,13 +13,11 @@ import numpy as np
 import torch
 
 from vllm_moe_offload.core.cache import SlotMap
-from vllm_moe_offload.core.shared_pool import SharedPool
 from vllm_moe_offload.core.config import (
     Budget,
     OffloadConfig,
     OffloadConfigError,
     Policy,
-    Pool,
     Quant,
     Store,
     Tier,
@@ -46,6 +44,7 @@ from vllm_moe_offload.integration.experts import (
     offloaded_layers,
 )
 from vllm_moe_offload.integration.layer_classes import refuse_unoffloaded
+from vllm_moe_offload.integration.shared_slots import SharedSlots, shared_pool
 from vllm_moe_offload.integration.kernel_format import conversion_identity, describe_conversion, make_converter
 from vllm_moe_offload.integration.quantized_experts import expert_param_names, one_expert_bytes
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
@@ -190,7 +189,7 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     runtime = OffloadRuntime(config, plan, tier, [], engine, readers, link, ledger=ledger, auto_budget=auto,
                              kv_cache=_kv_cache_text(vllm_config))
     store = _open_store(layers, index, readers, config, plan)
-    shared = _shared_pool(layers, plan, config, ledger)
+    shared = shared_pool(layers, plan, config, ledger)
     for layer, num_slots in zip(layers, plan.layer_slots):
         source = _source_for(layer, index, readers, tier, store)
         runtime.layers.append(_slots_for(layer, num_slots, plan, source, config, engine, link, ledger, shared))
@@ -425,62 +424,9 @@ def _source_for(
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")
 
 
-@dataclass
-class _Shared:
-    """One slot pool for the offloaded layers (``pool = shared``): its bookkeeping and tensors."""
-
-    pool: SharedPool
-    tensors: list[torch.Tensor]  # [S, ...] each: w13, w2 and a quantized layer's scales
-    ordinal: dict[str, int]  # layer name -> its view of the pool
-
-
-def _shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLedger) -> _Shared | None:
-    """The shared pool of the layers the plan gives fewer slots than experts; None for pools per layer.
-
-    Layers the plan keeps whole keep their own pool (every expert in the slot of its id). Every shared layer
-    must hold experts of one shape and dtype: one slot takes any layer's expert.
-    """
-    if config.pool is Pool.LAYER or (config.pool is Pool.AUTO and not _shared_by_default(layers, config)):
-        return None
-    shared = [(layer, n) for layer, n in zip(layers, plan.layer_slots) if n < plan.num_experts]
-    if len(shared) < 2:
-        logger.info("MoE offload: pool 'shared' has %d offloaded layer(s) to share; each keeps its own pool",
-                    len(shared))
-        return None
-    shapes = {tuple((tuple(getattr(layer, name).shape[1:]), getattr(layer, name).dtype)
-                    for name in expert_param_names(layer)) for layer, _ in shared}
-    if len(shapes) > 1:
-        raise OffloadConfigError(
-            "pool 'shared' needs every offloaded MoE layer's experts in one shape and dtype; this model's differ "
-            f"({len(shapes)} kinds); use pool 'layer'"
-        )
-    first = shared[0][0]
-    num_slots = sum(n for _, n in shared)
-    ledger.reserve(MemoryKind.SLOTS, num_slots * one_expert_bytes(first),
-                   f"the slot pool shared by {len(shared)} layers ({num_slots} slots)")
-    tensors = [slot_pool(num_slots, tuple(getattr(first, name).shape[1:]), getattr(first, name).dtype,
-                         getattr(first, name).device) for name in expert_param_names(first)]
-    pool = SharedPool(len(shared), plan.num_experts, num_slots, first.top_k)
-    return _Shared(pool, tensors, {layer.layer_name: i for i, (layer, _) in enumerate(shared)})
-
-
-def _shared_by_default(layers, config: OffloadConfig) -> bool:
-    """``pool = auto``: shared where the bench measured it (full-precision experts, host slots), else layer.
-
-    A quantized kernel's layers carry per-expert scales beside the weights, and CUDA slots take another
-    copy path: both work with a shared pool in principle, neither has been measured with one. ``ondemand``
-    (the papers' baseline) keeps its fixed resident set and scratch slots per layer, and a ``replacement``
-    the user chose keeps the pools per layer it evicts in (in a shared pool the pool's rule evicts).
-    """
-    first = layers[0]
-    return (config.policy is not Policy.ONDEMAND and config.replacement is None and config.quant is Quant.NONE
-            and first.w13_weight.device.type == "cpu"
-            and getattr(first, "expert_format", None) is None)
-
-
 def _slots_for(
     layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link, ledger: BudgetLedger,
-    shared: _Shared | None = None,
+    shared: SharedSlots | None = None,
 ) -> LayerSlots:
     replacement = config.replacement or _CACHE_POLICY[config.policy]
     policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
