@@ -12,12 +12,13 @@ next use is expected farthest, counted in MoE layers run from now: the layers
 until its own layer runs next, plus a whole model's layers for every token it
 is expected to skip, from its use rate (``decay``'s count, halving every
 ``half_life_steps`` steps, kept after eviction). Replayed on the trained
-tiny-mixtral's decode routing, one cache per sequence (the replay script is in
-the session-14 bench notes): 2.65 misses per token at 32 slots against 3.66 for
-an LRU pool of 4 per layer and 2.55 for Belady's with 4 per layer; 0.70 against
-0.91 and 0.69 at 64. On Mixtral's humaneval trace it loses to pools per layer
-(24.8 misses per token against LRU's 24.3 at 4 of 8 per layer): its experts are
-used nearly uniformly, so frequency says little there.
+tiny-mixtral's decode routing, one cache per sequence
+(``scripts/measure/shared_pool_replay.py``, ``docs/bench/shared-pool/``): 2.64
+misses per token at 32 slots against 3.66 for LRU pools of 4 per layer and
+2.55 for Belady's with 4 per layer; 0.70 against 0.91 and 0.69 at 64. On
+Mixtral's humaneval trace it loses to pools per layer (24.85 misses per token
+against LRU's 24.31 at 4 of 8 per layer): its experts are used nearly
+uniformly, so frequency says little there.
 
 Contract, as :class:`~vllm_moe_offload.core.cache.SlotMap`'s: the pool never
 holds more experts than slots; a view's ``pinned`` experts are never evicted;
@@ -34,7 +35,8 @@ from vllm_moe_offload.core.cache import Admission, ReplacementPolicy, SlotMap
 from vllm_moe_offload.core.frequency import DecayedCounts
 
 #: the use count's half-life, in steps: ``decay``'s (tuned on Mixtral humaneval, see ``core/frequency.py``);
-#: 8 and 128 replayed slightly worse on tiny-mixtral's routing (2.73 / 2.74 misses per token against 2.65)
+#: 8 and 128 replayed slightly worse on tiny-mixtral's routing (a scratch replay of this rule: 2.73 / 2.74
+#: misses per token against 2.65 at 32)
 HALF_LIFE_STEPS = 32.0
 
 
@@ -98,7 +100,7 @@ class SharedPool:
         Never: the requester's ``pinned`` experts, any load in flight, or (for another layer's admission)
         an expert of the layer running now; with ``spare_useful`` (a prefetch) no layer's useful expert
         (:meth:`PooledSlotMap.useful`, its own policy's judgement) either: a guess must not push out what the
-        next token likely needs, wherever it sits. Ties: the lowest layer distance last, then the lowest id.
+        next token likely needs, wherever it sits. Ties: the lowest layer ordinal, then the lowest id.
         """
         best: tuple[float, int, int] | None = None
         for view in self.views:
