@@ -120,11 +120,10 @@ def pooled_routing_loads(steps: Sequence, layer_slots: Sequence[int], num_expert
     if not shared:
         return loads
     # one need per (step, layer) in run order, keyed layer * num_experts + expert
-    sequence = [{layer * num_experts + e for e in accesses[layer][step]}
-                for step in range(len(accesses[0])) for layer in shared]
-    for need, layer in zip(_optimal_misses(sequence, len(layer_slots) * num_experts,
-                                           sum(layer_slots[layer] for layer in shared)),
-                           [layer for _ in range(len(accesses[0])) for layer in shared]):
+    order = [(step, layer) for step in range(len(accesses[0])) for layer in shared]
+    sequence = [{layer * num_experts + e for e in accesses[layer][step]} for step, layer in order]
+    misses = _optimal_misses(sequence, len(layer_slots) * num_experts, sum(layer_slots[layer] for layer in shared))
+    for (_, layer), need in zip(order, misses):
         loads[layer] += need
     return loads
 

@@ -43,8 +43,9 @@ def shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLed
         logger.info("MoE offload: pool 'shared' has %d offloaded layer(s) to share; each keeps its own pool",
                     len(shared))
         return None
-    shapes = {tuple((tuple(getattr(layer, name).shape[1:]), getattr(layer, name).dtype)
-                    for name in expert_param_names(layer)) for layer, _ in shared}
+    # [1, ...] placeholders in kernel layout of each shared layer: w13, w2 and a quantized layer's scales
+    placeholders = [[getattr(layer, name) for name in expert_param_names(layer)] for layer, _ in shared]
+    shapes = {tuple((tuple(p.shape[1:]), p.dtype) for p in params) for params in placeholders}
     if len(shapes) > 1:
         raise OffloadConfigError(
             "pool 'shared' needs every offloaded MoE layer's experts in one shape and dtype; this model's differ "
@@ -54,8 +55,7 @@ def shared_pool(layers, plan: SlotPlan, config: OffloadConfig, ledger: BudgetLed
     num_slots = sum(n for _, n in shared)
     ledger.reserve(MemoryKind.SLOTS, num_slots * one_expert_bytes(first),
                    f"the slot pool shared by {len(shared)} layers ({num_slots} slots)")
-    tensors = [slot_pool(num_slots, tuple(getattr(first, name).shape[1:]), getattr(first, name).dtype,
-                         getattr(first, name).device) for name in expert_param_names(first)]
+    tensors = [slot_pool(num_slots, tuple(p.shape[1:]), p.dtype, p.device) for p in placeholders[0]]
     pool = SharedPool(len(shared), plan.num_experts, num_slots, first.top_k)
     return SharedSlots(pool, tensors, {layer.layer_name: i for i, (layer, _) in enumerate(shared)})
 
