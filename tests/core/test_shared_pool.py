@@ -105,6 +105,46 @@ def test_the_victim_is_the_expert_expected_farthest():
     assert pool2.choose_victim(0, pinned=[2])[0] == 1
 
 
+def rule_as_stated(pool: SharedPool, requester: int, pinned, spare_useful: bool = False):
+    """The victim by the docstring's rule, one resident at a time with :meth:`SharedPool.expected_next_use`."""
+    best = None
+    for view in pool.views:
+        if view.ordinal == pool.current and requester != pool.current:
+            continue
+        for expert in view.resident_keys():
+            if expert in view.loading() or (view.ordinal == requester and expert in pinned):
+                continue
+            if spare_useful and view.useful(expert):
+                continue
+            key = (pool.expected_next_use(view.ordinal, expert), -view.ordinal, -expert)
+            best = key if best is None or key > best else best
+    return None if best is None else (-best[1], -best[2])
+
+
+@pytest.mark.parametrize("layers,experts,slots", [(3, 8, 6), (8, 16, 32), (6, 16, 33), (4, 64, 40)])
+def test_the_array_victim_is_the_rule_as_stated(layers, experts, slots):
+    """choose_victim scores the whole pool in array operations; on random routing, with loads in flight and
+    pinned experts, it picks exactly what the rule picks expert by expert (ties included)."""
+    rng = random.Random(layers * 1000 + slots)
+    pool = make_pool(layers=layers, experts=experts, slots=slots)
+    checked = 0
+    for step in range(120):
+        for ordinal in range(layers):
+            skewed = [min(experts - 1, int(rng.expovariate(0.4))) for _ in range(2)]  # a few popular experts
+            needed = list(dict.fromkeys(skewed)) if rng.random() < 0.7 else rng.sample(range(experts), 2)
+            pool.begin_layer(ordinal)
+            other = pool.view(rng.randrange(layers))
+            held = set(rng.sample(other.resident_keys(), min(1, len(other.resident_keys()))))
+            other.loading = lambda held=held: held
+            for requester, spare in ((ordinal, False), ((ordinal + 1) % layers, False), (ordinal, True)):
+                if pool.free_slots() == 0:
+                    assert pool.choose_victim(requester, needed, spare) == rule_as_stated(pool, requester, needed, spare)
+                    checked += 1
+            other.loading = tuple
+            serve_step(pool.view(ordinal), needed)
+    assert checked > 300
+
+
 def test_config():
     assert OffloadConfig.from_dict({"policy": "lru", "pool": "shared"}).pool is Pool.SHARED
     assert OffloadConfig.from_dict({"policy": "lru"}).pool is Pool.AUTO
