@@ -10,6 +10,7 @@ import pytest
 
 from vllm_moe_offload.core.cache import LRUPolicy, SlotMap
 from vllm_moe_offload.core.config import OffloadConfig, OffloadConfigError, Pool
+from vllm_moe_offload.core import shared_pool
 from vllm_moe_offload.core.shared_pool import SharedPool, serve_step
 from vllm_moe_offload.core.traces import load_trace
 
@@ -121,10 +122,13 @@ def rule_as_stated(pool: SharedPool, requester: int, pinned, spare_useful: bool 
     return None if best is None else (-best[1], -best[2])
 
 
+@pytest.mark.parametrize("loop_max_slots", [0, 1 << 30], ids=["arrays", "loop"])
 @pytest.mark.parametrize("layers,experts,slots", [(3, 8, 6), (8, 16, 32), (6, 16, 33), (4, 64, 40)])
-def test_the_array_victim_is_the_rule_as_stated(layers, experts, slots):
-    """choose_victim scores the whole pool in array operations; on random routing, with loads in flight and
-    pinned experts, it picks exactly what the rule picks expert by expert (ties included)."""
+def test_both_ways_to_choose_a_victim_follow_the_rule_as_stated(layers, experts, slots, loop_max_slots, monkeypatch):
+    """choose_victim goes resident by resident in small pools and scores the whole pool in array operations in
+    large ones; on random routing, with loads in flight and pinned experts, each picks exactly what the rule picks
+    expert by expert with expected_next_use (ties included)."""
+    monkeypatch.setattr(shared_pool, "LOOP_MAX_SLOTS", loop_max_slots)
     rng = random.Random(layers * 1000 + slots)
     pool = make_pool(layers=layers, experts=experts, slots=slots)
     checked = 0
