@@ -73,9 +73,8 @@ class SharedPool:
         if half_life_steps <= 0:
             raise ValueError(f"half_life_steps must be positive, got {half_life_steps}")
         # every (layer, expert)'s use count, halving every half_life_steps of its layer's steps, decayed
-        # lazily as ``decay``'s (core/frequency.py): the count as of step ``_at`` of its layer. Arrays, so that
-        # a victim is chosen in a few array operations over the whole pool rather than a Python loop over its
-        # residents (about 0.5 ms per eviction with 1536 slots, several per decode token of a big model)
+        # lazily as ``decay``'s (core/frequency.py): the count as of step ``_at`` of its layer. Arrays, so that a
+        # large pool's victim is chosen in a few array operations over the whole pool (``LOOP_MAX_SLOTS``)
         self._factor = 0.5 ** (1.0 / half_life_steps)  # decay per step
         self._uses = np.zeros((num_layers, num_experts))
         self._at = np.zeros((num_layers, num_experts), dtype=np.int64)
