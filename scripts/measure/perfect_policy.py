@@ -88,11 +88,11 @@ def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, bela
             if view.ordinal == pool.current and requester != pool.current:
                 continue
             held = view.loading()
-            calls = ordinal_layer[view.ordinal]
+            layer = ordinal_layer[view.ordinal]
             for expert in view.resident_keys():
                 if expert in held or (view.ordinal == requester and expert in pinned):
                     continue
-                times = uses.get((calls, expert), [])
+                times = uses.get((layer, expert), [])
                 i = bisect.bisect_left(times, now)
                 key = (times[i] if i < len(times) else 1 << 60, -view.ordinal, -expert)
                 if best is None or key > best:
