@@ -41,7 +41,7 @@ from vllm_moe_offload.core.cache import Admission, ReplacementPolicy, SlotMap
 HALF_LIFE_STEPS = 32.0
 
 #: pools of up to this many slots choose a victim resident by resident; larger ones score the whole pool in
-#: array operations. Measured in the engine (tm-x16, 32 slots): 20 us per eviction by the loop, 80 by arrays
+#: array operations. Measured in the engine (tm-x16, 32 slots): about 20 us per eviction by the loop, 80 by arrays
 #: (a handful of small-array operations cost more than 32 residents' arithmetic); outside it, at 1536 slots
 #: (48 layers x 128 experts) 536 us by the loop and 58 by arrays, at 384 slots 292 and 26
 LOOP_MAX_SLOTS = 128
@@ -101,7 +101,7 @@ class SharedPool:
     def expected_next_use(self, ordinal: int, expert: int) -> float:
         """Layers run from now until ``expert`` of layer ``ordinal`` is expected to be used again."""
         view = self.views[ordinal]
-        count = float(self._uses[ordinal, expert]) * self._factor ** (view._step - int(self._at[ordinal, expert]))
+        count = self._uses.item(ordinal, expert) * self._factor ** (view._step - self._at.item(ordinal, expert))
         rate = min(1.0, count * self._rate)
         until_layer = (ordinal - self.current - 1) % self.num_layers + 1  # its own layer next runs in 1..L layers
         if rate <= 0.0:
@@ -123,25 +123,19 @@ class SharedPool:
         return self._victim_by_arrays(requester, pinned, spare_useful)
 
     def _victim_by_loop(self, requester: int, pinned: Collection[int], spare_useful: bool) -> tuple[int, int] | None:
-        """:meth:`choose_victim` resident by resident, :meth:`expected_next_use`'s arithmetic inlined."""
-        uses, at = self._uses.item, self._at.item  # one element each: no copy of the [L, E] arrays
-        factor, rate_per_count, num_layers = self._factor, self._rate, self.num_layers
+        """:meth:`choose_victim` resident by resident."""
         best: tuple[float, int, int] | None = None
         for view in self.views:
             ordinal = view.ordinal
             if ordinal == self.current and requester != self.current:
                 continue
             held = view.loading()
-            step = view._step
-            until_layer = (ordinal - self.current - 1) % num_layers + 1
             for expert in view.resident_keys():
                 if expert in held or (ordinal == requester and expert in pinned):
                     continue
                 if spare_useful and view.useful(expert):
                     continue
-                rate = min(1.0, uses(ordinal, expert) * factor ** (step - at(ordinal, expert)) * rate_per_count)
-                score = until_layer + num_layers * (1.0 / rate - 1.0) if rate > 0.0 else float("inf")
-                key = (score, -ordinal, -expert)
+                key = (self.expected_next_use(ordinal, expert), -ordinal, -expert)
                 if best is None or key > best:
                     best = key
         return None if best is None else (-best[1], -best[2])
@@ -204,7 +198,7 @@ class SharedPool:
 
     def _count(self, ordinal: int, expert: int) -> None:
         step = self.views[ordinal]._step
-        count = float(self._uses[ordinal, expert]) * self._factor ** (step - int(self._at[ordinal, expert]))
+        count = self._uses.item(ordinal, expert) * self._factor ** (step - self._at.item(ordinal, expert))
         self._uses[ordinal, expert] = count + 1.0
         self._at[ordinal, expert] = step
 
