@@ -100,9 +100,7 @@ class SharedPool:
 
     def expected_next_use(self, ordinal: int, expert: int) -> float:
         """Layers run from now until ``expert`` of layer ``ordinal`` is expected to be used again."""
-        view = self.views[ordinal]
-        count = self._uses.item(ordinal, expert) * self._factor ** (view._step - self._at.item(ordinal, expert))
-        rate = min(1.0, count * self._rate)
+        rate = min(1.0, self._decayed_uses(ordinal, expert) * self._rate)
         until_layer = (ordinal - self.current - 1) % self.num_layers + 1  # its own layer next runs in 1..L layers
         if rate <= 0.0:
             return float("inf")
@@ -196,11 +194,14 @@ class SharedPool:
     def _release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def _count(self, ordinal: int, expert: int) -> None:
+    def _decayed_uses(self, ordinal: int, expert: int) -> float:
+        """The use count of ``expert`` of layer ``ordinal`` as of its layer's current step."""
         step = self.views[ordinal]._step
-        count = self._uses.item(ordinal, expert) * self._factor ** (step - self._at.item(ordinal, expert))
-        self._uses[ordinal, expert] = count + 1.0
-        self._at[ordinal, expert] = step
+        return self._uses.item(ordinal, expert) * self._factor ** (step - self._at.item(ordinal, expert))
+
+    def _count(self, ordinal: int, expert: int) -> None:
+        self._uses[ordinal, expert] = self._decayed_uses(ordinal, expert) + 1.0
+        self._at[ordinal, expert] = self.views[ordinal]._step
 
 
 class PooledSlotMap(SlotMap):
