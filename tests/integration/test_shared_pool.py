@@ -23,6 +23,8 @@ def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
         # fate prefetches into the pool from the layer before; klotski plans with its spare slots
         offload_job("fate/shared", TINY_PYMOE, policy="fate", budget="25%", pool="shared"),
         offload_job("klotski/shared", TINY_PYMOE, policy="klotski", budget="50%", pool="shared"),
+        # the layers' nextuse predictions enter the pool's rule (the default only for experts of 16 MiB and more)
+        offload_job("lru/nextuse/shared", TINY_PYMOE, policy="lru", budget="25%", pool="shared", replacement="nextuse"),
         # auto: shared for full-precision experts on the CPU backend, never for the Load-on-Demand baseline
         # nor with a replacement the user chose (it evicts within a layer's pool)
         offload_job("lru/auto", TINY_PYMOE, policy="lru", budget="25%"),
@@ -35,7 +37,8 @@ def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
         assert result["stats"][0]["total"]["misses"] > 0, name
     pools = {name: result["stats"][0]["pool"] for name, result in runs.items()}
     assert pools == {"lru/layer": "layer", "lru/shared": "shared", "fate/shared": "shared",
-                     "klotski/shared": "shared", "lru/auto": "shared", "ondemand/auto": "layer",
+                     "klotski/shared": "shared", "lru/nextuse/shared": "shared", "lru/auto": "shared",
+                     "ondemand/auto": "layer",
                      "lru/decay/auto": "layer"}
     layer, shared = (runs[name]["stats"][0]["total"] for name in ("lru/layer", "lru/shared"))
     assert shared["passes"] < layer["passes"], (shared["passes"], layer["passes"])
@@ -43,14 +46,20 @@ def test_shared_pool_keeps_stock_tokens_in_fewer_passes(tiny_models, tmp_path):
     log = open(runs["lru/shared"]["log"]).read()
     assert "  cache      lru replacement\n" in log
     assert "  pool       one pool of 24 slots shared by layers 0-5: the layer that runs takes up to 12" in log
+    assert "(decayed use rate, and layer distance)" in log  # 192 KiB experts: no predictions by default
+    predicted = open(runs["lru/nextuse/shared"]["log"]).read()
+    assert "  cache      nextuse replacement\n" in predicted
+    assert "(decayed use rate plus nextuse predicted uses, and layer distance)" in predicted
 
 
 def test_shared_pool_in_the_default_multiprocess_engine(tiny_models, tmp_path):
     model = tiny_models["mixtral"]
     stock = run_engines(tmp_path / "stock", [offload_job("stock", model)], stock=True, multiprocess=True)["stock"]
-    got = run_engines(tmp_path / "shared", [
+    runs = run_engines(tmp_path / "shared", [
         offload_job("lru/shared", model, policy="lru", budget="25%", pool="shared"),
-    ], stock=False, multiprocess=True)["lru/shared"]
-    assert "error" not in got, got.get("error")
-    assert got["tokens"] == stock["tokens"]
-    assert "one pool of 4 slots shared by layers 0-1" in open(got["log"]).read()
+        offload_job("lru/nextuse/shared", model, policy="lru", budget="25%", pool="shared", replacement="nextuse"),
+    ], stock=False, multiprocess=True)
+    for got in runs.values():
+        assert "error" not in got, got.get("error")
+        assert got["tokens"] == stock["tokens"]
+        assert "one pool of 4 slots shared by layers 0-1" in open(got["log"]).read()

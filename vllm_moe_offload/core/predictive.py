@@ -16,7 +16,8 @@ the engine passes them, the step's input token ids):
   memory when the token is unknown or never matched. Text repeats (code more
   than prose), and the same context routes alike.
 * **path neighbours** (when the model's layer policies are linked,
-  :func:`link_layers`: the simulator links them; the engine does not yet). When
+  :func:`link_layers`: the simulator links them, the engine those of a shared
+  pool, ``core/shared_pool.py``). When
   layer ``l`` evicts, layers ``0..l`` of the running step are routed. The
   ``path_neighbours`` earlier steps sharing the most experts with it over those
   layers (:class:`StepPaths`, the last 1024 steps) vote for what layer ``l``
@@ -32,8 +33,10 @@ the engine passes them, the step's input token ids):
   :meth:`NextUsePolicy.begin_pass_needs`).
 
 In the engine, ``integration/policy_inputs.py`` tells the step's token (batch-1
-decode) and each pass's needs; it does not link the layers yet, so there the
-path neighbours are off. Nothing here sees the future: a neighbour's continuation is taken only from
+decode) and each pass's needs; it links the layers of a shared pool only (with pools per layer the
+path neighbours are off). A shared pool asks each layer's policy for :meth:`NextUsePolicy.predicted_uses`
+and weighs them into its own rule; the policy's :meth:`~NextUsePolicy.choose_victim` is not used
+there. Nothing here sees the future: a neighbour's continuation is taken only from
 steps already ended. The memories live as long as the policy; the
 simulator's per-sequence replay hands it from one sequence's cache to the next
 (:meth:`NextUsePolicy.inherit`), as the engine's policy keeps it across requests.
@@ -363,6 +366,17 @@ class NextUsePolicy(ScoredPolicy):
 
     def score(self, expert: int) -> float:
         return self._predicted.get(expert, 0.0) + self._counts.value(expert, self.step) * self._rate
+
+    def predicted_uses(self) -> dict[int, float]:
+        """Expert -> its predicted use over the layer's next ``horizon`` steps, as :meth:`score` adds it.
+
+        Computed once per step from what the layer knows then (its step's token, the running step's routing
+        so far) and kept until the step ends or a new one is told; reads the memories and the paths, changes
+        neither (a shared pool asks it for layers that are not running: ``core/shared_pool.py``).
+        """
+        if self._predicted is None:
+            self._predicted = self._predict(self._step_used.union(self._needs))
+        return self._predicted
 
     def choose_victim(self, resident: Collection[int], pinned: Collection[int]) -> int:
         now = self._step_used.union(self._needs, pinned)

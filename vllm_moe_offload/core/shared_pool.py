@@ -10,15 +10,28 @@ experts the whole model is least likely to need soon.
 Replacement (:meth:`SharedPool.choose_victim`): evict the resident expert whose
 next use is expected farthest, counted in MoE layers run from now: the layers
 until its own layer runs next, plus a whole model's layers for every token it
-is expected to skip, from its use rate (``decay``'s count, halving every
-``half_life_steps`` steps, kept after eviction). Replayed on the trained
-tiny-mixtral's decode routing, one cache per sequence
-(``scripts/measure/shared_pool_replay.py``, ``docs/bench/shared-pool/``): 2.64
-misses per token at 32 slots against 3.66 for LRU pools of 4 per layer and
-2.55 for Belady's with 4 per layer; 0.70 against 0.91 and 0.69 at 64. On
-Mixtral's humaneval trace it loses to pools per layer (24.85 misses per token
-against LRU's 24.31 at 4 of 8 per layer): its experts are used nearly
-uniformly, so frequency says little there.
+is expected to skip, from its use rate: ``decay``'s count (halving every
+``half_life_steps`` steps, kept after eviction) plus, where the layer's policy
+predicts (``nextuse``: what followed the step's token, or its routing, before,
+and the earlier steps whose routing matched the running one's over the layers
+run so far), :data:`PREDICTED_USE_WEIGHT` times the uses it predicts over the
+layer's next steps. A prediction only brings a use nearer, so the candidates
+are scored farthest by counts first and their layers asked for predictions
+only until none left could be the victim.
+
+Replayed, one cache per sequence (``scripts/measure/shared_pool_replay.py``,
+``docs/bench/shared-pool/``), misses per token at 25% / 50% of each layer's
+experts, the pool on counts alone -> with ``nextuse``'s predictions (LRU per
+layer; Belady's over the pool): trained tiny-mixtral 2.64 / 0.70 -> 2.45 / 0.69
+(3.66 / 0.91; 1.84 / 0.56); Mixtral humaneval 41.91 / 24.85 -> 37.14 / 21.11
+(38.72 / 24.31; 24.88 / 11.97); gsm8k 42.76 / 25.60 -> 40.07 / 23.59 (42.14 /
+25.75; 26.82 / 12.59); Qwen1.5-MoE 13.25 / 7.84 -> 13.23 / 7.79 (13.85 / 8.45;
+7.69 / 3.46). On counts alone the pool loses to LRU per layer on Mixtral's
+traces, whose experts are used nearly uniformly (frequency says little there);
+the path neighbours carry the predictions' gain (without them humaneval
+stays at 41.77 / 24.80). Predictions cost the engine's thread work at every
+eviction: the engine asks for them only where experts are large
+(``integration/setup.py``).
 
 Contract, as :class:`~vllm_moe_offload.core.cache.SlotMap`'s: the pool never
 holds more experts than slots; a view's ``pinned`` experts are never evicted;
@@ -29,7 +42,7 @@ nor, for another layer's admission, the experts of the layer that runs now
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
 import numpy as np
 
@@ -45,6 +58,12 @@ HALF_LIFE_STEPS = 32.0
 #: (a handful of small-array operations cost more than 32 residents' arithmetic); outside it, at 1536 slots
 #: (48 layers x 128 experts) 536 us by the loop and 58 by arrays, at 384 slots 292 and 26
 LOOP_MAX_SLOTS = 128
+
+#: the weight of a layer's predicted uses in an expert's use rate, where the layer's policy predicts them
+#: (``nextuse``'s :meth:`~vllm_moe_offload.core.predictive.NextUsePolicy.predicted_uses`). In a scratch replay
+#: (misses per token at 25% / 50%), 0.3 and 0.5 were within 1% of each other on Mixtral humaneval and
+#: tiny-mixtral; on humaneval 0.2 up to 1% worse, 0.7 up to 4% and 1.0 up to 7%
+PREDICTED_USE_WEIGHT = 0.3
 
 
 class SharedPool:
@@ -100,7 +119,11 @@ class SharedPool:
 
     def expected_next_use(self, ordinal: int, expert: int) -> float:
         """Layers run from now until ``expert`` of layer ``ordinal`` is expected to be used again."""
-        rate = min(1.0, self._decayed_uses(ordinal, expert) * self._rate)
+        return self._next_use(ordinal, expert, self._predicted_uses(ordinal).get(expert, 0.0))
+
+    def _next_use(self, ordinal: int, expert: int, predicted: float) -> float:
+        """:meth:`expected_next_use` with the layer's ``predicted`` uses of ``expert`` given (0.0: by counts)."""
+        rate = min(1.0, self._decayed_uses(ordinal, expert) * self._rate + PREDICTED_USE_WEIGHT * predicted)
         until_layer = (ordinal - self.current - 1) % self.num_layers + 1  # its own layer next runs in 1..L layers
         if rate <= 0.0:
             return float("inf")
@@ -122,7 +145,7 @@ class SharedPool:
 
     def _victim_by_loop(self, requester: int, pinned: Collection[int], spare_useful: bool) -> tuple[int, int] | None:
         """:meth:`choose_victim` resident by resident."""
-        best: tuple[float, int, int] | None = None
+        keys: list[tuple[float, int, int]] = []
         for view in self.views:
             ordinal = view.ordinal
             if ordinal == self.current and requester != self.current:
@@ -133,9 +156,32 @@ class SharedPool:
                     continue
                 if spare_useful and view.useful(expert):
                     continue
-                key = (self.expected_next_use(ordinal, expert), -ordinal, -expert)
-                if best is None or key > best:
-                    best = key
+                keys.append((self._next_use(ordinal, expert, 0.0), -ordinal, -expert))
+        if not keys:
+            return None
+        first = max(keys)
+        if not self._predicted_uses(-first[1]).get(-first[2]):  # the farthest by counts has no predicted use
+            return -first[1], -first[2]
+        keys.sort(reverse=True)
+        return self._farthest(keys)
+
+    def _farthest(self, keys: Iterable[tuple[float, int, int]]) -> tuple[int, int] | None:
+        """The victim among candidates given as ``(next use by counts, -ordinal, -expert)``, farthest first.
+
+        A predicted use only brings an expert's next use nearer, so the candidates are scored with their
+        layers' predictions in that order until the next one's score by counts cannot beat the best found:
+        usually the first, which asks one layer's policy for its predictions instead of every layer's.
+        """
+        best: tuple[float, int, int] | None = None
+        for key in keys:
+            if best is not None and key <= best:
+                break
+            ordinal, expert = -key[1], -key[2]
+            predicted = self._predicted_uses(ordinal).get(expert, 0.0)
+            if predicted:
+                key = (self._next_use(ordinal, expert, predicted), key[1], key[2])
+            if best is None or key > best:
+                best = key
         return None if best is None else (-best[1], -best[2])
 
     def _victim_by_arrays(self, requester: int, pinned: Collection[int], spare_useful: bool) -> tuple[int, int] | None:
@@ -155,14 +201,20 @@ class SharedPool:
                     eligible[ordinal, expert] = False
         if not eligible.any():
             return None
-        scores = self._next_use_all()
-        scores[~eligible] = -np.inf
-        # the farthest; ties: the lowest ordinal, then the lowest id (row-major order, argmax takes the first)
-        ordinal, expert = divmod(int(np.argmax(scores)), self.num_experts)
-        return ordinal, expert
+        scores = self._next_use_all().ravel()
+        first = int(np.argmax(np.where(eligible.ravel(), scores, -np.inf)))  # ties: the first, row-major
+        ordinal, expert = divmod(first, self.num_experts)
+        if not self._predicted_uses(ordinal).get(expert):  # the farthest by counts has no predicted use
+            return ordinal, expert
+        candidates = np.flatnonzero(eligible.ravel())
+        # farthest by counts first; ties: the lowest ordinal, then the lowest id (row-major order)
+        order = candidates[np.lexsort((candidates, -scores[candidates]))]
+        return self._farthest(
+            (float(scores[i]), -(i // self.num_experts), -(i % self.num_experts)) for i in order.tolist()
+        )
 
     def _next_use_all(self) -> np.ndarray:
-        """:meth:`expected_next_use` of every (layer ordinal, expert), ``[L, E]``, the same arithmetic."""
+        """:meth:`_next_use` by counts of every (layer ordinal, expert), ``[L, E]``, the same arithmetic."""
         steps = np.array([view._step for view in self.views], dtype=np.int64)[:, None]
         rate = np.minimum(1.0, self._uses * self._factor ** (steps - self._at) * self._rate)
         ordinals = np.arange(self.num_layers)[:, None]
@@ -193,6 +245,11 @@ class SharedPool:
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
+
+    def _predicted_uses(self, ordinal: int) -> dict[int, float]:
+        """Layer ``ordinal``'s predicted uses over its next steps, where its policy predicts them, else none."""
+        predict = getattr(self.views[ordinal].policy, "predicted_uses", None)
+        return predict() if predict is not None else {}
 
     def _decayed_uses(self, ordinal: int, expert: int) -> float:
         """The use count of ``expert`` of layer ``ordinal`` as of its layer's current step."""

@@ -168,11 +168,13 @@ def _pool_lines(offloaded: list[LayerSlots]) -> list[str]:
     if not pooled:
         return [f"  cache      {name} replacement"]
     pool = pooled[0].slot_map.pool
+    predicts = hasattr(pooled[0].slot_map.policy, "predicted_uses")
+    rate = f"decayed use rate{f' plus {name} predicted uses' if predicts else ''}, and layer distance"
     return [
         f"  cache      {name} replacement",
         f"  pool       one pool of {pool.num_slots} slots shared by {_ranges([s.layer_idx for s in pooled])}: the "
         f"layer that runs takes up to {pool.pass_capacity} from the others; the pool evicts the expert whose "
-        f"next use is expected farthest (decayed use rate and layer distance), {name} says what a prefetch spares",
+        f"next use is expected farthest ({rate}), {name} says what a prefetch spares",
     ]
 
 
