@@ -33,6 +33,12 @@ def test_defaults_off_and_frozen():
         config.policy = Policy.LRU  # type: ignore[misc]
 
 
+def test_the_prefetch_gate_is_on_unless_switched_off():
+    assert OffloadConfig.from_dict({"policy": "fate"}).prefetch_gate
+    off = OffloadConfig.from_dict({"policy": "fate", "prefetch_gate": "off"})
+    assert not off.prefetch_gate and OffloadConfig.from_dict(off.to_dict()) == off
+
+
 def test_round_trip_through_dict():
     config = OffloadConfig.from_dict({"policy": "LRU", "budget": "25%", "tier": "disk", "io_threads": 2})
     assert config.policy is Policy.LRU and config.tier is Tier.DISK and config.io_threads == 2
@@ -59,6 +65,7 @@ def test_round_trip_through_dict():
         ({"store": "kernel", "tier": "host"}, "store 'kernel' contradicts tier 'host'"),
         ({"store": "packed"}, r"store 'packed' is not one of \['checkpoint', 'kernel'\]"),
         ({"link_gbps": -1}, "link_gbps -1 is out of range"),
+        ({"policy": "fate", "prefetch_gate": "maybe"}, r"prefetch_gate 'maybe' must be true or false \(or on/off\)"),
         ("lru", "moe_offload must be a dict"),
     ],
 )

@@ -63,3 +63,20 @@ def test_shared_pool_in_the_default_multiprocess_engine(tiny_models, tmp_path):
         assert "error" not in got, got.get("error")
         assert got["tokens"] == stock["tokens"]
         assert "one pool of 4 slots shared by layers 0-1" in open(got["log"]).read()
+
+
+def test_which_layers_of_a_shared_pool_predict():
+    """nextuse (whose predictions enter the pool's rule) for experts of 16 MiB and more in a shared pool; the
+    offload policy's own cache below that and with pools per layer; the user's replacement always."""
+    from vllm_moe_offload.core.config import OffloadConfig
+    from vllm_moe_offload.integration.setup import PREDICTED_POOL_MIN_EXPERT_BYTES, layer_policy_name
+
+    big, small = PREDICTED_POOL_MIN_EXPERT_BYTES, PREDICTED_POOL_MIN_EXPERT_BYTES - 1
+    lru, fate = OffloadConfig.from_dict({"policy": "lru"}), OffloadConfig.from_dict({"policy": "fate"})
+    assert layer_policy_name(lru, pooled=True, expert_bytes=big) == "nextuse"
+    assert layer_policy_name(fate, pooled=True, expert_bytes=96 * 2**20) == "nextuse"
+    assert layer_policy_name(lru, pooled=True, expert_bytes=small) == "lru"
+    assert layer_policy_name(fate, pooled=True, expert_bytes=small) == "arc"
+    assert layer_policy_name(lru, pooled=False, expert_bytes=big) == "lru"
+    decay = OffloadConfig.from_dict({"policy": "lru", "replacement": "decay", "pool": "shared"})
+    assert layer_policy_name(decay, pooled=True, expert_bytes=big) == "decay"

@@ -182,6 +182,10 @@ class OffloadConfig:
     #: on a loaded machine (docs/bench/link) it read 0-7 more experts than off per 64-token decode and 3-6
     #: more per prefill, and its tok/s could not be told from off
     link_schedule: bool = False
+    #: fate: load a prediction's missing experts only where such predictions (this layer's, at that distance,
+    #: for one token's step or a batch's) have been right often enough to pay for the load a wrong one wastes
+    #: (``core/prefetch_gate.py``); off: every prediction is loaded, as the paper does
+    prefetch_gate: bool = True
     #: longest a forward pass waits for one expert load; past it the tokens that need the
     #: expert fail (their requests end with an error) and the load finishes in the background
     load_timeout_s: float = 30.0
@@ -255,6 +259,8 @@ class OffloadConfig:
             kw["direct_io"] = raw["direct_io"]
         if "link_schedule" in raw:
             kw["link_schedule"] = _switch(raw["link_schedule"], "link_schedule")
+        if "prefetch_gate" in raw:
+            kw["prefetch_gate"] = _switch(raw["prefetch_gate"], "prefetch_gate")
         if "io_threads" in raw:
             kw["io_threads"] = _number(raw["io_threads"], "io_threads", int, 1, 64)
         if "link_gbps" in raw:

@@ -22,7 +22,9 @@ class LayerStats:
     a farther prediction that a nearer one dropped, or of experts the step's
     routing did not need (not counted in ``prefetch_loads``); ``prefetch_refused``:
     predicted experts the link schedule did not admit (the link would not have
-    idled before their layer ran, ``core/link.py``).
+    idled before their layer ran, ``core/link.py``); ``prefetch_gated``: predicted
+    missing experts not loaded because such predictions have not been right
+    often enough to pay for a wrong one's load (``core/prefetch_gate.py``).
     ``distance_*``: prediction counts by look-ahead distance (recall per distance
     is ``distance_right / distance_needed``).
     ``failed_loads`` are needs that could not be met (a read failed or timed
@@ -54,6 +56,7 @@ class LayerStats:
     prefetch_skipped: int = 0
     prefetch_cancelled: int = 0
     prefetch_refused: int = 0
+    prefetch_gated: int = 0
     waves: int = 0
     #: per look-ahead distance (layers between predictor and predicted): the same three counts
     distance_predicted: dict[int, int] = field(default_factory=dict)
@@ -101,7 +104,7 @@ def summarize(layers: Iterable[dict]) -> dict:
     summed = (
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
-        "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "waves",
+        "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "waves",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
              **{key: {} for key in _BY_DISTANCE}}

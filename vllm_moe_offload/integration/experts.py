@@ -72,6 +72,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         # set by link_prediction
         self.lookahead: list[tuple[int, OffloadRoutedExperts, torch.nn.Module]] = []
         self.overfetch: int | None = None
+        #: fate: load a prediction only where such predictions have paid (``core/prefetch_gate.py``), set by the setup
+        self.gate_prefetches = False
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
         self.call_s_min: float | None = None  # this layer's fastest kernel call: what one more call costs
         #: compute the tokens whose experts are resident while the others load, resident passes first
@@ -234,7 +236,9 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         first, filled up to the over-fetch depth by router probability mass. Each
         predicted layer is looked at from as far as its loads need
         (:meth:`_lookahead_depth`); the nearer prediction, made again at the next
-        layer, wins. Loads never evict experts the cache deems useful.
+        layer, wins. Loads never evict experts the cache deems useful, and with
+        ``gate_prefetches`` start only where this layer's earlier predictions of that kind were right often
+        enough to pay (``core/prefetch_gate.py``).
         """
         for distance, nxt, gate in self.lookahead:
             if distance > 1 and distance > self._lookahead_depth(nxt):
@@ -247,9 +251,13 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 many = x.shape[0] >= _PREFILL_MIN_TOKENS  # a prefill's needs outrank recency
                 nxt.slots.prefetch(experts, spare_useful=not many, distance=distance, scores=scores)
                 continue
+            kind = ("batch" if x.shape[0] > 1 else "token") if self.gate_prefetches else None
+            if kind is not None and not nxt.slots.prefetch_pays(distance, kind) \
+                    and not nxt.slots.sample_closed_prediction():
+                continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),
                                         nxt.slots.num_slots)
-            nxt.slots.prefetch(experts, spare_useful=True, distance=distance)
+            nxt.slots.prefetch(experts, spare_useful=True, distance=distance, gate=kind)
 
     def _lookahead_depth(self, nxt: OffloadRoutedExperts) -> int:
         """How many layers ahead ``nxt`` is predicted: its loads' time over this layer's compute.

@@ -203,6 +203,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     if config.policy is Policy.FATE:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
+        for layer in layers:
+            layer.gate_prefetches = config.prefetch_gate
     _log_plan(runtime, vllm_config, time.perf_counter() - started)
     return runtime
 
@@ -436,13 +438,22 @@ def _source_for(
     return HostSource(disk, layer.global_num_experts, pin=layer.w13_weight.device.type == "cuda")
 
 
+def layer_policy_name(config: OffloadConfig, pooled: bool, expert_bytes: int) -> str:
+    """The replacement policy a layer's slots run: the user's, else ``nextuse`` in a shared pool of large
+    experts (its predictions enter the pool's rule), else the offload policy's own cache."""
+    if config.replacement:
+        return config.replacement
+    if pooled and expert_bytes >= PREDICTED_POOL_MIN_EXPERT_BYTES:
+        return NextUsePolicy.name
+    return _CACHE_POLICY[config.policy]
+
+
 def _slots_for(
     layer, num_slots: int, plan: SlotPlan, source, config: OffloadConfig, engine, link, ledger: BudgetLedger,
     shared: SharedSlots | None = None,
 ) -> LayerSlots:
     pooled = shared is not None and layer.layer_name in shared.ordinal
-    predicted = pooled and one_expert_bytes(layer) >= PREDICTED_POOL_MIN_EXPERT_BYTES
-    replacement = config.replacement or (NextUsePolicy.name if predicted else _CACHE_POLICY[config.policy])
+    replacement = layer_policy_name(config, pooled, one_expert_bytes(layer))
     policy = make_policy(replacement, plan.num_experts, num_slots, layer.top_k)
     if pooled:
         w13_slots, w2_slots, *extra_slots = shared.tensors

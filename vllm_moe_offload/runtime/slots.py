@@ -35,6 +35,7 @@ import torch
 
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.link import DEMAND, LoadPriority, admit_prefetches, outranking
+from vllm_moe_offload.core.prefetch_gate import PrefetchGate
 from vllm_moe_offload.core.shared_pool import PooledSlotMap
 from vllm_moe_offload.core.stats import LayerStats
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty
@@ -55,6 +56,11 @@ def slot_pool(num_slots: int, shape: tuple[int, ...], dtype: torch.dtype, device
     if torch.device(device).type == "cpu" and one_slot_bytes % ALIGN_BYTES == 0:
         return aligned_empty((num_slots, *shape), dtype)
     return torch.empty((num_slots, *shape), dtype=dtype, device=device)
+
+
+#: while a prediction's gate is closed, one prediction in this many is still made (and scored), so its
+#: precision keeps being measured at a quarter of the cost
+CLOSED_SAMPLE_EVERY = 4
 
 
 class ExpertLoadError(RuntimeError):
@@ -115,6 +121,11 @@ class LayerSlots:
         self._low: set[int] = set()  # resident in low precision: good for one prefill pass only
         # this layer's predictions for its next pass, by distance (layers ahead they were made)
         self._predictions: dict[int, set[int]] = {}
+        #: how often gated predictions of missing experts were right (``prefetch(gate=...)``), and this step's
+        #: gated predictions by distance, scored when the layer runs
+        self.prefetch_gate = PrefetchGate()
+        self._gated: dict[int, tuple[tuple[int, str], set[int]]] = {}
+        self._closed_calls = 0  # predictions asked for while the gate was closed (sample_closed_prediction)
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
@@ -173,12 +184,14 @@ class LayerSlots:
         return self._identity
 
     def begin_layer(self) -> None:
-        """This layer's forward starts: with a scheduled link (``core/link.py``), tick its layer clock and
-        hold queued prefetches until this layer's own loads are queued (or it has none, or it waits)."""
+        """This layer's forward starts: tick the engine's layer clock (the compute between MoE layers, for
+        the link schedule and the prefetch gate) and, with a scheduled link (``core/link.py``), hold queued
+        prefetches until this layer's own loads are queued (or it has none, or it waits)."""
         if self.pooled:
             self.slot_map.pool.begin_layer(self.slot_map.ordinal)
-        if getattr(self.engine, "schedule_prefetches", False):
-            self.engine.layer_started(self.stats, hold=not self.fully_resident)
+        started = getattr(self.engine, "layer_started", None)
+        if started is not None:
+            started(self.stats, hold=getattr(self.engine, "schedule_prefetches", False) and not self.fully_resident)
 
     def _release_prefetches(self) -> None:
         release = getattr(self.engine, "release_prefetches", None)
@@ -195,7 +208,7 @@ class LayerSlots:
 
     def prefetch(
         self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1,
-        scores: Sequence[float] | None = None,
+        scores: Sequence[float] | None = None, gate: str | None = None,
     ) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
@@ -213,6 +226,11 @@ class LayerSlots:
         queued behind demand loads, nearest layer and highest score first; ``scores``
         (``[E]``, the prediction's score of every expert) keep residents scored at least
         as high as a prefetch from being evicted for it (:func:`outranking`).
+
+        ``gate`` (a kind of step: ``"token"``, ``"batch"``): the missing experts are loaded only where this
+        layer's predictions of that kind at that distance have been right often enough to pay for the link
+        time a wrong one costs (``core/prefetch_gate.py``; the rest count as ``prefetch_gated``); the
+        prediction is scored either way.
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
@@ -227,6 +245,11 @@ class LayerSlots:
         self._predictions[distance] = set(wanted)
         pinned = set(wanted) | set(self._pending)
         todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
+        if gate is not None:
+            self._gated[distance] = ((distance, gate), set(todo))  # scored when this layer runs
+            if not self.prefetch_pays(distance, gate):
+                self.stats.prefetch_gated += len(todo)
+                todo = []
         if self.pooled:  # loads in flight hold pool slots: leave the running layer a full pass
             pool = self.slot_map.pool
             room = max(0, pool.in_flight_allowance - pool.in_flight())
@@ -256,6 +279,17 @@ class LayerSlots:
                 break  # every slot holds a wanted (or useful) expert or a load in flight
             self.slot_map.touch(expert, hit=False, demand=False)
             self.stats.prefetch_loads += 1
+
+    def prefetch_pays(self, distance: int, kind: str) -> bool:
+        """Whether a ``kind`` prediction ``distance`` layers ahead would be loaded (``core/prefetch_gate.py``)."""
+        clock = getattr(self.engine, "clock", None)
+        return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s)
+
+    def sample_closed_prediction(self) -> bool:
+        """Whether to make a prediction the gate will not load anyway, to keep measuring its precision: one
+        call in :data:`CLOSED_SAMPLE_EVERY` (making one costs the predicting layer a router and a top-k)."""
+        self._closed_calls += 1
+        return self._closed_calls % CLOSED_SAMPLE_EVERY == 0
 
     def _cancel_queued_prefetches(self, keep: set[int]) -> None:
         """Cancel prefetch loads not yet started whose expert is not in ``keep``; free their slots.
@@ -428,9 +462,12 @@ class LayerSlots:
         """
         if self._step_needs is None:
             self._step_needs = set(experts)
+        needed = set(experts)
+        for key, missing in self._gated.values():
+            self.prefetch_gate.record(key, len(missing), len(missing & needed))
+        self._gated = {}
         if not self._predictions:
             return
-        needed = set(experts)
         nearest = self._predictions[min(self._predictions)]
         self.stats.predicted += len(nearest)
         self.stats.predicted_right += len(nearest & needed)

@@ -1,0 +1,43 @@
+"""core/prefetch_gate.py: a prediction's loads start only where its measured precision pays for the risk."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_moe_offload.core.prefetch_gate import PrefetchGate
+
+
+def test_open_until_both_times_are_measured():
+    gate = PrefetchGate()
+    for _ in range(50):
+        gate.record(1, predicted=2, right=0)
+    assert gate.pays(1, 1, load_s=None, layer_s=0.001) and gate.pays(1, 1, load_s=0.002, layer_s=None)
+    assert not gate.pays(1, 1, load_s=0.002, layer_s=0.001)
+
+
+def test_the_break_even_precision():
+    """One layer ahead with 1.9 ms loads and 0.6 ms layers needs 1.9 / 2.5 = 0.76; three layers ahead 0.51."""
+    for right_of_100, one, three in ((90, True, True), (65, False, True), (40, False, False)):
+        gate = PrefetchGate()
+        for n in range(100):
+            gate.record("k", predicted=1, right=int(n % 20 < right_of_100 // 5))  # spread evenly
+        assert gate.pays("k", 1, load_s=0.0019, layer_s=0.0006) is one, right_of_100
+        assert gate.pays("k", 3, load_s=0.0019, layer_s=0.0006) is three, right_of_100
+    # a lead longer than the load saves one load at most: 0.5 is the break-even however far ahead
+    gate = PrefetchGate()
+    gate.record("k", predicted=10, right=5)
+    assert gate.pays("k", 8, load_s=0.002, layer_s=0.001)
+
+
+def test_recent_predictions_weigh_most_and_keys_keep_apart():
+    gate = PrefetchGate()
+    for _ in range(200):
+        gate.record((1, False), predicted=2, right=2)
+    for _ in range(200):
+        gate.record((1, False), predicted=2, right=0)  # the routing changed: the old record fades
+    assert gate.precision((1, False)) < 0.05
+    assert gate.precision((1, True)) == 0.5  # another key: no record yet
+    gate.record((1, True), predicted=0, right=0)  # nothing missing was predicted: nothing learned
+    assert gate.precision((1, True)) == 0.5
+    with pytest.raises(ValueError, match="within 0..predicted"):
+        gate.record((1, True), predicted=1, right=2)

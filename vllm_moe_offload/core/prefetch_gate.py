@@ -1,0 +1,55 @@
+"""Whether a prediction's loads are worth starting: its measured precision against the link time it risks.
+
+A prefetch ``d`` layers ahead that turns out right saves at most the compute of the ``d`` layers in between
+(the load starts that much earlier than a demand load would), and never more than one load's time; one that
+turns out wrong costs about one load's time: it holds the link that the next demand load waits for, or
+evicts an expert a later step loads again. So a prediction's missing experts are loaded only where
+
+    precision x min(d x layer time, load time) >= (1 - precision) x load time,
+
+the precision being that of this layer's earlier predictions at the same distance of experts that were not
+resident (those a prefetch would load), whether or not they were loaded, so a closed gate keeps measuring.
+One token's step and a batch's keep apart (a prefill's prediction is nearly always right and its layers take
+long). With 3 MiB loads of 1.9 ms between layers 0.6 ms apart, one layer ahead needs a precision of 0.76 and
+three layers ahead 0.51; with 96 MiB loads of 43 ms between layers 7 ms apart, 0.86 and 0.67.
+
+No torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+#: weight kept per prediction scored: about the last 50 predictions of a (distance, kind) count
+DECAY = 0.98
+
+
+class PrefetchGate:
+    """One layer's record of how often its predictions of missing experts were right, by key."""
+
+    def __init__(self) -> None:
+        self._right: dict[Hashable, float] = {}
+        self._total: dict[Hashable, float] = {}
+
+    def record(self, key: Hashable, predicted: int, right: int) -> None:
+        """A prediction under ``key`` named ``predicted`` experts that were not resident; ``right`` were needed."""
+        if not 0 <= right <= predicted:
+            raise ValueError(f"right must be within 0..predicted, got {right} of {predicted}")
+        if predicted == 0:
+            return
+        self._right[key] = self._right.get(key, 0.0) * DECAY + right
+        self._total[key] = self._total.get(key, 0.0) * DECAY + predicted
+
+    def precision(self, key: Hashable) -> float:
+        """Right over predicted, recent predictions weighing most; 0.5 before any (Laplace's rule)."""
+        return (self._right.get(key, 0.0) + 1.0) / (self._total.get(key, 0.0) + 2.0)
+
+    def pays(self, key: Hashable, distance: int, load_s: float | None, layer_s: float | None) -> bool:
+        """Whether loading a prediction made ``distance`` layers ahead is expected to save more than it risks.
+
+        Open while either time is unmeasured (the first steps), as prefetching was before this gate.
+        """
+        if not load_s or not layer_s:
+            return True
+        precision = self.precision(key)
+        return precision * min(distance * layer_s, load_s) >= (1.0 - precision) * load_s
