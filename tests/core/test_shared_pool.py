@@ -110,13 +110,15 @@ def test_the_victim_is_the_expert_expected_farthest():
 def test_a_predicted_use_keeps_an_expert():
     """Two experts of layer 1 used alike: without predictions the tie evicts the lower id; the one its layer's
     policy predicts stays, and a prediction outweighs a count too."""
-    def pool_after(foretold: dict[int, float]) -> SharedPool:
+    def pool_after(foretold: dict[int, float], layer1_steps: int = 3) -> SharedPool:
+        """Layer 0 used 0 and 1 three times, layer 1 used 2 and 3 ``layer1_steps`` times; layer 0 runs."""
         pool = make_pool(layers=2, experts=8, slots=4)
         for view in pool.views:
             view.attach(Foretold(8, 2))
-        for _ in range(3):
+        for step in range(3):
             use(pool, 0, [0, 1])
-            use(pool, 1, [2, 3])
+            if step < layer1_steps:
+                use(pool, 1, [2, 3])
         pool.view(1).policy.foretold = foretold
         pool.begin_layer(0)
         return pool
@@ -126,16 +128,8 @@ def test_a_predicted_use_keeps_an_expert():
     assert pool_after({3: 1.0}).choose_victim(0, pinned=[0, 1, 4]) == (1, 2)
     # a prediction outweighs a count: layer 1's experts, used once, go before layer 0's expert 1, used three
     # times, unless they are predicted
-    for foretold, victim in (({}, (1, 2)), ({2: 1.0, 3: 1.0}, (0, 1))):
-        pool = make_pool(layers=2, experts=8, slots=4)
-        for view in pool.views:
-            view.attach(Foretold(8, 2))
-        for _ in range(3):
-            use(pool, 0, [0, 1])
-        use(pool, 1, [2, 3])
-        pool.view(1).policy.foretold = foretold
-        pool.begin_layer(0)
-        assert pool.choose_victim(0, pinned=[0, 4]) == victim
+    assert pool_after({}, layer1_steps=1).choose_victim(0, pinned=[0, 4]) == (1, 2)
+    assert pool_after({2: 1.0, 3: 1.0}, layer1_steps=1).choose_victim(0, pinned=[0, 4]) == (0, 1)
 
 
 def rule_as_stated(pool: SharedPool, requester: int, pinned, spare_useful: bool = False):
