@@ -57,3 +57,40 @@ def test_a_nearer_prediction_cancels_queued_loads_of_a_farther_one(experts):  # 
     assert torch.equal(slots.w2_slots[slot], tensors[f"{PREFIX}.3.w2.weight"])
     slots.end_step()
     slots.engine.shutdown()
+
+
+def test_gated_predictions_load_only_once_they_have_paid(experts):  # noqa: F811
+    """prefetch(gate=...) scores each prediction's missing experts when the layer runs, loaded or not, and
+    loads them only while such predictions are right often enough for a load's time (core/prefetch_gate.py)."""
+    folder, _ = experts
+    slots = _slots(folder, 2)
+
+    def pays(distance: int, kind: str = "token") -> bool:
+        # one load: 2 ms; a layer: 1 ms (set again: the real loads here update the measured load time)
+        slots.load_s_ema, slots.engine.clock.compute_s = 0.002, 0.001
+        return slots.prefetch_pays(distance, kind)
+
+    def predict(experts: list[int]) -> None:
+        pays(1)
+        slots.prefetch(experts, spare_useful=False, distance=1, gate="token")
+
+    # no record yet (precision 0.5): 0.5 x 1 ms saved < 0.5 x 2 ms risked one layer ahead; two ahead it pays
+    assert not pays(1) and pays(2)
+    predict([0, 1])
+    assert slots.stats.prefetch_loads == 0 and slots.stats.prefetch_gated == 2
+    slots.ensure([0, 1])  # both right, though not loaded: precision 3/4 >= the 2/3 one layer ahead needs
+    slots.end_step()
+    assert pays(1) and not pays(1, "batch")  # kinds of step keep apart
+    predict([2, 3])
+    assert slots.stats.prefetch_loads == 2
+    slots.ensure([2, 3])
+    assert slots.stats.prefetch_hits == 2
+    slots.end_step()
+    predict([4, 5])  # loaded (or cancelled while queued, when the step needs others), and wrong
+    assert slots.stats.prefetch_loads == 4
+    slots.ensure([0, 1])
+    slots.end_step()
+    assert not pays(1)  # one wrong pair closes it again
+    predict([2, 3])
+    assert slots.stats.prefetch_loads + slots.stats.prefetch_cancelled == 4 and slots.stats.prefetch_gated == 4
+    slots.engine.shutdown()
