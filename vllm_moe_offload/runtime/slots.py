@@ -462,6 +462,8 @@ class LayerSlots:
         """
         if self._step_needs is None:
             self._step_needs = set(experts)
+        if not self._gated and not self._predictions:
+            return
         needed = set(experts)
         for key, missing in self._gated.values():
             self.prefetch_gate.record(key, len(missing), len(missing & needed))
