@@ -157,11 +157,6 @@ class SharedPool:
                 if spare_useful and view.useful(expert):
                     continue
                 keys.append((self._next_use(ordinal, expert, 0.0), -ordinal, -expert))
-        if not keys:
-            return None
-        first = max(keys)
-        if not self._predicted_uses(-first[1]).get(-first[2]):  # the farthest by counts has no predicted use
-            return -first[1], -first[2]
         keys.sort(reverse=True)
         return self._farthest(keys)
 
