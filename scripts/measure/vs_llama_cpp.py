@@ -44,6 +44,11 @@ sys.path.insert(0, str(REPO))
 BENCH_SIZES = ["--decode-tokens", "32", "--prefill-tokens", "64", "--batch", "4", "--batch-prompt-tokens", "16",
                "--batch-new-tokens", "8"]
 
+#: seconds each engine process may run: the plugin's runs take 1-4 min (a first kernel-store build ~2 more);
+#: stock under the limit was OOM-killed after ~2.7 min in most runs but once thrashed, still loading after 9 min,
+#: and is then reported as "timed out" instead of holding the bench for an hour
+ENGINE_TIMEOUT_S = 900
+
 #: converter wrapper: the tiny tokenizer's pre-tokenizer hash is in no list; it is byte-level BPE like GPT-2's
 CONVERT = """
 import sys
@@ -178,7 +183,7 @@ def main() -> None:
                                 for p in split_policies(spec))
             run([sys.executable, "-m", "vllm_moe_offload.cli.main", "bench", str(model), "--memory-limit",
                  args.memory_limit, "--policies", policies, "--budgets", "auto", "--tokens",
-                 str(model / "heldout-tokens.npy"), *BENCH_SIZES, "--no-profile", "--timeout-s", "3600",
+                 str(model / "heldout-tokens.npy"), *BENCH_SIZES, "--no-profile", "--timeout-s", str(ENGINE_TIMEOUT_S),
                  *extra, "--out", str(out)], env=env)
     report = json.loads((bench_out / "bench.json").read_text())
     inprocess = (json.loads((inprocess_out / "bench.json").read_text())

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
-    layer_accesses, median_time_s, optimal_loads, pooled_routing_loads, read_bandwidth, routing_loads, timings,
+    MIN_LOADS_FOR_RATE, achieved_gbps, layer_accesses, median_time_s, optimal_loads, pooled_routing_loads, read_bandwidth, routing_loads, timings,
     workload_bound,
 )
 from vllm_moe_offload.cli.main import main
@@ -113,6 +113,19 @@ def test_workload_bound():
     assert b["fraction"] == pytest.approx(0.8)
 
 
+def test_achieved_rate_per_workload():
+    # bytes over the I/O threads' summed read time, times the threads; too few loads give no rate
+    run = {"workloads": {
+        "decode": {"offload": {"loads": 20, "bytes_read": 4e9, "read_s": 2.0}},
+        "prefill": {"offload": {"loads": MIN_LOADS_FOR_RATE - 1, "bytes_read": 9e9, "read_s": 1.0}},
+        "batch": {"offload": {"loads": 30, "bytes_read": 3e9, "read_s": 0.0}},  # recorded before read_s
+        "stock": {"offload": None},
+    }}
+    assert achieved_gbps(run, 1) == {"decode": pytest.approx(2.0)}
+    assert achieved_gbps(run, 2) == {"decode": pytest.approx(4.0)}
+    assert achieved_gbps({"workloads": {}}, 1) == {}
+
+
 def test_a_runs_time_is_the_median_of_its_rounds():
     assert timings({}) == [] and timings({"wall_s": 0.3}) == [0.3]
     assert median_time_s({"wall_s": 0.3}) == 0.3
@@ -191,6 +204,13 @@ class TestBenchQuick:
                                                        "ondemand 50%", "lru 50%"]
         assert all(report["bound"]["routing_tokens_match_stock"].values())
         assert report["bound"]["bandwidth"] and all(p["gbps"] > 0 for p in report["bound"]["bandwidth"])
+        # one read path (every run reads the checkpoint with one I/O thread): its rate is the probe's or the
+        # fastest a workload's loads achieved, whichever is faster, so no run's reads outran the bound's rate
+        [path] = report["bound"]["bandwidth"]
+        rates = {(r["name"], w): g for r in report["runs"][1:] for w, g in achieved_gbps(r, 1).items()}
+        assert rates, "no workload loaded enough experts to measure its rate"
+        assert path["achieved_gbps"] == max(rates.values()) and path["achieved_by"] in {f"{n}, {w}" for n, w in rates}
+        assert path["used_gbps"] == max(path["gbps"], path["achieved_gbps"])
         stock = report["runs"][0]
         for run in report["runs"][1:]:
             for workload in ("decode", "prefill", "batch"):
@@ -206,6 +226,7 @@ class TestBenchQuick:
                 assert len(timings(run["workloads"][workload])) == 2
                 assert b["time_s"] == pytest.approx(median_time_s(run["workloads"][workload]))
                 assert b["bound_s"] == max(b["compute_floor_s"], b["io_floor_s"])
+                assert b["io_floor_s"] == pytest.approx(b["bytes"] / (path["used_gbps"] * 1e9))
                 # a fraction is a timing: only its sign is checked here (speed is shown by the bench itself)
                 assert b["fraction"] > 0, (run["name"], workload, b)
                 # the optimal cache never loads more than the policy did
@@ -225,6 +246,7 @@ class TestBenchQuick:
         assert "of 7 stock runs of it (the timed engine's 2 rounds" in section
         assert "and 2 timing(s) of plugin runs holding every expert in a slot" in section
         assert "(the median of its 2 timings, `--rounds`)" in section
+        assert "GB/s** (probe " in section and "runs' best" in section
         assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
 
     def test_runs_and_files(self, bench):

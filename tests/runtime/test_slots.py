@@ -66,6 +66,20 @@ def test_ensure_loads_the_right_bytes_and_remaps(experts, tier):
     assert (slots.stats.hits, slots.stats.misses) == (1, 3)
 
 
+def test_read_time_counts_each_taken_load(experts):
+    # every load waits out a 30 ms emulated link: two demand loads and one prefetch read at least 90 ms in
+    # all, and the stall (the forward pass waiting) is no more than the reads it waited for
+    folder, _ = experts
+    slots = _slots(folder, 3, link=LinkEmulator(latency_ms=30))
+    slots.ensure([0, 1])
+    assert slots.stats.loads == 2 and 0.06 <= slots.stats.read_s
+    assert slots.stats.stall_s <= slots.stats.read_s + 0.01
+    slots.prefetch([2])
+    slots.finish_loads()
+    assert slots.stats.loads == 3 and slots.stats.read_s >= 0.09
+    assert slots.stats_dict()["read_s"] == slots.stats.read_s
+
+
 def test_eviction_forgets_the_old_slot(experts):
     folder, _ = experts
     slots = _slots(folder, 2)

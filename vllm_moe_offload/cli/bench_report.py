@@ -187,11 +187,7 @@ def _bound_section(report: dict) -> list[str]:
     runs = [r for r in report["runs"] if r.get("bound")]
     if not bound or not runs:
         return []
-    probes = "; ".join(
-        f"{p['gbps']:.2f} GB/s with {p['io_threads']} I/O thread(s) "
-        f"({p['reads']} reads in {p['seconds']:.1f} s, {p['ms_per_read']:.2f} ms each"
-        f"{'' if p['direct_io'] else ', **buffered: O_DIRECT refused**'}; {p['link']})"
-        for p in bound["bandwidth"])
+    probes = "; ".join(_bandwidth_text(p) for p in bound["bandwidth"])
     unequal = [name for name, same in bound["routing_tokens_match_stock"].items() if not same]
     lines = [
         "## Fraction of the physical bound", "",
@@ -205,8 +201,11 @@ def _bound_section(report: dict) -> list[str]:
            else "")
         + ". *I/O floor*: "
         "the expert loads of the optimal cache (Belady's rule, `cli/bench_bound.py`) for the workload's routing "
-        "with the run's slots per layer, times the run's bytes per expert, over the disk's read bandwidth "
-        f"measured the way the runs read (direct I/O, one expert per read: {probes}). The cache starts warm "
+        "with the run's slots per layer, times the run's bytes per expert, over the disk's read bandwidth: "
+        "the faster of a probe that reads the checkpoint the way the runs read (direct I/O, one expert per read) "
+        "and the fastest rate the runs' own loads achieved on a workload of 16 loads or more (bytes over the "
+        f"I/O threads' read time; a store's file or the host's cache can read faster than the probe): {probes}. "
+        "The cache starts warm "
         "with the experts needed first (a run's cache is warm from earlier workloads); a step needing more "
         "experts than slots loads each once, and the prefill's prompt needs each of its experts once per layer. "
         "The routing was recorded by a second stock engine on the same prompts after the timed stock run "
@@ -243,6 +242,18 @@ def _bound_section(report: dict) -> list[str]:
     if skipped:
         lines += ["", "No bound for: " + "; ".join(skipped) + "."]
     return lines + [""]
+
+
+def _bandwidth_text(probe: dict) -> str:
+    """One read path's bandwidth for the bound: the rate used, the probe's, and what the runs achieved."""
+    measured = (f"probe {probe['gbps']:.2f} GB/s with {probe['io_threads']} I/O thread(s) "
+                f"({probe['reads']} reads in {probe['seconds']:.1f} s, {probe['ms_per_read']:.2f} ms each"
+                f"{'' if probe['direct_io'] else ', **buffered: O_DIRECT refused**'}; {probe['link']})")
+    achieved = probe.get("achieved_gbps")
+    if "used_gbps" not in probe:  # a report written before the runs' own rates were counted
+        return f"{probe['gbps']:.2f} GB/s ({measured})"
+    ran = f"runs' best {achieved:.2f} GB/s ({probe['achieved_by']})" if achieved else "no run read 16 loads"
+    return f"**{probe['used_gbps']:.2f} GB/s** ({measured}; {ran})"
 
 
 def _slots_text(layer_slots: list[int]) -> str:
@@ -356,12 +367,15 @@ def _memory_table(report: dict) -> list[str]:
         "reads the non-expert tensors through mmap and the kernel's readahead brings neighbouring expert pages "
         "in at start-up; what proves that the offload reads bypass the page cache is that the residency does "
         "not grow during the workloads while gigabytes of experts are read (O_DIRECT reads always go to the "
-        "device, cached or not). *read GB/s*: expert bytes loaded over the time the MoE op stalled for them "
-        "(disk read, conversion to the kernel layout and copy into the slot).",
+        "device, cached or not). *read GB/s*: expert bytes loaded over the time the I/O threads spent reading "
+        "them (the read into the slot, with any conversion to the kernel layout), summed over threads: with "
+        "one I/O thread (the default) the rate the link gave the loads, with more, each thread's. "
+        "*stalled*: the time the MoE op waited for loads as a share of that read time (1.00: no read "
+        "overlapped compute).",
         "",
         "| run | slots/layer | expert slots MiB | budget MiB | all experts MiB | peak RSS MiB | read from disk MiB "
-        "| experts in page cache MiB (dropped -> started -> after workloads) | read GB/s |",
-        "|---" * 9 + "|",
+        "| experts in page cache MiB (dropped -> started -> after workloads) | read GB/s | stalled |",
+        "|---" * 10 + "|",
     ]
     for run in report["runs"]:
         if "page_cache_before" not in run:  # did not finish under --memory-limit
@@ -371,7 +385,7 @@ def _memory_table(report: dict) -> list[str]:
         read = sum(total.get("bytes_read", {}).values()) if total else 0
         before, after = run["page_cache_before"], run["page_cache_after"]
         started = run.get("page_cache_after_start") or {}
-        stall = total.get("stall_s", 0.0)
+        stall, read_s = total.get("stall_s", 0.0), total.get("read_s", 0.0)
         lines.append(" | ".join([
             f"| {run['name']}",
             _slots_text(off["layer_slots"]) if off.get("layer_slots") else str(off.get("slots_per_layer", "all")),
@@ -384,7 +398,8 @@ def _memory_table(report: dict) -> list[str]:
             f"{before['expert_resident_bytes'] / MIB:.1f} -> "
             + (f"{started['expert_resident_bytes'] / MIB:.1f} -> " if started else "? -> ")
             + f"{after['expert_resident_bytes'] / MIB:.1f}",
-            (f"{read / stall / 1e9:.2f}" if read and stall else "-") + " |",
+            f"{read / read_s / 1e9:.2f}" if read and read_s else "-",
+            (f"{stall / read_s:.2f}" if read and read_s else "-") + " |",
         ]))
     return lines + [""]
 

@@ -14,7 +14,10 @@ class LayerStats:
     tokens of one pass counts once. A hit is a *demand* hit (resident without
     this step's prefetch); ``prefetch_hits`` are needs that a prefetch made
     resident, so the ready rate is ``(hits + prefetch_hits) / needs``.
-    ``stall_s`` is the time the forward pass waited for loads to finish.
+    ``stall_s`` is the time the forward pass waited for loads to finish;
+    ``read_s`` the time the I/O threads spent in the loads themselves (the
+    slow tier's read into the slot, an emulated link's pacing included), summed
+    over threads: ``bytes_read / read_s`` is the rate the reads achieved.
     Prediction counts: ``predicted_right`` of ``predicted`` experts were needed,
     out of ``needed_when_predicted`` needs of the passes that had a prediction.
     ``prefetch_skipped``: predictions cut short because no slot was free or held
@@ -50,6 +53,7 @@ class LayerStats:
     passes: int = 0
     steps: int = 0
     stall_s: float = 0.0
+    read_s: float = 0.0
     failed_loads: int = 0
     failed_tokens: int = 0
     low_precision_loads: int = 0
@@ -102,7 +106,7 @@ class LayerStats:
 def summarize(layers: Iterable[dict]) -> dict:
     """Sum per-layer stat dicts (as returned by ``LayerStats.to_dict``)."""
     summed = (
-        "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s",
+        "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s", "read_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
         "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "waves",
     )

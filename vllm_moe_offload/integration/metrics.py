@@ -51,6 +51,8 @@ _LAYER_COUNTERS = (
     ("prefetch_loads", "prefetch_loads", "Experts loaded by prefetch."),
     ("prefetch_unused", "prefetch_unused", "Prefetched experts evicted before any pass used them."),
     ("stall_s", "stall_seconds", "Seconds the forward pass waited for expert loads."),
+    ("read_s", "read_seconds", "Seconds the I/O threads spent in expert loads, summed over threads "
+                               "(bytes_read over it: the rate the reads achieved)."),
     ("passes", "passes", "Kernel-call groups through the layer (a pass of tokens, or one wave of it)."),
     ("waves", "waves", "Kernel calls that computed tokens whose experts had landed while other loads ran, "
               "or a leaving expert's tokens early so the next pass's load could start in its slot."),

@@ -541,7 +541,7 @@ class LayerSlots:
     def _finish(self, expert: int, slot: int, job: Future) -> None:
         del self._pending[expert]
         try:
-            num_bytes = job.result()
+            num_bytes, read_s = job.result()
         except Exception as exc:  # noqa: BLE001 - a failed prefetch is only a lost guess
             logger.warning("layer %d: load of expert %d failed (%s); it will be loaded on demand",
                            self.layer_idx, expert, exc)
@@ -553,7 +553,7 @@ class LayerSlots:
         self._device_table = None
         if expert not in self._demand:
             self._prefetched.add(expert)
-        self._account(num_bytes)
+        self._account(num_bytes, read_s)
 
     def _forget(self, expert: int) -> None:
         self._expert_to_slot[expert] = -1
@@ -564,8 +564,9 @@ class LayerSlots:
             self.stats.prefetch_unused += 1  # loaded ahead, evicted before any use
         self._device_table = None
 
-    def _account(self, num_bytes: int) -> None:
+    def _account(self, num_bytes: int, read_s: float) -> None:
         self.stats.add_read(self.source.tier.value, num_bytes)
+        self.stats.read_s += read_s
         self.stats.loads += 1
 
     def _load_missing(
@@ -592,20 +593,22 @@ class LayerSlots:
                 continue
             del self._pending[expert]
             try:
-                num_bytes = job.result()
+                num_bytes, read_s = job.result()
             except Exception as exc:  # noqa: BLE001 - returned to the caller, slot released
                 failures.append((expert, exc))
                 self.slot_map.drop(expert)
                 self._low.discard(expert)
                 continue
             self._expert_to_slot[expert] = slot
-            self._account(num_bytes)
+            self._account(num_bytes, read_s)
         self.stats.stall_s += time.perf_counter() - started
         self._device_table = None
         return failures
 
-    def _load(self, expert: int, slot: int, low: bool = False) -> int:
-        """Runs on an I/O thread: fetch one expert (its low-precision copy when ``low``) into its slot."""
+    def _load(self, expert: int, slot: int, low: bool = False) -> tuple[int, float]:
+        """Runs on an I/O thread: fetch one expert (its low-precision copy when ``low``) into its slot.
+
+        Returns the bytes read and the seconds the read took (the stats count both once the load is taken)."""
         started = time.perf_counter()
         # host slots: the source writes the slot itself (no fresh tensor, no copy); a slot being
         # loaded is never read by a kernel until this load's result is taken
@@ -618,7 +621,7 @@ class LayerSlots:
             # CudaTransferEngine: on its copy stream via pinned staging, no host sync; the compute
             # stream waits on the copy's event when ensure() takes this load's result
             self.engine.copy_in(tuple(pool[slot] for pool in self.pools), got.tensors)
-        return got.bytes_read
+        return got.bytes_read, took_s
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Router expert ids [T, k] -> slot ids [T, k], same dtype and device."""
