@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
@@ -82,11 +83,15 @@ def test_engine_runs_demand_loads_before_queued_prefetches_and_holds_prefetches(
     engine.shutdown()
 
 
-def test_a_layers_prefetches_wait_for_its_own_misses(experts):  # noqa: F811
+@pytest.mark.parametrize("scheduled", [True, False])
+def test_a_layers_prefetches_wait_for_its_own_misses(experts, scheduled):  # noqa: F811
+    # with the link schedule and without it (fate's gated prefetches): demand first
     folder, tensors = experts
     order: list[int] = []  # experts read, both layers (the same checkpoint stands for both)
-    this = _scheduled_slots(folder, 4, order=order)
-    nxt = _scheduled_slots(folder, 4, engine=this.engine, order=order)
+    engine = ThreadTransferEngine(1)  # one lane: loads queue
+    engine.schedule_prefetches = scheduled
+    this = _scheduled_slots(folder, 4, engine=engine, order=order)
+    nxt = _scheduled_slots(folder, 4, engine=engine, order=order)
     this.begin_layer()  # holds prefetches until this layer's own loads are queued
     nxt.prefetch([3, 4], distance=1)  # the next layer's guesses, issued first
     this.ensure([0, 1])  # this layer's misses: read before them

@@ -185,13 +185,14 @@ class LayerSlots:
 
     def begin_layer(self) -> None:
         """This layer's forward starts: tick the engine's layer clock (the compute between MoE layers, for
-        the link schedule and the prefetch gate) and, with a scheduled link (``core/link.py``), hold queued
-        prefetches until this layer's own loads are queued (or it has none, or it waits)."""
+        the link schedule and the prefetch gate) and hold queued prefetches until this layer's own loads are
+        queued (or it has none, or it waits): the prefetches a layer issues for later layers come before its
+        own routing is served, and an idle I/O thread would otherwise start one of them first."""
         if self.pooled:
             self.slot_map.pool.begin_layer(self.slot_map.ordinal)
         started = getattr(self.engine, "layer_started", None)
         if started is not None:
-            started(self.stats, hold=getattr(self.engine, "schedule_prefetches", False) and not self.fully_resident)
+            started(self.stats, hold=not self.fully_resident)
 
     def _release_prefetches(self) -> None:
         release = getattr(self.engine, "release_prefetches", None)
@@ -220,10 +221,11 @@ class LayerSlots:
         layer that predicted and this one. Several predictions of one step may arrive
         (deeper look-ahead); the nearest is scored as ``predicted`` and its loads win:
         queued loads of a farther prediction that the nearer one drops are cancelled.
+        Prefetches queue behind every demand load, the nearest layer's first, then by
+        ``scores`` (else in the prediction's order); a layer that waits for one promotes it.
 
         With a scheduled link (the engine's ``schedule_prefetches``): only the experts
-        :func:`admit_prefetches` admits are loaded (the rest count as ``prefetch_refused``),
-        queued behind demand loads, nearest layer and highest score first; ``scores``
+        :func:`admit_prefetches` admits are loaded (the rest count as ``prefetch_refused``); ``scores``
         (``[E]``, the prediction's score of every expert) keep residents scored at least
         as high as a prefetch from being evicted for it (:func:`outranking`).
 
@@ -263,16 +265,18 @@ class LayerSlots:
             )
             self.stats.prefetch_refused += len(todo) - admitted
             todo = todo[:admitted]
-        for expert in todo:
-            priority, guard = DEMAND, pinned
-            if scheduled:
-                score = float(scores[expert]) if scores is not None else 0.0
-                priority = LoadPriority(
-                    demand=False, needed_at=self.engine.clock.layers + distance, confidence=score,
-                    num_bytes=self.expert_bytes,
-                )
-                if scores is not None:
-                    guard = pinned | outranking(score, self.slot_map.resident(), scores)
+        clock = getattr(self.engine, "clock", None)
+        for rank, expert in enumerate(todo):
+            guard = pinned
+            # behind every demand load (the layers that wait now), the nearest layer's first, then the most
+            # confident (the prediction's order where it gives no scores)
+            score = float(scores[expert]) if scores is not None else -float(rank)
+            priority = LoadPriority(
+                demand=False, needed_at=(clock.layers if clock is not None else 0) + distance, confidence=score,
+                num_bytes=self.expert_bytes,
+            )
+            if scheduled and scores is not None:
+                guard = pinned | outranking(score, self.slot_map.resident(), scores)
             if not self._start_load(expert, guard, spare_useful=spare_useful, priority=priority):
                 if spare_useful:
                     self.stats.prefetch_skipped += 1
