@@ -59,7 +59,7 @@ from vllm_moe_offload.runtime.expert_store import (
 )
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
-from vllm_moe_offload.runtime.memory import return_large_frees_to_the_os
+from vllm_moe_offload.runtime.memory import Populator, return_large_frees_to_the_os
 from vllm_moe_offload.runtime.memory_limit import engine_memory
 from vllm_moe_offload.runtime.quant_source import QuantSource
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
@@ -91,6 +91,8 @@ class OffloadRuntime:
     auto_budget: AutoBudget | None = None
     #: the KV cache's explicit size and where it came from (None: vLLM sizes it from its memory share)
     kv_cache: str | None = None
+    #: pages the host slot pools in on a background thread (``runtime/memory.py``)
+    populator: Populator | None = None
 
     def stats(self) -> dict:
         per_layer = [slots.stats_dict() for slots in self.layers]
@@ -122,6 +124,8 @@ class OffloadRuntime:
                 self.observer.table.note_recall(layer_recall(slots.stats for slots in self.layers))
             path = self.observer.table.save(self.config.save_profile, source="serving")
             logger.info("MoE offload: activation profile written to %s", path)
+        if self.populator is not None:
+            self.populator.stop()
         self.engine.shutdown()
         self.readers.close()
         for slots in self.layers:
@@ -201,6 +205,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
     policy_inputs.attach(model, runtime.layers)  # the step's token, for a policy that keys by it (nextuse)
     for ordinal, slots in enumerate(runtime.layers):
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
+    # the slots' pages, mapped now rather than by the first loads into them (they made the first request slow)
+    runtime.populator = Populator([pool for slots in runtime.layers for pool in slots.pools]).start()
     if config.policy is Policy.FATE:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
         for layer in layers:

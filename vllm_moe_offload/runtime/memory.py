@@ -21,6 +21,9 @@ import ctypes.util
 import logging
 import math
 import mmap
+import threading
+import time
+from collections.abc import Sequence
 
 import torch
 
@@ -81,3 +84,82 @@ def return_large_frees_to_the_os() -> bool:
         return False
     _done = True
     return True
+
+
+#: madvise advice (Linux 5.14+): fault a range's pages in as a write would, leaving what they hold unchanged
+_MADV_POPULATE_WRITE = 23
+#: bytes one madvise call pages in: between calls the background thread looks whether it should stop
+POPULATE_CHUNK_BYTES = 64 * 2**20
+
+
+def populate(tensor: torch.Tensor, stop: threading.Event | None = None) -> bool:
+    """Page in every page of the CPU ``tensor`` now, without changing what it holds.
+
+    An empty tensor's pages are only mapped when first written, so the first load
+    into each slot pays for its pages: on this project's development VM about
+    0.3 s per 96 MiB where the host backs guest memory lazily (0.05 s where it
+    already does), which made the first request after start-up read experts at
+    a seventh of the disk's rate. ``MADV_POPULATE_WRITE`` faults the pages in
+    inside the kernel and leaves their contents alone, so it is safe while
+    loads write into the same memory. False where the kernel or libc cannot
+    (the pages are then mapped by the loads, as before) or when ``stop`` is set.
+    """
+    if tensor.device.type != "cpu" or tensor.nbytes == 0:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        madvise = ctypes.CDLL(name, use_errno=True).madvise if name else None
+    except (OSError, AttributeError):
+        madvise = None
+    if madvise is None:
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE  # madvise takes a page-aligned start
+    end = tensor.data_ptr() + tensor.nbytes
+    for at in range(start, end, POPULATE_CHUNK_BYTES):
+        if stop is not None and stop.is_set():
+            return False
+        if madvise(at, min(POPULATE_CHUNK_BYTES, end - at), _MADV_POPULATE_WRITE) != 0:
+            logger.debug("MADV_POPULATE_WRITE refused (errno %d); slot pages map on first load", ctypes.get_errno())
+            return False
+    return True
+
+
+class Populator:
+    """Pages in the slot pools on a background thread (:func:`populate`), once each, after start-up's loads.
+
+    Runs while the engine finishes starting and serves its first steps; the
+    loads that reach a page first map it themselves, as they would without it.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        seen: dict[int, torch.Tensor] = {}
+        for tensor in tensors:  # a shared pool's tensors are every layer's: page each in once
+            if tensor.device.type == "cpu" and tensor.nbytes:
+                seen.setdefault(tensor.data_ptr(), tensor)
+        self.tensors = list(seen.values())
+        self.num_bytes = sum(t.nbytes for t in self.tensors)
+        self.took_s: float | None = None  # set when every tensor was paged in
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moe-offload-populate", daemon=True)
+
+    def start(self) -> Populator:
+        if self.tensors:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        for tensor in self.tensors:
+            if not populate(tensor, self._stop):
+                return
+        self.took_s = time.perf_counter() - started
+        logger.info("MoE offload: slot memory paged in (%.2f GiB in %.1f s)", self.num_bytes / 2**30, self.took_s)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
