@@ -42,19 +42,37 @@ _done = False
 ALIGN_BYTES = READ_ALIGN_BYTES
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
     """An uninitialized CPU tensor of ``shape`` whose memory starts ``ALIGN_BYTES``-aligned.
 
     Backed by an anonymous mapping of exactly its bytes rounded up to a page (an
     over-allocated ``torch.empty`` would hold up to one page more than the
     ledger counts). The tensor keeps the mapping alive; pages are touched only
     when written, as for a large ``torch.empty``.
+
+    ``huge_pages`` (the slot pools): a private mapping advised for transparent
+    huge pages (``MADV_HUGEPAGE``; used where the kernel's setting is
+    ``always`` or ``madvise``, ignored where it is ``never``). Slots are
+    written by direct reads and read whole by the MoE kernel; with 2 MiB pages
+    both walk 512x fewer pages. In-process on the padded tiny-mixtral (lru,
+    three runs each): the stall per decode token 2.2-2.4 ms against 2.8-3.3 at
+    25% and the time per token 8-10% less; at 50% -12%, -19% and +3%. Left out
+    for per-load temporaries, which would pay for a huge page's zeroing on
+    every load.
     """
     num_bytes = math.prod(shape) * dtype.itemsize
     if num_bytes == 0:
         return torch.empty(shape, dtype=dtype)
+    if huge_pages:
+        buf = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no THP in this kernel (or not Linux): 4 KiB pages, as before
+            logger.debug("MADV_HUGEPAGE refused; slot memory uses small pages")
+    else:
+        buf = mmap.mmap(-1, num_bytes)
     # [bytes] uint8 over the mapping, then reinterpreted; anonymous maps start on a page
-    raw = torch.frombuffer(mmap.mmap(-1, num_bytes), dtype=torch.uint8)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
     assert raw.data_ptr() % ALIGN_BYTES == 0, "anonymous mappings start on a page"
     return raw.view(dtype).view(shape)
 

@@ -50,11 +50,12 @@ def slot_pool(num_slots: int, shape: tuple[int, ...], dtype: torch.dtype, device
 
     On the host, when one slot's bytes are a multiple of the direct-I/O block, the
     pool starts aligned too, so every slot is: a store in kernel layout reads an
-    expert straight into its slot (``TensorReader.read_into``), no staging, no copy.
+    expert straight into its slot (``TensorReader.read_into``), no staging, no copy;
+    and it asks for huge pages (``memory.aligned_empty``).
     """
     one_slot_bytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type == "cpu" and one_slot_bytes % ALIGN_BYTES == 0:
-        return aligned_empty((num_slots, *shape), dtype)
+        return aligned_empty((num_slots, *shape), dtype, huge_pages=True)
     return torch.empty((num_slots, *shape), dtype=dtype, device=device)
 
 
