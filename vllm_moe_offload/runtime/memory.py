@@ -55,7 +55,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool =
     ``always`` or ``madvise``, ignored where it is ``never``). Slots are
     written by direct reads and read whole by the MoE kernel; with 2 MiB pages
     both walk 512x fewer pages. In-process on the padded tiny-mixtral (lru,
-    three runs each): the stall per decode token 2.2-2.4 ms against 2.8-3.3 at
+    three runs each): the stall per decode token 2.2-2.5 ms against 2.8-3.3 at
     25% and the time per token 8-10% less; at 50% -12%, -19% and +3%. Left out
     for per-load temporaries, which would pay for a huge page's zeroing on
     every load.
