@@ -77,6 +77,15 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool =
     return raw.view(dtype).view(shape)
 
 
+def _libc_function(name: str):
+    """The C library's function ``name`` (errno kept for ``ctypes.get_errno``); None where there is none."""
+    path = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(path, use_errno=True), name) if path else None
+    except (OSError, AttributeError):
+        return None
+
+
 def is_aligned(tensor: torch.Tensor, align: int = ALIGN_BYTES) -> bool:
     """``tensor`` is contiguous CPU memory starting and ending on ``align`` boundaries: a direct read can
     write it whole."""
@@ -91,12 +100,7 @@ def return_large_frees_to_the_os() -> bool:
     global _done
     if _done:
         return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _libc_function("mallopt")
     if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
         logger.debug("mallopt unavailable; freed expert temporaries may stay resident")
         return False
@@ -124,11 +128,7 @@ def populate(tensor: torch.Tensor, stop: threading.Event | None = None) -> bool:
     """
     if tensor.device.type != "cpu" or tensor.nbytes == 0:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        madvise = ctypes.CDLL(name, use_errno=True).madvise if name else None
-    except (OSError, AttributeError):
-        madvise = None
+    madvise = _libc_function("madvise")
     if madvise is None:
         return False
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
