@@ -269,3 +269,12 @@ def test_prefetch_never_evicts_what_is_in_flight(experts):
     slots.prefetch([2, 3])  # both slots hold loads in flight or just finished: nothing can be admitted
     slots.ensure([0, 1])
     assert slots.stats.prefetch_hits + slots.stats.hits == 2 and slots.stats.misses == 0
+
+
+def test_demand_loads_feed_the_engines_link_rate(experts):
+    # the transfer engine measures the tier's rate on every load it runs, demand loads included
+    folder, _ = experts
+    slots = _slots(folder, 3)
+    assert slots.engine.rate.bytes_per_s is None
+    slots.ensure([0, 1])
+    assert slots.engine.rate.bytes_per_s is not None and slots.engine.rate.bytes_per_s > 0

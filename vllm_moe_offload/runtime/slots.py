@@ -40,7 +40,7 @@ from vllm_moe_offload.core.shared_pool import PooledSlotMap
 from vllm_moe_offload.core.stats import LayerStats
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty
 from vllm_moe_offload.runtime.tiers import ExpertSource
-from vllm_moe_offload.runtime.transfer import LinkEmulator, TransferEngine
+from vllm_moe_offload.runtime.transfer import LinkEmulator, Loaded, TransferEngine
 
 logger = logging.getLogger("vllm.moe_offload.slots")
 
@@ -610,7 +610,7 @@ class LayerSlots:
         self._device_table = None
         return failures
 
-    def _load(self, expert: int, slot: int, low: bool = False) -> tuple[int, float]:
+    def _load(self, expert: int, slot: int, low: bool = False) -> Loaded:
         """Runs on an I/O thread: fetch one expert (its low-precision copy when ``low``) into its slot.
 
         Returns the bytes read and the seconds the read took (the stats count both once the load is taken)."""
@@ -626,7 +626,7 @@ class LayerSlots:
             # CudaTransferEngine: on its copy stream via pinned staging, no host sync; the compute
             # stream waits on the copy's event when ensure() takes this load's result
             self.engine.copy_in(tuple(pool[slot] for pool in self.pools), got.tensors)
-        return got.bytes_read, took_s
+        return Loaded(got.bytes_read, took_s)
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Router expert ids [T, k] -> slot ids [T, k], same dtype and device."""

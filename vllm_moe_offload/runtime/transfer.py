@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from vllm_moe_offload.core.link import DEMAND, LayerClock, LinkRate, LoadPriority, LoadQueue
 
@@ -59,6 +59,13 @@ def _one_openmp_thread() -> None:
         ctypes.CDLL(None).omp_set_num_threads(1)
     except (OSError, AttributeError):
         logger.debug("no OpenMP runtime in this process; loader threads left as they are")
+
+
+class Loaded(NamedTuple):
+    """What an expert load returns: the bytes it read and the seconds the read took (its I/O thread's)."""
+
+    bytes_read: int
+    read_s: float
 
 
 class TransferEngine(Protocol):
@@ -204,7 +211,7 @@ class ThreadTransferEngine:
                 future.set_exception(exc)
             else:
                 took_s = time.monotonic() - started
-                read = result if isinstance(result, int) and not isinstance(result, bool) else priority.num_bytes
+                read = result.bytes_read if isinstance(result, Loaded) else priority.num_bytes
                 self.rate.add(read, took_s)
                 future.set_result(result)
             finally:
