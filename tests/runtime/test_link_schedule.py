@@ -83,6 +83,32 @@ def test_engine_runs_demand_loads_before_queued_prefetches_and_holds_prefetches(
     engine.shutdown()
 
 
+class CountingCondition(type(threading.Condition())):
+    """A condition counting the times it wakes every thread waiting on it (the engine's: its I/O threads)."""
+
+    wakes = 0
+
+    def notify_all(self):
+        self.wakes += 1
+        super().notify_all()
+
+
+def test_a_layer_that_held_nothing_back_wakes_no_io_thread(monkeypatch):
+    # every MoE layer holds prefetches at its start and releases them: with nothing queued that must not wake
+    # the I/O threads (a futex wake and a thread switch per layer, about 20 us of a decode step's layer here)
+    monkeypatch.setattr(threading, "Condition", CountingCondition)
+    engine = ThreadTransferEngine(1)
+    for _ in range(5):
+        engine.hold_prefetches()
+        engine.release_prefetches()
+    assert engine._lock.wakes == 0
+    engine.hold_prefetches()
+    guess = engine.submit(lambda: "guess", priority=LoadPriority(demand=False))
+    engine.release_prefetches()  # a held prefetch: the threads must hear of it
+    assert guess.result(timeout=10) == "guess" and engine._lock.wakes == 1
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("scheduled", [True, False])
 def test_a_layers_prefetches_wait_for_its_own_misses(experts, scheduled):  # noqa: F811
     # with the link schedule and without it (fate's gated prefetches): demand first

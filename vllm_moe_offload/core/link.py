@@ -94,6 +94,10 @@ class LoadQueue(Generic[T]):
     def __len__(self) -> int:
         return sum(1 for *_, item in self._heap if not self._cancelled(item))
 
+    def __bool__(self) -> bool:
+        """Whether anything is queued, live or withdrawn (cheap: withdrawn items are not looked at)."""
+        return bool(self._heap)
+
     def queued_prefetch_bytes(self) -> int:
         """Bytes of the live prefetches still queued."""
         return sum(p.num_bytes for _, _, p, item in self._heap if not p.demand and not self._cancelled(item))

@@ -178,7 +178,8 @@ class ThreadTransferEngine:
         with self._lock:
             if self._held:
                 self._held = False
-                self._lock.notify_all()
+                if self._queue:  # only a queued prefetch can have been held back: wake the threads for it
+                    self._lock.notify_all()
 
     def prefetch_backlog_bytes(self) -> int:
         """Bytes of prefetches queued or running: what a new prefetch would wait behind."""
