@@ -144,19 +144,30 @@ class SharedPool:
         return self._victim_by_arrays(requester, pinned, spare_useful)
 
     def _victim_by_loop(self, requester: int, pinned: Collection[int], spare_useful: bool) -> tuple[int, int] | None:
-        """:meth:`choose_victim` resident by resident."""
+        """:meth:`choose_victim` resident by resident.
+
+        :meth:`_next_use` by counts, inlined over plain lists: through the arrays' ``item`` it cost about
+        half a microsecond per resident, some 40 us per eviction at 64 slots, on the engine's thread.
+        """
         keys: list[tuple[float, int, int]] = []
+        uses, at = self._uses.tolist(), self._at.tolist()
+        factor, per_use, layers = self._factor, self._rate, self.num_layers
         for view in self.views:
             ordinal = view.ordinal
             if ordinal == self.current and requester != self.current:
                 continue
             held = view.loading()
+            step, row_uses, row_at = view._step, uses[ordinal], at[ordinal]
+            until_layer = (ordinal - self.current - 1) % layers + 1
             for expert in view.resident_keys():
                 if expert in held or (ordinal == requester and expert in pinned):
                     continue
                 if spare_useful and view.useful(expert):
                     continue
-                keys.append((self._next_use(ordinal, expert, 0.0), -ordinal, -expert))
+                # as _next_use(ordinal, expert, 0.0)
+                rate = min(1.0, row_uses[expert] * factor ** (step - row_at[expert]) * per_use)
+                next_use = until_layer + layers * (1.0 / rate - 1.0) if rate > 0.0 else float("inf")
+                keys.append((next_use, -ordinal, -expert))
         keys.sort(reverse=True)
         return self._farthest(keys)
 

@@ -109,9 +109,10 @@ class LayerSlots:
         #: the most experts this layer holds at once (its pool's rows, or a shared pool's pass capacity)
         self.num_slots = slot_map.num_slots if self.pooled else w13_slots.shape[0]
         self.expert_bytes = sum(t.nbytes for t in self.pools) // w13_slots.shape[0]  # one slot's, scales included
-        # expert id -> slot id, -1 when not resident. Kept on the host (decisions
-        # are made there) and mirrored to the kernel's device per pass.
-        self._expert_to_slot = torch.full((slot_map.num_experts,), -1, dtype=torch.int32)
+        # expert id -> slot id, -1 when not resident. A list on the host (decisions are made there; setting
+        # one element of a tensor costs about ten microseconds, of a list nanoseconds), mirrored to a tensor on
+        # the kernel's device when a pass needs it after a change (remap)
+        self._expert_to_slot: list[int] = [-1] * slot_map.num_experts
         self._device_table: torch.Tensor | None = None
         self._pending: dict[int, tuple[int, Future]] = {}  # expert -> (slot, load) started by prefetch
         self._prefetched: set[int] = set()  # resident by prefetch, not needed since
@@ -314,7 +315,7 @@ class LayerSlots:
 
     def missing(self, experts: Iterable[int]) -> list[int]:
         """Those of ``experts`` that are not resident now."""
-        table = self._expert_to_slot.tolist()  # one conversion: indexing the tensor per expert costs microseconds each
+        table = self._expert_to_slot
         return [e for e in experts if table[e] < 0]
 
     def num_missing(self, experts: Iterable[int]) -> int:
@@ -631,7 +632,7 @@ class LayerSlots:
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Router expert ids [T, k] -> slot ids [T, k], same dtype and device."""
         if self._device_table is None:
-            self._device_table = self._expert_to_slot.to(topk_ids.device)
+            self._device_table = torch.tensor(self._expert_to_slot, dtype=torch.int32, device=topk_ids.device)
         return self._device_table[topk_ids.long()].to(topk_ids.dtype)
 
     def end_step(self) -> None:
