@@ -79,14 +79,23 @@ def test_victims_never_pinned_loading_or_of_the_running_layer():
     assert evicted == [3] and pool.view(1).resident_keys() == [2]
 
 
-def test_a_prefetch_spares_what_any_layer_finds_useful():
-    pool = make_pool(layers=2, experts=8, slots=4)
-    use(pool, 0, [0, 1])
-    use(pool, 1, [2, 3])  # all four used within the last step: useful to LRU's rule
+def test_a_prefetch_spares_only_what_is_needed_before_it():
+    pool = make_pool(layers=3, experts=8, slots=6)  # pass capacity 3
+    for _ in range(300):  # every layer uses its two experts every step: all six useful to LRU's rule
+        use(pool, 0, [0, 1])
+        use(pool, 1, [2, 3])
+        use(pool, 2, [4, 5])
     pool.begin_layer(0)
-    with pytest.raises(RuntimeError, match="useful"):
-        pool.view(1).admit(6, spare_useful=True)
-    pool.view(1).admit(6, pinned=[6])  # a demand load evicts all the same
+    # for layer 2 (next run: 2 layers from now) layer 1's experts, needed 1 layer from now, stay
+    with pytest.raises(RuntimeError, match="needed before the prefetched one"):
+        pool.view(2).admit(6, pinned=[4, 5], spare_useful=True)
+    # for layer 1 (next run: 1 layer from now) layer 2's, needed 2 layers from now, may go
+    evicted = []
+    pool.view(2).on_evicted = evicted.append
+    pool.view(1).admit(6, pinned=[2, 3], spare_useful=True)
+    assert evicted == [4] and pool.prefetch_horizon(1) == 1 and pool.prefetch_horizon(2) == 2
+    pool.view(2).admit(7, pinned=[5])  # a demand load evicts all the same (layer 1's)
+    assert len(pool.view(1)) == 2
 
 
 def test_the_victim_is_the_expert_expected_farthest():
@@ -141,9 +150,9 @@ def rule_as_stated(pool: SharedPool, requester: int, pinned, spare_useful: bool 
         for expert in view.resident_keys():
             if expert in view.loading() or (view.ordinal == requester and expert in pinned):
                 continue
-            if spare_useful and view.useful(expert):
-                continue
             key = (pool.expected_next_use(view.ordinal, expert), -view.ordinal, -expert)
+            if spare_useful and key[0] <= (requester - pool.current - 1) % pool.num_layers + 1:
+                continue  # expected to be used no later than the prefetched expert's layer runs
             best = key if best is None or key > best else best
     return None if best is None else (-best[1], -best[2])
 
