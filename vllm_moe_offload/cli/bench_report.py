@@ -371,11 +371,14 @@ def _memory_table(report: dict) -> list[str]:
         "them (the read into the slot, with any conversion to the kernel layout), summed over threads: with "
         "one I/O thread (the default) the rate the link gave the loads, with more, each thread's. "
         "*stalled*: the time the MoE op waited for loads as a share of that read time (1.00: no read "
-        "overlapped compute).",
+        "overlapped compute). *huge pages*: the model process's anonymous memory in transparent huge pages "
+        "after the workloads (the slot pools ask for them; the kernel grants what it finds free, so runs may "
+        "differ, and a kernel reading its weights through 4 KiB pages runs slower).",
         "",
-        "| run | slots/layer | expert slots MiB | budget MiB | all experts MiB | peak RSS MiB | read from disk MiB "
-        "| experts in page cache MiB (dropped -> started -> after workloads) | read GB/s | stalled |",
-        "|---" * 10 + "|",
+        "| run | slots/layer | expert slots MiB | budget MiB | all experts MiB | peak RSS MiB | huge pages MiB "
+        "| read from disk MiB | experts in page cache MiB (dropped -> started -> after workloads) | read GB/s "
+        "| stalled |",
+        "|---" * 11 + "|",
     ]
     for run in report["runs"]:
         if "page_cache_before" not in run:  # did not finish under --memory-limit
@@ -394,6 +397,7 @@ def _memory_table(report: dict) -> list[str]:
             f"{off['num_experts'] * off['expert_bytes'] * total.get('layers', 0) / MIB:.1f}" if off else
             f"{before['expert_bytes'] / MIB:.1f}",
             f"{run['memory_kib'].get('VmHWM', 0) / 1024:.0f}",
+            f"{run['memory_kib']['AnonHugePages'] / 1024:.0f}" if "AnonHugePages" in run["memory_kib"] else "-",
             f"{read / MIB:.1f}" if off else "-",
             f"{before['expert_resident_bytes'] / MIB:.1f} -> "
             + (f"{started['expert_resident_bytes'] / MIB:.1f} -> " if started else "? -> ")
