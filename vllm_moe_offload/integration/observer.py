@@ -9,7 +9,8 @@ with ``--moe-offload-save-profile``) and prefetches the next layer's experts:
   most, summed over all tokens, for each of the next ``depth`` layers (farther
   layers: the tendencies chained over the layers in between,
   ``core/klotski_plan.hot_ahead``). ``K`` and ``depth`` come from the planner
-  (``core/klotski_plan.py``), re-run at the first MoE layer of every step from
+  (``core/klotski_plan.py``), re-run at the first MoE layer of a step whose
+  size differs from the plan's, or every ``REPLAN_EVERY_STEPS`` steps, from
   what this host measured: lines in the step's tokens fitted over past steps
   (warm-up steps left out) of the time between two MoE layers (attention,
   norms, router) and of a MoE layer's own time without its waits for loads;
@@ -59,6 +60,10 @@ from vllm_moe_offload.integration.experts import MAX_LOOKAHEAD
 
 logger = logging.getLogger("vllm.moe_offload.observer")
 
+#: steps of one size a plan made on measured costs stands for: the fits it reads move slowly, and planning
+#: (the step's plan and the grouped one) at every step's first layer cost batch-1 decode about 0.1-0.2 ms a step
+REPLAN_EVERY_STEPS = 8
+
 
 class RoutingObserver:
     """Counts the routing of every step and prefetches the next layer's experts.
@@ -101,6 +106,9 @@ class RoutingObserver:
         self.group_plan: KlotskiPlan | None = None  # Klotski's choice of n for steps of this size
         self.plan_changes = 0
         self.depth_steps: dict[int, int] = {}  # steps planned at each prefetch depth
+        self._planned_at: tuple[int, int] | None = None  # (steps seen, tokens) when the plan was made
+        self._steps = 0  # steps seen (their first MoE layer routed)
+        self.replans = 0
 
     def on_route(self, layer, topk_ids: torch.Tensor) -> None:
         """Layer ``layer`` routed its tokens to ``topk_ids [T, k]`` and is about to compute."""
@@ -136,9 +144,13 @@ class RoutingObserver:
             k = min(nxt.slots.num_slots, nxt.top_k * max(1, len(requests)))
             nxt.slots.prefetch(self.paths.predict(requests, i + 1, k))
             return
-        if i == 0 or self.plan is None:
+        if i == 0:
+            self._steps += 1
+        if self.plan is None or (i == 0 and self._plan_is_stale(ids.shape[0])):
             self._replan(ids.shape[0])
         assert self.plan is not None
+        if i == 0:
+            self.depth_steps[self.plan.prefetch_depth] = self.depth_steps.get(self.plan.prefetch_depth, 0) + 1
         if "hot" not in self.features:  # simple overlap: the whole next layer, as much as fits, most used first
             if nxt.slots is not None and not nxt.slots.fully_resident:
                 nxt.slots.prefetch(self.table.hot(i + 1, None, nxt.slots.num_slots) or range(nxt.slots.num_slots))
@@ -185,6 +197,14 @@ class RoutingObserver:
         self._step_moe_ms.clear()
         self._step_between_ms.clear()
 
+    def _plan_is_stale(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` tokens needs a new plan: one made before the costs were measured,
+        for a step of another size, or ``REPLAN_EVERY_STEPS`` steps ago."""
+        if self._planned_at is None:
+            return True
+        steps, tokens = self._planned_at
+        return tokens != num_tokens or self._steps - steps >= REPLAN_EVERY_STEPS
+
     def _replan(self, num_tokens: int) -> None:
         """Run the planner for a step of ``num_tokens`` tokens on what was measured so far.
 
@@ -205,13 +225,14 @@ class RoutingObserver:
             kv_max_seqs=max(1, self.kv_max_seqs), max_group=1, max_depth=self.max_depth,
             reserve_slots=0, spare_slots=_spare_slots(offloaded),
         )
+        self.replans += 1
         plan = plan_klotski(costs, limits, num_tokens)
         group = plan_klotski(costs, replace(limits, max_group=self.max_group), num_tokens)
         old, old_group = self.plan, self.group_plan
         self.plan, self.group_plan = plan, group
-        self.depth_steps[plan.prefetch_depth] = self.depth_steps.get(plan.prefetch_depth, 0) + 1
         # a plan from unmeasured costs (the first steps, before any load or kernel was timed) says nothing
         measured = costs.expert_load_ms > 0 and self.moe_fit.ready
+        self._planned_at = (self._steps, num_tokens) if measured else None
         offloaded_layers = sum(1 for s in offloaded if not s.fully_resident)
         scheduler.note_plan(plan.overlapped if measured else None, plan.io_ms * offloaded_layers)
         if old is None or old_group is None or _choice(old) != _choice(plan) or _choice(old_group) != _choice(group):
@@ -236,6 +257,7 @@ class RoutingObserver:
                 "limiter": self.group_plan.limiter,
             },
             "plan_changes": self.plan_changes,
+            "replans": self.replans,
             "max_depth": self.max_depth,
             "depth_steps": dict(sorted(self.depth_steps.items())),
             "features": list(self.features),
