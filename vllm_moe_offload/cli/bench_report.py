@@ -373,7 +373,7 @@ def _memory_table(report: dict) -> list[str]:
         "*stalled*: the time the MoE op waited for loads as a share of that read time (1.00: no read "
         "overlapped compute). *huge pages*: the model process's anonymous memory in transparent huge pages "
         "after the workloads (the slot pools ask for them; the kernel grants what it finds free, so runs may "
-        "differ, and a kernel reading its weights through 4 KiB pages runs slower).",
+        "differ in them, and with them in the time of reads into the slots and of the kernel over them).",
         "",
         "| run | slots/layer | expert slots MiB | budget MiB | all experts MiB | peak RSS MiB | huge pages MiB "
         "| read from disk MiB | experts in page cache MiB (dropped -> started -> after workloads) | read GB/s "

@@ -61,7 +61,7 @@ from vllm_moe_offload.integration.experts import MAX_LOOKAHEAD
 logger = logging.getLogger("vllm.moe_offload.observer")
 
 #: steps of one size a plan made on measured costs stands for: the fits it reads move slowly, and planning
-#: (the step's plan and the grouped one) at every step's first layer cost batch-1 decode about 0.1-0.2 ms a step
+#: (the step's plan and the grouped one) at every step's first layer cost batch-1 decode about 0.3 ms a step
 REPLAN_EVERY_STEPS = 8
 
 
