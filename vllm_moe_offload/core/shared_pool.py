@@ -146,12 +146,8 @@ class SharedPool:
         """
         horizon = self.prefetch_horizon(requester) if spare_useful else None
         if self.num_slots <= LOOP_MAX_SLOTS:
-            victim = self._victim_by_loop(requester, pinned, horizon)
-        else:
-            victim = self._victim_by_arrays(requester, pinned, horizon)
-        if victim is not None and horizon is not None and self.expected_next_use(*victim) <= horizon:
-            return None  # a predicted use brought the farthest one within the horizon: so is every other
-        return victim
+            return self._victim_by_loop(requester, pinned, horizon)
+        return self._victim_by_arrays(requester, pinned, horizon)
 
     def prefetch_horizon(self, requester: int) -> int:
         """Layers run from now until layer ``requester`` runs next: when an expert prefetched for it is used."""
@@ -183,14 +179,17 @@ class SharedPool:
                     continue  # a prediction only brings it nearer
                 keys.append((next_use, -ordinal, -expert))
         keys.sort(reverse=True)
-        return self._farthest(keys)
+        return self._farthest(keys, horizon)
 
-    def _farthest(self, keys: Iterable[tuple[float, int, int]]) -> tuple[int, int] | None:
+    def _farthest(
+        self, keys: Iterable[tuple[float, int, int]], horizon: float | None = None,
+    ) -> tuple[int, int] | None:
         """The victim among candidates given as ``(next use by counts, -ordinal, -expert)``, farthest first.
 
         A predicted use only brings an expert's next use nearer, so the candidates are scored with their
         layers' predictions in that order until the next one's score by counts cannot beat the best found:
         usually the first, which asks one layer's policy for its predictions instead of every layer's.
+        ``horizon`` (a prefetch's): None when the farthest, predictions counted, is used no later than that.
         """
         best: tuple[float, int, int] | None = None
         for key in keys:
@@ -202,7 +201,9 @@ class SharedPool:
                 key = (self._next_use(ordinal, expert, predicted), key[1], key[2])
             if best is None or key > best:
                 best = key
-        return None if best is None else (-best[1], -best[2])
+        if best is None or (horizon is not None and best[0] <= horizon):
+            return None  # a predicted use brought the farthest within the horizon: so is every other
+        return -best[1], -best[2]
 
     def _victim_by_arrays(self, requester: int, pinned: Collection[int], horizon: float | None) -> tuple[int, int] | None:
         """:meth:`choose_victim` over the whole pool in array operations."""
@@ -227,9 +228,8 @@ class SharedPool:
         candidates = np.flatnonzero(eligible.ravel())
         # farthest by counts first; ties: the lowest ordinal, then the lowest id (row-major order)
         order = candidates[np.lexsort((candidates, -scores[candidates]))]
-        return self._farthest(
-            (float(scores[i]), -(i // self.num_experts), -(i % self.num_experts)) for i in order.tolist()
-        )
+        keys = ((float(scores[i]), -(i // self.num_experts), -(i % self.num_experts)) for i in order.tolist())
+        return self._farthest(keys, horizon)  # scored lazily: usually the first key decides
 
     def _next_use_all(self) -> np.ndarray:
         """:meth:`_next_use` by counts of every (layer ordinal, expert), ``[L, E]``, the same arithmetic."""

@@ -40,7 +40,7 @@ from vllm_moe_offload.core.link import first_pass
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration import policy_inputs
-from vllm_moe_offload.integration.passes import PassSchedule
+from vllm_moe_offload.integration.passes import PassSchedule, distinct_experts
 from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
@@ -162,7 +162,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         failed: dict[int, str] = {}  # expert -> why it could not be loaded
         low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision
         try:
-            unique = _distinct_experts(topk_ids)
+            unique = distinct_experts(topk_ids)
             slots.score_prediction(unique)  # the whole step's needs, before passes split them
             policy_inputs.begin_needs(slots, unique)
             if len(unique) <= slots.num_slots:
@@ -297,18 +297,6 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 f"{self.layer_name}: this MoE kernel defers its finalize step, which offload does not support"
             )
         return out
-
-
-#: up to this many routed ids, a step's distinct experts are found in Python (a decode step's handful: about
-#: 1.5 us against torch.unique's 5)
-_SMALL_ROUTING = 64
-
-
-def _distinct_experts(topk_ids: torch.Tensor) -> list[int]:
-    """The distinct expert ids of ``topk_ids [T, k]``, ascending (as ``torch.unique``)."""
-    if topk_ids.numel() <= _SMALL_ROUTING:
-        return sorted(set(topk_ids.flatten().tolist()))
-    return torch.unique(topk_ids).tolist()
 
 
 def predicted_experts(logits: torch.Tensor, top_k: int, overfetch: int, limit: int) -> list[int]:

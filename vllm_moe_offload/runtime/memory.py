@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import mmap
@@ -77,8 +78,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool =
     return raw.view(dtype).view(shape)
 
 
+@functools.cache
 def _libc_function(name: str):
-    """The C library's function ``name`` (errno kept for ``ctypes.get_errno``); None where there is none."""
+    """The C library's function ``name`` (errno kept for ``ctypes.get_errno``); None where there is none.
+    Looked up once per name."""
     path = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(path, use_errno=True), name) if path else None
