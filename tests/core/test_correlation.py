@@ -51,6 +51,9 @@ def test_layer_zero_and_unseen_rows_use_the_marginal():
     assert table.hot(1, [[1]], 2) == [2, 0]  # row 1 never seen: layer 1's marginal
     table.update(1, [[1]], [[0]])
     assert table.hot(1, [[1]], 2) == [0]
+    # a step of many tokens (not counted one by one) mixes seen rows and the marginal the same way
+    many = [[1]] * 10 + [[2]] * 10  # row 1: all to 0; row 2 unseen: layer 1's marginal (2: 2/4, 0: 2/4)
+    assert np.allclose(table.tendencies(1, many), [10 + 10 * 0.5, 0, 10 * 0.5, 0])
 
 
 def test_empty_table_predicts_nothing_and_ties_go_to_the_frequent_then_lower_id():
@@ -157,7 +160,8 @@ def routed_steps(draw):
     num_experts = draw(st.integers(2, 6))
     top_k = draw(st.integers(1, min(3, num_experts)))
     token = st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=top_k, unique=True)
-    steps = draw(st.lists(st.lists(st.tuples(token, token), min_size=1, max_size=5), min_size=1, max_size=5))
+    # up to 12 tokens of up to 3 ids: steps on both sides of the small-step paths (16 ids)
+    steps = draw(st.lists(st.lists(st.tuples(token, token), min_size=1, max_size=12), min_size=1, max_size=5))
     return num_experts, top_k, steps
 
 
@@ -178,6 +182,9 @@ def test_laws_of_counts_and_tendencies(case, k, rnd):
     query = [t[0] for t in steps[-1]]
     # Every (token, expert) of the step adds one normalised row: the tendencies sum to T * top_k.
     assert np.isclose(by_step.tendencies(1, query).sum(), len(query) * top_k)
+    # Rows the step chose, normalised and summed: the step's uses times the layer's transition.
+    uses = np.bincount(np.ravel(query), minlength=num_experts)
+    assert np.allclose(by_step.tendencies(1, query), uses @ by_step.transition(1))
     hot = by_step.hot(1, query, k)
     scores = by_step.tendencies(1, query)
     assert len(hot) == len(set(hot)) <= k and all(0 <= e < num_experts for e in hot)
