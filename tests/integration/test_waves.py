@@ -12,6 +12,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
 from tests.runtime.test_slots_cancel import RELEASE_WAIT_S, GatedSource, _wait_running
@@ -120,6 +122,32 @@ def test_load_order_completes_rows_soonest():
     assert load_order(ROWS, [2, 3, 4]) == [2, 4, 3]
     assert load_order(ROWS, [2, 3, 4], ahead=[3]) == [2, 4]  # 3 lands first: 4 now completes two rows too; ties: 2
     assert load_order([[5, 6], [5, 7], [6, 7]], [5, 6, 7]) == [5, 6, 7]  # ties: most rows waiting, then id
+
+
+def _greedy_as_stated(rows, missing, ahead):
+    """load_order's rule, recounted from scratch at every pick."""
+    covered, left, order = set(ahead), sorted(set(missing) - set(ahead)), []
+    while left:
+        rests = [{e for e in row if e in set(missing)} - covered for row in rows]
+        completes = {e: sum(rest == {e} for rest in rests) for e in left}
+        waiting = {e: sum(e in rest for rest in rests) for e in left}
+        best = min(left, key=lambda e: (-completes[e], -waiting[e], e))
+        order.append(best)
+        covered.add(best)
+        left.remove(best)
+    return order
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_load_order_is_the_greedy_as_stated(data):
+    num_experts = data.draw(st.integers(1, 10))
+    top_k = data.draw(st.integers(1, min(3, num_experts)))
+    token = st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=top_k, unique=True)
+    rows = data.draw(st.lists(token, max_size=40))
+    missing = data.draw(st.lists(st.integers(0, num_experts - 1), unique=True))
+    ahead = data.draw(st.lists(st.sampled_from(missing), unique=True)) if missing else []
+    assert load_order(rows, missing, ahead) == _greedy_as_stated(rows, missing, ahead)
 
 
 def test_rows_compute_in_waves_as_each_load_lands(experts):  # noqa: F811
