@@ -90,6 +90,59 @@ def shared(seqs, experts: int, slots: int, tokens=None) -> int:
     return misses
 
 
+class ForesightPool(SharedPool):
+    """The shared pool's rule told each resident's next ``horizon`` uses exactly (an oracle, not a policy).
+
+    A resident used within the next ``horizon`` runs of its layer is scored by that use, in MoE layers from
+    now; one that is not, by the pool's estimate from counts beyond them. How far ahead a predictor would have
+    to see for the pool to approach Belady's cache: ``horizon`` 1 is a perfect prediction of every layer's
+    next step.
+    """
+
+    def __init__(self, ids: np.ndarray, slots: int, horizon: int) -> None:
+        super().__init__(ids.shape[1], int(ids.max()) + 1, slots * ids.shape[1], ids.shape[2])
+        self.ids, self.horizon, self.t = ids, horizon, 0  # the replay sets ``t``, the token being served
+
+    def choose_victim(self, requester, pinned, spare_useful=False):
+        best = None
+        for view in self.views:
+            ordinal = view.ordinal
+            if ordinal == self.current and requester != self.current:
+                continue
+            until = (ordinal - self.current - 1) % self.num_layers + 1
+            first = self.t if ordinal > self.current else self.t + 1  # the token its layer serves next
+            for expert in view.resident_keys():
+                if ordinal == requester and expert in pinned:
+                    continue
+                ahead = [h for h in range(self.horizon) if first + h < len(self.ids)
+                         and expert in self.ids[first + h, ordinal]]
+                if ahead:
+                    next_use = until + ahead[0] * self.num_layers
+                elif first + self.horizon >= len(self.ids):
+                    next_use = float("inf")  # not needed again in this sequence
+                else:
+                    next_use = self.horizon * self.num_layers + self._next_use(ordinal, expert, 0.0)
+                key = (next_use, -ordinal, -expert)
+                if best is None or key > best:
+                    best = key
+        return None if best is None else (-best[1], -best[2])
+
+
+def foresight(seqs, slots: int, horizon: int) -> int:
+    """Misses of :class:`ForesightPool` (one cold pool per sequence, as :func:`shared`)."""
+    misses = 0
+    for ids in seqs:
+        pool = ForesightPool(ids, slots, horizon)
+        for view in pool.views:
+            view.attach(LRUPolicy(pool.num_experts, slots))
+        for t in range(len(ids)):
+            pool.t = t
+            for layer in range(ids.shape[1]):
+                pool.begin_layer(layer)
+                misses += serve_step(pool.view(layer), [int(e) for e in ids[t, layer]])
+    return misses
+
+
 def belady(seqs, experts: int, slots: int, pooled: bool) -> int:
     misses = 0
     for ids in seqs:
@@ -108,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trace")
     parser.add_argument("--shares", default="25%,50%", help="slots per layer as shares of its experts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--foresight", default="", metavar="H[,H...]",
+                        help="also replay the shared pool told each resident's next H uses exactly (an oracle: "
+                        "how far ahead a predictor must see); e.g. 1,2,4")
     args = parser.parse_args(argv)
     trace = read_shared_jsonl(args.trace) if args.trace.endswith(".jsonl") else load_trace(args.trace)
     seqs = sequences(trace)
@@ -117,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.trace}: {len(seqs)} sequences, {tokens} tokens, {trace.topk_ids.shape[1]} layers x {experts} "
           f"experts, top-{trace.topk_ids.shape[2]}; misses per token")
     toks = sequence_tokens(trace)
-    print("share  slots/layer  lru/layer  decay/layer  belady/layer  shared(counts)  shared  belady/shared")
+    horizons = [int(h) for h in args.foresight.split(",") if h.strip()]
+    print("share  slots/layer  lru/layer  decay/layer  belady/layer  shared(counts)  shared  belady/shared"
+          + "".join(f"  foresight {h}" for h in horizons))
     for text in args.shares.split(","):
         slots = max(trace.topk_ids.shape[2], round(experts * float(text.rstrip("%")) / 100))
         row = {
@@ -128,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             "shared_counts": shared(seqs, experts, slots) / tokens,
             "shared": shared(seqs, experts, slots, toks) / tokens,
             "belady_shared": belady(seqs, experts, slots, pooled=True) / tokens,
+            **{f"foresight_{h}": foresight(seqs, slots, h) / tokens for h in horizons},
         }
         rows.append(row)
         print(f"{text:>5}  {slots:>11}  {row['lru_layer']:9.2f}  {row['decay_layer']:11.2f}  "
-              f"{row['belady_layer']:12.2f}  {row['shared_counts']:14.2f}  {row['shared']:6.2f}  {row['belady_shared']:13.2f}")
+              f"{row['belady_layer']:12.2f}  {row['shared_counts']:14.2f}  {row['shared']:6.2f}  {row['belady_shared']:13.2f}"
+              + "".join(f"  {row[f'foresight_{h}']:11.2f}" for h in horizons))
     if args.json:
         args.json.write_text(json.dumps({"trace": args.trace, "tokens": tokens, "rows": rows}, indent=1))
     return 0
