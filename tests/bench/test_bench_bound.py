@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from itertools import combinations
 
 import pytest
@@ -15,6 +16,7 @@ from vllm_moe_offload.cli.bench_bound import (
     MIN_LOADS_FOR_RATE, achieved_gbps, layer_accesses, median_time_s, optimal_loads, pooled_routing_loads, read_bandwidth, routing_loads, timings,
     workload_bound,
 )
+from vllm_moe_offload.cli.bench import merge_repeats
 from vllm_moe_offload.cli.main import main
 from vllm_moe_offload.core.belady import belady_misses
 
@@ -137,6 +139,27 @@ def test_a_runs_time_is_the_median_of_its_rounds():
 def test_rounds_below_one_are_refused(tmp_path, capsys):
     assert main(["bench", str(TINY_PYMOE), "--quick", "--rounds", "0", "--out", str(tmp_path / "out")]) == 2
     assert "--rounds 0: give 1 or more timings per workload" in capsys.readouterr().out
+    assert main(["bench", str(TINY_PYMOE), "--quick", "--repeats", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--repeats 0: give 1 or more engine starts per run" in capsys.readouterr().out
+
+
+def test_repeated_engines_pool_their_timings_and_keep_each_engines():
+    first = {"name": "lru 25%", "workloads": {"decode": {"wall_s": 1.0, "round_wall_s": [1.2]}, "batch": {"wall_s": 5.0}}}
+    stock = {"name": "stock", "workloads": {"decode": {"wall_s": 0.5}}}
+    again = {"name": "lru 25%", "workloads": {"decode": {"wall_s": 2.0, "round_wall_s": [2.2]}, "batch": {"wall_s": 4.0}}}
+    third = {"name": "lru 25%", "workloads": {"decode": {"wall_s": 1.4, "round_wall_s": [1.6]}}}  # batch lost
+    merged = merge_repeats([first, stock, again, {"name": "stock", "workloads": {"decode": {"wall_s": 0.6}}}, third])
+    assert [r["name"] for r in merged] == ["lru 25%", "stock"] and merged[0]["engines"] == 3
+    decode = merged[0]["workloads"]["decode"]
+    assert decode["engine_wall_s"] == [[1.0, 1.2], [2.0, 2.2], [1.4, 1.6]]
+    assert timings(decode) == [1.0, 1.2, 2.0, 2.2, 1.4, 1.6] and median_time_s(decode) == pytest.approx(1.5)
+    assert merged[0]["workloads"]["batch"]["engine_wall_s"] == [[5.0], [4.0], []]
+    assert timings(merged[1]["workloads"]["decode"]) == [0.5, 0.6]
+    # under a memory limit: every ending, and the highest peak
+    limited = [{"name": "s", "workloads": {}, "ended": "ran", "peak_memory_bytes": 5},
+               {"name": "s", "workloads": {}, "ended": "OOM-killed (1 kill(s), exit code -9)", "peak_memory_bytes": 7}]
+    [one] = merge_repeats(limited)
+    assert one["engine_endings"] == ["ran", "OOM-killed (1 kill(s), exit code -9)"] and one["peak_memory_bytes"] == 7
 
 
 def _write_experts(folder, num_experts: int = 4, shape: tuple[int, int] = (64, 512)) -> int:
@@ -185,15 +208,15 @@ def test_bandwidth_probe_follows_the_emulated_link(tmp_path):
 
 @pytest.mark.engine
 class TestBenchQuick:
-    """``bench --quick --rounds 2`` end to end on the trained tiny-pymoe (no timing assertions): its files, tokens
-    and budgets, the page cache, and every plugin run's bound. One bench run for all of them."""
+    """``bench --quick --rounds 2 --repeats 2`` end to end on the trained tiny-pymoe (no timing assertions): its
+    files, tokens and budgets, the page cache, and every plugin run's bound. One bench run for all of them."""
 
     @pytest.fixture(scope="class")
     def bench(self, tmp_path_factory):
         out = tmp_path_factory.mktemp("bench-bound")
         rc = main([
             "bench", str(TINY_PYMOE), "--quick", "--policies", "ondemand,lru", "--budgets", "25%,50%",
-            "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--rounds", "2", "--out", str(out),
+            "--tokens", str(TINY_PYMOE / "heldout-tokens.npy"), "--no-drop-cache", "--rounds", "2", "--repeats", "2", "--out", str(out),
         ])
         assert rc == 0
         return out, json.loads((out / "bench.json").read_text())
@@ -216,15 +239,19 @@ class TestBenchQuick:
             for workload in ("decode", "prefill", "batch"):
                 b = run["bound"][workload]
                 samples = report["bound"]["stock_wall_s"][workload]
-                # the timed engine's 2 rounds, then the routing engine's 5
-                assert len(samples) == 7 and samples[:2] == timings(stock["workloads"][workload])
+                # the timed engines' 2 rounds each (2 engines), then the routing engine's 5
+                assert len(samples) == 9 and samples[:4] == timings(stock["workloads"][workload])
                 # ondemand 100% holds every expert: its times are a compute floor as much as stock's
                 resident = report["bound"]["resident_wall_s"][workload]
-                assert resident == timings(report["runs"][1]["workloads"][workload]) and len(resident) == 2
+                assert resident == timings(report["runs"][1]["workloads"][workload]) and len(resident) == 4
                 assert b["compute_floor_s"] == min(samples + resident)
-                # the run's time: the median of its two timings
-                assert len(timings(run["workloads"][workload])) == 2
+                # the run's time: the median of its four timings, two from each engine
+                per_engine = run["workloads"][workload]["engine_wall_s"]
+                assert run["engines"] == 2 and [len(t) for t in per_engine] == [2, 2]
+                assert timings(run["workloads"][workload]) == per_engine[0] + per_engine[1]
                 assert b["time_s"] == pytest.approx(median_time_s(run["workloads"][workload]))
+                assert b["engine_fractions"] == pytest.approx([b["bound_s"] / median_time_s({"round_wall_s": t})
+                                                               for t in per_engine])
                 assert b["bound_s"] == max(b["compute_floor_s"], b["io_floor_s"])
                 assert b["io_floor_s"] == pytest.approx(b["bytes"] / (path["used_gbps"] * 1e9))
                 # a fraction is a timing: only its sign is checked here (speed is shown by the bench itself)
@@ -243,9 +270,12 @@ class TestBenchQuick:
         rows = [line for line in section.splitlines() if line.startswith("| decode |")]
         assert [row.split(" | ")[1] for row in rows] == ["100%", "25%", "50%"]
         assert "| ondemand | lru |" in section
-        assert "of 7 stock runs of it (the timed engine's 2 rounds" in section
-        assert "and 2 timing(s) of plugin runs holding every expert in a slot" in section
-        assert "(the median of its 2 timings, `--rounds`)" in section
+        assert "of 9 stock runs of it (the timed 2 engines' 2 round(s) each" in section
+        assert "and 4 timing(s) of plugin runs holding every expert in a slot" in section
+        assert "(the median of its 4 timings, `--rounds` x `--repeats`)" in section
+        assert "in brackets the lowest and highest of its 2 engines' own fractions" in section
+        lru = next(line for line in rows if line.split(" | ")[1] == "25%").split(" | ")[-1]
+        assert re.match(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", lru), lru
         assert "GB/s** (probe " in section and "runs' best" in section
         assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
 

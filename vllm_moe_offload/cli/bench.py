@@ -97,6 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time every workload N times on each engine (the prompts' prefix cache reset before "
                         "each repeat): the fraction of the bound takes each run's median time, the compute floor "
                         "every all-resident timing (default %(default)s; the tables show the first timing)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="start every timed engine N times, interleaved (each engine once, then each again), so "
+                        "that a slow spell of a shared machine falls on different engines: a run's fraction of the "
+                        "bound takes the median of all its timings, and the fraction table shows the range of its "
+                        "engines' own fractions (default %(default)s; the other tables show the first engine)")
     parser.add_argument("--memory-limit", default=None, metavar="SIZE",
                         help="run every engine, stock included, in a memory cgroup of SIZE (e.g. 4.5GiB; page cache "
                         "counted; needs root or a delegated cgroup tree) and record how it ended and its peak memory")
@@ -137,9 +142,12 @@ def run(args: argparse.Namespace) -> int:
     else:  # --quick: timing does not matter, every plugin engine in one process
         groups = [stock_jobs] + ([plugin_jobs] if args.quick else [[job] for job in plugin_jobs])
     machine = machine_info()
+    # the routing engine records once; every timed engine starts again in each repeat, in the same order
+    again = [kept for group in groups if (kept := [job for job in group if job["kind"] != "routing"])]
     results = []
-    for group in tqdm(groups, desc="engines", unit="process"):
+    for group in tqdm(groups + again * (args.repeats - 1), desc="engines", unit="process"):
         results += run_group(group, args, stock=group[0]["offload"] is None)
+    results = merge_repeats(results)
     routing = next(r for r in results if r["kind"] == "routing")
     if "workloads" not in routing:
         print(f"vllm-moe-offload bench: error: the stock engine without a limit {routing['ended']}; "
@@ -201,6 +209,8 @@ def _check_settings(args: argparse.Namespace, policies: list[str], budgets: list
         raise ValueError("--policies and --budgets need at least one entry each")
     if args.rounds < 1:
         raise ValueError(f"--rounds {args.rounds}: give 1 or more timings per workload")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: give 1 or more engine starts per run")
     for policy in policies:
         for budget in budgets:
             if not OffloadConfig.from_dict(_offload(args, policy, budget)).enabled:
@@ -352,6 +362,30 @@ def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[d
     return results
 
 
+def merge_repeats(results: list[dict]) -> list[dict]:
+    """One result per job (``--repeats``): its first engine's, each workload's timings joined by those of the
+    job's later engines (``round_wall_s``, so that :func:`~vllm_moe_offload.cli.bench_bound.timings` holds them
+    all) and kept per engine in start order (``engine_wall_s``); ``engines`` counts the starts. Under a memory
+    limit, every engine's ending (``engine_endings``) and the highest peak."""
+    from vllm_moe_offload.cli.bench_bound import timings
+
+    merged: dict[str, dict] = {}
+    for result in results:
+        first = merged.setdefault(result["name"], result)
+        if first is result:
+            continue
+        first["engines"] = first.get("engines", 1) + 1
+        for name, workload in first["workloads"].items():
+            per_engine = workload.setdefault("engine_wall_s", [timings(workload)])
+            later = timings(result["workloads"].get(name, {}))
+            per_engine.append(later)
+            workload.setdefault("round_wall_s", []).extend(later)
+        if "ended" in first:
+            first.setdefault("engine_endings", [first["ended"]]).append(result.get("ended"))
+            first["peak_memory_bytes"] = max(first.get("peak_memory_bytes") or 0, result.get("peak_memory_bytes") or 0)
+    return list(merged.values())
+
+
 def _run_limited(cmd: list[str], jobs: list[dict], args: argparse.Namespace, **popen) -> dict:
     """Run one engine process in a memory cgroup (the routing engine: no limit, only measured); its ending."""
     from vllm_moe_offload.cli.cgroup import evict_page_cache, run_limited
@@ -425,6 +459,7 @@ def build_report(args, sizes, machine, results, policies, budgets) -> dict:
         "model_info": _model_info(Path(args.model)),
         "quick": args.quick,
         "rounds": args.rounds,
+        "repeats": args.repeats,
         "sizes": sizes,
         "policies": policies,
         "budgets": budgets,

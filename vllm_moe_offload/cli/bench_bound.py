@@ -294,9 +294,13 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
             if (name, slots) not in loads:
                 loads[name, slots] = count(recorded["routing"], slots[0], stats["num_experts"],
                                            merge=name in MERGED_WORKLOADS)
+            workload = run["workloads"][name]
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probe["used_gbps"],
-                                                min(stock_s[name] + resident_s[name]),
-                                                median_time_s(run["workloads"][name]))
+                                                min(stock_s[name] + resident_s[name]), median_time_s(workload))
+            if "engine_wall_s" in workload:  # bench --repeats: each engine's own fraction, from its median
+                bound_s = run["bound"][name]["bound_s"]
+                run["bound"][name]["engine_fractions"] = [
+                    bound_s / float(np.median(times)) for times in workload["engine_wall_s"] if times]
     return {
         "stock_wall_s": stock_s,
         "resident_wall_s": resident_s,

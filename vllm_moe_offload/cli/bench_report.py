@@ -194,7 +194,7 @@ def _bound_section(report: dict) -> list[str]:
         "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster, a perfect one "
         "reaches it. *compute floor*: the fastest all-resident wall time on the workload: of "
         f"{len(next(iter(bound['stock_wall_s'].values())))} stock runs of it (the timed "
-        + ("one" if report.get("rounds", 1) == 1 else f"engine's {report['rounds']} rounds")
+        + _timed_text(report)
         + " and the rounds of the stock engine that recorded the routing)"
         + (f" and {n} timing(s) of plugin runs holding every expert in a slot (their worker runs in the engine-core process, "
            "one process fewer than stock's)" if (n := len(next(iter(bound.get("resident_wall_s", {}).values()), [])))
@@ -212,7 +212,11 @@ def _bound_section(report: dict) -> list[str]:
         "(routing is the same for every run: their tokens equal stock's"
         + (f"; **the recording's tokens differ from stock's in {', '.join(unequal)}**" if unequal else "")
         + "). *fraction* = bound / the run's wall time on the workload"
-        + ("" if report.get("rounds", 1) == 1 else f" (the median of its {report['rounds']} timings, `--rounds`)")
+        + ("" if _timings_per_run(report) == 1 else f" (the median of its {_timings_per_run(report)} timings, "
+           + ("`--rounds`)" if report.get("repeats", 1) == 1 else "`--rounds` x `--repeats`)"))
+        + (f"; in brackets the lowest and highest of its {report['repeats']} engines' own fractions (each from "
+           "that engine's median), the spread between starts of the same engine"
+           if report.get("repeats", 1) > 1 else "")
         + " (1.00: at the bound; the goal is >= 0.8). "
         "*I/O* or *compute*: the larger floor.", "",
     ]
@@ -233,6 +237,8 @@ def _bound_section(report: dict) -> list[str]:
                 run = at_budget.get(policy)
                 own = run["bound"][workload] if run else None
                 text = "-" if own is None else f"{own['fraction']:.2f}"
+                if own is not None and len(own.get("engine_fractions", ())) > 1:
+                    text += f" ({min(own['engine_fractions']):.2f}-{max(own['engine_fractions']):.2f})"
                 if own is not None and own["io_floor_s"] != b["io_floor_s"]:
                     text += (f" (own slots {_slots_text(run['offload']['layer_slots'])}: I/O floor "
                              f"{_ms(own['io_floor_s'])} ms, bound {_ms(own['bound_s'])} ms)")
@@ -242,6 +248,18 @@ def _bound_section(report: dict) -> list[str]:
     if skipped:
         lines += ["", "No bound for: " + "; ".join(skipped) + "."]
     return lines + [""]
+
+
+def _timings_per_run(report: dict) -> int:
+    return report.get("rounds", 1) * report.get("repeats", 1)
+
+
+def _timed_text(report: dict) -> str:
+    """The timed stock engine's timings, in words: one, N rounds, or N engines' M rounds each."""
+    rounds, repeats = report.get("rounds", 1), report.get("repeats", 1)
+    if repeats > 1:
+        return f"{repeats} engines' {rounds} round(s) each"
+    return "one" if rounds == 1 else f"engine's {rounds} rounds"
 
 
 def _bandwidth_text(probe: dict) -> str:

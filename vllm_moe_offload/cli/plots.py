@@ -245,6 +245,12 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
         times = [bounds[i]["time_s"] for i in x]
         bars = ax.bar(x, times, color=[_bench_colors(runs)[i] for i in x])
         ax.bar_label(bars, [f"{bounds[i]['fraction']:.2f}" for i in x], fontsize=7)
+        # bench --repeats: whiskers from the fastest to the slowest engine's own median time
+        spread = [(i, [bounds[i]["bound_s"] / f for f in bounds[i]["engine_fractions"]]) for i in x
+                  if len(bounds[i].get("engine_fractions", ())) > 1]
+        if spread:
+            ax.vlines([i for i, _ in spread], [min(t) for _, t in spread], [max(t) for _, t in spread],
+                      colors="black", linewidth=1, label="range of the engines' median times (--repeats)")
         ax.hlines([bounds[i]["bound_s"] for i in x], [i - 0.45 for i in x], [i + 0.45 for i in x],
                   colors=_BOUND_STYLE["color"], linestyles=_BOUND_STYLE["linestyle"], linewidth=1.5,
                   label="bound: max(compute, I/O floor)")
