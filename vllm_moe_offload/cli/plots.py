@@ -249,7 +249,8 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
         spread = [(i, [bounds[i]["bound_s"] / f for f in bounds[i]["engine_fractions"]]) for i in x
                   if len(bounds[i].get("engine_fractions", ())) > 1]
         if spread:
-            ax.vlines([i for i, _ in spread], [min(t) for _, t in spread], [max(t) for _, t in spread],
+            # beside the bar's centre, where its label is
+            ax.vlines([i + 0.3 for i, _ in spread], [min(t) for _, t in spread], [max(t) for _, t in spread],
                       colors="black", linewidth=1, label="range of the engines' median times (--repeats)")
         ax.hlines([bounds[i]["bound_s"] for i in x], [i - 0.45 for i in x], [i + 0.45 for i in x],
                   colors=_BOUND_STYLE["color"], linestyles=_BOUND_STYLE["linestyle"], linewidth=1.5,
