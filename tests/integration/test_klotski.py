@@ -110,11 +110,12 @@ def deep(four_layers, tmp_path_factory):
     offload = run_engines(tmp / "offload", [
         _depth_job("3 lanes", model, io_threads=3),
         _depth_job("1 lane", model, io_threads=1),
+        _depth_job("1 lane, no gate", model, io_threads=1, prefetch_gate=False),
     ], stock=False)
     return stock["stock"], offload
 
 
-@pytest.mark.parametrize("name", ["3 lanes", "1 lane"])
+@pytest.mark.parametrize("name", ["3 lanes", "1 lane", "1 lane, no gate"])
 def test_deeper_prefetch_gives_stocks_tokens(deep, name):
     stock, offload = deep
     assert "error" not in offload[name], offload[name].get("error")
@@ -139,6 +140,16 @@ def test_planner_prefetches_deeper_when_loads_outlast_the_layers_in_between(deep
     steps = sum(klotski["3 lanes"]["depth_steps"].values())
     assert 1 <= klotski["3 lanes"]["replans"] < steps, (klotski["3 lanes"]["replans"], steps)
     assert klotski["3 lanes"]["moe_layer_ms"]["steps"] >= 1  # warm-up steps left out, the rest fitted
+
+
+def test_hot_expert_prefetches_load_only_where_they_have_paid_unless_the_gate_is_off(deep):
+    _, offload = deep
+    total = {name: r["stats"][0]["total"] for name, r in offload.items()}
+    print("klotski gate:", {n: (t["prefetch_loads"], t["prefetch_gated"]) for n, t in total.items()})
+    # 100 ms loads against layers of well under that: a wrong guess costs far more than a right one can save,
+    # so the random model's guesses close the gate once both times are measured; off, none is held back
+    assert total["1 lane"]["prefetch_gated"] > 0 and total["3 lanes"]["prefetch_gated"] > 0
+    assert total["1 lane, no gate"]["prefetch_gated"] == 0 and total["1 lane, no gate"]["prefetch_loads"] > 0
 
 
 #: klotski_hold_ms in the test: far above an empty step's turn, so that the bound is measurable

@@ -182,9 +182,9 @@ class OffloadConfig:
     #: on a loaded machine (docs/bench/link) it read 0-7 more experts than off per 64-token decode and 3-6
     #: more per prefill, and its tok/s could not be told from off
     link_schedule: bool = False
-    #: fate: load a prediction's missing experts only where such predictions (this layer's, at that distance,
-    #: for one token's step or a batch's) have been right often enough to pay for the load a wrong one wastes
-    #: (``core/prefetch_gate.py``); off: every prediction is loaded, as the paper does
+    #: fate and klotski: load a prediction's missing experts only where such predictions (this layer's, at
+    #: that distance, for one token's step or a batch's) have been right often enough to pay for the load a
+    #: wrong one wastes (``core/prefetch_gate.py``); off: every prediction is loaded, as the papers do
     prefetch_gate: bool = True
     #: longest a forward pass waits for one expert load; past it the tokens that need the
     #: expert fail (their requests end with an error) and the load finishes in the background

@@ -76,6 +76,7 @@ class RoutingObserver:
     def __init__(
         self, table: CorrelationTable, layers: list, predict: str | None, kv_max_seqs: int,
         features: tuple[str, ...] = KLOTSKI_FEATURES, max_group: int = 1, io_lanes: int = 1,
+        gate_prefetches: bool = False,
     ) -> None:
         self.table = table
         self.features = features
@@ -102,6 +103,9 @@ class RoutingObserver:
         # loads queue ahead of nearer ones), at most the I/O threads, within the model
         self.max_depth = max(1, min(MAX_LOOKAHEAD, io_lanes, len(layers) - 1))
         self.max_group = max_group
+        #: klotski's hot-expert prefetches, like fate's, load only where this layer's earlier ones of that
+        #: kind (one token's step, a batch's) were right often enough to pay (``core/prefetch_gate.py``)
+        self.gate_prefetches = gate_prefetches
         self.plan: KlotskiPlan | None = None  # this step's: K and depth of its prefetches
         self.group_plan: KlotskiPlan | None = None  # Klotski's choice of n for steps of this size
         self.plan_changes = 0
@@ -157,14 +161,17 @@ class RoutingObserver:
             return
         # nearest first: its loads are needed first; a nearer prediction of a layer, made again at the
         # next layer, wins over the farther one (LayerSlots.prefetch)
+        kind = ("batch" if ids.shape[0] > 1 else "token") if self.gate_prefetches else None
         for distance in range(1, min(self.plan.prefetch_depth, len(self.layers) - 1 - i) + 1):
             target = self.layers[i + distance].slots
             if target is None or target.fully_resident:
                 continue
+            if kind is not None and not target.prefetch_pays(distance, kind) and not target.sample_closed_prediction():
+                continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             scores = tendencies_ahead(self.table, i + 1, ids, distance)  # [E], ranked as hot_ahead does
             experts = self.table.rank(i + distance, scores, self.plan.hot_experts)
             # never evicting what the cache deems useful, as fate (nor, on a scheduled link, what scores higher)
-            target.prefetch(experts, spare_useful=True, distance=distance, scores=scores.tolist())
+            target.prefetch(experts, spare_useful=True, distance=distance, scores=scores.tolist(), gate=kind)
 
     def _observe_paths(self, i: int, ids: np.ndarray) -> None:
         """eap: add the step's routing at MoE layer ``i`` to each request's activation matrix."""

@@ -293,7 +293,7 @@ def _observer(
         table, layers, predict=predictors.get(config.policy), kv_max_seqs=vllm_config.scheduler_config.max_num_seqs,
         features=config.klotski_features,
         max_group=config.klotski_max_group if "groups" in config.klotski_features else 1,
-        io_lanes=config.io_threads,
+        io_lanes=config.io_threads, gate_prefetches=config.prefetch_gate,
     )
     for layer in layers:
         layer.observer = observer
