@@ -252,8 +252,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 nxt.slots.prefetch(experts, spare_useful=not many, distance=distance, scores=scores)
                 continue
             kind = ("batch" if x.shape[0] > 1 else "token") if self.gate_prefetches else None
-            if kind is not None and not nxt.slots.prefetch_pays(distance, kind) \
-                    and not nxt.slots.sample_closed_prediction():
+            if not nxt.slots.prediction_wanted(distance, kind):
                 continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),
                                         nxt.slots.num_slots)

@@ -166,7 +166,7 @@ class RoutingObserver:
             target = self.layers[i + distance].slots
             if target is None or target.fully_resident:
                 continue
-            if kind is not None and not target.prefetch_pays(distance, kind) and not target.sample_closed_prediction():
+            if not target.prediction_wanted(distance, kind):
                 continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             scores = tendencies_ahead(self.table, i + 1, ids, distance)  # [E], ranked as hot_ahead does
             experts = self.table.rank(i + distance, scores, self.plan.hot_experts)

@@ -291,6 +291,11 @@ class LayerSlots:
         clock = getattr(self.engine, "clock", None)
         return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s)
 
+    def prediction_wanted(self, distance: int, kind: str | None) -> bool:
+        """Whether to make a ``kind`` prediction ``distance`` layers ahead at all: ungated (``kind`` None), the
+        gate open, or one of the samples that keep a closed gate measured (a closed one's loads never start)."""
+        return kind is None or self.prefetch_pays(distance, kind) or self.sample_closed_prediction()
+
     def sample_closed_prediction(self) -> bool:
         """Whether to make a prediction the gate will not load anyway, to keep measuring its precision: one
         call in :data:`CLOSED_SAMPLE_EVERY` (making one costs the predicting layer a router and a top-k)."""
