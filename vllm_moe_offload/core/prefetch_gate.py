@@ -24,6 +24,11 @@ from collections.abc import Hashable
 DECAY = 0.98
 
 
+def step_kind(num_tokens: int) -> str:
+    """The kind of step a prediction is kept apart by: one token's (``"token"``) or a batch's (``"batch"``)."""
+    return "batch" if num_tokens > 1 else "token"
+
+
 class PrefetchGate:
     """One layer's record of how often its predictions of missing experts were right, by key."""
 

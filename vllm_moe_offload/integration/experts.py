@@ -37,6 +37,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_moe_offload.core.cache import pack_passes
 from vllm_moe_offload.core.link import first_pass
+from vllm_moe_offload.core.prefetch_gate import step_kind
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration import policy_inputs
@@ -251,7 +252,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 many = x.shape[0] >= _PREFILL_MIN_TOKENS  # a prefill's needs outrank recency
                 nxt.slots.prefetch(experts, spare_useful=not many, distance=distance, scores=scores)
                 continue
-            kind = ("batch" if x.shape[0] > 1 else "token") if self.gate_prefetches else None
+            kind = step_kind(x.shape[0]) if self.gate_prefetches else None
             if not nxt.slots.prediction_wanted(distance, kind):
                 continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),

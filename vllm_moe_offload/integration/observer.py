@@ -55,6 +55,7 @@ from vllm_moe_offload.core.klotski_plan import (
     tendencies_ahead,
 )
 from vllm_moe_offload.core.config import KLOTSKI_FEATURES
+from vllm_moe_offload.core.prefetch_gate import step_kind
 from vllm_moe_offload.integration import faults, scheduler
 from vllm_moe_offload.integration.experts import MAX_LOOKAHEAD
 
@@ -161,7 +162,7 @@ class RoutingObserver:
             return
         # nearest first: its loads are needed first; a nearer prediction of a layer, made again at the
         # next layer, wins over the farther one (LayerSlots.prefetch)
-        kind = ("batch" if ids.shape[0] > 1 else "token") if self.gate_prefetches else None
+        kind = step_kind(ids.shape[0]) if self.gate_prefetches else None
         for distance in range(1, min(self.plan.prefetch_depth, len(self.layers) - 1 - i) + 1):
             target = self.layers[i + distance].slots
             if target is None or target.fully_resident:

@@ -253,19 +253,14 @@ def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collectio
         return sorted(wanted - covered, key=lambda e: (-counts[e], e))
     completes: Counter[int] = Counter()  # rows an expert would complete now
     waiting: Counter[int] = Counter()  # rows waiting for an expert
-    holding: dict[int, list[set[int]]] = {}  # expert -> the (shrinking) rests of the needs that hold it
-    rests: list[tuple[set[int], int]] = []
+    holding: dict[int, list[tuple[set[int], int]]] = {}  # expert -> the (shrinking) rests of its needs, rows
     for need, num in needs.items():
         rest = set(need - covered)
-        if not rest:
-            continue
-        rests.append((rest, num))
         for expert in rest:
             waiting[expert] += num
-            holding.setdefault(expert, []).append(rest)
+            holding.setdefault(expert, []).append((rest, num))
         if len(rest) == 1:
             completes[next(iter(rest))] += num
-    nums = {id(rest): num for rest, num in rests}
     heap = [(-completes[e], -waiting[e], e) for e in wanted - covered]
     heapq.heapify(heap)
     order = []
@@ -275,10 +270,10 @@ def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collectio
             continue  # picked already, or a stale entry (a fresher one is in the heap)
         order.append(expert)
         covered.add(expert)
-        for rest in holding.get(expert, ()):
+        for rest, num in holding.get(expert, ()):
             rest.discard(expert)
             if len(rest) == 1:
                 other = next(iter(rest))
-                completes[other] += nums[id(rest)]
+                completes[other] += num
                 heapq.heappush(heap, (-completes[other], -waiting[other], other))
     return order
