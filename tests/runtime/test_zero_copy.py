@@ -7,6 +7,7 @@ import ctypes
 import json
 import logging
 import os
+import threading
 import zlib
 
 import pytest
@@ -25,6 +26,7 @@ from vllm_moe_offload.runtime.expert_store import (
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty, is_aligned
+from vllm_moe_offload.runtime import safetensors_io
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, TensorReader, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import slot_pool
 from tests.runtime.conftest import E, H, I, LAYERS
@@ -173,6 +175,48 @@ def test_read_into_checks_the_range_and_returns_its_crc(tmp_path):
         reader.read_into(str(path), 0, ALIGN_BYTES, [(ALIGN_BYTES - 50, b)])
     with pytest.raises(OSError, match="short read"):
         reader.read_into(str(path), 4 * ALIGN_BYTES, 2 * ALIGN_BYTES, [(0, a)])
+    reader.close()
+
+
+@pytest.mark.parametrize("piece_blocks", [1, 2, 3, 64])
+def test_a_checked_read_in_pieces_lands_and_checks_as_one_read(tmp_path, monkeypatch, piece_blocks):
+    """A checked read larger than a piece reads piece by piece, the crc32 computed on the checker thread while
+    the next piece reads: the same bytes in every part and the same crc32 as one read's, whatever the piece
+    size against the parts (cut inside a part, at its end, never inside the read buffer's runs)."""
+    path = tmp_path / "blob"
+    data = os.urandom(12 * ALIGN_BYTES)
+    path.write_bytes(data)
+    monkeypatch.setattr(safetensors_io, "CHECKSUM_PIECE_BYTES", piece_blocks * ALIGN_BYTES)
+    reads = []
+    preadv = os.preadv
+    monkeypatch.setattr(safetensors_io.os, "preadv", lambda fd, bufs, off: reads.append(off) or preadv(fd, bufs, off))
+    checker_threads = set()
+    crc32 = zlib.crc32
+    monkeypatch.setattr(safetensors_io.zlib, "crc32",
+                        lambda data, *crc: checker_threads.add(threading.current_thread().name) or crc32(data, *crc))
+    reader = TensorReader(direct_io=True)
+    big = aligned_empty((5 * ALIGN_BYTES // 2,), torch.int16)  # five blocks, in place
+    small = aligned_empty((ALIGN_BYTES,), torch.uint8)  # one block, in place
+    odd = torch.empty(100, dtype=torch.uint8)  # copied out of the read buffer
+    offset = ALIGN_BYTES + 100  # starts inside a block
+    length = 9 * ALIGN_BYTES - 300
+    parts = [(ALIGN_BYTES - 100, big), (6 * ALIGN_BYTES - 100, small), (7 * ALIGN_BYTES, odd)]
+    crc = reader.read_into(str(path), offset, length, parts, checksum=True)
+    assert bytes(big.view(torch.uint8).numpy()) == data[2 * ALIGN_BYTES : 7 * ALIGN_BYTES]
+    assert bytes(small.numpy()) == data[7 * ALIGN_BYTES : 8 * ALIGN_BYTES]
+    assert bytes(odd.numpy()) == data[offset + 7 * ALIGN_BYTES : offset + 7 * ALIGN_BYTES + 100]
+    assert crc == zlib.crc32(data[offset : offset + length])
+    pieced = piece_blocks * ALIGN_BYTES < length
+    assert (len(reads) > 1) == pieced
+    assert all(off % ALIGN_BYTES == 0 for off in reads)
+    assert any(name.startswith("moe-offload-crc") for name in checker_threads) == pieced
+    # unchecked: one read, whatever its size
+    reads.clear()
+    assert reader.read_into(str(path), offset, length, parts) is None
+    assert len(reads) == 1
+    # the file ends inside the range: a short read, in pieces too
+    with pytest.raises(OSError, match="short read"):
+        reader.read_into(str(path), 8 * ALIGN_BYTES, 6 * ALIGN_BYTES, [(0, big)], checksum=True)
     reader.close()
 
 
