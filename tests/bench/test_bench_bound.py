@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
-    MIN_LOADS_FOR_RATE, achieved_gbps, layer_accesses, median_time_s, optimal_loads, pooled_routing_loads, read_bandwidth, routing_loads, timings,
-    workload_bound,
+    MIN_LOADS_FOR_RATE, achieved_gbps, causal_floor_s, layer_accesses, median_time_s, optimal_loads, phase_floors,
+    phase_timings, pooled_routing_loads, read_bandwidth, routing_loads, timings, workload_bound,
 )
 from vllm_moe_offload.cli.bench import merge_repeats
 from vllm_moe_offload.cli.main import main
@@ -115,6 +115,23 @@ def test_workload_bound():
     assert b["fraction"] == pytest.approx(0.8)
 
 
+def test_causal_floor_of_one_request():
+    # the prompt's step: 30 loads of 100 MB at 4 GB/s = 0.75 s, above the all-resident 0.3 s to the first
+    # token; then 31 tokens at 46 ms
+    assert causal_floor_s(30, 10**8, 4.0, 0.3, 31 * 0.046) == pytest.approx(0.75 + 1.426)
+    # no load in the prompt's step (it fits the warm cache): the all-resident time to the first token
+    assert causal_floor_s(0, 10**8, 4.0, 0.3, 1.0) == pytest.approx(1.3)
+    # the fastest time to the first token and the fastest time of the tokens after it, over every timing
+    # (each may come from a different run or round); workloads of several requests have no such phases
+    stock = {"requests": 1, "generated_tokens": 5, "ttft_s": 0.4, "tpot_s": 0.05,
+             "round_ttft_s": [0.3, 0.5], "round_tpot_s": [0.06, 0.04]}
+    routing = {"requests": 1, "generated_tokens": 5, "ttft_s": 0.35, "tpot_s": None}
+    batch = {"requests": 4, "generated_tokens": 20, "ttft_s": 0.01, "tpot_s": 0.001}
+    assert phase_timings(stock) == [(0.4, 0.05), (0.3, 0.06), (0.5, 0.04)] and phase_timings(routing) == []
+    assert phase_floors([stock, routing, batch]) == (pytest.approx(0.3), pytest.approx(4 * 0.04))
+    assert phase_floors([routing, batch]) is None
+
+
 def test_achieved_rate_per_workload():
     # bytes over the I/O threads' summed read time, times the threads; too few loads give no rate
     run = {"workloads": {
@@ -155,6 +172,12 @@ def test_repeated_engines_pool_their_timings_and_keep_each_engines():
     assert timings(decode) == [1.0, 1.2, 2.0, 2.2, 1.4, 1.6] and median_time_s(decode) == pytest.approx(1.5)
     assert merged[0]["workloads"]["batch"]["engine_wall_s"] == [[5.0], [4.0], []]
     assert timings(merged[1]["workloads"]["decode"]) == [0.5, 0.6]
+    # TTFT and TPOT of the later engines join the first's, for the causal floor
+    timed = [{"name": "s", "workloads": {"decode": {"wall_s": 1.0, "ttft_s": 0.2, "tpot_s": 0.01}}},
+             {"name": "s", "workloads": {"decode": {"wall_s": 0.9, "ttft_s": 0.1, "tpot_s": 0.02,
+                                                    "round_wall_s": [0.8], "round_ttft_s": [0.3], "round_tpot_s": [0.03]}}}]
+    [one] = merge_repeats(timed)
+    assert phase_timings(one["workloads"]["decode"]) == [(0.2, 0.01), (0.1, 0.02), (0.3, 0.03)]
     # under a memory limit: every ending, and the highest peak
     limited = [{"name": "s", "workloads": {}, "ended": "ran", "peak_memory_bytes": 5},
                {"name": "s", "workloads": {}, "ended": "OOM-killed (1 kill(s), exit code -9)", "peak_memory_bytes": 7}]
@@ -258,6 +281,21 @@ class TestBenchQuick:
                 assert b["fraction"] > 0, (run["name"], workload, b)
                 # the optimal cache never loads more than the policy did
                 assert b["loads"] <= run["workloads"][workload]["offload"]["loads"], (run["name"], workload)
+                if workload != "decode":
+                    assert "causal_floor_s" not in b  # several requests, or one step: no phases to chain
+                    continue
+                # batch-1 decode: the prompt's step alone needs no more loads than the whole workload, its
+                # phases' floors are no slower than stock's own timings, and a perfect run scores bound / floor
+                assert 0 <= b["first_step_loads"] <= b["loads"]
+                stock_phases = phase_timings(stock["workloads"]["decode"])
+                assert len(stock_phases) == 4  # 2 engines x 2 rounds
+                generated = stock["workloads"]["decode"]["generated_tokens"]
+                assert b["first_token_floor_s"] <= min(t for t, _ in stock_phases)
+                assert b["after_first_floor_s"] <= min(t for _, t in stock_phases) * (generated - 1) + 1e-12
+                assert b["causal_floor_s"] == pytest.approx(causal_floor_s(
+                    b["first_step_loads"], run["offload"]["expert_bytes"], path["used_gbps"],
+                    b["first_token_floor_s"], b["after_first_floor_s"]))
+                assert b["best_fraction"] == pytest.approx(min(1.0, b["bound_s"] / b["causal_floor_s"]))
         full = report["runs"][1]["bound"]
         assert all(full[w]["loads"] == 0 and full[w]["limited_by"] == "compute" for w in ("decode", "prefill", "batch"))
         quarter, half = report["runs"][2]["bound"], report["runs"][4]["bound"]
@@ -277,6 +315,10 @@ class TestBenchQuick:
         lru = next(line for line in rows if line.split(" | ")[1] == "25%").split(" | ")[-1]
         assert re.match(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", lru), lru
         assert "GB/s** (probe " in section and "runs' best" in section
+        # the causal floor: measured for batch-1 decode only
+        assert "| bound ms | causal floor ms | ondemand | lru |" in section
+        assert all(re.search(r"\| [\d.]+ \(best \d\.\d\d\) \|", row) for row in rows), rows
+        assert all(row.split(" | ")[6] == "-" for row in section.splitlines() if row.startswith("| prefill |"))
         assert (out / "bench-bound.png").read_bytes()[:8] == PNG_MAGIC
 
     def test_runs_and_files(self, bench):

@@ -365,9 +365,9 @@ def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[d
 def merge_repeats(results: list[dict]) -> list[dict]:
     """One result per job (``--repeats``): its first engine's, each workload's timings joined by those of the
     job's later engines (``round_wall_s``, so that :func:`~vllm_moe_offload.cli.bench_bound.timings` holds them
-    all) and kept per engine in start order (``engine_wall_s``); ``engines`` counts the starts. Under a memory
+    all; ``round_ttft_s`` and ``round_tpot_s`` likewise) and kept per engine in start order (``engine_wall_s``); ``engines`` counts the starts. Under a memory
     limit, every engine's ending (``engine_endings``) and the highest peak."""
-    from vllm_moe_offload.cli.bench_bound import timings
+    from vllm_moe_offload.cli.bench_bound import phase_timings, timings
 
     merged: dict[str, dict] = {}
     for result in results:
@@ -380,6 +380,10 @@ def merge_repeats(results: list[dict]) -> list[dict]:
             later = timings(result["workloads"].get(name, {}))
             per_engine.append(later)
             workload.setdefault("round_wall_s", []).extend(later)
+            phases = phase_timings(result["workloads"].get(name, {}))  # for the causal floor
+            if phases:
+                workload.setdefault("round_ttft_s", []).extend(ttft for ttft, _ in phases)
+                workload.setdefault("round_tpot_s", []).extend(tpot for _, tpot in phases)
         if "ended" in first:
             first.setdefault("engine_endings", [first["ended"]]).append(result.get("ended"))
             first["peak_memory_bytes"] = max(first.get("peak_memory_bytes") or 0, result.get("peak_memory_bytes") or 0)

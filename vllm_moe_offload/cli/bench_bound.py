@@ -27,6 +27,17 @@ DESIGN.md section 5: for one workload on one machine the bound is
   bound; no run can exceed it by more than noise); with ``bench --rounds N``
   the median of the run's N timings (:func:`median_time_s`), and every timing
   of stock and of all-resident runs counts for the compute floor.
+* **causal floor** (batch-1 decode, :data:`CAUSAL_WORKLOADS`): the bound takes
+  the workload's floors over all its steps, as if the prompt's loads could
+  overlap the decode's compute; they cannot. No generated token after the first
+  starts before the prompt's step has run, and that step needs its experts: at
+  least the optimal cache's loads for that step alone (warm as above). So no
+  run ends before ``max(those loads' read time, the fastest all-resident time
+  to the first token) + the fastest all-resident time of the tokens after it``
+  (:func:`causal_floor_s`). Where that is above the bound, a perfect policy
+  scores ``bound / causal floor``, not 1.0 (``best_fraction``): on a model whose
+  experts outweigh its compute, the prompt's reads dominate. Reported beside
+  the bound, which stays DESIGN.md's definition.
 
 Routing is the same for every policy (their tokens equal stock's), so one
 recording per workload serves all runs. A prefill needs every expert its prompt
@@ -60,6 +71,9 @@ QUICK_PROBE_S = 0.3
 MERGED_WORKLOADS = ("prefill",)
 #: a workload's loads give an achieved read rate from this many on (the rate of a few loads is noise)
 MIN_LOADS_FOR_RATE = 16
+#: the workloads of one request whose routing's first step is its prompt and every later step one generated
+#: token: their causal floor (:func:`causal_floor_s`) is measured
+CAUSAL_WORKLOADS = ("decode",)
 
 
 def optimal_loads(accesses: Sequence[Collection[int]], num_experts: int, capacity: int, warm: bool = True) -> int:
@@ -170,6 +184,43 @@ def workload_bound(loads: Sequence[int], expert_bytes: int, read_gbps: float, co
     }
 
 
+def causal_floor_s(first_step_loads: int, expert_bytes: int, read_gbps: float, first_token_floor_s: float,
+                   after_first_floor_s: float) -> float:
+    """The earliest a one-request workload can end: its prompt's step, then the tokens after the first.
+
+    The prompt's step ends no earlier than its own loads' read time (``first_step_loads``
+    of ``expert_bytes`` at ``read_gbps``, 10^9 bytes/s) and no earlier than the fastest
+    all-resident time to the first token; every later token waits for the one before.
+    """
+    first_step_s = max(first_step_loads * expert_bytes / (read_gbps * 1e9), first_token_floor_s)
+    return first_step_s + after_first_floor_s
+
+
+def phase_floors(workloads: Sequence[dict]) -> tuple[float, float] | None:
+    """The fastest time to the first token and the fastest time of the tokens after it, in seconds, over the
+    all-resident measurements ``workloads`` of a one-request workload (each timed run and its rounds: vLLM's
+    TTFT and mean TPOT); None where none measured both."""
+    firsts, afters = [], []
+    for workload in workloads:
+        generated = workload.get("generated_tokens")
+        if not generated or workload.get("requests", 1) != 1:
+            continue
+        for ttft, tpot in phase_timings(workload):
+            firsts.append(ttft)
+            afters.append(tpot * (generated - 1))
+    if not firsts:
+        return None
+    return min(firsts), min(afters)
+
+
+def phase_timings(workload: dict) -> list[tuple[float, float]]:
+    """``(TTFT, mean TPOT)`` of each timing of one run's workload that measured both: the timed one, then its
+    rounds' (``bench --rounds``, and ``--repeats``' later engines)."""
+    pairs = [(workload.get("ttft_s"), workload.get("tpot_s")),
+             *zip(workload.get("round_ttft_s", []), workload.get("round_tpot_s", []))]
+    return [(ttft, tpot) for ttft, tpot in pairs if ttft is not None and tpot is not None]
+
+
 def read_bandwidth(model: str, io_threads: int = 1, direct_io: bool = True, duration_s: float = PROBE_S,
                    link_gbps: float | None = None, link_latency_ms: float = 0.0, seed: int = 0) -> dict:
     """Read bandwidth of ``model``'s checkpoint, read the way a disk-tier run loads experts.
@@ -261,6 +312,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
                for name, w in routing["workloads"].items()}
     resident_s = {name: [t for r in runs if _all_resident(r) for t in timings(r["workloads"].get(name, {}))]
                   for name in routing["workloads"]}
+    resident_runs = [stock, {"workloads": routing["workloads"]}, *(r for r in runs if _all_resident(r))]
+    phases = {name: phase_floors([r["workloads"][name] for r in resident_runs if name in r["workloads"]])
+              for name in CAUSAL_WORKLOADS if name in routing["workloads"]}
     probes: dict[tuple, dict] = {}
     loads: dict[tuple, list[int]] = {}
     bounded = []
@@ -297,6 +351,15 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
             workload = run["workloads"][name]
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probe["used_gbps"],
                                                 min(stock_s[name] + resident_s[name]), median_time_s(workload))
+            if phases.get(name) and recorded["routing"]:
+                if (name, slots, "first") not in loads:
+                    loads[name, slots, "first"] = count(recorded["routing"][:1], slots[0], stats["num_experts"])
+                first_loads = sum(loads[name, slots, "first"])
+                floor_s = causal_floor_s(first_loads, stats["expert_bytes"], probe["used_gbps"], *phases[name])
+                bound_s = run["bound"][name]["bound_s"]
+                run["bound"][name].update(first_step_loads=first_loads, first_token_floor_s=phases[name][0],
+                                          after_first_floor_s=phases[name][1], causal_floor_s=floor_s,
+                                          best_fraction=min(1.0, bound_s / floor_s))
             if "engine_wall_s" in workload:  # bench --repeats: each engine's own fraction, from its median
                 bound_s = run["bound"][name]["bound_s"]
                 run["bound"][name]["engine_fractions"] = [

@@ -316,6 +316,9 @@ def run_job(job: dict) -> dict:
             llm.reset_prefix_cache()  # the prompts' blocks are cached: a repeat would skip their prefill
             again = run_workload(llm, name, spec["prompts"], spec["max_tokens"])
             result["workloads"][name].setdefault("round_wall_s", []).append(again["wall_s"])
+            if again.get("ttft_s") is not None and again.get("tpot_s") is not None:  # the causal floor's phases
+                for key in ("ttft_s", "tpot_s"):  # (cli/bench_bound.py)
+                    result["workloads"][name].setdefault(f"round_{key}", []).append(again[key])
     result["memory_kib"] = llm.collective_rpc(worker_memory_kib)[0]
     result["page_cache_after"] = page_cache_report(job["model"])
     del llm

@@ -255,13 +255,20 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
         ax.hlines([bounds[i]["bound_s"] for i in x], [i - 0.45 for i in x], [i + 0.45 for i in x],
                   colors=_BOUND_STYLE["color"], linestyles=_BOUND_STYLE["linestyle"], linewidth=1.5,
                   label="bound: max(compute, I/O floor)")
+        # batch-1 decode: where the prompt's loads outlast its compute, no run beats the causal floor
+        causal = [i for i in x if bounds[i].get("causal_floor_s", 0.0) > bounds[i]["bound_s"]]
+        if causal:
+            ax.hlines([bounds[i]["causal_floor_s"] for i in causal], [i - 0.45 for i in causal],
+                      [i + 0.45 for i in causal], colors="tab:red", linestyles="-.", linewidth=1.2,
+                      label="causal floor: the prompt's loads, then the tokens after the first")
         if x:
             ax.axhline(bounds[x[0]]["compute_floor_s"], color="0.5", linestyle=":", linewidth=1,
                        label="compute floor (fastest all-resident)")
         ax.set_yscale("log")  # offload runs are often 10-100x above the bound
         _plain_log_ticks(ax)
         if x:  # headroom above the tallest bar for its label and the legend
-            ax.set_ylim(top=5 * max(times + [bounds[i]["bound_s"] for i in x]))
+            ax.set_ylim(top=5 * max(times + [max(bounds[i]["bound_s"], bounds[i].get("causal_floor_s", 0.0))
+                                             for i in x]))
         ax.set_xticks(range(len(runs)), [_label(r["name"]) for r in runs], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("seconds (bar label: fraction of the bound)")
     axes[0].legend(fontsize=7, loc="upper left")
