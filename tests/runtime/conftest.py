@@ -39,3 +39,24 @@ def readers():
     readers = ThreadLocalReaders(direct_io=True)
     yield readers
     readers.close()
+
+
+def thp_setting() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+def huge_bytes_of(tensor: torch.Tensor) -> int:
+    """AnonHugePages of the mapping that holds ``tensor`` (``/proc/self/smaps``), in bytes."""
+    address, found = tensor.data_ptr(), None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            found = low <= address < high
+        elif found and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0

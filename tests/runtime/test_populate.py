@@ -12,6 +12,7 @@ import torch
 
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, Populator, aligned_empty, populate
 from vllm_moe_offload.runtime.slots import slot_pool
+from tests.runtime.conftest import huge_bytes_of, thp_setting
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
@@ -67,27 +68,6 @@ def test_the_populator_pages_each_pool_once_and_stops_when_told():
     Populator([]).start().stop()  # nothing to page in: no thread
 
 
-def _thp_setting() -> str | None:
-    try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return None
-    return text.split("[")[1].split("]")[0]
-
-
-def _huge_bytes_of(tensor: torch.Tensor) -> int:
-    """AnonHugePages of the mapping that holds ``tensor`` (``/proc/self/smaps``), in bytes."""
-    address, found = tensor.data_ptr(), None
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            low, high = (int(x, 16) for x in head.split("-"))
-            found = low <= address < high
-        elif found and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def test_slot_pools_ask_for_huge_pages_and_keep_their_bytes():
     # the slot pool of 8 slots of 2 MiB: private memory advised for transparent huge pages
     pool = slot_pool(8, (2**20,), torch.bfloat16, torch.device("cpu"))
@@ -96,10 +76,10 @@ def test_slot_pools_ask_for_huge_pages_and_keep_their_bytes():
     for slot in range(8):
         pool[slot] = pattern
     assert all(torch.equal(pool[slot], pattern) for slot in range(8))
-    if _thp_setting() not in ("always", "madvise"):
-        pytest.skip(f"transparent huge pages are {_thp_setting()!r} here")
+    if thp_setting() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {thp_setting()!r} here")
     # the kernel gives huge pages where it has free 2 MiB blocks: most of a 16 MiB pool on a machine with room
-    assert _huge_bytes_of(pool) >= 4 * 2**20, _huge_bytes_of(pool)
+    assert huge_bytes_of(pool) >= 4 * 2**20, huge_bytes_of(pool)
     plain = aligned_empty((8, 2**20), torch.bfloat16)  # a per-load temporary: small pages, as before
     plain.fill_(1)
-    assert _huge_bytes_of(plain) == 0
+    assert huge_bytes_of(plain) == 0

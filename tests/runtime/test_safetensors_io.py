@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_moe_offload.core.plan import read_buffer_bytes
+from vllm_moe_offload.core.plan import HUGE_PAGE_BYTES, buffer_bytes, read_buffer_bytes
 from vllm_moe_offload.runtime.ledger import BudgetExceeded, BudgetLedger, MemoryKind
+from vllm_moe_offload.runtime.memory import ALIGN_BYTES
+from tests.runtime.conftest import huge_bytes_of, thp_setting
 from vllm_moe_offload.runtime.safetensors_io import (
     CheckpointIndex,
     ReadBuffers,
@@ -181,6 +183,36 @@ def test_read_buffers_grow_through_the_ledger_and_stay_within_the_planned_size(t
     assert ledger.peak_bytes <= read_buffer_bytes(expert_bytes) + 1000
     readers.close()
     assert ledger.held_bytes == 0
+
+
+def test_a_read_buffer_of_a_huge_page_or_more_is_whole_huge_pages(tmp_path):
+    """An expert read of 3 MiB borrows a buffer of 4 MiB, in transparent huge pages where the kernel gives them
+    (direct reads land 2-3x faster there), reserved in the ledger at its full size; a small read's buffer stays
+    small pages, its size block-aligned; bytes read through either equal safetensors'."""
+    torch.manual_seed(0)
+    tensors = {f"model.layers.0.block_sparse_moe.experts.0.{p}.weight": torch.randn(512, 1024).bfloat16()
+               for p in ("w1", "w3", "w2")}  # 1 MiB each: one expert's read spans 3 MiB
+    tensors["small.weight"] = torch.randn(100).bfloat16()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    index = CheckpointIndex(tmp_path)
+    ledger = BudgetLedger(64 * 2**20)
+    buffers = ReadBuffers(1, ledger)
+    reader = TensorReader(direct_io=True, buffers=buffers)
+    assert torch.equal(reader.read([index["small.weight"]])[0], tensors["small.weight"])
+    assert buffers.held_bytes == ledger.held_bytes == buffer_bytes(ALIGN_BYTES) == ALIGN_BYTES
+    names = [n for n in tensors if ".experts." in n]
+    got = reader.read([index[n] for n in names])
+    assert all(torch.equal(t, tensors[n]) for t, n in zip(got, names))
+    assert buffers.held_bytes == ledger.held_bytes == 2 * HUGE_PAGE_BYTES  # 3 MiB + a block, rounded up
+    assert buffer_bytes(3 * 2**20 + ALIGN_BYTES) == 2 * HUGE_PAGE_BYTES and buffer_bytes(HUGE_PAGE_BYTES - 1) == HUGE_PAGE_BYTES - 1
+    if thp_setting() in ("always", "madvise"):
+        with buffers.borrow(1) as buf:
+            view = torch.frombuffer(buf, dtype=torch.uint8)
+            assert view.data_ptr() % HUGE_PAGE_BYTES == 0
+            huge = huge_bytes_of(view)
+            del view
+        assert huge >= HUGE_PAGE_BYTES, huge  # the read touched both of its huge pages: at least one is huge
+    reader.close()
 
 
 def test_a_read_buffer_past_the_budget_is_refused_before_it_is_mapped(tmp_path):

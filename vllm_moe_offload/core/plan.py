@@ -10,6 +10,9 @@ from vllm_moe_offload.core.config import Budget, OffloadConfigError, format_byte
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
 #: 4 KiB covers every disk and filesystem we run on (the read buffers are rounded to it)
 READ_ALIGN_BYTES = 4096
+#: a transparent huge page on x86-64; a read buffer of at least one is a whole number of them
+#: (``runtime/safetensors_io.py`` ``ReadBuffers``: direct reads land faster in huge pages)
+HUGE_PAGE_BYTES = 2 * 2**20
 #: byte alignment of each tensor inside a CUDA staging buffer: any dtype's view is aligned,
 #: and 256 bytes matches CUDA's allocation granularity for coalesced DMA reads
 STAGING_ALIGN_BYTES = 256
@@ -23,9 +26,14 @@ def read_buffer_bytes(read_span_bytes: int) -> int:
     """Size of the aligned buffer one read of ``read_span_bytes`` needs (as ``TensorReader`` allocates it).
 
     The span is widened to whole blocks at both ends: at most one block more
-    than the span rounded up.
+    than the span rounded up; from one huge page on, whole huge pages.
     """
-    return round_up(read_span_bytes, READ_ALIGN_BYTES) + READ_ALIGN_BYTES
+    return buffer_bytes(round_up(read_span_bytes, READ_ALIGN_BYTES) + READ_ALIGN_BYTES)
+
+
+def buffer_bytes(num_bytes: int) -> int:
+    """The size of a read buffer for reads of up to ``num_bytes``: whole huge pages from one on."""
+    return round_up(num_bytes, HUGE_PAGE_BYTES) if num_bytes >= HUGE_PAGE_BYTES else num_bytes
 
 
 def ring_buffer_bytes(expert_bytes: int) -> int:

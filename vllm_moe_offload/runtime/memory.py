@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_moe_offload.core.plan import READ_ALIGN_BYTES
+from vllm_moe_offload.core.plan import HUGE_PAGE_BYTES, READ_ALIGN_BYTES
 
 logger = logging.getLogger("vllm.moe_offload.memory")
 
@@ -41,6 +41,24 @@ _done = False
 
 #: what :func:`aligned_empty` aligns to: O_DIRECT's block alignment (core/plan.py); pages are multiples of it
 ALIGN_BYTES = READ_ALIGN_BYTES
+
+
+def huge_page_map(num_bytes: int) -> mmap.mmap:
+    """A private anonymous mapping of ``num_bytes``, advised for transparent huge pages (``MADV_HUGEPAGE``).
+
+    Linux starts an anonymous mapping whose length is a whole number of huge pages
+    (``HUGE_PAGE_BYTES``) on one, so that every page of it can be huge.
+
+    Direct reads land 2-3x faster in huge pages on this project's VM: 3 MiB read with ``O_DIRECT`` in
+    0.8-1.0 ms into them against 2.1-2.4 ms into 4 KiB pages (the host pins the destination page by
+    page). Where the kernel refuses the advice (THP ``never`` or not Linux), small pages as before.
+    """
+    buf = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        logger.debug("MADV_HUGEPAGE refused; a mapping of %d bytes uses small pages", num_bytes)
+    return buf
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool = False) -> torch.Tensor:
@@ -65,11 +83,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool =
     if num_bytes == 0:
         return torch.empty(shape, dtype=dtype)
     if huge_pages:
-        buf = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # no THP in this kernel (or not Linux): 4 KiB pages, as before
-            logger.debug("MADV_HUGEPAGE refused; slot memory uses small pages")
+        buf = huge_page_map(num_bytes)
     else:
         buf = mmap.mmap(-1, num_bytes)
     # [bytes] uint8 over the mapping, then reinterpreted; anonymous maps start on a page
