@@ -93,4 +93,18 @@ def test_gated_predictions_load_only_once_they_have_paid(experts):  # noqa: F811
     assert not pays(1)  # one wrong pair closes it again
     predict([2, 3])
     assert slots.stats.prefetch_loads + slots.stats.prefetch_cancelled == 4 and slots.stats.prefetch_gated == 4
+    slots.ensure([2, 3])
+    slots.end_step()
+    # right again, so open one layer ahead; but a batch's prediction that queues behind its own loads (the
+    # backlog) has no lead left: gated, and scored when the layer runs all the same
+    for n in range(6):
+        pair = [0, 1] if n % 2 else [4, 5]  # two slots: each pair is missing when predicted
+        pays(1, "batch")
+        slots.prefetch(pair, spare_useful=False, distance=1, gate="batch")
+        slots.ensure(pair)
+        slots.end_step()
+    gated = slots.stats.prefetch_gated
+    assert pays(1, "batch") and not slots.prefetch_pays(1, "batch", backlog_s=0.001)
+    slots.prefetch([4, 5], spare_useful=False, distance=1, gate="batch", backlog_s=0.001)
+    assert slots.stats.prefetch_gated == gated + 2
     slots.engine.shutdown()

@@ -155,7 +155,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         slots = self.slots
         assert slots is not None
         if self.lookahead:
-            self._prefetch_next(x)
+            self._prefetch_next(x, self._own_loads_s(topk_ids) if x.shape[0] > 1 else 0.0)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
             slots.stats.steps += 1
@@ -228,7 +228,15 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         )
         faults.report(requests, reason)
 
-    def _prefetch_next(self, x: torch.Tensor) -> None:
+    def _own_loads_s(self, topk_ids: torch.Tensor) -> float:
+        """Link time this batch's own missing experts take to load (0.0 until a load was timed): its layer
+        computes while they load, and predictions it makes for later layers queue behind them."""
+        slots = self.slots
+        if not slots.load_s_ema or slots.identity:
+            return 0.0
+        return slots.num_missing(distinct_experts(topk_ids)) * slots.load_s_ema
+
+    def _prefetch_next(self, x: torch.Tensor, backlog_s: float = 0.0) -> None:
         """Fate's cross-layer gate: later layers' routers on this layer's router input.
 
         The residual stream keeps nearby router inputs close, so layer ``i + d``'s
@@ -239,7 +247,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         (:meth:`_lookahead_depth`); the nearer prediction, made again at the next
         layer, wins. Loads never evict experts the cache deems useful, and with
         ``gate_prefetches`` start only where this layer's earlier predictions of that kind were right often
-        enough to pay (``core/prefetch_gate.py``).
+        enough to pay (``core/prefetch_gate.py``), counting ``backlog_s`` (a batch's own loads, which the
+        predictions' loads queue behind) off their lead.
         """
         for distance, nxt, gate in self.lookahead:
             if distance > 1 and distance > self._lookahead_depth(nxt):
@@ -253,11 +262,11 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 nxt.slots.prefetch(experts, spare_useful=not many, distance=distance, scores=scores)
                 continue
             kind = step_kind(x.shape[0]) if self.gate_prefetches else None
-            if not nxt.slots.prediction_wanted(distance, kind):
+            if not nxt.slots.prediction_wanted(distance, kind, backlog_s):
                 continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             experts = predicted_experts(gate(x)[0], nxt.top_k, self._overfetch_depth(nxt, distance),
                                         nxt.slots.num_slots)
-            nxt.slots.prefetch(experts, spare_useful=True, distance=distance, gate=kind)
+            nxt.slots.prefetch(experts, spare_useful=True, distance=distance, gate=kind, backlog_s=backlog_s)
 
     def _lookahead_depth(self, nxt: OffloadRoutedExperts) -> int:
         """How many layers ahead ``nxt`` is predicted: its loads' time over this layer's compute.

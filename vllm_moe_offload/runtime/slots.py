@@ -211,7 +211,7 @@ class LayerSlots:
 
     def prefetch(
         self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1,
-        scores: Sequence[float] | None = None, gate: str | None = None,
+        scores: Sequence[float] | None = None, gate: str | None = None, backlog_s: float = 0.0,
     ) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
@@ -234,7 +234,8 @@ class LayerSlots:
         ``gate`` (a kind of step: ``"token"``, ``"batch"``): the missing experts are loaded only where this
         layer's predictions of that kind at that distance have been right often enough to pay for the link
         time a wrong one costs (``core/prefetch_gate.py``; the rest count as ``prefetch_gated``); the
-        prediction is scored either way.
+        prediction is scored either way; ``backlog_s``: link time its loads would queue behind (see
+        :meth:`prefetch_pays`).
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
@@ -251,7 +252,7 @@ class LayerSlots:
         todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
         if gate is not None:
             self._gated[distance] = ((distance, gate), set(todo))  # scored when this layer runs
-            if not self.prefetch_pays(distance, gate):
+            if not self.prefetch_pays(distance, gate, backlog_s):
                 self.stats.prefetch_gated += len(todo)
                 todo = []
         if self.pooled:  # loads in flight hold pool slots: leave the running layer a full pass
@@ -286,15 +287,18 @@ class LayerSlots:
             self.slot_map.touch(expert, hit=False, demand=False)
             self.stats.prefetch_loads += 1
 
-    def prefetch_pays(self, distance: int, kind: str) -> bool:
-        """Whether a ``kind`` prediction ``distance`` layers ahead would be loaded (``core/prefetch_gate.py``)."""
+    def prefetch_pays(self, distance: int, kind: str, backlog_s: float = 0.0) -> bool:
+        """Whether a ``kind`` prediction ``distance`` layers ahead would be loaded (``core/prefetch_gate.py``);
+        ``backlog_s``: link time its loads would queue behind while the layers in between compute (the
+        predicting batch's own loads), which comes off its lead."""
         clock = getattr(self.engine, "clock", None)
-        return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s)
+        return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s,
+                                       backlog_s)
 
-    def prediction_wanted(self, distance: int, kind: str | None) -> bool:
+    def prediction_wanted(self, distance: int, kind: str | None, backlog_s: float = 0.0) -> bool:
         """Whether to make a ``kind`` prediction ``distance`` layers ahead at all: ungated (``kind`` None), the
         gate open, or one of the samples that keep a closed gate measured (a closed one's loads never start)."""
-        return kind is None or self.prefetch_pays(distance, kind) or self.sample_closed_prediction()
+        return kind is None or self.prefetch_pays(distance, kind, backlog_s) or self.sample_closed_prediction()
 
     def sample_closed_prediction(self) -> bool:
         """Whether to make a prediction the gate will not load anyway, to keep measuring its precision: one
