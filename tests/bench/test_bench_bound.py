@@ -173,9 +173,10 @@ def test_repeated_engines_pool_their_timings_and_keep_each_engines():
     assert merged[0]["workloads"]["batch"]["engine_wall_s"] == [[5.0], [4.0], []]
     assert timings(merged[1]["workloads"]["decode"]) == [0.5, 0.6]
     # TTFT and TPOT of the later engines join the first's, for the causal floor
+    later = {"wall_s": 0.9, "ttft_s": 0.1, "tpot_s": 0.02, "round_wall_s": [0.8], "round_ttft_s": [0.3],
+             "round_tpot_s": [0.03]}
     timed = [{"name": "s", "workloads": {"decode": {"wall_s": 1.0, "ttft_s": 0.2, "tpot_s": 0.01}}},
-             {"name": "s", "workloads": {"decode": {"wall_s": 0.9, "ttft_s": 0.1, "tpot_s": 0.02,
-                                                    "round_wall_s": [0.8], "round_ttft_s": [0.3], "round_tpot_s": [0.03]}}}]
+             {"name": "s", "workloads": {"decode": later}}]
     [one] = merge_repeats(timed)
     assert phase_timings(one["workloads"]["decode"]) == [(0.2, 0.01), (0.1, 0.02), (0.3, 0.03)]
     # under a memory limit: every ending, and the highest peak

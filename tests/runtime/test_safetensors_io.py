@@ -204,7 +204,8 @@ def test_a_read_buffer_of_a_huge_page_or_more_is_whole_huge_pages(tmp_path):
     got = reader.read([index[n] for n in names])
     assert all(torch.equal(t, tensors[n]) for t, n in zip(got, names))
     assert buffers.held_bytes == ledger.held_bytes == 2 * HUGE_PAGE_BYTES  # 3 MiB + a block, rounded up
-    assert buffer_bytes(3 * 2**20 + ALIGN_BYTES) == 2 * HUGE_PAGE_BYTES and buffer_bytes(HUGE_PAGE_BYTES - 1) == HUGE_PAGE_BYTES - 1
+    assert buffer_bytes(3 * 2**20 + ALIGN_BYTES) == 2 * HUGE_PAGE_BYTES
+    assert buffer_bytes(HUGE_PAGE_BYTES - 1) == HUGE_PAGE_BYTES - 1
     if thp_setting() in ("always", "madvise"):
         with buffers.borrow(1) as buf:
             view = torch.frombuffer(buf, dtype=torch.uint8)

@@ -365,8 +365,9 @@ def run_group(jobs: list[dict], args: argparse.Namespace, stock: bool) -> list[d
 def merge_repeats(results: list[dict]) -> list[dict]:
     """One result per job (``--repeats``): its first engine's, each workload's timings joined by those of the
     job's later engines (``round_wall_s``, so that :func:`~vllm_moe_offload.cli.bench_bound.timings` holds them
-    all; ``round_ttft_s`` and ``round_tpot_s`` likewise) and kept per engine in start order (``engine_wall_s``); ``engines`` counts the starts. Under a memory
-    limit, every engine's ending (``engine_endings``) and the highest peak."""
+    all; ``round_ttft_s`` and ``round_tpot_s`` likewise) and kept per engine in start order
+    (``engine_wall_s``); ``engines`` counts the starts. Under a memory limit, every engine's ending
+    (``engine_endings``) and the highest peak."""
     from vllm_moe_offload.cli.bench_bound import phase_timings, timings
 
     merged: dict[str, dict] = {}

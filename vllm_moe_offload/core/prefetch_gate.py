@@ -15,8 +15,9 @@ layers queues behind those loads (``backlog_s``) and gains only the compute left
 model a 64-token prompt's layer misses about 8 experts of 96 MiB, 0.2 s of reads against tens of ms of
 compute, and its predictions for the next layer, all right, still read 22% more (their loads evicted experts
 the prompt's later layers needed) and took 13-18% longer than none. One token's layer waits for its own
-loads before it computes, so its predictions keep the whole lead. With 3 MiB loads of 1.9 ms between layers 0.6 ms apart, one layer ahead needs a precision of 0.76 and
-three layers ahead 0.51; with 96 MiB loads of 43 ms between layers 7 ms apart, 0.86 and 0.67.
+loads before it computes, so its predictions keep the whole lead. With 3 MiB loads of 1.9 ms between layers
+0.6 ms apart, one layer ahead needs a precision of 0.76 and three layers ahead 0.51; with 96 MiB loads of
+43 ms between layers 7 ms apart, 0.86 and 0.67.
 
 No torch, no vLLM.
 """
