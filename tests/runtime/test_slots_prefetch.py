@@ -1,5 +1,6 @@
 """Fate's prefetch rules in a real slot pool: spare useful experts, score by distance, nearer wins."""
 
+import pytest
 import torch
 
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, _slots, experts  # noqa: F401 (fixture)
@@ -107,4 +108,12 @@ def test_gated_predictions_load_only_once_they_have_paid(experts):  # noqa: F811
     assert pays(1, "batch") and not slots.prefetch_pays(1, "batch", backlog_s=0.001)
     slots.prefetch([4, 5], spare_useful=False, distance=1, gate="batch", backlog_s=0.001)
     assert slots.stats.prefetch_gated == gated + 2
+    # the backlog a batch's layer gives its predictions: its own missing experts at the measured load time
+    resident = [e for e in range(6) if slots.slot_map.slot_of(e) is not None]
+    assert len(resident) == 2
+    slots.load_s_ema = 0.002
+    assert slots.missing_load_s(resident) == 0.0
+    assert slots.missing_load_s([*resident, *(e for e in range(6) if e not in resident)]) == pytest.approx(4 * 0.002)
+    slots.load_s_ema = None
+    assert slots.missing_load_s([e for e in range(6) if e not in resident]) == 0.0  # no load timed yet
     slots.engine.shutdown()

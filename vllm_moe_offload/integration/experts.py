@@ -155,7 +155,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         slots = self.slots
         assert slots is not None
         if self.lookahead:
-            self._prefetch_next(x, self._own_loads_s(topk_ids) if x.shape[0] > 1 else 0.0)
+            self._prefetch_next(x, slots.missing_load_s(distinct_experts(topk_ids)) if x.shape[0] > 1 else 0.0)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
             slots.stats.steps += 1
@@ -227,14 +227,6 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
             self.layer_name, rows.numel(), sorted(failed), sorted(requests), reason,
         )
         faults.report(requests, reason)
-
-    def _own_loads_s(self, topk_ids: torch.Tensor) -> float:
-        """Link time this batch's own missing experts take to load (0.0 until a load was timed): its layer
-        computes while they load, and predictions it makes for later layers queue behind them."""
-        slots = self.slots
-        if not slots.load_s_ema or slots.identity:
-            return 0.0
-        return slots.num_missing(distinct_experts(topk_ids)) * slots.load_s_ema
 
     def _prefetch_next(self, x: torch.Tensor, backlog_s: float = 0.0) -> None:
         """Fate's cross-layer gate: later layers' routers on this layer's router input.

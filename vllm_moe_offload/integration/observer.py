@@ -163,16 +163,20 @@ class RoutingObserver:
         # nearest first: its loads are needed first; a nearer prediction of a layer, made again at the
         # next layer, wins over the farther one (LayerSlots.prefetch)
         kind = step_kind(ids.shape[0]) if self.gate_prefetches else None
+        # a batch's layer computes while its own missing experts load; these predictions' loads queue behind
+        own = self.layers[i].slots
+        backlog_s = own.missing_load_s(np.unique(ids).tolist()) if kind == "batch" and own is not None else 0.0
         for distance in range(1, min(self.plan.prefetch_depth, len(self.layers) - 1 - i) + 1):
             target = self.layers[i + distance].slots
             if target is None or target.fully_resident:
                 continue
-            if not target.prediction_wanted(distance, kind):
+            if not target.prediction_wanted(distance, kind, backlog_s):
                 continue  # it would not be loaded: skip making it, but for the samples that keep it measured
             scores = tendencies_ahead(self.table, i + 1, ids, distance)  # [E], ranked as hot_ahead does
             experts = self.table.rank(i + distance, scores, self.plan.hot_experts)
             # never evicting what the cache deems useful, as fate (nor, on a scheduled link, what scores higher)
-            target.prefetch(experts, spare_useful=True, distance=distance, scores=scores.tolist(), gate=kind)
+            target.prefetch(experts, spare_useful=True, distance=distance, scores=scores.tolist(), gate=kind,
+                            backlog_s=backlog_s)
 
     def _observe_paths(self, i: int, ids: np.ndarray) -> None:
         """eap: add the step's routing at MoE layer ``i`` to each request's activation matrix."""

@@ -331,6 +331,14 @@ class LayerSlots:
         """How many of ``experts`` are not resident now."""
         return len(self.missing(experts))
 
+    def missing_load_s(self, experts: Iterable[int]) -> float:
+        """Link time the experts of ``experts`` not resident take to load, at the measured load time (0.0
+        until a load was timed). A batch's layer computes while its own missing experts load, and predictions
+        it makes for later layers queue behind them (the prefetch gate's ``backlog_s``)."""
+        if not self.load_s_ema or self.fully_resident:
+            return 0.0
+        return self.num_missing(experts) * self.load_s_ema
+
     def in_flight(self, experts: Iterable[int]) -> list[int]:
         """Those of ``experts`` whose load is running or queued (not yet readable)."""
         return [e for e in experts if e in self._pending]
