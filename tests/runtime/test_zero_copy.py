@@ -26,7 +26,7 @@ from vllm_moe_offload.runtime.expert_store import (
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import ALIGN_BYTES, aligned_empty, is_aligned
-from vllm_moe_offload.runtime import safetensors_io
+from vllm_moe_offload.runtime import checked_read, safetensors_io
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, TensorReader, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import slot_pool
 from tests.runtime.conftest import E, H, I, LAYERS
@@ -186,7 +186,7 @@ def test_a_checked_read_in_pieces_lands_and_checks_as_one_read(tmp_path, monkeyp
     path = tmp_path / "blob"
     data = os.urandom(12 * ALIGN_BYTES)
     path.write_bytes(data)
-    monkeypatch.setattr(safetensors_io, "CHECKSUM_PIECE_BYTES", piece_blocks * ALIGN_BYTES)
+    monkeypatch.setattr(checked_read, "PIECE_BYTES", piece_blocks * ALIGN_BYTES)
     reads = []
     preadv = os.preadv
     monkeypatch.setattr(safetensors_io.os, "preadv", lambda fd, bufs, off: reads.append(off) or preadv(fd, bufs, off))

@@ -24,7 +24,6 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 
 from vllm_moe_offload.core.plan import HUGE_PAGE_BYTES, READ_ALIGN_BYTES, buffer_bytes, round_up
+from vllm_moe_offload.runtime import checked_read
+from vllm_moe_offload.runtime.checked_read import PiecedReads, Segment
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import huge_page_map, is_aligned
 
@@ -42,13 +43,6 @@ ALIGN_BYTES = READ_ALIGN_BYTES
 #: the most bytes of other tensors one read may skip over to take neighbours in one request;
 #: farther apart, they are read separately (the buffer never grows to cover unrelated tensors)
 MAX_READ_GAP_BYTES = READ_ALIGN_BYTES
-#: a checked read (``TensorReader.read_into(checksum=True)``) of more than this many bytes goes in pieces of
-#: about this size, each piece's crc32 computed on a helper thread while the next piece reads. On this project's
-#: VM a 96 MiB expert read in 24-28 ms and its crc32 took 14-16 ms more on the I/O thread (the first read of
-#: every expert checks it, so a fresh engine's first requests waited for both); 8 MiB pieces read at the same
-#: rate as one read. Smaller reads are checked after the read, on the reading thread (a 3 MiB expert's crc32,
-#: 0.4 ms, costs less than handing it over)
-CHECKSUM_PIECE_BYTES = 8 * 2**20
 #: a routed expert's tensors: "<prefix>.experts.<e>.<proj>.weight" (shared experts have no index)
 _EXPERT_NAME = re.compile(r"^(.*\.experts\.\d+)\.")
 
@@ -267,7 +261,7 @@ class TensorReader:
         self._buffers = ReadBuffers(1) if buffers is None else buffers
         self._fds: dict[tuple[str, bool], int] = {}
         self._warned: set[str] = set()
-        self._checker: ThreadPoolExecutor | None = None  # computes pieced reads' crc32 (made at the first)
+        self._checked = PiecedReads()  # checked reads of more than a piece (its thread made at the first)
         self.bytes_read = 0
 
     def read(self, locations: list[TensorLocation]) -> list[torch.Tensor]:
@@ -364,11 +358,10 @@ class TensorReader:
                 return staging[at_in_staging[seg] + start - seg :][:num]
 
             views = [segment(*seg) for seg in segments]
-            pieced = checksum and last > CHECKSUM_PIECE_BYTES
             crc = None
             try:
-                if pieced:
-                    got, crc = self._read_checked(fd, lo, segments, views, first, last, align)
+                if checksum and last > checked_read.PIECE_BYTES:
+                    got, crc = self._checked.read(fd, lo, segments, views, first, last, align)
                 else:
                     got = os.preadv(fd, views, lo)
             except OSError as exc:
@@ -394,53 +387,6 @@ class TensorReader:
                     with segment(start, num, tensor) as whole, whole[a - start : b - start] as view:
                         crc = zlib.crc32(view, crc)
             return crc
-
-    def _read_checked(
-        self, fd: int, lo: int, segments: list[_Segment], views: list[memoryview], first: int, last: int, align: int,
-    ) -> tuple[int, int]:
-        """Read ``segments`` (landing in ``views``) at file offset ``lo`` in pieces; ``(bytes read, crc32)``.
-
-        The crc32 covers the read's bytes ``[first, last)`` in file order, as one
-        read's would. Each piece is handed to the checker thread once read, and the
-        next piece reads meanwhile (``zlib.crc32`` and ``os.preadv`` both release
-        the GIL); the checker takes pieces in order, so the crc chains as over one
-        buffer. Stops at a short piece (the file's end): the caller checks the
-        total. Returns only when the checker is done with every piece, so the
-        views may be released.
-        """
-        if self._checker is None:
-            self._checker = ThreadPoolExecutor(1, thread_name_prefix="moe-offload-crc")
-        crc = 0
-
-        def check(start: int, piece: list[memoryview]) -> None:
-            nonlocal crc
-            for view in piece:
-                a, b = max(start, first), min(start + len(view), last)
-                if a < b:
-                    with view[a - start : b - start] as part:
-                        crc = zlib.crc32(part, crc)
-                start += len(view)
-
-        got = 0
-        checks: list[Future] = []
-        pieces = _pieces(segments, views, CHECKSUM_PIECE_BYTES, align)
-        try:
-            for start, piece in pieces:
-                wanted = sum(len(view) for view in piece)
-                n = os.preadv(fd, piece, lo + start)
-                got += n
-                checks.append(self._checker.submit(check, start, piece))
-                if n < wanted:
-                    break
-        finally:
-            for done in checks:
-                done.exception()  # waits; a failure is raised below, once every check is over
-            for _, piece in pieces:
-                for view in piece:
-                    view.release()
-        for done in checks:
-            done.result()
-        return got, crc
 
     def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
         start = min(loc.offset for loc in group)
@@ -515,9 +461,7 @@ class TensorReader:
         self._warned.add(path)
 
     def close(self) -> None:
-        if self._checker is not None:
-            self._checker.shutdown(wait=True)
-            self._checker = None
+        self._checked.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -529,20 +473,18 @@ class TensorReader:
 _REFUSED = object()
 
 
-#: one run of a read: (start within the read, bytes, the part's tensor it lands in, or None: the read buffer)
-_Segment = tuple[int, int, "torch.Tensor | None"]
 
 
 def _plan_read(
     parts: Sequence[tuple[int, torch.Tensor]], first: int, last: int, align: int,
-) -> tuple[list[_Segment], list[tuple[int, torch.Tensor]]]:
+) -> tuple[list[Segment], list[tuple[int, torch.Tensor]]]:
     """How one read of ``[0, round_up(last, align))`` fills ``parts`` (range ``[first, last)``, ``where`` in it).
 
     Returns the read's segments in order, each straight into an aligned part or
     into the buffer (everything else, whole blocks at a time), and the parts to
     copy out of the buffer afterwards, as ``(start within the read, tensor)``.
     """
-    segments: list[_Segment] = []
+    segments: list[Segment] = []
     copied: list[tuple[int, torch.Tensor]] = []
     pos = 0
     for where, tensor in sorted(parts, key=lambda part: part[0]):
@@ -557,38 +499,6 @@ def _plan_read(
     if round_up(last, align) > pos:
         segments.append((pos, round_up(last, align) - pos, None))
     return segments, copied
-
-
-def _pieces(
-    segments: list[_Segment], views: list[memoryview], piece_bytes: int, align: int,
-) -> list[tuple[int, list[memoryview]]]:
-    """One read's ``views`` (of ``segments``, consecutive from 0) cut into pieces of about ``piece_bytes``.
-
-    Returns ``(start within the read, views)`` per piece, in order. A part's
-    segment is cut only at multiples of ``align`` from its start (aligned there,
-    so every cut stays aligned for direct I/O); a segment of the read buffer
-    (padding, small parts) is never cut. The views are new slices: release them.
-    """
-    pieces: list[tuple[int, list[memoryview]]] = []
-    piece: list[memoryview] = []
-    piece_start = size = 0
-    for (start, num, tensor), view in zip(segments, views):
-        at = 0
-        while at < num:
-            take = num - at
-            room = piece_bytes - size
-            if tensor is not None and take > room:
-                take = room - room % align
-            if take > 0:
-                piece.append(view[at : at + take])
-                size += take
-                at += take
-            if size >= piece_bytes or (take <= 0 and piece):
-                pieces.append((piece_start, piece))
-                piece_start, piece, size = piece_start + size, [], 0
-    if piece:
-        pieces.append((piece_start, piece))
-    return pieces
 
 
 def _writable(tensor: torch.Tensor) -> memoryview:
