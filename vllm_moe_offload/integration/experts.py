@@ -154,8 +154,10 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
     def _offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         slots = self.slots
         assert slots is not None
+        # a batch's predictions queue behind its own missing experts' loads (core/prefetch_gate.py's backlog)
+        unique = distinct_experts(topk_ids) if self.lookahead and x.shape[0] > 1 else None
         if self.lookahead:
-            self._prefetch_next(x, slots.missing_load_s(distinct_experts(topk_ids)) if x.shape[0] > 1 else 0.0)
+            self._prefetch_next(x, slots.missing_load_s(unique) if unique is not None else 0.0)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
             slots.stats.steps += 1
@@ -163,7 +165,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         failed: dict[int, str] = {}  # expert -> why it could not be loaded
         low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision
         try:
-            unique = distinct_experts(topk_ids)
+            if unique is None:
+                unique = distinct_experts(topk_ids)
             slots.score_prediction(unique)  # the whole step's needs, before passes split them
             policy_inputs.begin_needs(slots, unique)
             if len(unique) <= slots.num_slots:
