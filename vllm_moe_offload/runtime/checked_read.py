@@ -57,10 +57,7 @@ class PiecedReads:
         def check(start: int, piece: list[memoryview]) -> None:
             nonlocal crc
             for view in piece:
-                a, b = max(start, first), min(start + len(view), last)
-                if a < b:
-                    with view[a - start : b - start] as part:
-                        crc = zlib.crc32(part, crc)
+                crc = crc_within(crc, start, view, first, last)
                 start += len(view)
 
         got = 0
@@ -88,6 +85,16 @@ class PiecedReads:
         if self._checker is not None:
             self._checker.shutdown(wait=True)
             self._checker = None
+
+
+def crc_within(crc: int, start: int, view: memoryview, first: int, last: int) -> int:
+    """``crc`` continued over the bytes of ``view`` (the read's bytes from ``start`` on) that lie in
+    ``[first, last)``, the range a read was asked for (the rest is alignment around it)."""
+    a, b = max(start, first), min(start + len(view), last)
+    if a >= b:
+        return crc
+    with view[a - start : b - start] as part:
+        return zlib.crc32(part, crc)
 
 
 def _pieces(

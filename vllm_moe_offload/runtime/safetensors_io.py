@@ -22,7 +22,6 @@ import os
 import re
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 
 from vllm_moe_offload.core.plan import HUGE_PAGE_BYTES, READ_ALIGN_BYTES, buffer_bytes, round_up
 from vllm_moe_offload.runtime import checked_read
-from vllm_moe_offload.runtime.checked_read import PiecedReads, Segment
+from vllm_moe_offload.runtime.checked_read import PiecedReads, Segment, crc_within
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import huge_page_map, is_aligned
 
@@ -382,10 +381,8 @@ class TensorReader:
                 return crc
             crc = 0
             for start, num, tensor in segments:
-                a, b = max(start, first), min(start + num, last)
-                if a < b:
-                    with segment(start, num, tensor) as whole, whole[a - start : b - start] as view:
-                        crc = zlib.crc32(view, crc)
+                with segment(start, num, tensor) as whole:
+                    crc = crc_within(crc, start, whole, first, last)
             return crc
 
     def _read_group(self, group: list[TensorLocation]) -> list[torch.Tensor]:
