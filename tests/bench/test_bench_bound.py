@@ -7,6 +7,7 @@ import os
 import re
 from itertools import combinations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
     MIN_LOADS_FOR_RATE, achieved_gbps, causal_floor_s, layer_accesses, median_time_s, optimal_loads, phase_floors,
+    resident_floor_s,
     phase_timings, pooled_routing_loads, read_bandwidth, routing_loads, timings, workload_bound,
 )
 from vllm_moe_offload.cli.bench import merge_repeats
@@ -121,15 +123,26 @@ def test_causal_floor_of_one_request():
     assert causal_floor_s(30, 10**8, 4.0, 0.3, 31 * 0.046) == pytest.approx(0.75 + 1.426)
     # no load in the prompt's step (it fits the warm cache): the all-resident time to the first token
     assert causal_floor_s(0, 10**8, 4.0, 0.3, 1.0) == pytest.approx(1.3)
-    # the fastest time to the first token and the fastest time of the tokens after it, over every timing
-    # (each may come from a different run or round); workloads of several requests have no such phases
+    # per engine configuration the median time to the first token and the median time of the tokens after
+    # it, over its timings; the lowest of those medians; workloads of several requests have no such phases
     stock = {"requests": 1, "generated_tokens": 5, "ttft_s": 0.4, "tpot_s": 0.05,
              "round_ttft_s": [0.3, 0.5], "round_tpot_s": [0.06, 0.04]}
     routing = {"requests": 1, "generated_tokens": 5, "ttft_s": 0.35, "tpot_s": None}
     batch = {"requests": 4, "generated_tokens": 20, "ttft_s": 0.01, "tpot_s": 0.001}
     assert phase_timings(stock) == [(0.4, 0.05), (0.3, 0.06), (0.5, 0.04)] and phase_timings(routing) == []
-    assert phase_floors([stock, routing, batch]) == (pytest.approx(0.3), pytest.approx(4 * 0.04))
-    assert phase_floors([routing, batch]) is None
+    assert phase_floors([[stock, routing], [batch]]) == (pytest.approx(0.4), pytest.approx(4 * 0.05))
+    # a second configuration whose median first token is sooner and whose later tokens are slower
+    resident = {"requests": 1, "generated_tokens": 5, "ttft_s": 0.2, "tpot_s": 0.07, "round_ttft_s": [0.1, 0.9],
+                "round_tpot_s": [0.08, 0.09]}
+    assert phase_floors([[stock, routing], [resident]]) == (pytest.approx(0.2), pytest.approx(4 * 0.05))
+    assert phase_floors([[routing], [batch]]) is None
+
+
+def test_compute_floor_is_the_lowest_median_of_the_all_resident_engines():
+    # stock: one lucky timing among slow ones; the median is what a run's time is compared with
+    assert resident_floor_s([[0.68, 1.0, 0.96, 1.14, 0.86]]) == pytest.approx(0.96)
+    # an all-resident plugin run with a lower median sets the floor; an empty group (a killed run) counts for none
+    assert resident_floor_s([[0.68, 1.0, 0.96, 1.14, 0.86], [0.9, 0.92], []]) == pytest.approx(0.91)
 
 
 def test_achieved_rate_per_workload():
@@ -268,7 +281,10 @@ class TestBenchQuick:
                 # ondemand 100% holds every expert: its times are a compute floor as much as stock's
                 resident = report["bound"]["resident_wall_s"][workload]
                 assert resident == timings(report["runs"][1]["workloads"][workload]) and len(resident) == 4
-                assert b["compute_floor_s"] == min(samples + resident)
+                # the floor takes the statistic a run's time takes: the lower median of stock's and of ondemand
+                # 100%'s; the fastest single timing is kept beside it
+                assert b["compute_floor_s"] == pytest.approx(min(np.median(samples), np.median(resident)))
+                assert b["fastest_resident_s"] == min(samples + resident) <= b["compute_floor_s"]
                 # the run's time: the median of its four timings, two from each engine
                 per_engine = run["workloads"][workload]["engine_wall_s"]
                 assert run["engines"] == 2 and [len(t) for t in per_engine] == [2, 2]
@@ -286,13 +302,15 @@ class TestBenchQuick:
                     assert "causal_floor_s" not in b  # several requests, or one step: no phases to chain
                     continue
                 # batch-1 decode: the prompt's step alone needs no more loads than the whole workload, its
-                # phases' floors are no slower than stock's own timings, and a perfect run scores bound / floor
+                # phases' floors are no slower than an all-resident engine's medians, and a perfect run scores bound / floor
                 assert 0 <= b["first_step_loads"] <= b["loads"]
                 stock_phases = phase_timings(stock["workloads"]["decode"])
                 assert len(stock_phases) == 4  # 2 engines x 2 rounds
                 generated = stock["workloads"]["decode"]["generated_tokens"]
-                assert b["first_token_floor_s"] <= min(t for t, _ in stock_phases)
-                assert b["after_first_floor_s"] <= min(t for _, t in stock_phases) * (generated - 1) + 1e-12
+                # no slower than the median of one all-resident engine's (ondemand 100%)
+                full_phases = phase_timings(report["runs"][1]["workloads"]["decode"])
+                assert 0 < b["first_token_floor_s"] <= np.median([t for t, _ in full_phases]) + 1e-12
+                assert 0 < b["after_first_floor_s"] <= np.median([t for _, t in full_phases]) * (generated - 1) + 1e-12
                 assert b["causal_floor_s"] == pytest.approx(causal_floor_s(
                     b["first_step_loads"], run["offload"]["expert_bytes"], path["used_gbps"],
                     b["first_token_floor_s"], b["after_first_floor_s"]))
@@ -309,8 +327,10 @@ class TestBenchQuick:
         rows = [line for line in section.splitlines() if line.startswith("| decode |")]
         assert [row.split(" | ")[1] for row in rows] == ["100%", "25%", "50%"]
         assert "| ondemand | lru |" in section
-        assert "of 9 stock runs of it (the timed 2 engines' 2 round(s) each" in section
-        assert "and 4 timing(s) of plugin runs holding every expert in a slot" in section
+        assert "the median of 9 stock timings of it (the timed 2 engines' 2 round(s) each" in section
+        assert "or of a plugin run holding every expert in a slot (4 timing(s);" in section
+        # the compute floor's cell: the floor, the fastest single all-resident timing in brackets
+        assert all(re.match(r"[\d.]+ \([\d.]+\)$", row.split(" | ")[3]) for row in rows), rows
         assert "(the median of its 4 timings, `--rounds` x `--repeats`)" in section
         assert "in brackets the lowest and highest of its 2 engines' own fractions" in section
         lru = next(line for line in rows if line.split(" | ")[1] == "25%").split(" | ")[-1]

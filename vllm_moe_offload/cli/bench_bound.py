@@ -3,14 +3,18 @@
 DESIGN.md section 5: for one workload on one machine the bound is
 ``max(compute floor, I/O floor)``. Here, per workload (batch-1 decode, prefill, batch):
 
-* **compute floor**: the fastest all-resident wall time on the workload
-  measured in the same bench: stock vLLM's timed run and the rounds of the
-  stock engine that records the routing (same settings and prompts; the
-  recorder runs in its first round only), and the plugin's runs that hold every
-  expert in a slot (a 100% budget), so that one slow moment of a shared machine
-  does not raise the floor. The plugin's count because on the CPU backend they
-  run the worker in the engine-core process (``patches/cpu_executor.py``), one
-  process fewer than stock, and were measured up to 7% faster than stock;
+* **compute floor**: stock vLLM's time on the workload with every expert
+  resident, measured in the same bench and taken with the same statistic as a
+  run's time (the median, see *fraction*): the median of stock's timings (its
+  timed engines and the rounds of the stock engine that records the routing:
+  same settings and prompts; the recorder runs in its first round only), or the
+  median of a plugin run that holds every expert in a slot (a 100% budget)
+  where that is lower: on the CPU backend they run the worker in the
+  engine-core process (``patches/cpu_executor.py``), one process fewer than
+  stock. The fastest single all-resident timing is kept beside it
+  (``fastest_resident_s``): a floor taken from it let noise alone score runs
+  low (stock's own median scored 0.74 of it on the padded tiny Mixtral's decode
+  on 2026-12-06, the same engine at a 100% budget 0.77);
 * **I/O floor**: the expert loads of the optimal cache (:func:`optimal_loads`)
   for the workload's recorded routing with the run's slots per layer
   (``layer_slots`` of its statistics; a run with one pool for its layers,
@@ -32,8 +36,9 @@ DESIGN.md section 5: for one workload on one machine the bound is
   overlap the decode's compute; they cannot. No generated token after the first
   starts before the prompt's step has run, and that step needs its experts: at
   least the optimal cache's loads for that step alone (warm as above). So no
-  run ends before ``max(those loads' read time, the fastest all-resident time
-  to the first token) + the fastest all-resident time of the tokens after it``
+  run ends before ``max(those loads' read time, the all-resident time to the
+  first token) + the all-resident time of the tokens after it`` (each the
+  lowest median of one all-resident engine's timings, as the compute floor)
   (:func:`causal_floor_s`). Where that is above the bound, a perfect policy
   scores ``bound / causal floor``, not 1.0 (``best_fraction``): on a model whose
   experts outweigh its compute, the prompt's reads dominate. Reported beside
@@ -189,28 +194,35 @@ def causal_floor_s(first_step_loads: int, expert_bytes: int, read_gbps: float, f
     """The earliest a one-request workload can end: its prompt's step, then the tokens after the first.
 
     The prompt's step ends no earlier than its own loads' read time (``first_step_loads``
-    of ``expert_bytes`` at ``read_gbps``, 10^9 bytes/s) and no earlier than the fastest
-    all-resident time to the first token; every later token waits for the one before.
+    of ``expert_bytes`` at ``read_gbps``, 10^9 bytes/s) and no earlier than the all-resident
+    time to the first token (:func:`phase_floors`); every later token waits for the one before.
     """
     first_step_s = max(first_step_loads * expert_bytes / (read_gbps * 1e9), first_token_floor_s)
     return first_step_s + after_first_floor_s
 
 
-def phase_floors(workloads: Sequence[dict]) -> tuple[float, float] | None:
-    """The fastest time to the first token and the fastest time of the tokens after it, in seconds, over the
-    all-resident measurements ``workloads`` of a one-request workload (each timed run and its rounds: vLLM's
-    TTFT and mean TPOT); None where none measured both."""
+def phase_floors(groups: Sequence[Sequence[dict]]) -> tuple[float, float] | None:
+    """The all-resident time to the first token and of the tokens after it, in seconds: per group of
+    measurements of a one-request workload (one engine configuration: its timed runs and rounds, vLLM's TTFT
+    and mean TPOT), the median of each; the lowest median over the groups, as the compute floor
+    (:func:`resident_floor_s`). None where no group measured both."""
     firsts, afters = [], []
-    for workload in workloads:
-        generated = workload.get("generated_tokens")
-        if not generated or workload.get("requests", 1) != 1:
-            continue
-        for ttft, tpot in phase_timings(workload):
-            firsts.append(ttft)
-            afters.append(tpot * (generated - 1))
+    for workloads in groups:
+        pairs = [(ttft, tpot * (w["generated_tokens"] - 1)) for w in workloads
+                 if w.get("generated_tokens") and w.get("requests", 1) == 1 for ttft, tpot in phase_timings(w)]
+        if pairs:
+            firsts.append(float(np.median([first for first, _ in pairs])))
+            afters.append(float(np.median([after for _, after in pairs])))
     if not firsts:
         return None
     return min(firsts), min(afters)
+
+
+def resident_floor_s(groups: Sequence[Sequence[float]]) -> float:
+    """The compute floor from the all-resident timings of a workload, one group per engine configuration
+    (stock's; each all-resident plugin run's): the lowest of the groups' medians, the statistic a run's own
+    time is taken with (:func:`median_time_s`), so that noise moves both alike."""
+    return min(float(np.median(times)) for times in groups if times)
 
 
 def phase_timings(workload: dict) -> list[tuple[float, float]]:
@@ -300,8 +312,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
 
     ``routing``: the result of the bench's routing job (per workload its
     ``routing``, ``[step][token][layer][k]`` expert ids, its ``tokens`` and
-    times). The compute floor is the fastest of stock's times and of the
-    plugin's all-resident runs (:func:`_all_resident`).
+    times). The compute floor is the lowest median of stock's times and of
+    each of the plugin's all-resident runs (:func:`_all_resident`,
+    :func:`resident_floor_s`).
     ``config_of(run)``: the run's offload settings. One bandwidth probe per
     distinct read path (I/O threads, direct I/O, emulated link). Runs that do
     not read full-precision experts from disk get ``{"skipped": why}``.
@@ -310,10 +323,13 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
     # stock's timed run is missing where it did not finish (killed under --memory-limit)
     stock_s = {name: [*timings(stock["workloads"].get(name, {})), *timings(w)]
                for name, w in routing["workloads"].items()}
-    resident_s = {name: [t for r in runs if _all_resident(r) for t in timings(r["workloads"].get(name, {}))]
+    resident_runs = [r for r in runs if _all_resident(r)]
+    resident_s = {name: [t for r in resident_runs for t in timings(r["workloads"].get(name, {}))]
                   for name in routing["workloads"]}
-    resident_runs = [stock, {"workloads": routing["workloads"]}, *(r for r in runs if _all_resident(r))]
-    phases = {name: phase_floors([r["workloads"][name] for r in resident_runs if name in r["workloads"]])
+    floors = {name: resident_floor_s([stock_s[name], *(timings(r["workloads"].get(name, {})) for r in resident_runs)])
+              for name in routing["workloads"]}
+    phases = {name: phase_floors([[w for w in (stock["workloads"].get(name), routing["workloads"][name]) if w],
+                                  *([r["workloads"][name]] for r in resident_runs if name in r["workloads"])])
               for name in CAUSAL_WORKLOADS if name in routing["workloads"]}
     probes: dict[tuple, dict] = {}
     loads: dict[tuple, list[int]] = {}
@@ -350,7 +366,8 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
                                            merge=name in MERGED_WORKLOADS)
             workload = run["workloads"][name]
             run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probe["used_gbps"],
-                                                min(stock_s[name] + resident_s[name]), median_time_s(workload))
+                                                floors[name], median_time_s(workload))
+            run["bound"][name]["fastest_resident_s"] = min(stock_s[name] + resident_s[name])
             if phases.get(name) and recorded["routing"]:
                 if (name, slots, "first") not in loads:
                     loads[name, slots, "first"] = count(recorded["routing"][:1], slots[0], stats["num_experts"])

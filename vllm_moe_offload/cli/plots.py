@@ -233,7 +233,7 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
     """Each plugin run's wall time per workload (bars, log scale) against its physical bound (dashed black).
 
     Bars are labelled with the run's fraction of its bound (bound / time); the
-    dotted grey line is the compute floor (the fastest all-resident time: stock's, or the plugin's at 100%).
+    dotted grey line is the compute floor (the all-resident median time: stock's, or the plugin's at 100% where lower).
     """
     workloads = [("decode", "batch-1 decode"), ("prefill", "prefill"),
                  ("batch", f"{report['sizes']['batch_requests']} concurrent requests")]
@@ -263,7 +263,7 @@ def plot_bench_bound(report: dict, path: str | Path) -> Path:
                       label="causal floor: the prompt's loads, then the tokens after the first")
         if x:
             ax.axhline(bounds[x[0]]["compute_floor_s"], color="0.5", linestyle=":", linewidth=1,
-                       label="compute floor (fastest all-resident)")
+                       label="compute floor (all-resident median)")
         ax.set_yscale("log")  # offload runs are often 10-100x above the bound
         _plain_log_ticks(ax)
         if x:  # headroom above the tallest bar for its label and the legend
