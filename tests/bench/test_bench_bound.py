@@ -379,3 +379,15 @@ class TestBenchQuick:
         assert main(["bench", str(TINY_PYMOE), "--rebuild", "--out", str(out)]) == 0
         assert "## Fraction of the physical bound" in (out / "bench.md").read_text()
         assert json.loads((out / "bench.json").read_text())["bound"] == report["bound"]
+
+
+def test_the_floors_stock_timings_say_where_they_come_from():
+    from vllm_moe_offload.cli.bench_report import _stock_timings_text
+    ran = {"runs": [{"kind": "stock", "workloads": {"decode": {"wall_s": 1.0, "round_wall_s": [1.1]}}}],
+           "rounds": 2, "repeats": 1}
+    assert _stock_timings_text(ran) == ("the timed engine's 2 rounds and the rounds of the stock engine that "
+                                        "recorded the routing)")
+    # under --memory-limit stock may not finish: its timings are then the routing engine's alone, run unlimited
+    killed = {"runs": [{"kind": "stock", "workloads": {}}], "rounds": 3, "repeats": 1, "memory_limit_bytes": 2**30}
+    assert _stock_timings_text(killed) == ("the rounds of the stock engine that recorded the routing, which ran "
+                                           "without the memory limit; the timed stock engine did not finish)")

@@ -193,9 +193,8 @@ def _bound_section(report: dict) -> list[str]:
         "## Fraction of the physical bound", "",
         "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster (but by noise), a "
         "perfect one reaches it. *compute floor*: the all-resident wall time on the workload, taken like a run's time (the "
-        f"median): the median of {len(next(iter(bound['stock_wall_s'].values())))} stock timings of it (the timed "
-        + _timed_text(report)
-        + " and the rounds of the stock engine that recorded the routing)"
+        f"median): the median of {len(next(iter(bound['stock_wall_s'].values())))} stock timings of it ("
+        + _stock_timings_text(report)
         + (f", or of a plugin run holding every expert in a slot ({n} timing(s); their worker runs in the "
            "engine-core process, one process fewer than stock's) where that median is lower"
            if (n := len(next(iter(bound.get("resident_wall_s", {}).values()), []))) else "")
@@ -265,6 +264,18 @@ def _floor_text(bound: dict) -> str:
 
 def _timings_per_run(report: dict) -> int:
     return report.get("rounds", 1) * report.get("repeats", 1)
+
+
+def _stock_timings_text(report: dict) -> str:
+    """Where the compute floor's stock timings come from: the timed engine's, where it finished, and the rounds
+    of the engine that recorded the routing (without the bench's memory limit, where there is one)."""
+    stock = next((r for r in report["runs"] if r["kind"] == "stock"), {})
+    timed = any(w.get("wall_s") is not None for w in stock.get("workloads", {}).values())
+    routing = "the rounds of the stock engine that recorded the routing" + (
+        ", which ran without the memory limit" if report.get("memory_limit_bytes") else "")
+    if timed:
+        return f"the timed {_timed_text(report)} and {routing})"
+    return f"{routing}; the timed stock engine did not finish)"
 
 
 def _timed_text(report: dict) -> str:
