@@ -117,3 +117,52 @@ def test_gated_predictions_load_only_once_they_have_paid(experts):  # noqa: F811
     slots.load_s_ema = None
     assert slots.missing_load_s([e for e in range(6) if e not in resident]) == 0.0  # no load timed yet
     slots.engine.shutdown()
+
+
+def test_a_gated_prefetch_that_evicts_what_the_next_step_needs_counts_as_wrong(experts):  # noqa: F811
+    """Three layers sharing a pool of 6 slots: while layer 0 runs, a gated prediction for layer 1 evicts layer
+    2's experts (the farthest from use); layer 2's next step loads one of them again, so that prediction is
+    scored as one more wrong one (its load cost a load); a demand load of a victim after that next step is
+    not blamed. Each step teaches the layer's gate what a demand load stalled that kind of step."""
+    from vllm_moe_offload.core.cache import LRUPolicy
+    from vllm_moe_offload.core.shared_pool import SharedPool
+    from vllm_moe_offload.runtime.slots import slot_pool
+
+    folder, _ = experts
+    readers = ThreadLocalReaders(direct_io=True)
+    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    pool = SharedPool(3, E, 6, 2)
+    cpu = torch.device("cpu")
+    w13, w2 = slot_pool(6, (2 * I, H), torch.float32, cpu), slot_pool(6, (H, I), torch.float32, cpu)
+    engine = ThreadTransferEngine(1)
+    layers = [LayerSlots(n, w13, w2, pool.view(n).attach(LRUPolicy(E, 2)), source, engine, LinkEmulator(),
+                         share=2) for n in range(3)]
+
+    def step(n: int, needed: list[int], predict: list[int] | None = None) -> None:
+        layers[n].begin_layer("token")
+        if predict is not None:
+            layers[n + 1].prefetch(predict, spare_useful=False, distance=1, gate="token")
+        layers[n].ensure(needed)
+        layers[n].end_step()
+
+    for n, needed in enumerate(([0, 1], [2, 3], [4, 5])):
+        step(n, needed)
+    assert layers[0].prefetch_gate.stall_per_miss("token") > 0  # two demand loads waited for
+    gate = layers[1].prefetch_gate
+    for _ in range(5):
+        gate.record((1, "token"), predicted=10, right=10)
+    layers[1].load_s_ema, engine.clock.compute_s = 0.001, 0.01  # right and a long lead: the gate is open
+    step(0, [0, 1], predict=[0, 1])  # layer 1's experts 0 and 1
+    assert layers[1].stats.prefetch_loads == 2
+    assert [e for e in range(E) if layers[2].slot_map.slot_of(e) is not None] == []  # layer 2's went
+    step(1, [0, 1])  # right: both used
+    before = gate.precision((1, "token"))
+    step(2, [4, 3])  # layer 2's next step needs 4 again (3 was never evicted)
+    assert gate.precision((1, "token")) < before
+    for _ in range(2):
+        for n, needed in enumerate(([0, 1], [0, 1], [4, 3])):
+            step(n, needed)
+    after = gate.precision((1, "token"))
+    step(2, [5, 3])  # the other victim, needed three steps later: not blamed
+    assert gate.precision((1, "token")) == after
+    engine.shutdown()

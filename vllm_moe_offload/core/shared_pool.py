@@ -88,6 +88,9 @@ class SharedPool:
         self.pass_capacity = min(num_experts, max(top_k, num_slots // 2))
         #: slots other layers' loads in flight may hold while a layer runs a full pass
         self.in_flight_allowance = num_slots - self.pass_capacity
+        #: who is admitting now, for the owners of the experts it evicts (:attr:`PooledSlotMap.on_evicted`): set
+        #: by the runtime around a prefetch's admission, opaque here
+        self.evicting_for: object = None
         self._free = list(range(num_slots - 1, -1, -1))
         if half_life_steps <= 0:
             raise ValueError(f"half_life_steps must be positive, got {half_life_steps}")

@@ -142,7 +142,9 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
         slots = self.slots
         assert slots is not None
-        slots.begin_layer()  # before any prefetch this layer issues: they queue behind its own loads
+        # before any prefetch this layer issues: they queue behind its own loads; the step's kind: the prefetch
+        # gate learns what this layer's demand loads stall each kind of step
+        slots.begin_layer(step_kind(x.shape[0]))
         if self.observer is not None:
             self.observer.on_route(self, topk_ids)
         try:

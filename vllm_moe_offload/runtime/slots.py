@@ -128,6 +128,10 @@ class LayerSlots:
         self.prefetch_gate = PrefetchGate()
         self._gated: dict[int, tuple[tuple[int, str], set[int]]] = {}
         self._closed_calls = 0  # predictions asked for while the gate was closed (sample_closed_prediction)
+        #: this layer's experts a gated prediction's load evicted: expert -> (that layer's gate, the prediction's
+        #: key, this layer's step count then); needed again by this layer's next step, the load is a harm
+        self._victims: dict[int, tuple[PrefetchGate, tuple[int, str], int]] = {}
+        self._step_marks: tuple[str, float, int] | None = None  # this step's kind, stall and misses at its start
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
@@ -135,7 +139,7 @@ class LayerSlots:
         self.prefetch_missing_ema: float | None = None
         if self.pooled:
             slot_map.loading = self._pending.keys  # loads in flight hold their slots, whoever admits
-            slot_map.on_evicted = self._forget  # another layer's admission took one of this layer's slots
+            slot_map.on_evicted = self._evicted_by_other  # another layer's admission took one of this layer's slots
         reported = share if share is not None else self.num_slots
         self.stats = LayerStats(
             layer_idx=layer_idx,
@@ -185,11 +189,14 @@ class LayerSlots:
             )
         return self._identity
 
-    def begin_layer(self) -> None:
+    def begin_layer(self, kind: str | None = None) -> None:
         """This layer's forward starts: tick the engine's layer clock (the compute between MoE layers, for
         the link schedule and the prefetch gate) and hold queued prefetches until this layer's own loads are
         queued (or it has none, or it waits): the prefetches a layer issues for later layers come before its
-        own routing is served, and an idle I/O thread would otherwise start one of them first."""
+        own routing is served, and an idle I/O thread would otherwise start one of them first. ``kind``
+        (``core/prefetch_gate.step_kind``): the step's, whose stall per demand miss the gate learns at
+        :meth:`end_step`."""
+        self._step_marks = None if kind is None else (kind, self.stats.stall_s, self.stats.misses)
         if self.pooled:
             self.slot_map.pool.begin_layer(self.slot_map.ordinal)
         started = getattr(self.engine, "layer_started", None)
@@ -280,7 +287,8 @@ class LayerSlots:
             )
             if scheduled and scores is not None:
                 guard = pinned | outranking(score, self.slot_map.resident(), scores)
-            if not self._start_load(expert, guard, spare_useful=spare_useful, priority=priority):
+            cause = (distance, gate) if gate is not None else None
+            if not self._start_load(expert, guard, spare_useful=spare_useful, priority=priority, cause=cause):
                 if spare_useful:
                     self.stats.prefetch_skipped += 1
                 break  # every slot holds a wanted (or useful) expert or a load in flight
@@ -293,7 +301,7 @@ class LayerSlots:
         predicting batch's own loads), which comes off its lead."""
         clock = getattr(self.engine, "clock", None)
         return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s,
-                                       backlog_s)
+                                       backlog_s, self.prefetch_gate.stall_per_miss(kind))
 
     def prediction_wanted(self, distance: int, kind: str | None, backlog_s: float = 0.0) -> bool:
         """Whether to make a ``kind`` prediction ``distance`` layers ahead at all: ungated (``kind`` None), the
@@ -365,18 +373,32 @@ class LayerSlots:
 
     def _start_load(
         self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False,
-        priority: LoadPriority = DEMAND,
+        priority: LoadPriority = DEMAND, cause: tuple[int, str] | None = None,
     ) -> bool:
         """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned.
 
-        ``spare_useful``: useful experts count as pinned (prefetches, see :meth:`prefetch`).
+        ``spare_useful``: useful experts count as pinned (prefetches, see :meth:`prefetch`). ``cause``: the
+        key of the gated prediction this prefetch loads for; its victim, this layer's or another's, remembers
+        it (:meth:`_note_victim`). A demand load of an expert such a prefetch evicted since this layer's last
+        step counts against that prediction (``PrefetchGate.record_harm``).
         """
+        pool = self.slot_map.pool if self.pooled else None
+        if pool is not None:
+            pool.evicting_for = None if cause is None else (self.prefetch_gate, cause)
         try:
             admission = self.slot_map.admit(expert, pinned, spare_useful=spare_useful)
         except RuntimeError:
             return False
+        finally:
+            if pool is not None:
+                pool.evicting_for = None
         if admission.evicted is not None:
             self._forget(admission.evicted)
+            if cause is not None:
+                self._note_victim(admission.evicted, (self.prefetch_gate, cause))
+        victim = self._victims.pop(expert, None)
+        if victim is not None and priority.demand and self.stats.steps - victim[2] <= 1:
+            victim[0].record_harm(victim[1])
         if priority.demand:
             self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
             self._release_prefetches()  # the layer's own loads are queued: prefetches may follow them
@@ -578,6 +600,16 @@ class LayerSlots:
             self._prefetched.add(expert)
         self._account(num_bytes, read_s)
 
+    def _evicted_by_other(self, expert: int) -> None:
+        """Another layer's admission took ``expert``'s slot (a shared pool); a gated prediction's, remembered."""
+        self._forget(expert)
+        cause = getattr(self.slot_map.pool, "evicting_for", None)
+        if cause is not None:
+            self._note_victim(expert, cause)
+
+    def _note_victim(self, expert: int, cause: tuple[PrefetchGate, tuple[int, str]]) -> None:
+        self._victims[expert] = (*cause, self.stats.steps)
+
     def _forget(self, expert: int) -> None:
         self._expert_to_slot[expert] = -1
         self._demand.discard(expert)
@@ -654,6 +686,10 @@ class LayerSlots:
 
     def end_step(self) -> None:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
+        if self._step_marks is not None:
+            kind, stall_s, misses = self._step_marks
+            self.prefetch_gate.record_stall(kind, self.stats.stall_s - stall_s, self.stats.misses - misses)
+            self._step_marks = None
         self.stats.steps += 1
         self._step_needs = None
         self._release_prefetches()
