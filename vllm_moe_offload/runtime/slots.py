@@ -382,9 +382,10 @@ class LayerSlots:
         it (:meth:`_note_victim`). A demand load of an expert such a prefetch evicted since this layer's last
         step counts against that prediction (``PrefetchGate.record_harm``).
         """
-        pool = self.slot_map.pool if self.pooled else None
+        evicting_for = None if cause is None else (self.prefetch_gate, cause)
+        pool = self.slot_map.pool if self.pooled and evicting_for is not None else None
         if pool is not None:
-            pool.evicting_for = None if cause is None else (self.prefetch_gate, cause)
+            pool.evicting_for = evicting_for  # for the other layers' victims (_evicted_by_other)
         try:
             admission = self.slot_map.admit(expert, pinned, spare_useful=spare_useful)
         except RuntimeError:
@@ -394,8 +395,8 @@ class LayerSlots:
                 pool.evicting_for = None
         if admission.evicted is not None:
             self._forget(admission.evicted)
-            if cause is not None:
-                self._note_victim(admission.evicted, (self.prefetch_gate, cause))
+            if evicting_for is not None:
+                self._note_victim(admission.evicted, evicting_for)
         victim = self._victims.pop(expert, None)
         if victim is not None and priority.demand and self.stats.steps - victim[2] <= 1:
             victim[0].record_harm(victim[1])
@@ -603,7 +604,7 @@ class LayerSlots:
     def _evicted_by_other(self, expert: int) -> None:
         """Another layer's admission took ``expert``'s slot (a shared pool); a gated prediction's, remembered."""
         self._forget(expert)
-        cause = getattr(self.slot_map.pool, "evicting_for", None)
+        cause = self.slot_map.pool.evicting_for
         if cause is not None:
             self._note_victim(expert, cause)
 
