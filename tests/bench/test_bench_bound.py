@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
     MIN_LOADS_FOR_RATE, achieved_gbps, causal_floor_s, layer_accesses, median_time_s, optimal_loads, phase_floors,
-    resident_floor_s,
-    phase_timings, pooled_routing_loads, read_bandwidth, routing_loads, timings, workload_bound,
+    phase_timings, pooled_routing_loads, read_bandwidth, resident_floor_s, routing_loads, timings, workload_bound,
 )
 from vllm_moe_offload.cli.bench import merge_repeats
 from vllm_moe_offload.cli.main import main
@@ -302,7 +301,8 @@ class TestBenchQuick:
                     assert "causal_floor_s" not in b  # several requests, or one step: no phases to chain
                     continue
                 # batch-1 decode: the prompt's step alone needs no more loads than the whole workload, its
-                # phases' floors are no slower than an all-resident engine's medians, and a perfect run scores bound / floor
+                # phases' floors are no slower than an all-resident engine's medians, and a perfect run scores
+                # bound / floor
                 assert 0 <= b["first_step_loads"] <= b["loads"]
                 stock_phases = phase_timings(stock["workloads"]["decode"])
                 assert len(stock_phases) == 4  # 2 engines x 2 rounds

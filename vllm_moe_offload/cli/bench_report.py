@@ -191,9 +191,9 @@ def _bound_section(report: dict) -> list[str]:
     unequal = [name for name, same in bound["routing_tokens_match_stock"].items() if not same]
     lines = [
         "## Fraction of the physical bound", "",
-        "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster (but by noise), a "
-        "perfect one reaches it. *compute floor*: the all-resident wall time on the workload, taken like a run's time (the "
-        f"median): the median of {len(next(iter(bound['stock_wall_s'].values())))} stock timings of it ("
+        "*bound* = max(*compute floor*, *I/O floor*) (DESIGN.md section 5): no policy can be faster (but by "
+        "noise), a perfect one reaches it. *compute floor*: the all-resident wall time on the workload, taken like "
+        f"a run's time (the median): the median of {len(next(iter(bound['stock_wall_s'].values())))} stock timings of it ("
         + _stock_timings_text(report)
         + (f", or of a plugin run holding every expert in a slot ({n} timing(s); their worker runs in the "
            "engine-core process, one process fewer than stock's) where that median is lower"
@@ -222,8 +222,8 @@ def _bound_section(report: dict) -> list[str]:
         "overlap the compute of the tokens after the first, which wait for the prompt's step; no run ends before "
         "max(the optimal cache's loads for the prompt's step alone at the same rate, the all-resident time "
         "to the first token) + the all-resident time of the tokens after it (the lowest median of vLLM's TTFT and "
-        "TPOT over the same all-resident engines). Where it is above the bound, a perfect policy scores *best* = bound / causal "
-        "floor, not 1.00.", "",
+        "TPOT over the same all-resident engines). Where it is above the bound, a perfect policy scores *best* = "
+        "bound / causal floor, not 1.00.", "",
     ]
     policies = report["policies"]
     lines.append("| workload | budget | slots/layer | compute floor ms | I/O floor ms | bound ms | causal floor ms | "
