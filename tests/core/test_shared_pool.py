@@ -74,7 +74,7 @@ def test_victims_never_pinned_loading_or_of_the_running_layer():
     pool.view(1).loading = lambda: {2}
     pool.begin_layer(0)
     evicted = []
-    pool.view(1).on_evicted = evicted.append
+    pool.view(1).on_evicted = lambda expert, evictor: evicted.append(expert)
     pool.view(0).admit(5, pinned=[0, 1, 5])
     assert evicted == [3] and pool.view(1).resident_keys() == [2]
 
@@ -91,7 +91,7 @@ def test_a_prefetch_spares_only_what_is_needed_before_it():
         pool.view(2).admit(6, pinned=[4, 5], spare_useful=True)
     # for layer 1 (next run: 1 layer from now) layer 2's, needed 2 layers from now, may go
     evicted = []
-    pool.view(2).on_evicted = evicted.append
+    pool.view(2).on_evicted = lambda expert, evictor: evicted.append(expert)
     pool.view(1).admit(6, pinned=[2, 3], spare_useful=True)
     assert evicted == [4] and pool.prefetch_horizon(1) == 1 and pool.prefetch_horizon(2) == 2
     pool.view(2).admit(7, pinned=[5])  # a demand load evicts all the same (layer 1's)

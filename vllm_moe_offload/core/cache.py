@@ -190,8 +190,12 @@ class SlotMap:
         """Slots a prefetch that spares useful experts may take: free ones and those of experts not :meth:`useful`."""
         return self.num_slots - sum(1 for e in self._slot_of if self.useful(e))
 
-    def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False) -> Admission:
+    def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False,
+              evictor: object = None) -> Admission:
         """Reserve a slot for a non-resident ``expert``, evicting if needed.
+
+        ``evictor``: who admits, for the owners of other layers' victims in a shared pool
+        (:class:`~vllm_moe_offload.core.shared_pool.PooledSlotMap`); here every victim is the caller's own.
 
         Raises ``RuntimeError`` when every slot holds a pinned expert: the caller
         asked for more experts at once than there are slots. ``spare_useful``

@@ -88,9 +88,6 @@ class SharedPool:
         self.pass_capacity = min(num_experts, max(top_k, num_slots // 2))
         #: slots other layers' loads in flight may hold while a layer runs a full pass
         self.in_flight_allowance = num_slots - self.pass_capacity
-        #: who is admitting now, for the owners of the experts it evicts (:attr:`PooledSlotMap.on_evicted`): set
-        #: by the runtime around a prefetch's admission, opaque here
-        self.evicting_for: object = None
         self._free = list(range(num_slots - 1, -1, -1))
         if half_life_steps <= 0:
             raise ValueError(f"half_life_steps must be positive, got {half_life_steps}")
@@ -257,12 +254,12 @@ class SharedPool:
             )
         return victim
 
-    def _take(self, requester: int, victim: tuple[int, int] | None) -> int:
-        """A slot for ``requester``: a free one, or ``victim``'s."""
+    def _take(self, requester: int, victim: tuple[int, int] | None, evictor: object = None) -> int:
+        """A slot for ``requester``: a free one, or ``victim``'s (its owner told ``evictor`` when another's)."""
         if victim is None:
             return self._free.pop()
         ordinal, expert = victim
-        return self.views[ordinal].evict(expert, notify=ordinal != requester)
+        return self.views[ordinal].evict(expert, notify=ordinal != requester, evictor=evictor)
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
@@ -301,8 +298,9 @@ class PooledSlotMap(SlotMap):
         self.policy: ReplacementPolicy | None = None  # set by the owner (:meth:`attach`)
         #: experts of this layer whose load is in flight (set by the runtime; the simulator has none)
         self.loading: Callable[[], Collection[int]] = tuple
-        #: called with an expert another layer's admission evicted (the runtime forgets its slot)
-        self.on_evicted: Callable[[int], None] = lambda expert: None
+        #: called with an expert another layer's admission evicted and that admission's ``evictor`` (the runtime
+        #: forgets its slot, and remembers a prefetch's prediction)
+        self.on_evicted: Callable[[int, object], None] = lambda expert, evictor: None
         self._slot_of: dict[int, int] = {}
         self._step = 0
         self._used_at: dict[int, int] = {}
@@ -321,11 +319,13 @@ class PooledSlotMap(SlotMap):
         room = self.pool.free_slots() + others + sum(1 for e in self._slot_of if not self.useful(e))
         return max(0, min(room, self.pool.in_flight_allowance - self.pool.in_flight()))
 
-    def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False) -> Admission:
+    def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False,
+              evictor: object = None) -> Admission:
         """Reserve a pool slot for non-resident ``expert``; the victim may be another layer's.
 
         Returns ``Admission(slot, evicted)`` where ``evicted`` is this layer's expert that left, if the
-        victim was this layer's (another layer's victim is reported through its ``on_evicted``).
+        victim was this layer's (another layer's victim is reported through its ``on_evicted``, with
+        ``evictor``: who admits, opaque here).
         ``spare_useful`` (a prefetch): every expert expected to be used before this layer runs next counts as
         pinned (:meth:`SharedPool.choose_victim`). Raises ``RuntimeError`` when
         nothing may leave; nothing changes then.
@@ -334,7 +334,7 @@ class PooledSlotMap(SlotMap):
             raise ValueError(f"expert {expert} is already resident")
         victim = self.pool._victim(self.ordinal, pinned, spare_useful)  # nothing changes on refusal
         self.policy.before_admit(expert)
-        slot = self.pool._take(self.ordinal, victim)
+        slot = self.pool._take(self.ordinal, victim, evictor)
         evicted = victim[1] if victim is not None and victim[0] == self.ordinal else None
         self._slot_of[expert] = slot
         self.pool._resident[self.ordinal, expert] = True
@@ -355,18 +355,18 @@ class PooledSlotMap(SlotMap):
 
     # -- the pool's side --
 
-    def evict(self, expert: int, notify: bool) -> int:
+    def evict(self, expert: int, notify: bool, evictor: object = None) -> int:
         """Remove ``expert`` for the pool's replacement; returns its slot (not freed: the admission takes it).
 
-        ``notify``: another layer admits, so this layer's owner hears of it (:attr:`on_evicted`); a layer's own
-        admission reports its victim in the :class:`Admission`.
+        ``notify``: another layer admits (``evictor``), so this layer's owner hears of it (:attr:`on_evicted`); a
+        layer's own admission reports its victim in the :class:`Admission`.
         """
         slot = self._slot_of.pop(expert)
         self.pool._resident[self.ordinal, expert] = False
         self._used_at.pop(expert, None)
         self.policy.on_evict(expert)
         if notify:
-            self.on_evicted(expert)
+            self.on_evicted(expert, evictor)
         return slot
 
 

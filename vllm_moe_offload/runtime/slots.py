@@ -382,21 +382,15 @@ class LayerSlots:
         it (:meth:`_note_victim`). A demand load of an expert such a prefetch evicted since this layer's last
         step counts against that prediction (``PrefetchGate.record_harm``).
         """
-        evicting_for = None if cause is None else (self.prefetch_gate, cause)
-        pool = self.slot_map.pool if self.pooled and evicting_for is not None else None
-        if pool is not None:
-            pool.evicting_for = evicting_for  # for the other layers' victims (_evicted_by_other)
+        evictor = None if cause is None else (self.prefetch_gate, cause)  # another layer's victim: _evicted_by_other
         try:
-            admission = self.slot_map.admit(expert, pinned, spare_useful=spare_useful)
+            admission = self.slot_map.admit(expert, pinned, spare_useful=spare_useful, evictor=evictor)
         except RuntimeError:
             return False
-        finally:
-            if pool is not None:
-                pool.evicting_for = None
         if admission.evicted is not None:
             self._forget(admission.evicted)
-            if evicting_for is not None:
-                self._note_victim(admission.evicted, evicting_for)
+            if evictor is not None:
+                self._note_victim(admission.evicted, evictor)
         victim = self._victims.pop(expert, None)
         if victim is not None and priority.demand and self.stats.steps - victim[2] <= 1:
             victim[0].record_harm(victim[1])
@@ -601,12 +595,11 @@ class LayerSlots:
             self._prefetched.add(expert)
         self._account(num_bytes, read_s)
 
-    def _evicted_by_other(self, expert: int) -> None:
+    def _evicted_by_other(self, expert: int, evictor: tuple[PrefetchGate, tuple[int, str]] | None) -> None:
         """Another layer's admission took ``expert``'s slot (a shared pool); a gated prediction's, remembered."""
         self._forget(expert)
-        cause = self.slot_map.pool.evicting_for
-        if cause is not None:
-            self._note_victim(expert, cause)
+        if evictor is not None:
+            self._note_victim(expert, evictor)
 
     def _note_victim(self, expert: int, cause: tuple[PrefetchGate, tuple[int, str]]) -> None:
         self._victims[expert] = (*cause, self.stats.steps)
