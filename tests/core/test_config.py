@@ -39,6 +39,16 @@ def test_the_prefetch_gate_is_on_unless_switched_off():
     assert not off.prefetch_gate and OffloadConfig.from_dict(off.to_dict()) == off
 
 
+def test_token_prefetch_is_fates_unless_switched():
+    assert OffloadConfig.from_dict({"policy": "fate"}).token_prefetch_on
+    assert not OffloadConfig.from_dict({"policy": "lru"}).token_prefetch_on
+    assert not OffloadConfig.from_dict({"policy": "ondemand"}).token_prefetch_on
+    on = OffloadConfig.from_dict({"policy": "lru", "token_prefetch": "on"})
+    off = OffloadConfig.from_dict({"policy": "fate", "token_prefetch": False})
+    assert on.token_prefetch_on and not off.token_prefetch_on
+    assert OffloadConfig.from_dict(on.to_dict()) == on and OffloadConfig.from_dict(off.to_dict()) == off
+
+
 def test_round_trip_through_dict():
     config = OffloadConfig.from_dict({"policy": "LRU", "budget": "25%", "tier": "disk", "io_threads": 2})
     assert config.policy is Policy.LRU and config.tier is Tier.DISK and config.io_threads == 2
@@ -66,6 +76,7 @@ def test_round_trip_through_dict():
         ({"store": "packed"}, r"store 'packed' is not one of \['checkpoint', 'kernel'\]"),
         ({"link_gbps": -1}, "link_gbps -1 is out of range"),
         ({"policy": "fate", "prefetch_gate": "maybe"}, r"prefetch_gate 'maybe' must be true or false \(or on/off\)"),
+        ({"policy": "ondemand", "token_prefetch": True}, r"token_prefetch needs a policy with a cache .*not 'ondemand'"),
         ("lru", "moe_offload must be a dict"),
     ],
 )

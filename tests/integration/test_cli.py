@@ -15,13 +15,15 @@ def test_flags_fold_into_additional_config():
     parser = make_arg_parser(FlexibleArgumentParser())
     args = parser.parse_args([
         "some/model", "--moe-offload", "lru", "--moe-offload-budget", "512MiB", "--moe-offload-tier", "disk",
-        "--no-moe-offload-direct-io", "--moe-offload-replacement", "decay", "--additional-config", '{"other": 1}',
+        "--no-moe-offload-direct-io", "--moe-offload-replacement", "decay", "--moe-offload-token-prefetch",
+        "--additional-config", '{"other": 1}',
     ])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config == {
         "other": 1,
         "moe_offload": {
             "policy": "lru", "budget": "512MiB", "tier": "disk", "direct_io": False, "replacement": "decay",
+            "token_prefetch": True,
         },
     }
     plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["some/model"]))
@@ -40,6 +42,7 @@ def test_serve_help_lists_the_flags():
     assert "{off,ondemand,lru,fate,klotski,eap}" in out.stdout
     assert "--moe-offload-klotski-features" in out.stdout and "--moe-offload-klotski-max-group" in out.stdout
     assert "{lru,arc,lfru,log2decay,ewma,decay,nextuse}" in out.stdout  # --moe-offload-replacement
+    assert "--moe-offload-token-prefetch, --no-moe-offload-token-prefetch" in out.stdout
 
 
 def test_bad_budget_flag_exits_with_the_reason(tiny_models):

@@ -166,3 +166,34 @@ def test_a_gated_prefetch_that_evicts_what_the_next_step_needs_counts_as_wrong(e
     step(2, [5, 3])  # the other victim, needed three steps later: not blamed
     assert gate.precision((1, "token")) == after
     engine.shutdown()
+
+
+def test_another_predictors_prediction_is_gated_and_counted_apart_from_the_routers(experts):  # noqa: F811
+    """The next-token table's predictions (``predictor``) earn their own precision in the gate, leave the
+    routers' prediction counts and look-ahead depth alone, and are counted as ``token_table_*``."""
+    folder, _ = experts
+    slots = _slots(folder, 2)
+
+    def pays(predictor=None) -> bool:
+        slots.load_s_ema, slots.engine.clock.compute_s = 0.002, 0.001  # a load: 2 ms; a layer: 1 ms
+        return slots.prefetch_pays(1, "token", predictor=predictor)
+
+    assert not pays() and not pays("token-table")  # no record (0.5): one layer ahead does not pay
+    for pair in ([0, 1], [2, 3], [0, 1]):  # the table is right each time: its gate opens after the first
+        pays()
+        slots.prefetch(pair, distance=1, gate="token", predictor="token-table")
+        slots.ensure(pair)
+        slots.end_step()
+    assert pays("token-table") and not pays()  # the router's has no record of its own
+    assert (slots.stats.prefetch_gated, slots.stats.prefetch_loads, slots.stats.prefetch_hits) == (2, 4, 4)
+    assert slots.stats.token_table_predicted == 6 and slots.stats.token_table_right == 6
+    assert slots.stats.predicted == 0 and slots.prefetch_missing_ema is None
+    pays()
+    slots.prefetch([2, 3], distance=1, gate="token", predictor="token-table")
+    slots.prefetch([2, 3], distance=1)  # the router's prediction of the same step, ungated
+    slots.ensure([2, 3])
+    stats = slots.stats_dict()
+    assert (stats["prefetch_loads"], stats["prefetch_hits"], stats["token_table_right"]) == (6, 6, 8)
+    assert (stats["predicted"], stats["predicted_right"]) == (2, 2) and slots.prefetch_missing_ema == 0
+    slots.end_step()
+    slots.engine.shutdown()

@@ -186,6 +186,10 @@ class OffloadConfig:
     #: that distance, for one token's step or a batch's) have been right often enough to pay for the load a
     #: wrong one wastes (``core/prefetch_gate.py``); off: every prediction is loaded, as the papers do
     prefetch_gate: bool = True
+    #: batch-1 decode: before the step's layers run, load the experts each layer sent the step's input token
+    #: to the last time it saw it (``core/token_routes.py``, ``integration/token_prefetch.py``), through the
+    #: prefetch gate like the routers' predictions; None (default): on for fate, off for the others
+    token_prefetch: bool | None = None
     #: longest a forward pass waits for one expert load; past it the tokens that need the
     #: expert fail (their requests end with an error) and the load finishes in the background
     load_timeout_s: float = 30.0
@@ -215,6 +219,11 @@ class OffloadConfig:
     @property
     def enabled(self) -> bool:
         return self.policy is not Policy.OFF
+
+    @property
+    def token_prefetch_on(self) -> bool:
+        """Whether batch-1 decode steps load what the next-token table predicts (``token_prefetch``)."""
+        return self.token_prefetch if self.token_prefetch is not None else self.policy is Policy.FATE
 
     @property
     def kernel_store(self) -> bool:
@@ -261,6 +270,13 @@ class OffloadConfig:
             kw["link_schedule"] = _switch(raw["link_schedule"], "link_schedule")
         if "prefetch_gate" in raw:
             kw["prefetch_gate"] = _switch(raw["prefetch_gate"], "prefetch_gate")
+        if "token_prefetch" in raw:
+            kw["token_prefetch"] = _switch(raw["token_prefetch"], "token_prefetch")
+            if kw["token_prefetch"] and kw.get("policy") is Policy.ONDEMAND:
+                raise OffloadConfigError(
+                    "token_prefetch needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
+                    "not 'ondemand', whose scratch slots are emptied every step"
+                )
         if "io_threads" in raw:
             kw["io_threads"] = _number(raw["io_threads"], "io_threads", int, 1, 64)
         if "link_gbps" in raw:

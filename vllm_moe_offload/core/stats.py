@@ -29,7 +29,10 @@ class LayerStats:
     missing experts not loaded because such predictions have not been right
     often enough to pay for a wrong one's load (``core/prefetch_gate.py``).
     ``distance_*``: prediction counts by look-ahead distance (recall per distance
-    is ``distance_right / distance_needed``).
+    is ``distance_right / distance_needed``). ``token_table_predicted`` /
+    ``token_table_right``: experts the next-token table predicted for the layer's
+    steps (``core/token_routes.py``) and those of them the step needed; not in
+    ``predicted``, which counts the routers' predictions.
     ``failed_loads`` are needs that could not be met (a read failed or timed
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
@@ -61,6 +64,8 @@ class LayerStats:
     prefetch_cancelled: int = 0
     prefetch_refused: int = 0
     prefetch_gated: int = 0
+    token_table_predicted: int = 0
+    token_table_right: int = 0
     waves: int = 0
     #: per look-ahead distance (layers between predictor and predicted): the same three counts
     distance_predicted: dict[int, int] = field(default_factory=dict)
@@ -108,7 +113,8 @@ def summarize(layers: Iterable[dict]) -> dict:
     summed = (
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s", "read_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
-        "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "waves",
+        "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "token_table_predicted",
+        "token_table_right", "waves",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
              **{key: {} for key in _BY_DISTANCE}}

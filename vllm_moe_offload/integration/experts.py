@@ -82,6 +82,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         self.ready_first = True
         # klotski / profiles: sees every step's routing (integration/observer.py)
         self.observer = None
+        #: the next-token table's: told every step's routing (integration/token_prefetch.py), set by the setup
+        self.observe_tokens = None
         #: where this layer's experts lie in the checkpoint (``checkpoint_layout.py``), set with the slots
         self.checkpoint_layout = None
         #: how a quantized layer's experts are held (None: unquantized; quantized_experts.py)
@@ -145,6 +147,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         # before any prefetch this layer issues: they queue behind its own loads; the step's kind: the prefetch
         # gate learns what this layer's demand loads stall each kind of step
         slots.begin_layer(step_kind(x.shape[0]))
+        if self.observe_tokens is not None:
+            self.observe_tokens(topk_ids)
         if self.observer is not None:
             self.observer.on_route(self, topk_ids)
         try:

@@ -36,6 +36,7 @@ FLAG_KEYS = {
     "moe_offload_cache_dir": "cache_dir",
     "moe_offload_resident_layers": "resident_layers",
     "moe_offload_overfetch": "overfetch",
+    "moe_offload_token_prefetch": "token_prefetch",
     "moe_offload_load_timeout_s": "load_timeout_s",
     "moe_offload_io_stuck_s": "io_stuck_s",
     "moe_offload_replacement": "replacement",
@@ -69,7 +70,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--moe-offload", dest="moe_offload", default=None, choices=[p.value for p in Policy],
         help="Expert offload policy: 'ondemand' (fixed resident set, misses loaded and dropped), "
         "'lru' (least-recently-used cache over the whole budget), 'fate' (cross-layer gate prefetch, "
-        "ARC caches, shallow layers resident), 'klotski' (correlation-table prefetch of the hot experts of "
+        "in batch-1 decode also from the sampled token, ARC caches, shallow layers resident), 'klotski' (correlation-table prefetch of the hot experts of "
         "the next layer, sized by an I/O-compute planner; for batches), 'eap' (baseline: each request's "
         "expert activation path matched against finished requests, MoE-Infinity style), or 'off' (stock vLLM; "
         "the default).",
@@ -123,6 +124,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--moe-offload-resident-layers", dest="moe_offload_resident_layers", default=None, type=int,
         metavar="N", help="fate: keep the first N MoE layers fully resident (default: the first layer, "
         "which cannot be predicted).",
+    )
+    group.add_argument(
+        "--moe-offload-token-prefetch", dest="moe_offload_token_prefetch", default=None,
+        action=argparse.BooleanOptionalAction,
+        help="Batch-1 decode: as soon as a token is sampled, load the experts each MoE layer sent that token to "
+        "the last time it saw it, before the next step's layers run (gated by how often such predictions were "
+        "right). Default: on for 'fate', off for the other policies; refused with 'ondemand'.",
     )
     group.add_argument(
         "--moe-offload-overfetch", dest="moe_offload_overfetch", default=None, type=int, metavar="K",

@@ -35,7 +35,8 @@ from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, extra_slot_order, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
-from vllm_moe_offload.integration import policy_inputs
+from vllm_moe_offload.integration import policy_inputs, token_prefetch
+from vllm_moe_offload.integration.token_prefetch import TokenPrefetch
 from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
 from vllm_moe_offload.integration.engine_config import kv_cache_note, offload_config_of, plan_rank_slots
 from vllm_moe_offload.integration.experts import (
@@ -85,6 +86,8 @@ class OffloadRuntime:
     link: LinkEmulator
     predicted_layers: int = 0
     observer: RoutingObserver | None = None
+    #: batch-1 decode's loads ahead from the step's input token (``token_prefetch.py``; None: off)
+    token_prefetch: TokenPrefetch | None = None
     #: every fast-memory allocation for experts (slots, read buffers, conversion, CUDA staging ring)
     ledger: BudgetLedger | None = None
     #: what ``budget auto`` chose and why (None for a size or share budget)
@@ -203,6 +206,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         link_layers([view.policy for view in shared.pool.views], plan.num_experts)
     runtime.observer = _observer(layers, config, vllm_config, profile)
     policy_inputs.attach(model, runtime.layers)  # the step's token, for a policy that keys by it (nextuse)
+    if config.token_prefetch_on:
+        runtime.token_prefetch = token_prefetch.attach(model, layers, gated=config.prefetch_gate)
     for ordinal, slots in enumerate(runtime.layers):
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     # the slots' pages, mapped now rather than by the first loads into them (they made the first request slow)

@@ -61,6 +61,9 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float, others: str |
     ]
     if config.policy is Policy.FATE:
         lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
+    if runtime.token_prefetch is not None:
+        lines.append("  prediction batch-1 decode: each layer's experts loaded ahead from the step's input token "
+                     "(where it sent that token last)")
     lines.append(
         "  hit rate   expected: unknown (no trace at startup; `vllm-moe-offload trace` then "
         "`vllm-moe-offload simulate` estimates it for a budget)"

@@ -69,6 +69,8 @@ class OffloadWorkerMixin:
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
+        if self._moe_offload is not None and self._moe_offload.token_prefetch is not None:
+            self._moe_offload.token_prefetch.after_sampling(output)  # batch-1 decode: the next step's experts
         failed, self._failed_requests = self._failed_requests, {}
         return faults.attach(output, failed) if failed else output
 

@@ -123,14 +123,17 @@ class LayerSlots:
         self._low: set[int] = set()  # resident in low precision: good for one prefill pass only
         # this layer's predictions for its next pass, by distance (layers ahead they were made)
         self._predictions: dict[int, set[int]] = {}
+        #: this step's predictions by predictors other than a router (``prefetch(predictor=...)``), by predictor
+        self._other_predictions: dict[str, set[int]] = {}
+        self._unused_counted_at = -1  # the step whose first prediction counted the last step's unused prefetches
         #: how often gated predictions of missing experts were right (``prefetch(gate=...)``), and this step's
-        #: gated predictions by distance, scored when the layer runs
+        #: gated predictions by their key (:meth:`gate_key`), scored when the layer runs
         self.prefetch_gate = PrefetchGate()
-        self._gated: dict[int, tuple[tuple[int, str], set[int]]] = {}
+        self._gated: dict[tuple, tuple[tuple, set[int]]] = {}
         self._closed_calls = 0  # predictions asked for while the gate was closed (sample_closed_prediction)
         #: this layer's experts a gated prediction's load evicted: expert -> (that layer's gate, the prediction's
         #: key, this layer's step count then); needed again by this layer's next step, the load is a harm
-        self._victims: dict[int, tuple[PrefetchGate, tuple[int, str], int]] = {}
+        self._victims: dict[int, tuple[PrefetchGate, tuple, int]] = {}
         self._step_marks: tuple[str, float, int] | None = None  # this step's kind, stall and misses at its start
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
@@ -219,6 +222,7 @@ class LayerSlots:
     def prefetch(
         self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1,
         scores: Sequence[float] | None = None, gate: str | None = None, backlog_s: float = 0.0,
+        predictor: str | None = None,
     ) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
@@ -242,24 +246,30 @@ class LayerSlots:
         layer's predictions of that kind at that distance have been right often enough to pay for the link
         time a wrong one costs (``core/prefetch_gate.py``; the rest count as ``prefetch_gated``); the
         prediction is scored either way; ``backlog_s``: link time its loads would queue behind (see
-        :meth:`prefetch_pays`).
+        :meth:`prefetch_pays`). ``predictor``: which predictor made it, where not a router's (its precision is
+        kept apart, :meth:`gate_key`; ``integration/token_prefetch.py``'s ``"token"``).
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
-        if not self._predictions:  # the step's first prediction: the last step's are over
+        if self._unused_counted_at != self.stats.steps:  # the step's first prediction: the last step's are over
+            self._unused_counted_at = self.stats.steps
             self.stats.prefetch_unused += len(self._prefetched)
             self._prefetched.clear()
-            missing = sum(self.slot_map.slot_of(e) is None for e in wanted)
-            ema = self.prefetch_missing_ema
-            self.prefetch_missing_ema = missing if ema is None else 0.9 * ema + 0.1 * missing
-        if self._predictions and distance < min(self._predictions):
-            self._cancel_queued_prefetches(keep=set(wanted))
-        self._predictions[distance] = set(wanted)
         pinned = set(wanted) | set(self._pending)
         todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
+        if predictor is not None:  # scored apart from the routers' (which the look-ahead depth follows)
+            self._other_predictions[predictor] = set(wanted)
+        else:
+            if not self._predictions:  # a router's first this step: how many it finds missing
+                ema = self.prefetch_missing_ema
+                self.prefetch_missing_ema = len(todo) if ema is None else 0.9 * ema + 0.1 * len(todo)
+            if self._predictions and distance < min(self._predictions):
+                self._cancel_queued_prefetches(keep=set(wanted))
+            self._predictions[distance] = set(wanted)
         if gate is not None:
-            self._gated[distance] = ((distance, gate), set(todo))  # scored when this layer runs
-            if not self.prefetch_pays(distance, gate, backlog_s):
+            key = self.gate_key(distance, gate, predictor)
+            self._gated[key] = (key, set(todo))  # scored when this layer runs
+            if not self.prefetch_pays(distance, gate, backlog_s, predictor):
                 self.stats.prefetch_gated += len(todo)
                 todo = []
         if self.pooled:  # loads in flight hold pool slots: leave the running layer a full pass
@@ -287,7 +297,7 @@ class LayerSlots:
             )
             if scheduled and scores is not None:
                 guard = pinned | outranking(score, self.slot_map.resident(), scores)
-            cause = (distance, gate) if gate is not None else None
+            cause = self.gate_key(distance, gate, predictor) if gate is not None else None
             if not self._start_load(expert, guard, spare_useful=spare_useful, priority=priority, cause=cause):
                 if spare_useful:
                     self.stats.prefetch_skipped += 1
@@ -295,13 +305,19 @@ class LayerSlots:
             self.slot_map.touch(expert, hit=False, demand=False)
             self.stats.prefetch_loads += 1
 
-    def prefetch_pays(self, distance: int, kind: str, backlog_s: float = 0.0) -> bool:
+    @staticmethod
+    def gate_key(distance: int, kind: str, predictor: str | None = None) -> tuple:
+        """The key the prefetch gate keeps a prediction's precision under: a router's ``(distance, kind)``,
+        another predictor's ``(distance, kind, predictor)``."""
+        return (distance, kind) if predictor is None else (distance, kind, predictor)
+
+    def prefetch_pays(self, distance: int, kind: str, backlog_s: float = 0.0, predictor: str | None = None) -> bool:
         """Whether a ``kind`` prediction ``distance`` layers ahead would be loaded (``core/prefetch_gate.py``);
         ``backlog_s``: link time its loads would queue behind while the layers in between compute (the
-        predicting batch's own loads), which comes off its lead."""
+        predicting batch's own loads), which comes off its lead; ``predictor``: see :meth:`prefetch`."""
         clock = getattr(self.engine, "clock", None)
-        return self.prefetch_gate.pays((distance, kind), distance, self.load_s_ema, clock and clock.compute_s,
-                                       backlog_s, self.prefetch_gate.stall_per_miss(kind))
+        return self.prefetch_gate.pays(self.gate_key(distance, kind, predictor), distance, self.load_s_ema,
+                                       clock and clock.compute_s, backlog_s, self.prefetch_gate.stall_per_miss(kind))
 
     def prediction_wanted(self, distance: int, kind: str | None, backlog_s: float = 0.0) -> bool:
         """Whether to make a ``kind`` prediction ``distance`` layers ahead at all: ungated (``kind`` None), the
@@ -373,7 +389,7 @@ class LayerSlots:
 
     def _start_load(
         self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False,
-        priority: LoadPriority = DEMAND, cause: tuple[int, str] | None = None,
+        priority: LoadPriority = DEMAND, cause: tuple | None = None,
     ) -> bool:
         """Admit ``expert`` (evicting outside ``pinned``) and submit its load; False when every slot is pinned.
 
@@ -502,12 +518,16 @@ class LayerSlots:
         """
         if self._step_needs is None:
             self._step_needs = set(experts)
-        if not self._gated and not self._predictions:
+        if not self._gated and not self._predictions and not self._other_predictions:
             return
         needed = set(experts)
         for key, missing in self._gated.values():
             self.prefetch_gate.record(key, len(missing), len(missing & needed))
         self._gated = {}
+        for predicted in self._other_predictions.values():  # the next-token table's, the only other predictor
+            self.stats.token_table_predicted += len(predicted)
+            self.stats.token_table_right += len(predicted & needed)
+        self._other_predictions = {}
         if not self._predictions:
             return
         nearest = self._predictions[min(self._predictions)]
@@ -595,13 +615,13 @@ class LayerSlots:
             self._prefetched.add(expert)
         self._account(num_bytes, read_s)
 
-    def _evicted_by_other(self, expert: int, evictor: tuple[PrefetchGate, tuple[int, str]] | None) -> None:
+    def _evicted_by_other(self, expert: int, evictor: tuple[PrefetchGate, tuple] | None) -> None:
         """Another layer's admission took ``expert``'s slot (a shared pool); a gated prediction's, remembered."""
         self._forget(expert)
         if evictor is not None:
             self._note_victim(expert, evictor)
 
-    def _note_victim(self, expert: int, cause: tuple[PrefetchGate, tuple[int, str]]) -> None:
+    def _note_victim(self, expert: int, cause: tuple[PrefetchGate, tuple]) -> None:
         self._victims[expert] = (*cause, self.stats.steps)
 
     def _forget(self, expert: int) -> None:
