@@ -41,7 +41,7 @@ from vllm_moe_offload.core.prefetch_gate import step_kind
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration import policy_inputs
-from vllm_moe_offload.integration.passes import PassSchedule, distinct_experts
+from vllm_moe_offload.integration.passes import PassSchedule, distinct_experts, row_experts
 from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.runtime.slots import ExpertLoadError, LayerSlots
 
@@ -186,7 +186,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 passes = [list(range(x.shape[0]))]
                 rows = []
             else:
-                rows = topk_ids.tolist()
+                rows = row_experts(topk_ids)
                 # planned from what is resident or already loading: passes served by resident experts
                 # run first (before any load, and before a failing load can evict what they need), and
                 # each next pass reuses what the one before left

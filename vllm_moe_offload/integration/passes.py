@@ -31,6 +31,14 @@ from vllm_moe_offload.runtime.slots import ExpertLoadError
 _SMALL_ROUTING = 64
 
 
+def row_experts(topk_ids: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each row of ``topk_ids [T, k]`` as a tuple of expert ids, through one flat list: torch's own nested
+    ``tolist`` of a 4096-row step took 2-4 ms here, this about 0.1 ms."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).tolist()
+    return list(zip(*(flat[j::k] for j in range(k))))
+
+
 def distinct_experts(topk_ids: torch.Tensor) -> list[int]:
     """The distinct expert ids of ``topk_ids [T, k]``, ascending (as ``torch.unique``)."""
     if topk_ids.numel() <= _SMALL_ROUTING:
@@ -108,7 +116,7 @@ class PassSchedule:
         if idx.numel() < 2:
             return idx
         ids = topk_ids[idx]  # [t, k]
-        rows = ids.tolist()
+        rows = row_experts(ids)
         experts = sorted({e for row in rows for e in row})
         missing = slots.missing(experts)
         if not missing:
@@ -118,7 +126,7 @@ class PassSchedule:
         while True:
             absent = torch.tensor(slots.missing(missing), dtype=ids.dtype, device=ids.device)
             ready = todo & ~torch.isin(ids, absent).any(dim=-1)  # [t]
-            waiting = slots.in_flight({e for row in ids[todo & ~ready].tolist() for e in row})
+            waiting = slots.in_flight(set(ids[todo & ~ready].reshape(-1).tolist()))
             if not waiting and bool(ready.eq(todo).all()):  # the pass's last rows: free slots for the next first
                 return self._free_for_next_pass(idx[todo], ids[todo], x, topk_weights, topk_ids, out, low, counted,
                                                 then)
@@ -161,7 +169,7 @@ class PassSchedule:
         so results are exact. Returns the rows left, for the caller's one call.
         """
         slots = self.slots
-        rows = ids.tolist()
+        rows = row_experts(ids)
         self._start_next_pass(then, {e for row in rows for e in row}, low)  # into slots this pass leaves alone
         if not then:
             return idx

@@ -20,10 +20,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from vllm_moe_offload.core.prefetch_gate import step_kind
 from vllm_moe_offload.core.token_routes import TokenRoutes
+from vllm_moe_offload.integration.passes import row_experts
+
+#: up to this many rows a step's rows are told to the table as they are; above, each distinct token's last
+#: row only (a 4096-token prompt chunk of tiny-mixtral's text holds about 860 distinct tokens)
+_FEW_ROWS = 64
 
 #: the ``predictor`` these predictions are scored under (``LayerSlots.prefetch``): apart from the routers'
 PREDICTOR = "token-table"
@@ -36,7 +42,9 @@ class TokenPrefetch:
         self.layers = list(layers)
         self.gated = gated
         self.routes = TokenRoutes(len(self.layers))
-        self._tokens: list[int] | None = None  # the running step's input tokens, one per row
+        self._tokens: list[int] | None = None  # the running step's input tokens, one per row, or its distinct ones
+        self._last_rows: torch.Tensor | None = None  # a big step's: the last row of each of its distinct tokens
+        self._num_rows = 0  # a big step's rows
         self._sampled: int | None = None  # the token the last step sampled and predicted from, if one
         for ordinal, layer in enumerate(self.layers):
             layer.observe_tokens = functools.partial(self.observe, ordinal)
@@ -47,7 +55,15 @@ class TokenPrefetch:
 
     def _before_forward(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._tokens = None if input_ids is None else input_ids.reshape(-1).tolist()
+        self._tokens = self._last_rows = None
+        if input_ids is not None:
+            flat = input_ids.reshape(-1)
+            if flat.numel() <= _FEW_ROWS:
+                self._tokens = flat.tolist()
+            else:  # each distinct token's last row, found once for every layer
+                tokens, first = np.unique(flat.cpu().numpy()[::-1], return_index=True)
+                self._tokens, self._last_rows = tokens.tolist(), torch.from_numpy(flat.numel() - 1 - first)
+                self._num_rows = flat.numel()
         sampled, self._sampled = self._sampled, None
         if self._tokens is not None and len(self._tokens) == 1 and self._tokens[0] != sampled:
             self.prefetch(self._tokens[0])
@@ -85,8 +101,13 @@ class TokenPrefetch:
         Skipped where the step's tokens are unknown or do not match the rows one to one.
         """
         tokens = self._tokens
-        if tokens is not None and len(tokens) == topk_ids.shape[0]:
-            self.routes.observe(ordinal, tokens, topk_ids.tolist())
+        if tokens is None:
+            return
+        if self._last_rows is None:
+            if len(tokens) == topk_ids.shape[0]:
+                self.routes.observe(ordinal, tokens, row_experts(topk_ids))
+        elif self._num_rows == topk_ids.shape[0]:
+            self.routes.observe(ordinal, tokens, row_experts(topk_ids[self._last_rows.to(topk_ids.device)]))
 
 
 def attach(model: torch.nn.Module, layers: Sequence, gated: bool) -> TokenPrefetch:
