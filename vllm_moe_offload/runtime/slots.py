@@ -247,7 +247,7 @@ class LayerSlots:
         time a wrong one costs (``core/prefetch_gate.py``; the rest count as ``prefetch_gated``); the
         prediction is scored either way; ``backlog_s``: link time its loads would queue behind (see
         :meth:`prefetch_pays`). ``predictor``: which predictor made it, where not a router's (its precision is
-        kept apart, :meth:`gate_key`; ``integration/token_prefetch.py``'s ``"token"``).
+        kept apart, :meth:`gate_key`; ``integration/token_prefetch.py``'s ``"token-table"``).
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
