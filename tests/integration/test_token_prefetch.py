@@ -57,6 +57,8 @@ def test_token_prefetch_keeps_stock_tokens_and_predicts_trained_routing(stock, t
           "loads)")
     assert precision > 0.5  # chance: top_k / num_experts = 0.125
     assert off["token_table_predicted"] == 0 and lru["token_table_predicted"] == 0
+    # fate's routers predict a one-token step's next layer only where the table had nothing for the token
+    assert fate["predicted"] < off["predicted"]
     assert lru_on["prefetch_gated"] == 0 and lru_on["prefetch_hits"] > 0
     assert lru_on["misses"] < lru["misses"]
     assert lru_on["prefetch_hits"] + lru_on["prefetch_unused"] <= lru_on["prefetch_loads"]

@@ -189,9 +189,12 @@ def test_another_predictors_prediction_is_gated_and_counted_apart_from_the_route
     assert slots.stats.token_table_predicted == 6 and slots.stats.token_table_right == 6
     assert slots.stats.predicted == 0 and slots.prefetch_missing_ema is None
     pays()
+    assert not slots.predicted_by("token-table")
     slots.prefetch([2, 3], distance=1, gate="token", predictor="token-table")
+    assert slots.predicted_by("token-table")  # fate's router then leaves this step of the layer to it
     slots.prefetch([2, 3], distance=1)  # the router's prediction of the same step, ungated
     slots.ensure([2, 3])
+    assert not slots.predicted_by("token-table")  # scored when the layer ran: the next step is not predicted
     stats = slots.stats_dict()
     assert (stats["prefetch_loads"], stats["prefetch_hits"], stats["token_table_right"]) == (6, 6, 8)
     assert (stats["predicted"], stats["predicted_right"]) == (2, 2) and slots.prefetch_missing_ema == 0

@@ -510,6 +510,10 @@ class LayerSlots:
         self._collect_finished()
         return over
 
+    def predicted_by(self, predictor: str) -> bool:
+        """Whether ``predictor`` (``prefetch(predictor=...)``) has predicted this layer's experts for its next step."""
+        return predictor in self._other_predictions
+
     def score_prediction(self, experts: Sequence[int]) -> None:
         """Score the predictions for this step against ``experts``: the nearest overall, each by distance.
 
