@@ -1,0 +1,207 @@
+"""Micro-benchmark (not a test): where batch-1 decode's time goes, per token, for each policy.
+
+    python scripts/measure/decode_breakdown.py MODEL --policies "lru[store=kernel],fate[store=kernel]" \\
+        --budget 25% [--rounds 3] [--json OUT]
+
+Each run starts one engine in its own process (vLLM's one-process engine, so the MoE layers are timed where
+they run), decodes ``--prompts`` prompts of ``--prompt-len`` held-out tokens for ``--new-tokens`` greedy
+tokens each, ``--reps`` times, and splits the time per generated token into
+
+* *MoE op*: the offloaded layers' custom op, of which *kernel* (the fused-experts calls), *stall* (waits for
+  loads, the slots' ``stall_s``) and *plugin* (the rest: routing bookkeeping, predictions, remapping);
+* *rest of model*: everything else in the step (attention, norms, the sampler, the engine's own work, and the
+  plugin's hooks outside the op, such as the next-token prefetch at sampling);
+
+and gives the loads and demand misses per token and the CPU time of the loader threads (``moe-offload-io_*``).
+The first run is the plugin holding every expert (``--resident``, lru at 100%: the compute the others are
+measured against); runs alternate ``--rounds`` times and each figure is the median over rounds. The bench's
+physical bound counts a load as free for the compute; this shows what the loads and the plugin cost besides
+(``docs/bench/token-prefetch/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
+HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
+
+FIELDS = ("ms_per_token", "moe_op", "kernel", "stall", "plugin", "rest", "loads", "misses", "io_cpu")
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by Python thread name where it has one."""
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        name = names.get(int(tid), tid)
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _child(spec: dict) -> dict:
+    """One engine: time the decodes and return the per-token figures (runs in its own process)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    import vllm_moe_offload
+    from vllm_moe_offload.integration import experts
+
+    spent = {"op": 0.0, "kernel": 0.0}
+    op, kernel = experts.OffloadRoutedExperts.offloaded_forward, experts.OffloadRoutedExperts._kernel
+
+    def timed_op(self, *args):
+        started = time.perf_counter()
+        try:
+            return op(self, *args)
+        finally:
+            spent["op"] += time.perf_counter() - started
+
+    def timed_kernel(self, *args):
+        started = time.perf_counter()
+        try:
+            return kernel(self, *args)
+        finally:
+            spent["kernel"] += time.perf_counter() - started
+
+    experts.OffloadRoutedExperts.offloaded_forward = timed_op
+    experts.OffloadRoutedExperts._kernel = timed_kernel
+
+    extra = {"additional_config": {"moe_offload": spec["offload"]}} if spec["offload"] else {}
+    llm = LLM(spec["model"], dtype="bfloat16", max_model_len=spec["prompt_len"] + spec["new_tokens"] + 16,
+              max_num_seqs=1, kv_cache_memory_bytes=2**26, enforce_eager=True, seed=0, **extra)
+    tokens = np.load(spec["tokens"]).astype(np.int64).ravel().tolist()
+    stride = len(tokens) // spec["prompts"]
+    prompts = [{"prompt_token_ids": tokens[i * stride:i * stride + spec["prompt_len"]]} for i in range(spec["prompts"])]
+    params = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+
+    def totals() -> dict:
+        layers = vllm_moe_offload.offload_stats(llm)[0].get("layers", []) if spec["offload"] else []
+        return {key: sum(layer[key] for layer in layers) for key in ("stall_s", "loads", "misses")}
+
+    before, cpu_before = totals(), _thread_cpu_s()
+    spent.update(op=0.0, kernel=0.0)
+    started = time.perf_counter()
+    for _ in range(spec["reps"]):
+        for prompt in prompts:
+            llm.generate([prompt], params, use_tqdm=False)
+    wall_s = time.perf_counter() - started
+    after, cpu_after = totals(), _thread_cpu_s()
+    generated = spec["reps"] * len(prompts) * spec["new_tokens"]
+    per_token_ms = 1e3 / generated
+    stall = (after["stall_s"] - before["stall_s"]) * per_token_ms
+    io_cpu = sum(cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after if name.startswith("moe-offload-io"))
+    return {
+        "ms_per_token": wall_s * per_token_ms,
+        "moe_op": spent["op"] * per_token_ms,
+        "kernel": spent["kernel"] * per_token_ms,
+        "stall": stall,
+        "plugin": (spent["op"] - spent["kernel"]) * per_token_ms - stall,
+        "rest": (wall_s - spent["op"]) * per_token_ms,
+        "loads": (after["loads"] - before["loads"]) / generated,
+        "misses": (after["misses"] - before["misses"]) / generated,
+        "io_cpu": io_cpu * per_token_ms,
+    }
+
+
+def _run(spec: dict) -> dict:
+    """:func:`_child` in a fresh process; its result through a file (vLLM logs to stdout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        code = ("import json, sys; sys.path.insert(0, sys.argv[3]); import decode_breakdown as d; "
+                "json.dump(d._child(json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(out), str(Path(__file__).parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise SystemExit(f"decode_breakdown: the {spec['name']} engine failed (exit {done.returncode}):\n"
+                             + done.stderr[-3000:])
+        return json.loads(out.read_text())
+
+
+def _short(entry: str) -> str:
+    """A bench entry as the table names it: without its ``cache_dir`` (a path, the same for every run)."""
+    return re.sub(r";?cache_dir=[^;\]]*", "", entry).replace("[;", "[").replace("[]", "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy of tiny-mixtral)")
+    parser.add_argument("--policies", default="lru,fate",
+                        help="bench-style entries, NAME or NAME[key=value;...] (default lru,fate)")
+    parser.add_argument("--budget", default="25%", help="the offloaded runs' budget (default 25%%)")
+    parser.add_argument("--no-resident", dest="resident", action="store_false",
+                        help="skip the first run, lru holding every expert (budget 100%%)")
+    parser.add_argument("--tokens", type=Path, default=HELDOUT, help="a .npy of token ids the prompts are cut from")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts per repetition (default 3)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (default 32)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions of the prompts per engine (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="times each engine is started, alternating (default 3)")
+    parser.add_argument("--json", type=Path, help="also write every round's figures here")
+    args = parser.parse_args()
+    if not args.tokens.exists():
+        raise SystemExit(f"decode_breakdown: no token file at {args.tokens} (give --tokens)")
+    for name in ("prompts", "prompt_len", "new_tokens", "reps", "rounds"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"decode_breakdown: --{name.replace('_', '-')} must be at least 1")
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from vllm_moe_offload.cli.bench import policy_settings, split_policies
+
+    runs = [("lru 100%", {"policy": "lru", "budget": "100%"})] if args.resident else []
+    try:
+        for entry in split_policies(args.policies):
+            runs.append((f"{_short(entry)} {args.budget}", {**policy_settings(entry), "budget": args.budget}))
+    except ValueError as exc:
+        raise SystemExit(f"decode_breakdown: {exc}") from None
+    common = {"model": str(Path(args.model).resolve()), "tokens": str(args.tokens.resolve()),
+              "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "reps": args.reps}
+    results: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    total = args.rounds * len(runs)
+    for n in range(total):
+        name, offload = runs[n % len(runs)]
+        print(f"[{n + 1}/{total}] {name} ...", end=" ", flush=True)
+        started = time.perf_counter()
+        got = _run({**common, "name": name, "offload": offload})
+        results[name].append(got)
+        print(f"{got['ms_per_token']:.2f} ms per token ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    print(f"\nms per generated token (medians of {args.rounds} engines; {args.reps} x {args.prompts} decodes of "
+          f"{args.new_tokens} tokens after {args.prompt_len}-token prompts each)\n")
+    print("| run | total | MoE op | kernel | stall | plugin | rest of model | loads / token | misses / token "
+          "| loader CPU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, rounds in results.items():
+        med = {key: statistics.median(r[key] for r in rounds) for key in FIELDS}
+        spread = f" ({min(r['ms_per_token'] for r in rounds):.2f}-{max(r['ms_per_token'] for r in rounds):.2f})"
+        print(f"| {name} | {med['ms_per_token']:.2f}{spread} | {med['moe_op']:.2f} | {med['kernel']:.2f} "
+              f"| {med['stall']:.2f} | {med['plugin']:.2f} | {med['rest']:.2f} | {med['loads']:.2f} "
+              f"| {med['misses']:.2f} | {med['io_cpu']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results},
+                                        indent=1))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
