@@ -55,6 +55,19 @@ def _thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def _timed(method, spent: dict, key: str):
+    """``method`` adding the seconds each call takes to ``spent[key]``."""
+
+    def timed(self, *args):
+        started = time.perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            spent[key] += time.perf_counter() - started
+
+    return timed
+
+
 def _child(spec: dict) -> dict:
     """One engine: time the decodes and return the per-token figures (runs in its own process)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -65,24 +78,9 @@ def _child(spec: dict) -> dict:
     from vllm_moe_offload.integration import experts
 
     spent = {"op": 0.0, "kernel": 0.0}
-    op, kernel = experts.OffloadRoutedExperts.offloaded_forward, experts.OffloadRoutedExperts._kernel
-
-    def timed_op(self, *args):
-        started = time.perf_counter()
-        try:
-            return op(self, *args)
-        finally:
-            spent["op"] += time.perf_counter() - started
-
-    def timed_kernel(self, *args):
-        started = time.perf_counter()
-        try:
-            return kernel(self, *args)
-        finally:
-            spent["kernel"] += time.perf_counter() - started
-
-    experts.OffloadRoutedExperts.offloaded_forward = timed_op
-    experts.OffloadRoutedExperts._kernel = timed_kernel
+    cls = experts.OffloadRoutedExperts
+    cls.offloaded_forward = _timed(cls.offloaded_forward, spent, "op")
+    cls._kernel = _timed(cls._kernel, spent, "kernel")
 
     extra = {"additional_config": {"moe_offload": spec["offload"]}} if spec["offload"] else {}
     llm = LLM(spec["model"], dtype="bfloat16", max_model_len=spec["prompt_len"] + spec["new_tokens"] + 16,

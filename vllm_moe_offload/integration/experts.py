@@ -251,9 +251,10 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         ``gate_prefetches`` start only where this layer's earlier predictions of that kind were right often
         enough to pay (``core/prefetch_gate.py``), counting ``backlog_s`` (a batch's own loads, which the
         predictions' loads queue behind) off their lead. In a one-token step, a layer the next-token table has
-        predicted for this token (``token_prefetch.py``, layers earlier) is left to it: the router's guess one
-        layer ahead cost about 0.25 ms per token of router calls and bookkeeping on the padded tiny Mixtral at
-        25% and loaded 3-5% more for few misses saved (``scripts/measure/decode_breakdown.py``).
+        predicted for this token (``token_prefetch.py``, layers earlier; loaded or held back by its gate) is
+        left to it: the router's guess one layer ahead cost about 0.25 ms per token of router calls and
+        bookkeeping on the padded tiny Mixtral at 25%, and 3-5% more loads, to save about 0.15 of 1.4 demand
+        misses per token (``scripts/measure/decode_breakdown.py``).
         """
         for distance, nxt, gate in self.lookahead:
             if distance > 1 and distance > self._lookahead_depth(nxt):
