@@ -32,8 +32,11 @@ _SMALL_ROUTING = 64
 
 
 def row_experts(topk_ids: torch.Tensor) -> list[tuple[int, ...]]:
-    """Each row of ``topk_ids [T, k]`` as a tuple of expert ids, through one flat list: torch's own nested
-    ``tolist`` of a 4096-row step took 2-4 ms here, this about 0.1 ms."""
+    """Each row of ``topk_ids [T, k]`` as a tuple of expert ids, through one flat list.
+
+    Torch's nested ``tolist`` builds a list per row, which the garbage collector tracks: for a 4096-row step
+    in a process holding 2 million lists, 300 calls took 3.8 ms on average with pauses up to 366 ms (median
+    0.16), this 0.25 ms (at most 0.6; median 0.22)."""
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).tolist()
     return list(zip(*(flat[j::k] for j in range(k))))
