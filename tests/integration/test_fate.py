@@ -45,12 +45,14 @@ def _trained_rounds() -> list[dict]:
 
 def _job(name, model, offload=None, **job):
     """A fate run; its prefetch gate off unless ``offload`` turns it on: whether the gate loads a prediction
-    depends on measured times, and these tests look at what fate predicts and prefetches as the paper does."""
+    depends on measured times, and these tests look at what fate predicts and prefetches as the paper does.
+    The next-layer fill is off: it would take the random model's batched steps from fate's routers
+    (``tests/integration/test_layer_ahead.py`` runs fate with it)."""
     engine = {}
     if offload is not None:
         engine["additional_config"] = {"moe_offload": {"policy": "fate", "link_latency_ms": LINK_LATENCY_MS,
                                                        "io_threads": IO_THREADS, "prefetch_gate": False,
-                                                       **offload}}
+                                                       "layer_ahead": False, **offload}}
     return {"name": name, "model": str(model), "engine": engine, "max_tokens": 24, **job}
 
 

@@ -117,7 +117,9 @@ def test_startup_plan_block(runs):
     # loads from the checkpoint convert: the block names the store that reads experts ready
     assert re.search(r"  store      each load converts its expert from the checkpoint; --moe-offload-store kernel "
                      r"writes the experts once in the kernel layout \(3.00 MiB of disk", lru), lru
-    assert "prediction" not in lru
+    assert "prefetched from the previous layer's router" not in lru  # fate's routers
+    # the next-layer fill (layer_ahead.py), on for every policy: layer 0 loads layer 1's first experts ahead
+    assert "  prediction prefills and batches: 1 layer loads the next one's first experts while they compute" in lru
     fate = _plan_block(log, "fate")
     assert "  resident   layer 0 (every expert in fast memory)\n" in fate, fate
     assert "  offloaded  layer 1: 4/8 slots\n" in fate, fate

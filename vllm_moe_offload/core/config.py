@@ -190,6 +190,10 @@ class OffloadConfig:
     #: to the last time it saw it (``core/token_routes.py``, ``integration/token_prefetch.py``), through the
     #: prefetch gate like the routers' predictions; None (default): on for fate, off for the others
     token_prefetch: bool | None = None
+    #: steps of several tokens: each layer loads, behind its own misses, the next layer's first missing experts
+    #: (that layer's router on this layer's input) while the link would otherwise idle
+    #: (``integration/layer_ahead.py``); None (default): on for every policy but ``ondemand``
+    layer_ahead: bool | None = None
     #: longest a forward pass waits for one expert load; past it the tokens that need the
     #: expert fail (their requests end with an error) and the load finishes in the background
     load_timeout_s: float = 30.0
@@ -224,6 +228,13 @@ class OffloadConfig:
     def token_prefetch_on(self) -> bool:
         """Whether batch-1 decode steps load what the next-token table predicts (``token_prefetch``)."""
         return self.token_prefetch if self.token_prefetch is not None else self.policy is Policy.FATE
+
+    @property
+    def layer_ahead_on(self) -> bool:
+        """Whether steps of several tokens load the next layer's first experts ahead (``layer_ahead``)."""
+        if self.layer_ahead is not None:
+            return self.layer_ahead
+        return self.policy not in (Policy.OFF, Policy.ONDEMAND)
 
     @property
     def kernel_store(self) -> bool:
@@ -275,6 +286,13 @@ class OffloadConfig:
             if kw["token_prefetch"] and kw.get("policy") is Policy.ONDEMAND:
                 raise OffloadConfigError(
                     "token_prefetch needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
+                    "not 'ondemand', whose scratch slots are emptied every step"
+                )
+        if "layer_ahead" in raw:
+            kw["layer_ahead"] = _switch(raw["layer_ahead"], "layer_ahead")
+            if kw["layer_ahead"] and kw.get("policy") is Policy.ONDEMAND:
+                raise OffloadConfigError(
+                    "layer_ahead needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
                     "not 'ondemand', whose scratch slots are emptied every step"
                 )
         if "io_threads" in raw:

@@ -32,7 +32,9 @@ class LayerStats:
     is ``distance_right / distance_needed``). ``token_table_predicted`` /
     ``token_table_right``: experts the next-token table predicted for the layer's
     steps (``core/token_routes.py``) and those of them the step needed; not in
-    ``predicted``, which counts the routers' predictions.
+    ``predicted``, which counts the routers' predictions. ``layer_ahead_predicted`` /
+    ``layer_ahead_right``: the same for the experts the layer before loaded ahead in
+    steps of several tokens (``integration/layer_ahead.py``).
     ``failed_loads`` are needs that could not be met (a read failed or timed
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
@@ -66,6 +68,8 @@ class LayerStats:
     prefetch_gated: int = 0
     token_table_predicted: int = 0
     token_table_right: int = 0
+    layer_ahead_predicted: int = 0
+    layer_ahead_right: int = 0
     waves: int = 0
     #: per look-ahead distance (layers between predictor and predicted): the same three counts
     distance_predicted: dict[int, int] = field(default_factory=dict)
@@ -77,6 +81,12 @@ class LayerStats:
 
     def add_read(self, tier: str, num_bytes: int) -> None:
         self.bytes_read[tier] = self.bytes_read.get(tier, 0) + num_bytes
+
+    def add_other(self, predictor: str, predicted: int, right: int) -> None:
+        """Count one scored prediction of a predictor other than a router's (``token-table``, ``layer-ahead``)."""
+        name = predictor.replace("-", "_")
+        setattr(self, f"{name}_predicted", getattr(self, f"{name}_predicted") + predicted)
+        setattr(self, f"{name}_right", getattr(self, f"{name}_right") + right)
 
     def add_distance(self, distance: int, predicted: int, right: int, needed: int) -> None:
         """Count one scored prediction made ``distance`` layers ahead."""
@@ -114,7 +124,7 @@ def summarize(layers: Iterable[dict]) -> dict:
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s", "read_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
         "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "token_table_predicted",
-        "token_table_right", "waves",
+        "token_table_right", "layer_ahead_predicted", "layer_ahead_right", "waves",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
              **{key: {} for key in _BY_DISTANCE}}

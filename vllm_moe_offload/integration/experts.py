@@ -85,6 +85,9 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         self.observer = None
         #: the next-token table's: told every step's routing (integration/token_prefetch.py), set by the setup
         self.observe_tokens = None
+        #: the next offloaded layer, loaded ahead in steps of several tokens (integration/layer_ahead.py), set by
+        #: the setup
+        self.layer_ahead = None
         #: where this layer's experts lie in the checkpoint (``checkpoint_layout.py``), set with the slots
         self.checkpoint_layout = None
         #: how a quantized layer's experts are held (None: unquantized; quantized_experts.py)
@@ -162,13 +165,20 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         slots = self.slots
         assert slots is not None
         # a batch's predictions queue behind its own missing experts' loads (core/prefetch_gate.py's backlog)
-        unique = distinct_experts(topk_ids) if self.lookahead and x.shape[0] > 1 else None
-        if self.lookahead:
-            self._prefetch_next(x, slots.missing_load_s(unique) if unique is not None else 0.0)
+        ahead = self.layer_ahead
+        if ahead is not None and x.shape[0] >= ahead.min_tokens:
+            ahead.prefetch(x)  # the next layer's first loads, queued behind this layer's own
+            unique = None
+        else:  # fate's routers keep the steps the next-layer fill leaves
+            unique = distinct_experts(topk_ids) if self.lookahead and x.shape[0] > 1 else None
+            if self.lookahead:
+                self._prefetch_next(x, slots.missing_load_s(unique) if unique is not None else 0.0)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
             slots.stats.steps += 1
-            return self._kernel(x, topk_weights, topk_ids)
+            out = self._kernel(x, topk_weights, topk_ids)
+            slots.ended_s = time.perf_counter()  # for the link's idle time after it (layer_ahead.py)
+            return out
         failed: dict[int, str] = {}  # expert -> why it could not be loaded
         low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision
         try:

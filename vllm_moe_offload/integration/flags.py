@@ -37,6 +37,7 @@ FLAG_KEYS = {
     "moe_offload_resident_layers": "resident_layers",
     "moe_offload_overfetch": "overfetch",
     "moe_offload_token_prefetch": "token_prefetch",
+    "moe_offload_layer_ahead": "layer_ahead",
     "moe_offload_load_timeout_s": "load_timeout_s",
     "moe_offload_io_stuck_s": "io_stuck_s",
     "moe_offload_replacement": "replacement",
@@ -131,6 +132,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="Batch-1 decode: as soon as a token is sampled, load the experts each MoE layer sent that token to "
         "the last time it saw it, before the next step's layers run (gated by how often such predictions were "
         "right). Default: on for 'fate', off for the other policies; refused with 'ondemand'.",
+    )
+    group.add_argument(
+        "--moe-offload-layer-ahead", dest="moe_offload_layer_ahead", default=None,
+        action=argparse.BooleanOptionalAction,
+        help="Steps of several tokens (prefills, batches): while a MoE layer computes, load the next layer's "
+        "first missing experts, told by that layer's router on this layer's input, as many as the link would "
+        "otherwise idle for. Default: on for every policy but 'ondemand', where it is refused.",
     )
     group.add_argument(
         "--moe-offload-overfetch", dest="moe_offload_overfetch", default=None, type=int, metavar="K",

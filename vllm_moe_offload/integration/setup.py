@@ -35,7 +35,7 @@ from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.core.resident import choose_resident_layers, extra_slot_order, layer_demand
 from vllm_moe_offload.core.correlation import CorrelationTable
 from vllm_moe_offload.core.stats import layer_recall, summarize
-from vllm_moe_offload.integration import policy_inputs, token_prefetch
+from vllm_moe_offload.integration import layer_ahead, policy_inputs, token_prefetch
 from vllm_moe_offload.integration.token_prefetch import TokenPrefetch
 from vllm_moe_offload.integration.checkpoint_layout import checkpoint_folder, expert_layouts
 from vllm_moe_offload.integration.engine_config import kv_cache_note, offload_config_of, plan_rank_slots
@@ -88,6 +88,8 @@ class OffloadRuntime:
     observer: RoutingObserver | None = None
     #: batch-1 decode's loads ahead from the step's input token (``token_prefetch.py``; None: off)
     token_prefetch: TokenPrefetch | None = None
+    #: layers that load the next one's first experts ahead in steps of several tokens (``layer_ahead.py``)
+    layers_ahead: int = 0
     #: every fast-memory allocation for experts (slots, read buffers, conversion, CUDA staging ring)
     ledger: BudgetLedger | None = None
     #: what ``budget auto`` chose and why (None for a size or share budget)
@@ -212,6 +214,8 @@ def build_offload(model: torch.nn.Module, vllm_config) -> OffloadRuntime | None:
         slots.warm(_warm_set(runtime.observer, config, ordinal, slots))
     # the slots' pages, mapped now rather than by the first loads into them (they made the first request slow)
     runtime.populator = Populator([pool for slots in runtime.layers for pool in slots.pools]).start()
+    if config.layer_ahead_on:
+        runtime.layers_ahead = layer_ahead.attach(model, layers, layer_ahead.MIN_TOKENS)
     if config.policy is Policy.FATE:
         runtime.predicted_layers = link_prediction(model, layers, config.overfetch, io_lanes=config.io_threads)
         for layer in layers:

@@ -61,6 +61,11 @@ def plan_lines(runtime: OffloadRuntime, model: str, took_s: float, others: str |
     ]
     if config.policy is Policy.FATE:
         lines.append(f"  prediction {runtime.predicted_layers} layers prefetched from the previous layer's router")
+    if runtime.layers_ahead:
+        count = runtime.layers_ahead
+        lines.append(f"  prediction prefills and batches: {count} layer{'s load' if count != 1 else ' loads'} the next one's "
+                     "first experts while they compute (its router on their input), as many as the link idles "
+                     "between them")
     if runtime.token_prefetch is not None:
         lines.append("  prediction batch-1 decode: each layer's experts loaded ahead from the step's input token "
                      "(where it sent that token last)")

@@ -138,6 +138,11 @@ class LayerSlots:
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
+        #: when this layer's running (or last) step queued its first demand load, and when its last step ended
+        #: (``time.perf_counter``; None: not yet): the link's idle time between two layers
+        #: (``integration/layer_ahead.py``)
+        self.first_demand_s: float | None = None
+        self.ended_s: float | None = None
         #: predicted experts not resident when a step's first prediction came, smoothed (look-ahead depth)
         self.prefetch_missing_ema: float | None = None
         if self.pooled:
@@ -200,6 +205,7 @@ class LayerSlots:
         (``core/prefetch_gate.step_kind``): the step's, whose stall per demand miss the gate learns at
         :meth:`end_step`."""
         self._step_marks = None if kind is None else (kind, self.stats.stall_s, self.stats.misses)
+        self.first_demand_s = None
         if self.pooled:
             self.slot_map.pool.begin_layer(self.slot_map.ordinal)
         started = getattr(self.engine, "layer_started", None)
@@ -222,7 +228,7 @@ class LayerSlots:
     def prefetch(
         self, experts: Sequence[int], spare_useful: bool = False, distance: int = 1,
         scores: Sequence[float] | None = None, gate: str | None = None, backlog_s: float = 0.0,
-        predictor: str | None = None,
+        predictor: str | None = None, keep: Collection[int] = (),
     ) -> None:
         """Start loading ``experts`` (most wanted first) without waiting; also the prediction to score.
 
@@ -247,7 +253,9 @@ class LayerSlots:
         time a wrong one costs (``core/prefetch_gate.py``; the rest count as ``prefetch_gated``); the
         prediction is scored either way; ``backlog_s``: link time its loads would queue behind (see
         :meth:`prefetch_pays`). ``predictor``: which predictor made it, where not a router's (its precision is
-        kept apart, :meth:`gate_key`; ``integration/token_prefetch.py``'s ``"token-table"``).
+        kept apart, :meth:`gate_key`; ``integration/token_prefetch.py``'s ``"token-table"``). ``keep``: other
+        experts the same prediction expects the layer to need (resident ones): never evicted for these loads,
+        neither loaded nor scored.
         """
         self._collect_finished()
         wanted = list(dict.fromkeys(experts))[: self.num_slots]
@@ -255,7 +263,7 @@ class LayerSlots:
             self._unused_counted_at = self.stats.steps
             self.stats.prefetch_unused += len(self._prefetched)
             self._prefetched.clear()
-        pinned = set(wanted) | set(self._pending)
+        pinned = set(wanted) | set(keep) | set(self._pending)
         todo = [e for e in wanted if self.slot_map.slot_of(e) is None]
         if predictor is not None:  # scored apart from the routers' (which the look-ahead depth follows)
             self._other_predictions[predictor] = set(wanted)
@@ -411,6 +419,8 @@ class LayerSlots:
         if victim is not None and priority.demand and self.stats.steps - victim[2] <= 1:
             victim[0].record_harm(victim[1])
         if priority.demand:
+            if self.first_demand_s is None:
+                self.first_demand_s = time.perf_counter()
             self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
             self._release_prefetches()  # the layer's own loads are queued: prefetches may follow them
         else:
@@ -528,9 +538,8 @@ class LayerSlots:
         for key, missing in self._gated.values():
             self.prefetch_gate.record(key, len(missing), len(missing & needed))
         self._gated = {}
-        for predicted in self._other_predictions.values():  # the next-token table's, the only other predictor
-            self.stats.token_table_predicted += len(predicted)
-            self.stats.token_table_right += len(predicted & needed)
+        for predictor, predicted in self._other_predictions.items():  # the next-token table's, the layer before's
+            self.stats.add_other(predictor, len(predicted), len(predicted & needed))
         self._other_predictions = {}
         if not self._predictions:
             return
@@ -710,6 +719,7 @@ class LayerSlots:
             self._step_marks = None
         self.stats.steps += 1
         self._step_needs = None
+        self.ended_s = time.perf_counter()
         self._release_prefetches()
         # loads still running (a guess the step did not need) land later: no wait here, and
         # nothing in flight is dropped under its load (``keep``)
