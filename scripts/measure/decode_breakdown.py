@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from engine_child import run_child, short  # this folder's (the script's own directory is on sys.path)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -120,25 +119,6 @@ def _child(spec: dict) -> dict:
     }
 
 
-def _run(spec: dict) -> dict:
-    """:func:`_child` in a fresh process; its result through a file (vLLM logs to stdout)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        code = ("import json, sys; sys.path.insert(0, sys.argv[3]); import decode_breakdown as d; "
-                "json.dump(d._child(json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(out), str(Path(__file__).parent)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"decode_breakdown: the {spec['name']} engine failed (exit {done.returncode}):\n"
-                             + done.stderr[-3000:])
-        return json.loads(out.read_text())
-
-
-def _short(entry: str) -> str:
-    """A bench entry as the table names it: without its ``cache_dir`` (a path, the same for every run)."""
-    return re.sub(r";?cache_dir=[^;\]]*", "", entry).replace("[;", "[").replace("[]", "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +148,7 @@ def main() -> None:
     runs = [("lru 100%", {"policy": "lru", "budget": "100%"})] if args.resident else []
     try:
         for entry in split_policies(args.policies):
-            runs.append((f"{_short(entry)} {args.budget}", {**policy_settings(entry), "budget": args.budget}))
+            runs.append((f"{short(entry)} {args.budget}", {**policy_settings(entry), "budget": args.budget}))
     except ValueError as exc:
         raise SystemExit(f"decode_breakdown: {exc}") from None
     common = {"model": str(Path(args.model).resolve()), "tokens": str(args.tokens.resolve()),
@@ -180,7 +160,7 @@ def main() -> None:
         name, offload = runs[n % len(runs)]
         print(f"[{n + 1}/{total}] {name} ...", end=" ", flush=True)
         started = time.perf_counter()
-        got = _run({**common, "name": name, "offload": offload})
+        got = run_child("decode_breakdown", {**common, "name": name, "offload": offload})
         results[name].append(got)
         print(f"{got['ms_per_token']:.2f} ms per token ({time.perf_counter() - started:.0f} s)", flush=True)
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from engine_child import run_child, short  # this folder's (the script's own directory is on sys.path)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -127,25 +126,6 @@ def _child(spec: dict) -> dict:
             for workload, runs in out.items()}
 
 
-def _run(spec: dict) -> dict:
-    """:func:`_child` in a fresh process; its result through a file (vLLM logs to stdout)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        code = ("import json, sys; sys.path.insert(0, sys.argv[3]); import link_idle as m; "
-                "json.dump(m._child(json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(out), str(Path(__file__).parent)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"link_idle: the {spec['name']} engine failed (exit {done.returncode}):\n"
-                             + done.stderr[-3000:])
-        return json.loads(out.read_text())
-
-
-def _short(entry: str) -> str:
-    """A bench entry as the table names it: without its ``cache_dir`` (a path, the same for every run)."""
-    return re.sub(r";?cache_dir=[^;\]]*", "", entry).replace("[;", "[").replace("[]", "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +152,7 @@ def main() -> None:
     from vllm_moe_offload.cli.bench import policy_settings, split_policies
 
     try:
-        runs = [(_short(entry), {**policy_settings(entry), "budget": args.budget})
+        runs = [(short(entry), {**policy_settings(entry), "budget": args.budget})
                 for entry in split_policies(args.policies)]
     except ValueError as exc:
         raise SystemExit(f"link_idle: {exc}") from None
@@ -184,7 +164,7 @@ def main() -> None:
         name, offload = runs[n % len(runs)]
         print(f"[{n + 1}/{total}] {name} {args.budget} ...", end=" ", flush=True)
         started = time.perf_counter()
-        got = _run({**common, "name": name, "offload": offload})
+        got = run_child("link_idle", {**common, "name": name, "offload": offload})
         results[name].append(got)
         print(f"prefill {got['prefill']['wall_ms']:.0f} ms, batch {got['batch']['wall_ms']:.0f} ms "
               f"({time.perf_counter() - started:.0f} s)", flush=True)

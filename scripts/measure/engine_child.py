@@ -1,0 +1,34 @@
+"""What the per-engine measurement scripts share: one engine per fresh process, and a bench entry's short name.
+
+Used by ``decode_breakdown.py`` and ``link_idle.py``; each defines ``_child(spec) -> dict``, which runs in the
+fresh process (vLLM's one-process engine there, so its layers are timed where they run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_child(module: str, spec: dict) -> dict:
+    """``module._child(spec)`` (a script of this folder) in a fresh process; its result through a file (vLLM
+    logs to stdout). Exits with the child's error output where it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        code = (f"import json, sys; sys.path.insert(0, sys.argv[3]); import {module} as m; "
+                "json.dump(m._child(json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(out), str(Path(__file__).parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise SystemExit(f"{module}: the {spec['name']} engine failed (exit {done.returncode}):\n"
+                             + done.stderr[-3000:])
+        return json.loads(out.read_text())
+
+
+def short(entry: str) -> str:
+    """A bench entry as the tables name it: without its ``cache_dir`` (a path, the same for every run)."""
+    return re.sub(r";?cache_dir=[^;\]]*", "", entry).replace("[;", "[").replace("[]", "")
