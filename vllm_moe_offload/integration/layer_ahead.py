@@ -6,10 +6,10 @@ attention, the next layer's planning), about 3.5 ms per layer of a 512-token pre
 Mixtral at 25%, a fifth of the prefill (``docs/bench/layer-ahead/``). Here each offloaded layer, at the start
 of a step of at least ``min_tokens`` rows, runs the next offloaded layer's router on its own input (the
 residual stream keeps the two close: Fate's observation) and queues, behind its own misses, that layer's
-missing experts in the order the layer will want them, as many as the link would otherwise idle for: the
-link schedule's admission (``core/link.py`` :func:`admit_prefetches`, one layer of measured compute against
-the prefetch bytes already queued). A wrong guess costs a load; the admission keeps the guesses to the
-idle time, where a load costs nothing but its slot.
+missing experts in the order the layer will want them, as many as the link would otherwise idle for
+(:class:`LayerAhead`: the idle time between the two layers as measured, over one load's time; the link
+schedule's admission rule, ``core/link.py``). A wrong guess costs a load and a slot; more loads ahead than the
+idle time read 10-20% more without gain on the padded tiny Mixtral (fixed counts of 4 to 16 per layer).
 
 Independent of the replacement policy; fate's own router look-ahead (``experts.py``) keeps the steps this
 leaves to it (one token, and every step where this is off).
