@@ -139,6 +139,17 @@ def offload_job(name: str, model, max_tokens: int = 24, **offload) -> dict:
     return {"name": name, "model": str(model), "engine": engine, "prompts": PROMPTS, "max_tokens": max_tokens}
 
 
+def offload_total(result: dict) -> dict:
+    """A ``run_engines`` result's summed offload stats (first rank); the run must not have failed."""
+    assert "error" not in result, result.get("error")
+    return result["stats"][0]["total"]
+
+
+def round_tokens(result: dict) -> list:
+    """A ``run_engines`` result's tokens, round by round."""
+    return [r["tokens"] for r in result["rounds"]]
+
+
 def split_round(result: dict, stock_tokens: list, reference: str = "stock") -> tuple[list[int], list[int]]:
     """(succeeded, failed) prompt indices of a round with faults; a success must equal ``stock_tokens``."""
     ok, failed = [], []

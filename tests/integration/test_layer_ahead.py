@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_PYMOE, run_engines
+from tests.conftest import TINY_PYMOE, offload_total, round_tokens, run_engines
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
@@ -176,15 +176,6 @@ def _job(name: str, **offload) -> dict:
     return {"name": name, "model": str(TINY_PYMOE), "engine": engine, "rounds": _rounds(), "max_tokens": 12}
 
 
-def _total(result: dict) -> dict:
-    assert "error" not in result, result.get("error")
-    return result["stats"][0]["total"]
-
-
-def _tokens(result: dict) -> list:
-    return [r["tokens"] for r in result["rounds"]]
-
-
 @pytest.fixture(scope="module")
 def stock(tiny_models, tmp_path_factory):
     return run_engines(tmp_path_factory.mktemp("stock"), [_job("stock")], stock=True)["stock"]
@@ -199,8 +190,8 @@ def test_layer_ahead_keeps_stock_tokens_and_predicts_trained_routing(stock, tmp_
         _job("klotski", policy="klotski"),
     ], stock=False)
     for name, result in runs.items():
-        assert _tokens(result) == _tokens(stock), name
-    lru, off, fate, klotski = (_total(runs[name]) for name in ("lru", "lru/off", "fate", "klotski"))
+        assert round_tokens(result) == round_tokens(stock), name
+    lru, off, fate, klotski = (offload_total(runs[name]) for name in ("lru", "lru/off", "fate", "klotski"))
     precision = lru["layer_ahead_right"] / lru["layer_ahead_predicted"]
     print(f"trained tiny-pymoe, lru 25%, 4 x (40 + 12): {lru['layer_ahead_predicted']} experts loaded ahead, "
           f"precision {precision:.3f}; misses {lru['misses']} against {off['misses']} without")
@@ -217,8 +208,8 @@ def test_layer_ahead_keeps_stock_tokens_and_predicts_trained_routing(stock, tmp_
 def test_layer_ahead_in_the_default_multiprocess_engine(stock, tmp_path):
     """The loads ahead run in the worker process, as users run it."""
     result = run_engines(tmp_path, [_job("lru", policy="lru")], stock=False, multiprocess=True)["lru"]
-    assert _tokens(result) == _tokens(stock)
-    total = _total(result)
+    assert round_tokens(result) == round_tokens(stock)
+    total = offload_total(result)
     assert total["layer_ahead_predicted"] > 0 and total["layer_ahead_right"] > 0
 
 

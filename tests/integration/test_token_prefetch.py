@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_PYMOE, run_engines
+from tests.conftest import TINY_PYMOE, offload_total, round_tokens, run_engines
 
 pytestmark = pytest.mark.engine
 
@@ -23,15 +23,6 @@ def _rounds() -> list[dict]:
 def _job(name: str, **offload) -> dict:
     engine = {"additional_config": {"moe_offload": {"budget": "25%", **offload}}} if offload else {}
     return {"name": name, "model": str(TINY_PYMOE), "engine": engine, "rounds": _rounds(), "max_tokens": 48}
-
-
-def _total(result: dict) -> dict:
-    assert "error" not in result, result.get("error")
-    return result["stats"][0]["total"]
-
-
-def _tokens(result: dict) -> list:
-    return [r["tokens"] for r in result["rounds"]]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +39,8 @@ def test_token_prefetch_keeps_stock_tokens_and_predicts_trained_routing(stock, t
         _job("lru/on", policy="lru", token_prefetch=True, prefetch_gate=False),
     ], stock=False)
     for name, result in runs.items():
-        assert _tokens(result) == _tokens(stock), name
-    fate, off, lru, lru_on = (_total(runs[name]) for name in ("fate", "fate/off", "lru", "lru/on"))
+        assert round_tokens(result) == round_tokens(stock), name
+    fate, off, lru, lru_on = (offload_total(runs[name]) for name in ("fate", "fate/off", "lru", "lru/on"))
     precision = fate["token_table_right"] / fate["token_table_predicted"]
     print(f"trained tiny-pymoe, fate 25%: next-token table precision {precision:.3f} over "
           f"{fate['token_table_predicted']} predicted experts; lru misses {lru['misses']}, with the table's "
@@ -69,6 +60,6 @@ def test_token_prefetch_keeps_stock_tokens_and_predicts_trained_routing(stock, t
 def test_token_prefetch_in_the_default_multiprocess_engine(stock, tmp_path):
     """The prediction from the sampled token runs in the worker process, as users run it."""
     result = run_engines(tmp_path, [_job("fate", policy="fate")], stock=False, multiprocess=True)["fate"]
-    assert _tokens(result) == _tokens(stock)
-    total = _total(result)
+    assert round_tokens(result) == round_tokens(stock)
+    total = offload_total(result)
     assert total["token_table_predicted"] > 0 and total["token_table_right"] > 0

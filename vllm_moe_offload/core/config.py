@@ -281,20 +281,14 @@ class OffloadConfig:
             kw["link_schedule"] = _switch(raw["link_schedule"], "link_schedule")
         if "prefetch_gate" in raw:
             kw["prefetch_gate"] = _switch(raw["prefetch_gate"], "prefetch_gate")
-        if "token_prefetch" in raw:
-            kw["token_prefetch"] = _switch(raw["token_prefetch"], "token_prefetch")
-            if kw["token_prefetch"] and kw.get("policy") is Policy.ONDEMAND:
-                raise OffloadConfigError(
-                    "token_prefetch needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
-                    "not 'ondemand', whose scratch slots are emptied every step"
-                )
-        if "layer_ahead" in raw:
-            kw["layer_ahead"] = _switch(raw["layer_ahead"], "layer_ahead")
-            if kw["layer_ahead"] and kw.get("policy") is Policy.ONDEMAND:
-                raise OffloadConfigError(
-                    "layer_ahead needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
-                    "not 'ondemand', whose scratch slots are emptied every step"
-                )
+        for key in ("token_prefetch", "layer_ahead"):  # loads ahead: into a cache, which ondemand does not keep
+            if key in raw:
+                kw[key] = _switch(raw[key], key)
+                if kw[key] and kw.get("policy") is Policy.ONDEMAND:
+                    raise OffloadConfigError(
+                        f"{key} needs a policy with a cache to load into ahead (lru, fate, klotski, eap), "
+                        "not 'ondemand', whose scratch slots are emptied every step"
+                    )
         if "io_threads" in raw:
             kw["io_threads"] = _number(raw["io_threads"], "io_threads", int, 1, 64)
         if "link_gbps" in raw:

@@ -94,10 +94,10 @@ class LayerAhead:
         idle_s, load_s = self.idle_s.get(kind), slots.load_s_ema
         if not idle_s or not load_s:
             return 1
-        backlog = getattr(slots.engine, "prefetch_backlog_bytes", lambda: 0)() / slots.expert_bytes
-        lanes = getattr(slots.engine, "num_threads", 1)
+        engine = slots.engine  # a ThreadTransferEngine (the CUDA one is one too)
+        backlog = engine.prefetch_backlog_bytes() / slots.expert_bytes
         admitted = 1
-        while admitted < candidates and (backlog + admitted) * load_s < idle_s * lanes:
+        while admitted < candidates and (backlog + admitted) * load_s < idle_s * engine.num_threads:
             admitted += 1
         return admitted
 
@@ -122,15 +122,16 @@ class LayerAhead:
         want first (its first pass's, where it runs in passes), not already loading, the first wanted first."""
         counts = torch.bincount(ids.reshape(-1), minlength=slots.slot_map.num_experts)  # [E]
         wanted = counts.nonzero().flatten().tolist()
-        first = wanted
-        if len(wanted) > slots.num_slots:  # the layer runs in passes: its first pass's experts
-            first = first_pass(row_experts(ids), slots.num_slots, slots.slot_map.resident())
+        greedy = ids.shape[0] <= _GREEDY_MAX_ROWS
+        passes = len(wanted) > slots.num_slots  # the layer runs in passes: its first pass's experts come first
+        rows = row_experts(ids) if greedy or passes else None
+        first = first_pass(rows, slots.num_slots, slots.slot_map.resident()) if passes else wanted
         missing = slots.missing(first)
         flying = set(slots.in_flight(missing))
-        if ids.shape[0] <= _GREEDY_MAX_ROWS:
-            return wanted, load_order(row_experts(ids), missing, ahead=flying)
-        rows = counts.tolist()
-        return wanted, sorted((e for e in missing if e not in flying), key=lambda e: (-rows[e], e))
+        if greedy:
+            return wanted, load_order(rows, missing, ahead=flying)
+        wanting = counts.tolist()
+        return wanted, sorted((e for e in missing if e not in flying), key=lambda e: (-wanting[e], e))
 
 
 def attach(model: torch.nn.Module, layers: Sequence, min_tokens: int) -> int:
