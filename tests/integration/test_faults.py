@@ -52,8 +52,9 @@ def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny
         {"prompts": PROMPTS, "faults": [{"truncate": str(checkpoint), "at_bytes": 4096}]},
         {"prompts": PROMPTS},
     ]
-    # the cache's demand path alone: loads ahead (layer_ahead.py) take free slots first, so the step's own
-    # loads may evict a warm request's resident expert, whose reload from the truncated file then fails it too
+    # the cache's demand path alone: a load ahead (layer_ahead.py) may evict a warm request's resident expert
+    # of the next layer (a guess from the random model's router), whose reload from the truncated file then
+    # fails that request too (tests/integration/test_tp.py)
     offload = {"layer_ahead": False}
     result = run_engines(tmp_path / "run", [_job("truncated", model, offload, rounds)], stock=False)["truncated"]
     assert result["rounds"][0]["tokens"] == stock["tokens"][:2]

@@ -162,6 +162,37 @@ def test_many_rows_order_the_next_layer_by_rows_wanting_each(experts):  # noqa: 
     engine.shutdown()
 
 
+def test_loads_ahead_take_slots_only_after_the_layers_own_misses(experts):  # noqa: F811
+    """Two layers sharing a pool of 6 slots, 4 of them holding each layer's last experts: the running layer's
+    two misses take the two free slots, and the next layer's load ahead (deferred until they are admitted)
+    finds none it may take. Made first, it took a free slot and the layer's own load evicted a resident."""
+    from vllm_moe_offload.core.cache import LRUPolicy
+    from vllm_moe_offload.core.shared_pool import SharedPool
+    from vllm_moe_offload.runtime.slots import slot_pool
+
+    folder, _ = experts
+    readers = ThreadLocalReaders(direct_io=True)
+    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    pool = SharedPool(2, E, 6, 2)
+    cpu = torch.device("cpu")
+    w13, w2 = slot_pool(6, (2 * I, H), torch.float32, cpu), slot_pool(6, (H, I), torch.float32, cpu)
+    engine = ThreadTransferEngine(1)
+    this, nxt = (LayerSlots(n, w13, w2, pool.view(n).attach(LRUPolicy(E, 2)), source, engine,
+                            LinkEmulator(latency_ms=LOAD_MS), share=3) for n in range(2))
+    for slots in (this, nxt):
+        _next_layer_step(slots, [0, 1])
+    ahead = LayerAhead(Layer(this), Layer(nxt), Router([[4, 5], [5, 4]]), min_tokens=2)
+    this.begin_layer()
+    this.after_own_loads(lambda: ahead.prefetch(torch.zeros(2, H)))
+    assert nxt.in_flight(range(E)) == []  # nothing before the layer's own loads
+    this.ensure([2, 3])
+    this.end_step()
+    resident = [(n, e) for n, slots in enumerate((this, nxt)) for e in range(E) if slots.slot_map.slot_of(e) is not None]
+    assert resident == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert nxt.stats.prefetch_loads == 0 and nxt.stats.prefetch_skipped == 1
+    engine.shutdown()
+
+
 # -- real engines --
 
 def _rounds() -> list[dict]:

@@ -56,9 +56,10 @@ def _job(name, model, section=None):
 
 
 def _fault_job(model):
-    # the cache's demand path alone: loads ahead (layer_ahead.py) take free slots first, so the step's own loads
-    # may evict a warm request's resident expert, whose reload from the truncated file then fails it too (seen
-    # once in CI with them on: every request of the round failed, the two ranks failing different ones)
+    # the cache's demand path alone: a load ahead (layer_ahead.py) may evict a warm request's resident expert
+    # of the next layer (a guess from the random model's router), whose reload from the truncated file then
+    # fails that request too. With them on, 1 run of 4 failed this test after they were made to wait for the
+    # layer's own loads (which run failed how was not traced); before, in CI, every request of the round failed
     job = _job(FAULT, model, {"policy": "lru", "budget": "75%", "layer_ahead": False})
     checkpoint = next(model.glob("*.safetensors"))
     job["rounds"] = [

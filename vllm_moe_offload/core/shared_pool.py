@@ -114,6 +114,11 @@ class SharedPool:
         """Slots held by loads in flight, every layer's."""
         return sum(len(view.loading()) for view in self.views)
 
+    def in_flight_elsewhere(self) -> int:
+        """Slots held by loads in flight of the layers other than the one that runs: what
+        :attr:`in_flight_allowance` bounds (the running layer's own loads are part of its pass)."""
+        return sum(len(view.loading()) for view in self.views if view.ordinal != self.current)
+
     def free_slots(self) -> int:
         return len(self._free)
 
@@ -317,7 +322,7 @@ class PooledSlotMap(SlotMap):
         its own not useful ones, and the other layers' residents (up to what loads in flight may hold)."""
         others = sum(len(view) for view in self.pool.views if view is not self)
         room = self.pool.free_slots() + others + sum(1 for e in self._slot_of if not self.useful(e))
-        return max(0, min(room, self.pool.in_flight_allowance - self.pool.in_flight()))
+        return max(0, min(room, self.pool.in_flight_allowance - self.pool.in_flight_elsewhere()))
 
     def admit(self, expert: int, pinned: Collection[int] = (), spare_useful: bool = False,
               evictor: object = None) -> Admission:

@@ -167,7 +167,10 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         # a batch's predictions queue behind its own missing experts' loads (core/prefetch_gate.py's backlog)
         ahead = self.layer_ahead
         if ahead is not None and x.shape[0] >= ahead.min_tokens:
-            ahead.prefetch(x)  # the next layer's first loads, queued behind this layer's own
+            if slots.identity:  # nothing of its own to load
+                ahead.prefetch(x)
+            else:  # the next layer's first loads, admitted once this layer's own are (they take slots after them)
+                slots.after_own_loads(lambda: ahead.prefetch(x))
             unique = None
         else:  # fate's routers keep the steps the next-layer fill leaves
             unique = distinct_experts(topk_ids) if self.lookahead and x.shape[0] > 1 else None

@@ -8,7 +8,9 @@ of a step of at least ``min_tokens`` rows, runs the next offloaded layer's route
 residual stream keeps the two close: Fate's observation) and queues, behind its own misses, that layer's
 missing experts in the order the layer will want them, as many as the link would otherwise idle for
 (:class:`LayerAhead`: the idle time between the two layers as measured, over one load's time; the link
-schedule's admission rule, ``core/link.py``). A wrong guess costs a load and a slot; more loads ahead than the
+schedule's admission rule, ``core/link.py``). It does so once the layer's own misses have their slots
+(``LayerSlots.after_own_loads``): made first, the loads ahead took a shared pool's free slots and the layer's
+own loads then evicted residents instead. A wrong guess costs a load and a slot; more loads ahead than the
 idle time read 10-20% more without gain on the padded tiny Mixtral (fixed counts of 4 to 16 per layer).
 
 Independent of the replacement policy; fate's own router look-ahead (``experts.py``) keeps the steps this

@@ -28,7 +28,7 @@ import concurrent.futures
 import logging
 import math
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -143,6 +143,8 @@ class LayerSlots:
         #: (``integration/layer_ahead.py``)
         self.first_demand_s: float | None = None
         self.ended_s: float | None = None
+        #: run once this step's own loads are queued (:meth:`after_own_loads`)
+        self._after_own_loads: Callable[[], None] | None = None
         #: predicted experts not resident when a step's first prediction came, smoothed (look-ahead depth)
         self.prefetch_missing_ema: float | None = None
         if self.pooled:
@@ -211,6 +213,21 @@ class LayerSlots:
         started = getattr(self.engine, "layer_started", None)
         if started is not None:
             started(self.stats, hold=not self.fully_resident)
+
+    def after_own_loads(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (once) as soon as this step's own missing experts are admitted and their loads queued:
+        at the end of the first :meth:`start_loads`, after :meth:`ensure` submitted its misses (before it
+        waits), or at an :meth:`ensure` that finds nothing missing; at :meth:`end_step` at the latest.
+
+        For loads this layer makes for the next one (``integration/layer_ahead.py``): made first, they took
+        the shared pool's free slots, and the layer's own loads then evicted residents instead (in a fault
+        test, the experts of running requests whose reload then failed)."""
+        self._after_own_loads = work
+
+    def _own_loads_queued(self) -> None:
+        work, self._after_own_loads = self._after_own_loads, None
+        if work is not None:
+            work()
 
     def _release_prefetches(self) -> None:
         release = getattr(self.engine, "release_prefetches", None)
@@ -282,7 +299,7 @@ class LayerSlots:
                 todo = []
         if self.pooled:  # loads in flight hold pool slots: leave the running layer a full pass
             pool = self.slot_map.pool
-            room = max(0, pool.in_flight_allowance - pool.in_flight())
+            room = max(0, pool.in_flight_allowance - pool.in_flight_elsewhere())
             self.stats.prefetch_refused += max(0, len(todo) - room)
             todo = todo[:room]
         scheduled = getattr(self.engine, "schedule_prefetches", False)
@@ -392,8 +409,9 @@ class LayerSlots:
             if self.slot_map.slot_of(expert) is not None:
                 continue
             if not self._start_load(expert, pinned, self.has_low_precision and expert in low):
-                return  # slots held by late loads: ensure reports what cannot be loaded
+                break  # slots held by late loads: ensure reports what cannot be loaded
             self._demand.add(expert)
+        self._own_loads_queued()
 
     def _start_load(
         self, expert: int, pinned: set[int], low: bool = False, spare_useful: bool = False,
@@ -477,6 +495,7 @@ class LayerSlots:
                 self.stats.hits += 1
         if not missing:
             self._release_prefetches()  # nothing of this layer's to load: queued prefetches may run
+            self._own_loads_queued()
         self.stats.misses += len(missing) + len(late)
         counted.update(missing, late)
         self.stats.passes += 1
@@ -666,6 +685,7 @@ class LayerSlots:
                                    f"cannot admit expert {expert}")
             else:
                 failures.append((expert, RuntimeError(f"{late} slots are held by loads still running")))
+        self._own_loads_queued()
         started = time.perf_counter()
         for expert in started_loads:
             slot, job = self._pending[expert]
@@ -713,6 +733,7 @@ class LayerSlots:
 
     def end_step(self) -> None:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
+        self._own_loads_queued()  # a step that loaded nothing of its own (or failed first)
         if self._step_marks is not None:
             kind, stall_s, misses = self._step_marks
             self.prefetch_gate.record_stall(kind, self.stats.stall_s - stall_s, self.stats.misses - misses)
