@@ -19,7 +19,7 @@ from tests.conftest import TINY_PYMOE, offload_total, round_tokens, run_engines
 from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.integration.layer_ahead import PREDICTOR, LayerAhead
+from vllm_moe_offload.integration.layer_ahead import PREDICTOR, LayerAhead, step_kind
 from vllm_moe_offload.runtime.expert_layout import per_expert_layout
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
@@ -96,7 +96,7 @@ def test_as_many_load_ahead_as_the_link_idles_between_the_layers(experts):  # no
     ahead.gate = Router([[2, 3], [4, 5], [2, 4], [3, 5]])  # all four missing; 0 and 1 useful (3 slots free)
     this.slots.begin_layer()
     ahead.prefetch(x)
-    idle_s = ahead.idle_s[False]
+    idle_s = ahead.idle_s[step_kind(4)]
     assert idle_s >= gap_s
     loading = nxt.slots.in_flight(range(E))
     # admitted while the prefetch link time queued before each is under the idle time: two at 5 ms a load in
@@ -110,6 +110,30 @@ def test_as_many_load_ahead_as_the_link_idles_between_the_layers(experts):  # no
     # scored: 0 (needed), then the admitted ones, of which 2, 3 and 4 were needed
     assert stats.layer_ahead_predicted == 1 + len(loading)
     assert stats.layer_ahead_right == 1 + len(set(loading) & {2, 3, 4})
+    engine.shutdown()
+
+
+def test_the_free_time_counts_the_layers_compute_after_its_own_loads(experts):  # noqa: F811
+    """The link is free from the end of the layer's own loads, not from the layer's end: a layer that computes
+    12 ms after its load lets two or three loads of 5 ms go ahead (counted from its end, one)."""
+    folder, _ = experts
+    engine, this, nxt = _pair(folder)
+    ahead = LayerAhead(this, nxt, Router([[0, 4], [4, 0]]), min_tokens=2)
+    x = torch.zeros(2, H)
+    this.slots.begin_layer()
+    this.slots.after_own_loads(lambda: ahead.prefetch(x))
+    this.slots.ensure([0])  # its own load, then one of the next layer's two ahead (nothing measured yet)
+    time.sleep(0.012)  # the layer computes
+    this.slots.end_step()
+    _next_layer_step(nxt.slots, [0, 4])  # the other one: its first demand load, right after
+    ahead.gate = Router([[1, 2], [3, 1]])  # three missing, three slots free
+    this.slots.begin_layer()
+    this.slots.after_own_loads(lambda: ahead.prefetch(x))
+    this.slots.ensure([0])  # resident: nothing of its own to load
+    assert ahead.idle_s[step_kind(2)] >= 0.012
+    assert 2 <= len(nxt.slots.in_flight(range(E))) <= 3
+    this.slots.end_step()
+    nxt.slots.finish_loads()
     engine.shutdown()
 
 
@@ -151,7 +175,7 @@ def test_many_rows_order_the_next_layer_by_rows_wanting_each(experts):  # noqa: 
     rows = [[3, 2]] * 50 + [[3, 4]] * 20 + [[4, 1]] * 20 + [[0, 1]] * 10
     ahead = LayerAhead(this, nxt, Router(rows), min_tokens=2)
     _next_layer_step(nxt.slots, [5])  # a load of the next layer's timed
-    ahead.idle_s[True] = 1.0  # a long idle time: every missing expert the slots can take is admitted
+    ahead.idle_s[step_kind(len(rows))] = 1.0  # a long free time: every missing expert the slots can take is admitted
     this.slots.begin_layer()
     ahead.prefetch(torch.zeros(len(rows), H))
     # five slots, one holding 5: the four experts most rows want load, the fifth (0: 10 rows) does not

@@ -178,9 +178,8 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
                 self._prefetch_next(x, slots.missing_load_s(unique) if unique is not None else 0.0)
         if slots.identity:
             # every expert resident in the slot of its own id: nothing to look up or remap
-            slots.stats.steps += 1
             out = self._kernel(x, topk_weights, topk_ids)
-            slots.ended_s = time.perf_counter()  # for the link's idle time after it (layer_ahead.py)
+            slots.end_resident_step()
             return out
         failed: dict[int, str] = {}  # expert -> why it could not be loaded
         low = self._least_needed_of_step(topk_ids)  # experts this step may load in low precision

@@ -36,8 +36,10 @@ PREDICTOR = "layer-ahead"
 #: policies' own predictors (fate's routers and next-token table)
 MIN_TOKENS = 2
 
-#: steps over this many rows keep their own measure of the link's idle time between layers (a prefill's)
-_PREFILL_ROWS = 64
+#: steps of up to this many rows share one measure of the link's free time between layers (a batch's decode
+#: steps); larger ones keep one per power of two of their rows (a prefill's layers compute longer after their
+#: loads the more rows they have: 512 rows left the link about 3.5 ms per layer, 4096 rows about 20)
+_FEW_ROWS = 64
 
 #: weight of the newest idle time between two layers
 _IDLE_ALPHA = 0.3
@@ -48,13 +50,20 @@ _IDLE_ALPHA = 0.3
 _GREEDY_MAX_ROWS = 64
 
 
+def step_kind(rows: int) -> int:
+    """Steps of the same kind share one measure of the link's free time: up to ``_FEW_ROWS`` rows, 0; else
+    the bit length of ``rows`` (513 to 1024 rows: 10)."""
+    return 0 if rows <= _FEW_ROWS else rows.bit_length()
+
+
 class LayerAhead:
     """One offloaded layer's look at the next: ``nxt`` (an ``OffloadRoutedExperts``) and its router ``gate``.
 
-    How many of the next layer's experts load ahead: as many as fit the link's idle time between the two
-    layers, measured as the time from this layer's end to the next layer's first demand load (the compute
-    between the two MoE ops and the next layer's own planning; the loads ahead do not change it), smoothed,
-    for steps up to and over ``_PREFILL_ROWS`` rows apart (a prefill's attention takes longer). At least one.
+    How many of the next layer's experts load ahead: as many as fit the link's free time between the two
+    layers, measured from the end of this layer's own demand loads (its start where it had none) to the next
+    layer's first demand load: the rest of this layer's compute, the compute between the two MoE ops and the
+    next layer's own planning (the loads ahead run in it and do not change it). Smoothed, per kind of step
+    (:func:`step_kind`: a prefill's layers compute long after their loads). At least one.
     """
 
     def __init__(self, layer, nxt, gate: torch.nn.Module, min_tokens: int) -> None:
@@ -62,10 +71,10 @@ class LayerAhead:
         self.nxt = nxt
         self.gate = gate  # called as gate(x) -> (logits [T, E], bias)
         self.min_tokens = min_tokens
-        #: the link's idle time between the two layers, smoothed, by kind of step (False: few rows, True: many)
-        self.idle_s: dict[bool, float] = {}
+        #: the link's free time between the two layers, smoothed, by kind of step (:func:`step_kind`)
+        self.idle_s: dict[int, float] = {}
         #: the kind of this layer's last step that loaded ahead, and that step's count (``stats.steps`` then)
-        self._last: tuple[bool, int] | None = None
+        self._last: tuple[int, int] | None = None
 
     def prefetch(self, x: torch.Tensor) -> None:
         """This layer's step on ``x [T, H]`` starts: queue the next layer's first missing experts."""
@@ -73,7 +82,7 @@ class LayerAhead:
         if slots is None or slots.fully_resident:
             return
         self._measure_idle()
-        kind = x.shape[0] > _PREFILL_ROWS
+        kind = step_kind(x.shape[0])
         self._last = (kind, self.layer.slots.stats.steps)
         ids = self.gate(x)[0].topk(self.nxt.top_k, dim=-1).indices  # [T, k]
         wanted, order = self._order(ids, slots)
@@ -87,7 +96,7 @@ class LayerAhead:
         slots.prefetch(order[: self._admitted(len(order), kind)], spare_useful=True, predictor=PREDICTOR,
                        keep=keep)
 
-    def _admitted(self, candidates: int, kind: bool) -> int:
+    def _admitted(self, candidates: int, kind: int) -> int:
         """How many loads ahead fit the link's idle time: each starts while the loads queued before it (the
         prefetches already queued, then those admitted here) take less than the idle time, on the engine's
         I/O lanes (the link schedule's admission rule, ``core/link.py``). At least one; one until the idle
@@ -104,7 +113,7 @@ class LayerAhead:
         return admitted
 
     def _measure_idle(self) -> None:
-        """Learn from the two layers' last steps how long the link idled between them (where both are known).
+        """Learn from the two layers' last steps how long the link was free between them (where both are known).
 
         Only when this layer's last step was the one that loaded ahead (whose kind is known), and the next
         layer's last step queued a demand load after it ended."""
@@ -112,10 +121,10 @@ class LayerAhead:
             return
         kind, step = self._last
         own = self.layer.slots
-        ended, first = own.ended_s, self.nxt.slots.first_demand_s
-        if own.stats.steps != step + 1 or ended is None or first is None or first < ended:
+        ended, done, first = own.ended_s, own.own_loads_done_s, self.nxt.slots.first_demand_s
+        if own.stats.steps != step + 1 or ended is None or done is None or first is None or first < ended:
             return
-        gap = first - ended
+        gap = max(0.0, first - done)
         ema = self.idle_s.get(kind)
         self.idle_s[kind] = gap if ema is None else (1 - _IDLE_ALPHA) * ema + _IDLE_ALPHA * gap
 

@@ -138,11 +138,14 @@ class LayerSlots:
         self._identity: bool | None = None  # decided once, after warm()
         #: seconds one expert load took, smoothed (for the over-fetch depth)
         self.load_s_ema: float | None = None
-        #: when this layer's running (or last) step queued its first demand load, and when its last step ended
-        #: (``time.perf_counter``; None: not yet): the link's idle time between two layers
-        #: (``integration/layer_ahead.py``)
+        #: when this layer's running (or last) step queued its first demand load, when its last step ended, and
+        #: when the last step's own demand loads were over (its start where it had none) (``time.perf_counter``;
+        #: None: not yet): the link's free time between two layers (``integration/layer_ahead.py``)
         self.first_demand_s: float | None = None
         self.ended_s: float | None = None
+        self.own_loads_done_s: float | None = None
+        self._began_s = 0.0
+        self._demand_done_s: float | None = None  # the running step's latest demand load's end (an I/O thread's)
         #: run once this step's own loads are queued (:meth:`after_own_loads`)
         self._after_own_loads: Callable[[], None] | None = None
         #: predicted experts not resident when a step's first prediction came, smoothed (look-ahead depth)
@@ -208,6 +211,7 @@ class LayerSlots:
         :meth:`end_step`."""
         self._step_marks = None if kind is None else (kind, self.stats.stall_s, self.stats.misses)
         self.first_demand_s = None
+        self._began_s, self._demand_done_s = time.perf_counter(), None
         if self.pooled:
             self.slot_map.pool.begin_layer(self.slot_map.ordinal)
         started = getattr(self.engine, "layer_started", None)
@@ -439,7 +443,9 @@ class LayerSlots:
         if priority.demand:
             if self.first_demand_s is None:
                 self.first_demand_s = time.perf_counter()
-            self._pending[expert] = (admission.slot, self.engine.submit(self._load, expert, admission.slot, low))
+            job = self.engine.submit(self._load, expert, admission.slot, low)
+            job.add_done_callback(self._demand_load_over)
+            self._pending[expert] = (admission.slot, job)
             self._release_prefetches()  # the layer's own loads are queued: prefetches may follow them
         else:
             job = self.engine.submit(self._load, expert, admission.slot, low, priority=priority)
@@ -731,9 +737,20 @@ class LayerSlots:
             self._device_table = torch.tensor(self._expert_to_slot, dtype=torch.int32, device=topk_ids.device)
         return self._device_table[topk_ids.long()].to(topk_ids.dtype)
 
+    def _demand_load_over(self, job: Future) -> None:
+        """Runs where ``job`` (a demand load) ends, on its I/O thread: the time the step's loads were over."""
+        self._demand_done_s = time.perf_counter()
+
+    def end_resident_step(self) -> None:
+        """A step of a layer whose experts all stay resident (:attr:`identity`) is over: it loaded nothing."""
+        self.stats.steps += 1
+        self.ended_s = time.perf_counter()
+        self.own_loads_done_s = self._began_s
+
     def end_step(self) -> None:
         """Release what the policy does not keep across steps (Load-on-Demand)."""
         self._own_loads_queued()  # a step that loaded nothing of its own (or failed first)
+        self.own_loads_done_s = self._began_s if self._demand_done_s is None else self._demand_done_s
         if self._step_marks is not None:
             kind, stall_s, misses = self._step_marks
             self.prefetch_gate.record_stall(kind, self.stats.stall_s - stall_s, self.stats.misses - misses)
