@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_PYMOE, offload_total, round_tokens, run_engines
-from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa: F401 (fixture)
+from tests.runtime.test_slots import E, H, I, PREFIX, _identity, _pooled, experts  # noqa: F401 (fixture)
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.integration.layer_ahead import PREDICTOR, LayerAhead, step_kind
@@ -190,19 +190,8 @@ def test_loads_ahead_take_slots_only_after_the_layers_own_misses(experts):  # no
     """Two layers sharing a pool of 6 slots, 4 of them holding each layer's last experts: the running layer's
     two misses take the two free slots, and the next layer's load ahead (deferred until they are admitted)
     finds none it may take. Made first, it took a free slot and the layer's own load evicted a resident."""
-    from vllm_moe_offload.core.cache import LRUPolicy
-    from vllm_moe_offload.core.shared_pool import SharedPool
-    from vllm_moe_offload.runtime.slots import slot_pool
-
     folder, _ = experts
-    readers = ThreadLocalReaders(direct_io=True)
-    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
-    pool = SharedPool(2, E, 6, 2)
-    cpu = torch.device("cpu")
-    w13, w2 = slot_pool(6, (2 * I, H), torch.float32, cpu), slot_pool(6, (H, I), torch.float32, cpu)
-    engine = ThreadTransferEngine(1)
-    this, nxt = (LayerSlots(n, w13, w2, pool.view(n).attach(LRUPolicy(E, 2)), source, engine,
-                            LinkEmulator(latency_ms=LOAD_MS), share=3) for n in range(2))
+    engine, (this, nxt) = _pooled(folder, 2, 6, share=3, link=LinkEmulator(latency_ms=LOAD_MS))
     for slots in (this, nxt):
         _next_layer_step(slots, [0, 1])
     ahead = LayerAhead(Layer(this), Layer(nxt), Router([[4, 5], [5, 4]]), min_tokens=2)

@@ -48,6 +48,23 @@ def _slots(folder, num_slots, policy="lru", link=LinkEmulator(), tier="disk"):
     )
 
 
+def _pooled(folder, num_layers: int, num_slots: int, share: int, link=None):
+    """``num_layers`` layers' slots sharing one pool of ``num_slots`` (LRU each), on one transfer engine."""
+    from vllm_moe_offload.core.cache import LRUPolicy
+    from vllm_moe_offload.core.shared_pool import SharedPool
+    from vllm_moe_offload.runtime.slots import slot_pool
+
+    readers = ThreadLocalReaders(direct_io=True)
+    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
+    pool = SharedPool(num_layers, E, num_slots, 2)
+    cpu = torch.device("cpu")
+    w13, w2 = slot_pool(num_slots, (2 * I, H), torch.float32, cpu), slot_pool(num_slots, (H, I), torch.float32, cpu)
+    engine = ThreadTransferEngine(1)
+    layers = [LayerSlots(n, w13, w2, pool.view(n).attach(LRUPolicy(E, 2)), source, engine,
+                         link if link is not None else LinkEmulator(), share=share) for n in range(num_layers)]
+    return engine, layers
+
+
 @pytest.mark.parametrize("tier", ["disk", "host"])
 def test_ensure_loads_the_right_bytes_and_remaps(experts, tier):
     folder, tensors = experts

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.runtime.test_slots import E, H, I, PREFIX, _identity, _slots, experts  # noqa: F401 (fixture)
+from tests.runtime.test_slots import E, H, I, PREFIX, _identity, _pooled, _slots, experts  # noqa: F401 (fixture)
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
@@ -124,19 +124,8 @@ def test_a_gated_prefetch_that_evicts_what_the_next_step_needs_counts_as_wrong(e
     2's experts (the farthest from use); layer 2's next step loads one of them again, so that prediction is
     scored as one more wrong one (its load cost a load); a demand load of a victim after that next step is
     not blamed. Each step teaches the layer's gate what a demand load stalled that kind of step."""
-    from vllm_moe_offload.core.cache import LRUPolicy
-    from vllm_moe_offload.core.shared_pool import SharedPool
-    from vllm_moe_offload.runtime.slots import slot_pool
-
     folder, _ = experts
-    readers = ThreadLocalReaders(direct_io=True)
-    source = DiskSource(CheckpointIndex(folder), per_expert_layout(PREFIX, "w1", "w3", "w2"), _identity, readers)
-    pool = SharedPool(3, E, 6, 2)
-    cpu = torch.device("cpu")
-    w13, w2 = slot_pool(6, (2 * I, H), torch.float32, cpu), slot_pool(6, (H, I), torch.float32, cpu)
-    engine = ThreadTransferEngine(1)
-    layers = [LayerSlots(n, w13, w2, pool.view(n).attach(LRUPolicy(E, 2)), source, engine, LinkEmulator(),
-                         share=2) for n in range(3)]
+    engine, layers = _pooled(folder, 3, 6, share=2)
 
     def step(n: int, needed: list[int], predict: list[int] | None = None) -> None:
         layers[n].begin_layer("token")
