@@ -224,8 +224,7 @@ class LayerSlots:
         waits), or at an :meth:`ensure` that finds nothing missing; at :meth:`end_step` at the latest.
 
         For loads this layer makes for the next one (``integration/layer_ahead.py``): made first, they took
-        the shared pool's free slots, and the layer's own loads then evicted residents instead (in a fault
-        test, the experts of running requests whose reload then failed)."""
+        the shared pool's free slots, and the layer's own loads then evicted residents instead."""
         self._after_own_loads = work
 
     def _own_loads_queued(self) -> None:
