@@ -110,10 +110,6 @@ class SharedPool:
         """Layer ``ordinal`` starts its forward: distances count from it, and its experts stay."""
         self.current = ordinal
 
-    def in_flight(self) -> int:
-        """Slots held by loads in flight, every layer's."""
-        return sum(len(view.loading()) for view in self.views)
-
     def in_flight_elsewhere(self) -> int:
         """Slots held by loads in flight of the layers other than the one that runs: what
         :attr:`in_flight_allowance` bounds (the running layer's own loads are part of its pass)."""
