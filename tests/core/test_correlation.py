@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -188,7 +189,8 @@ def test_laws_of_counts_and_tendencies(case, k, rnd):
     hot = by_step.hot(1, query, k)
     scores = by_step.tendencies(1, query)
     assert len(hot) == len(set(hot)) <= k and all(0 <= e < num_experts for e in hot)
-    assert all(scores[a] >= scores[b] for a, b in zip(hot, hot[1:]))
+    # Most wanted first; scores equal but for float rounding count as a tie (ranked by marginal, then id).
+    assert all(scores[a] >= scores[b] - 1e-9 * scores.max() for a, b in zip(hot, hot[1:]))
     # Neither token order nor the scale of the counts changes the answer.
     shuffled = list(query)
     rnd.shuffle(shuffled)
@@ -196,3 +198,15 @@ def test_laws_of_counts_and_tendencies(case, k, rnd):
     by_step.pair_counts *= 3.0
     by_step.counts *= 3.0
     assert by_step.hot(1, query, k) == hot
+
+
+def test_hot_does_not_depend_on_token_order_in_float_ties():
+    # Experts 0 and 1 tie at 7/3 each, but summed in another token order their floats differ in the last
+    # bit (found by the law above): the answer must not follow the rows' order.
+    table = CorrelationTable(2, 4, 2)
+    table.update(1, [[0, 1], [0, 1]], [[1, 2], [1, 2]])
+    step = [([0, 2], [0, 1]), ([1, 2], [0, 2]), ([2, 3], [0, 1])]
+    table.update(1, [t[0] for t in step], [t[1] for t in step])
+    query = [t[0] for t in step]
+    answers = {tuple(table.hot(1, list(order), 1)) for order in itertools.permutations(query)}
+    assert answers == {(1,)}  # the tie goes to the more frequent expert (1 counted 4 times, 0 three)

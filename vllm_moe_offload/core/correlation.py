@@ -228,12 +228,18 @@ class CorrelationTable:
     def rank(self, layer_idx: int, scores: np.ndarray, k: int) -> list[int]:
         """The ``k`` experts of ``layer_idx`` with the highest ``scores`` ``[E]``, highest first.
 
-        Ties go to the more frequent expert (marginal), then the lower id; only
-        experts with a positive score are returned.
+        Ties (scores equal to 12 significant digits of the largest, so that the
+        order in which a step's rows were summed cannot decide) go to the more
+        frequent expert (marginal), then the lower id; only experts with a
+        positive score are returned.
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        order = np.lexsort((np.arange(self.num_experts), -self.counts[layer_idx], -scores))
+        # Scores equal but for float rounding (sums taken in another token order) are a tie: ranked by
+        # 12 significant digits of the score relative to the largest, the answer does not depend on order.
+        top = float(np.max(np.abs(scores), initial=0.0))
+        key = np.round(scores / top, 12) if top > 0 else scores
+        order = np.lexsort((np.arange(self.num_experts), -self.counts[layer_idx], -key))
         return [int(e) for e in order[:k] if scores[e] > 0]
 
     def save(self, path: str | os.PathLike, source: str = "") -> Path:
