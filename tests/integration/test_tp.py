@@ -56,10 +56,11 @@ def _job(name, model, section=None):
 
 
 def _fault_job(model):
-    # the cache's demand path alone: a load ahead (layer_ahead.py) may evict a warm request's resident expert
-    # of the next layer (a guess from the random model's router), whose reload from the truncated file then
-    # fails that request too. With them on, 1 run of 4 failed this test after they were made to wait for the
-    # layer's own loads (which run failed how was not traced); before, in CI, every request of the round failed
+    # the cache's demand path alone, so that the warm requests' experts stay resident. With the fill
+    # (layer_ahead.py) on, its loads take the slots this job leaves free: in 1 of 4 runs (2026-12-06, the
+    # log's "failing requests" lines) rank 0 evicted a warm request's layer-1 expert during the fault's round,
+    # failed to reload it there, and failed both warm requests in the round after it, where rank 1 still held
+    # it. test_faults.py runs the defaults, fill on, with the assertions that hold for any cache
     job = _job(FAULT, model, {"policy": "lru", "budget": "75%", "layer_ahead": False})
     checkpoint = next(model.glob("*.safetensors"))
     job["rounds"] = [
