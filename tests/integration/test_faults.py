@@ -43,15 +43,21 @@ def stock(tiny_models, tmp_path_factory):
     return run_engines(tmp, [_job("stock", tiny_models["mixtral"])], stock=True)["stock"]
 
 
-def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny_models, stock, tmp_path):
+def _truncated_after_warm_up(tiny_models, tmp_path):
+    """A copy of the tiny Mixtral, and the rounds: the warm prompts, the checkpoint truncated then every
+    prompt, every prompt again."""
     model = tmp_path / "model"
     shutil.copytree(tiny_models["mixtral"], model)
     checkpoint = next(model.glob("*.safetensors"))
-    rounds = [
+    return model, [
         {"prompts": WARM},
         {"prompts": PROMPTS, "faults": [{"truncate": str(checkpoint), "at_bytes": 4096}]},
         {"prompts": PROMPTS},
     ]
+
+
+def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny_models, stock, tmp_path):
+    model, rounds = _truncated_after_warm_up(tiny_models, tmp_path)
     # the cache's demand path alone, so that the warm requests' experts stay resident: with the fill
     # (layer_ahead.py) on, its loads take the slots this job leaves free, and a warm request's expert can be
     # evicted and then fail to reload (tests/integration/test_tp.py); the defaults are tested below
@@ -78,14 +84,7 @@ def test_truncated_checkpoint_with_the_defaults_in_the_default_multiprocess_engi
     # failed to reload it, and failed both warm requests in the next round; rank 1 kept it). Which requests
     # fail is the cache's business; that a failed one streamed nothing, that every other one gave stock's
     # tokens and that the engine goes on serving is not.
-    model = tmp_path / "model"
-    shutil.copytree(tiny_models["mixtral"], model)
-    checkpoint = next(model.glob("*.safetensors"))
-    rounds = [
-        {"prompts": WARM},
-        {"prompts": PROMPTS, "faults": [{"truncate": str(checkpoint), "at_bytes": 4096}]},
-        {"prompts": PROMPTS},
-    ]
+    model, rounds = _truncated_after_warm_up(tiny_models, tmp_path)
     result = run_engines(tmp_path / "run", [_job("defaults", model, {}, rounds)], stock=False,
                          multiprocess=True)["defaults"]
     assert "error" not in result, result.get("error")
