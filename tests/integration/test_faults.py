@@ -77,13 +77,10 @@ def test_truncated_checkpoint_fails_only_requests_that_needed_a_lost_expert(tiny
 
 
 def test_truncated_checkpoint_with_the_defaults_in_the_default_multiprocess_engine(tiny_models, stock, tmp_path):
-    # As users run: vLLM's multiprocess engine and the offload defaults (the next-layer fill on). Its loads ahead
-    # take slots that the demand path alone leaves free, so a warm request's expert may be evicted during the
-    # fault's round and its reload from the truncated file then fails that request too (seen in 1 of 4 runs of
-    # the TP test's job with the fill on: in the fault's round rank 0 evicted a warm request's layer-1 expert,
-    # failed to reload it, and failed both warm requests in the next round; rank 1 kept it). Which requests
-    # fail is the cache's business; that a failed one streamed nothing, that every other one gave stock's
-    # tokens and that the engine goes on serving is not.
+    # As users run: vLLM's multiprocess engine and the offload defaults (the next-layer fill on), under which a
+    # warm request's expert may be evicted and fail to reload (seen: tests/integration/test_tp.py's _fault_job).
+    # Which requests fail is the cache's business; that a failed one streamed nothing, that every other one
+    # gave stock's tokens and that the engine goes on serving is not.
     model, rounds = _truncated_after_warm_up(tiny_models, tmp_path)
     result = run_engines(tmp_path / "run", [_job("defaults", model, {}, rounds)], stock=False,
                          multiprocess=True)["defaults"]

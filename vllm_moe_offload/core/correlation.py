@@ -235,8 +235,6 @@ class CorrelationTable:
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        # Scores equal but for float rounding (sums taken in another token order) are a tie: ranked by
-        # 12 significant digits of the score relative to the largest, the answer does not depend on order.
         top = float(np.max(np.abs(scores), initial=0.0))
         key = np.round(scores / top, 12) if top > 0 else scores
         order = np.lexsort((np.arange(self.num_experts), -self.counts[layer_idx], -key))
