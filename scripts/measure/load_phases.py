@@ -89,7 +89,7 @@ def _probe(worker, passes: int) -> dict:
 
 def _one_pass(runtime, n: int) -> dict:
     from vllm_moe_offload.integration import kernel_format
-    from vllm_moe_offload.runtime import expert_store, kernel_source, tiers
+    from vllm_moe_offload.runtime import checked_read, expert_store, kernel_source, tiers
 
     layers = [s for s in runtime.layers if not s.fully_resident]
     timer = _Timer()
@@ -97,7 +97,8 @@ def _one_pass(runtime, n: int) -> dict:
     with ExitStack() as stack:
         _patch(stack, os, "preadv", timer, "read", lambda got: got)
         _patch(stack, os, "pread", timer, "read", len)
-        _patch(stack, expert_store.zlib, "crc32", timer, "crc32")
+        _patch(stack, expert_store, "crc32", timer, "crc32")  # a read through a staging copy
+        _patch(stack, checked_read, "crc32", timer, "crc32")  # a read into the slot
         _patch(stack, kernel_format, "_prepack", timer, "prepack")
         _patch(stack, kernel_format, "_prepack_projections", timer, "prepack")  # from the read buffer
         _patch(stack, kernel_format._ExpertConverter, "_vllm_conversion", timer, "vllm_conv")

@@ -10,7 +10,8 @@ import logging
 import pytest
 import torch
 
-from vllm_moe_offload.runtime import expert_store
+from vllm_moe_offload.runtime import checked_read, expert_store
+from vllm_moe_offload.runtime.crc import crc32
 from vllm_moe_offload.runtime.expert_store import (
     KERNEL,
     MANIFEST,
@@ -105,8 +106,9 @@ def test_torn_bytes_are_refused_and_a_good_expert_is_checked_once(checkpoint, tm
         f.seek(block.offset + 7)
         f.write(bytes([byte[0] ^ 0x01]))
     checks = []
-    crc32 = expert_store.zlib.crc32
-    monkeypatch.setattr(expert_store.zlib, "crc32", lambda data, *crc: checks.append(1) or crc32(data, *crc))
+    counted = lambda data, *crc: checks.append(1) or crc32(data, *crc)  # noqa: E731
+    monkeypatch.setattr(expert_store, "crc32", counted)  # a read through a staging copy
+    monkeypatch.setattr(checked_read, "crc32", counted)  # a read into the slot (read_into)
     with pytest.raises(ExpertStoreError, match=rf"expert 2 of {prefix} \(kernel\) in .*layer_001.bin is corrupted"):
         source.fetch(2)
     with pytest.raises(ExpertStoreError, match="is corrupted"):  # a torn expert is never marked good

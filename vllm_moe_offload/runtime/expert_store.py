@@ -45,7 +45,6 @@ import shutil
 import struct
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from tqdm import tqdm
 
 from vllm_moe_offload.core.config import OffloadConfigError, format_bytes
 from vllm_moe_offload.core.plan import round_up
+from vllm_moe_offload.runtime.crc import crc32
 from vllm_moe_offload.runtime.quant import GROUP_OF_BITS, QuantizationError, QuantTensor, packed_nbytes, quantize
 from vllm_moe_offload.runtime.safetensors_io import (
     ALIGN_BYTES,
@@ -347,7 +347,7 @@ class ExpertStore:
             if raw.numel() != block.length:
                 raise ExpertStoreError(f"{where}: read {raw.numel()} bytes, the manifest says {block.length}")
             if key not in self._verified:
-                self._verify(key, zlib.crc32(raw.numpy()), block.crc32, where)
+                self._verify(key, crc32(raw.numpy()), block.crc32, where)
             return use(raw)
 
         loc = TensorLocation(str(path), block.offset, block.length, torch.uint8, (block.length,))
@@ -504,7 +504,7 @@ def _write_layer(
                 offset = f.tell()
                 f.write(raw)
                 f.write(b"\0" * (-len(raw) % ALIGN_BYTES))  # the next expert starts aligned for O_DIRECT
-                blocks[precision].append([offset, len(raw), zlib.crc32(raw)])
+                blocks[precision].append([offset, len(raw), crc32(raw)])
             bar.update(1)
             if f.tell() - dropped >= DROP_WRITTEN_BYTES:
                 dropped = _drop_written(f)
