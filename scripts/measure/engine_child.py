@@ -1,7 +1,8 @@
-"""What the per-engine measurement scripts share: one engine per fresh process, and a bench entry's short name.
+"""What the per-engine measurement scripts share: one engine per fresh process, its loads timed, and a bench
+entry's short name.
 
-Used by ``decode_breakdown.py`` and ``link_idle.py``; each defines ``_child(spec) -> dict``, which runs in the
-fresh process (vLLM's one-process engine there, so its layers are timed where they run).
+Used by ``decode_breakdown.py``, ``first_reads.py`` and ``link_idle.py``; each defines ``_child(spec) -> dict``,
+which runs in the fresh process (vLLM's one-process engine there, so its layers are timed where they run).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,6 +30,25 @@ def run_child(module: str, spec: dict) -> dict:
             raise SystemExit(f"{module}: the {spec['name']} engine failed (exit {done.returncode}):\n"
                              + done.stderr[-3000:])
         return json.loads(out.read_text())
+
+
+def time_loads(record: Callable[[float, float], None]) -> None:
+    """Make every expert load of this process's engines call ``record(started, ended)`` on its I/O thread
+    (``time.perf_counter`` seconds). For a child's engine in one process (the worker's loads run there)."""
+    from vllm_moe_offload.runtime import transfer
+
+    engine_submit = transfer.ThreadTransferEngine.submit
+
+    def submit(self, fn, *args, priority=transfer.DEMAND):
+        def timed_load(*a):
+            started = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                record(started, time.perf_counter())
+        return engine_submit(self, timed_load, *args, priority=priority)
+
+    transfer.ThreadTransferEngine.submit = submit
 
 
 def short(entry: str) -> str:

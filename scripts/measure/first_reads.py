@@ -22,7 +22,7 @@ import time
 import zlib
 from pathlib import Path
 
-from engine_child import run_child, short  # this folder's (the script's own directory is on sys.path)
+from engine_child import run_child, short, time_loads  # this folder's (the script's own directory is on sys.path)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -58,8 +58,6 @@ def _child(spec: dict) -> dict:
     import numpy as np
     from vllm import LLM, SamplingParams
 
-    from vllm_moe_offload.runtime import transfer
-
     loads: list[float] = []
     reads: list[float] = []
     real_preadv = os.preadv
@@ -71,19 +69,8 @@ def _child(spec: dict) -> dict:
         finally:
             reads.append(time.perf_counter() - started)
 
-    engine_submit = transfer.ThreadTransferEngine.submit
-
-    def submit(self, fn, *args, priority=transfer.DEMAND):
-        def timed_load(*a):
-            started = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                loads.append(time.perf_counter() - started)
-        return engine_submit(self, timed_load, *args, priority=priority)
-
     os.preadv = preadv  # the loaders call os.preadv at each read
-    transfer.ThreadTransferEngine.submit = submit
+    time_loads(lambda started, ended: loads.append(ended - started))
     llm = LLM(spec["model"], dtype="bfloat16", max_model_len=spec["prompt_len"] + 16, max_num_seqs=1,
               kv_cache_memory_bytes=2**28, enforce_eager=True, seed=0,
               additional_config={"moe_offload": spec["offload"]})

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine_child import run_child, short  # this folder's (the script's own directory is on sys.path)
+from engine_child import run_child, short, time_loads  # this folder's (the script's own directory is on sys.path)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -55,19 +55,9 @@ def _child(spec: dict) -> dict:
 
     import vllm_moe_offload
     from vllm_moe_offload.integration import experts
-    from vllm_moe_offload.runtime import transfer
 
     events: dict[str, list] = {"loads": [], "ops": [], "kernel": []}
-    engine_submit = transfer.ThreadTransferEngine.submit
-
-    def submit(self, fn, *args, priority=transfer.DEMAND):
-        def timed_load(*a):
-            started = time.perf_counter()
-            try:
-                return fn(*a)
-            finally:
-                events["loads"].append((started, time.perf_counter()))
-        return engine_submit(self, timed_load, *args, priority=priority)
+    time_loads(lambda started, ended: events["loads"].append((started, ended)))
 
     def timed(method, key):
         def wrapper(self, *args):
@@ -78,7 +68,6 @@ def _child(spec: dict) -> dict:
                 events[key].append((started, time.perf_counter()))
         return wrapper
 
-    transfer.ThreadTransferEngine.submit = submit
     cls = experts.OffloadRoutedExperts
     cls.offloaded_forward = timed(cls.offloaded_forward, "ops")
     cls._kernel = timed(cls._kernel, "kernel")
