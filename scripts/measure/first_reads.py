@@ -8,7 +8,8 @@ runs ``--prefills`` prefills of ``--prompt-len`` tokens each, one after the othe
 (1 token generated): the first reads most of its experts for the first time in the process, so it checks
 their crc32; the later ones mostly read experts that were checked before. Per prefill: its wall time, its
 loads, and the median time of a load on the I/O thread against the median of its ``preadv`` calls (the read
-itself; the rest is the check and the slot's bookkeeping).
+itself; the rest is the check and the slot's bookkeeping). For an A/B of two checkouts (``PYTHONPATH``), run
+it from a folder outside both: the engine's process puts its working folder first on its path.
 """
 
 from __future__ import annotations
@@ -117,8 +118,11 @@ def main() -> None:
         raise SystemExit(f"first_reads: {exc}") from None
     with open(Path(args.model) / "config.json") as f:
         config = json.load(f)
-    expert_bytes = 3 * config["hidden_size"] * config["intermediate_size"] * 2  # bf16 gate, up, down
-    crc_rows = _crc_rates({"one expert of the model": expert_bytes, "96 MiB": 96 * 2**20})
+    sizes = {"96 MiB": 96 * 2**20}
+    inner = config.get("moe_intermediate_size") or config.get("intermediate_size")
+    if inner and config.get("hidden_size"):  # bf16 gate, up and down projections
+        sizes = {"one expert of the model": 3 * config["hidden_size"] * inner * 2, **sizes}
+    crc_rows = _crc_rates(sizes)
     print("| buffer | crc32 | ms | GB/s |\n| --- | --- | ---: | ---: |")
     for row in crc_rows:
         print(f"| {row['buffer']} | {row['crc32']} | {row['ms']:.2f} | {row['gb_s']:.2f} |")
