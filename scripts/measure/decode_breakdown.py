@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine_child import run_child, short  # this folder's (the script's own directory is on sys.path)
+from engine_child import check_args, run_child, short  # this folder's (the script's own directory is on sys.path)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -136,11 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="times each engine is started, alternating (default 3)")
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args()
-    if not args.tokens.exists():
-        raise SystemExit(f"decode_breakdown: no token file at {args.tokens} (give --tokens)")
-    for name in ("prompts", "prompt_len", "new_tokens", "reps", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"decode_breakdown: --{name.replace('_', '-')} must be at least 1")
+    check_args(args, "decode_breakdown", ("prompts", "prompt_len", "new_tokens", "reps", "rounds"))
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from vllm_moe_offload.cli.bench import policy_settings, split_policies

@@ -32,6 +32,15 @@ def run_child(module: str, spec: dict) -> dict:
         return json.loads(out.read_text())
 
 
+def check_args(args, script: str, positive: tuple[str, ...]) -> None:
+    """Exit with a clear message where ``args.tokens`` is missing or one of ``positive`` is under 1."""
+    if not args.tokens.exists():
+        raise SystemExit(f"{script}: no token file at {args.tokens} (give --tokens)")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"{script}: --{name.replace('_', '-')} must be at least 1")
+
+
 def time_loads(record: Callable[[float, float], None]) -> None:
     """Make every expert load of this process's engines call ``record(started, ended)`` on its I/O thread
     (``time.perf_counter`` seconds). For a child's engine in one process (the worker's loads run there)."""

@@ -23,7 +23,8 @@ import time
 import zlib
 from pathlib import Path
 
-from engine_child import run_child, short, time_loads  # this folder's (the script's own directory is on sys.path)
+# this folder's (the script's own directory is on sys.path)
+from engine_child import check_args, run_child, short, time_loads
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -104,11 +105,7 @@ def main() -> None:
     parser.add_argument("--prefills", type=int, default=4, help="prefills, one after the other (default 4)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    if not args.tokens.exists():
-        raise SystemExit(f"first_reads: no token file at {args.tokens} (give --tokens)")
-    for name in ("prompt_len", "prefills"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"first_reads: --{name.replace('_', '-')} must be at least 1")
+    check_args(args, "first_reads", ("prompt_len", "prefills"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from vllm_moe_offload.cli.bench import policy_settings
 

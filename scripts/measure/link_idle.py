@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine_child import run_child, short, time_loads  # this folder's (the script's own directory is on sys.path)
+# this folder's (the script's own directory is on sys.path)
+from engine_child import check_args, run_child, short, time_loads
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -131,11 +132,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="times each engine is started, alternating (default 3)")
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args()
-    if not args.tokens.exists():
-        raise SystemExit(f"link_idle: no token file at {args.tokens} (give --tokens)")
-    for name in ("prompt_len", "batch", "new_tokens", "reps", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"link_idle: --{name.replace('_', '-')} must be at least 1")
+    check_args(args, "link_idle", ("prompt_len", "batch", "new_tokens", "reps", "rounds"))
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from vllm_moe_offload.cli.bench import policy_settings, split_policies
