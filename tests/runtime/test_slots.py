@@ -83,6 +83,20 @@ def test_ensure_loads_the_right_bytes_and_remaps(experts, tier):
     assert (slots.stats.hits, slots.stats.misses) == (1, 3)
 
 
+def test_remap_keeps_the_ids_dtype_and_follows_loads(experts):
+    # the slot table is cached per dtype; a load or an eviction between two calls must show in the next
+    folder, _ = experts
+    slots = _slots(folder, 2)
+    slots.ensure([4, 1])
+    for dtype in (torch.int32, torch.int64, torch.int16, torch.int32):
+        got = slots.remap(torch.tensor([[4, 1], [1, 0]], dtype=dtype))
+        assert got.dtype == dtype
+        assert got[0].tolist() == [slots.slot_map.slot_of(4), slots.slot_map.slot_of(1)] and int(got[1, 1]) == -1
+    slots.ensure([0, 1])  # 4 leaves for 0
+    got = slots.remap(torch.tensor([[0, 4]], dtype=torch.int32))
+    assert got.tolist() == [[slots.slot_map.slot_of(0), -1]]
+
+
 def test_read_time_counts_each_taken_load(experts):
     # every load waits out a 30 ms emulated link: two demand loads and one prefetch read at least 90 ms in
     # all, and the stall (the forward pass waiting) is no more than the reads it waited for

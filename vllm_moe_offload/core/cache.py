@@ -241,7 +241,10 @@ class SlotMap:
 
     def end_step(self, keep: Collection[int] = ()) -> list[int]:
         """Drop experts the policy does not keep across steps (except ``keep``); return them."""
-        dropped = [e for e in self._slot_of if e not in keep and not self.policy.keep_after_step(e)]
+        if type(self.policy).keep_after_step is ReplacementPolicy.keep_after_step:
+            dropped = []  # the base rule keeps every expert: no call per resident (this runs at every MoE call)
+        else:
+            dropped = [e for e in self._slot_of if e not in keep and not self.policy.keep_after_step(e)]
         for expert in dropped:
             self.drop(expert)
         self._step += 1

@@ -467,16 +467,18 @@ class LayerSlots:
         counted = set() if counted is None else counted
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts requested at once but layer has {self.num_slots} slots")
-        # the routing is known: a queued guess the step does not need would only delay the loads behind it
-        self._cancel_queued_prefetches(keep=set(experts) | (self._step_needs or set()))
-        self._finish_pending(set(experts))
-        for expert in [e for e in experts if e in self._low and e not in low and e not in self._pending]:
-            self.slot_map.drop(expert)  # upgrade: its int2 copy served a prefill, not this pass
-            self._forget(expert)
+        if self._pending:
+            # the routing is known: a queued guess the step does not need would only delay the loads behind it
+            self._cancel_queued_prefetches(keep=set(experts) | (self._step_needs or set()))
+            self._finish_pending(set(experts))
+        if self._low:
+            for expert in [e for e in experts if e in self._low and e not in low and e not in self._pending]:
+                self.slot_map.drop(expert)  # upgrade: its int2 copy served a prefill, not this pass
+                self._forget(expert)
         self.score_prediction(experts)
-        pinned = set(experts) | set(self._pending)
         missing = []
-        late = [e for e in experts if e in self._pending]  # a load outlived its timeout, still running
+        # a load outlived its timeout, still running
+        late = [e for e in experts if e in self._pending] if self._pending else []
         for expert in experts:
             if expert in self._pending:
                 continue
@@ -631,6 +633,8 @@ class LayerSlots:
         return job.done()
 
     def _collect_finished(self) -> None:
+        if not self._pending:
+            return
         for expert, (slot, job) in list(self._pending.items()):
             if job.done():
                 self._finish(expert, slot, job)
@@ -732,9 +736,15 @@ class LayerSlots:
 
     def remap(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Router expert ids [T, k] -> slot ids [T, k], same dtype and device."""
-        if self._device_table is None:
-            self._device_table = torch.tensor(self._expert_to_slot, dtype=torch.int32, device=topk_ids.device)
-        return self._device_table[topk_ids.long()].to(topk_ids.dtype)
+        if topk_ids.dtype not in (torch.int32, torch.int64):  # not an index dtype: through int64
+            return self.remap(topk_ids.long()).to(topk_ids.dtype)
+        table = self._device_table
+        if table is None or table.dtype != topk_ids.dtype or table.device != topk_ids.device:
+            # in the ids' dtype and device: one indexing op per call, no conversions (a decode step's MoE call
+            # runs this once per layer)
+            table = self._device_table = torch.tensor(self._expert_to_slot, dtype=topk_ids.dtype,
+                                                      device=topk_ids.device)
+        return table[topk_ids]
 
     def _demand_load_over(self, job: Future) -> None:
         """Runs where ``job`` (a demand load) ends, on its I/O thread: the time the step's loads were over."""
