@@ -42,12 +42,15 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the patches belo
 
 NEW_TOKENS = 128
 PROMPT_TOKENS = 32
-STAT_KEYS = ("loads", "misses", "prefetch_loads", "prefetch_hits", "prefetch_unused", "stall_s")
+STAT_KEYS = ("loads", "misses", "prefetch_loads", "prefetch_hits", "prefetch_unused", "prefetch_cancelled", "stall_s")
 
 
-def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, belady: bool) -> None:
+def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, belady: bool, window: int = 0,
+                  backlog: int = 0) -> None:
     """Make the offloaded layers replay ``recording``: check each call's ids, prefetch ``depth`` calls
-    ahead (0: none), and with ``belady`` evict by the recorded next use."""
+    ahead (0: none), and with ``belady`` evict by the recorded next use; ``window`` (with ``belady``):
+    the aggressive schedule over the next ``window`` calls, at most ``backlog`` loads ahead queued or
+    running (0: no limit) (:func:`_aggressive_prefetch`)."""
     from vllm_moe_offload.core import shared_pool
     from vllm_moe_offload.integration import experts
 
@@ -62,7 +65,10 @@ def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, bela
         want_layer, want_ids = recording[n]
         if want_layer != self.layer_idx or want_ids != topk_ids.tolist():
             raise SystemExit(f"MoE call {n} (layer {self.layer_idx}) did not route as recorded: the replay is void")
-        if depth:
+        if window:
+            self.slots.begin_layer()  # its own loads first; the prefetches below queue behind them
+            _aggressive_prefetch(n, window, recording, layers, ordinal_layer, next_use, backlog)
+        elif depth:
             self.slots.begin_layer()  # its own loads first; the prefetches below queue behind them
             for distance in range(1, depth + 1):
                 if n + distance < len(recording):
@@ -80,6 +86,12 @@ def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, bela
     for n, (layer, ids) in enumerate(recording):
         for expert in {e for row in ids for e in row}:
             uses.setdefault((layer, expert), []).append(n)
+
+    def next_use(layer: int, expert: int, now: int) -> int:
+        """The first recorded call at or after ``now`` that needs ``expert`` of ``layer`` (far away: never)."""
+        times = uses.get((layer, expert), [])
+        i = bisect.bisect_left(times, now)
+        return times[i] if i < len(times) else 1 << 60
 
     def choose_victim(pool, requester, pinned, spare_useful=False):
         now = position[0] - 1
@@ -100,6 +112,43 @@ def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, bela
         return None if best is None else (-best[1], -best[2])
 
     shared_pool.SharedPool.choose_victim = choose_victim
+
+
+def _aggressive_prefetch(n: int, window: int, recording, layers: dict, ordinal_layer: list, next_use,
+                         backlog: int = 0) -> None:
+    """Cao et al.'s *aggressive* schedule with perfect knowledge, at MoE call ``n`` (before it computes).
+
+    The missing experts the next ``window`` calls need, soonest first: each is loaded now (queued behind
+    the running layer's own loads, in the order they are needed) while the pool's victim, Belady's
+    (the resident used farthest in the future), is next used after it; the first that would evict an
+    expert needed sooner, or that finds no room for another load in flight, ends the round. So it reads
+    no expert whose victim is needed before it, and starts every load as early as that allows.
+    ``backlog`` (loads; 0: no limit): the round also ends once that many loads ahead are queued or
+    running, so that a victim is chosen when its slot is about to be read into, as the schedule does
+    (queued far ahead, a load takes its slot early and a nearer need may evict it before its use).
+    """
+    seen: set[tuple[int, int]] = set()
+    for m in range(n + 1, min(len(recording), n + 1 + window)):
+        layer, ids = recording[m]
+        later = layers.get(layer)
+        if later is None:  # not seen yet (the first token): nothing to hand the load to
+            continue
+        slots = later.slots
+        pool = slots.slot_map.pool
+        for expert in sorted({e for row in ids for e in row}):
+            if (layer, expert) in seen or slots.slot_map.slot_of(expert) is not None or expert in slots._pending:
+                continue
+            seen.add((layer, expert))
+            if backlog and slots.engine.prefetch_backlog_bytes() >= backlog * slots.expert_bytes:
+                return
+            if not pool.free_slots():
+                victim = pool.choose_victim(ordinal_layer.index(layer), (), False)
+                if victim is None or next_use(ordinal_layer[victim[0]], victim[1], n + 1) <= m:
+                    return
+            before = slots.stats.prefetch_loads
+            slots.prefetch([expert], distance=m - n, predictor="layer-ahead")  # scored apart from the routers
+            if slots.stats.prefetch_loads == before:  # refused: no room for another load in flight
+                return
 
 
 def _time_moe_op(split: dict) -> None:
@@ -142,7 +191,9 @@ def run_variant(args: argparse.Namespace, variant: str, recording_path: Path) ->
     recording: list[tuple[int, list[list[int]]]] = []
     if variant not in ("stock", "policy"):
         depth = int(variant.rsplit("d", 1)[1]) if "oracle" in variant else 0
-        _patch_replay(pickle.loads(recording_path.read_bytes()), depth, belady=variant.startswith("belady"))
+        window = int(variant.rsplit("w", 1)[1]) if "aggressive" in variant else 0
+        _patch_replay(pickle.loads(recording_path.read_bytes()), depth, belady=variant.startswith("belady"),
+                      window=window, backlog=args.backlog)
     elif record:
         from vllm_moe_offload.integration import experts
 
@@ -221,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir")
     parser.add_argument("--offload-extra", default="{}", help="more offload settings, as JSON")
     parser.add_argument("--depths", default="1,2,3", help="oracle look-ahead depths, in MoE calls")
+    parser.add_argument("--windows", default="",
+                        help="also Belady with the aggressive schedule over this many MoE calls ahead (e.g. 8,16)")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="the aggressive schedule's most loads ahead queued or running at once (0: no limit)")
+    parser.add_argument("--variants", default="",
+                        help="run only these variants (comma-separated names; stock and policy always run)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("perfect-policy"))
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
@@ -231,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     depths = [int(d) for d in args.depths.split(",") if d]
-    variants = ["stock", "policy", "belady"] + [f"oracle d{d}" for d in depths] + [f"belady + oracle d{d}" for d in depths]
+    windows = [int(w) for w in args.windows.split(",") if w]
+    variants = (["stock", "policy", "belady"] + [f"oracle d{d}" for d in depths]
+                + [f"belady + oracle d{d}" for d in depths] + [f"belady + aggressive w{w}" for w in windows])
+    if args.variants:
+        keep = {v.strip() for v in args.variants.split(",")}
+        variants = [v for v in variants if v in ("stock", "policy") or v in keep]
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
