@@ -9,6 +9,10 @@ all decode). Prints per trace:
 
 * the precision of three ways to keep a token's routing per layer: the last one (what the engine keeps),
   a count over every earlier occurrence, and a count halving at each occurrence;
+* two tokens ahead: the step after next predicted from the token that followed the just-sampled token the
+  last time (a bigram of the tokens seen), then the table: how often that guess was the token, and the
+  precision of the experts it gives (what a schedule loading two tokens ahead would have to work with,
+  ``docs/bench/perfect-policy/``);
 * batch-1 decode with one LRU cache per layer of ``share`` x experts slots, cold per sequence: demand
   misses per decode token without prefetch and with the table's prediction loaded before each decode
   token (evicting the least recently used expert it does not predict), with all the loads it takes.
@@ -61,6 +65,29 @@ def precision(rows, num_layers: int, keep: str) -> float:
                 right += len(set(predicted) & set(experts))
                 total += len(predicted)
     return right / total if total else float("nan")
+
+
+def two_ahead(rows, num_layers: int) -> dict:
+    """The step after next's experts, told from the token that last followed the token the step before it
+    processes (known when that step's predecessor sampled it); scored on decode rows."""
+    routes = TokenRoutes(num_layers, max_tokens=len(rows) + 1)
+    follow: dict[int, int] = {}  # token -> the token that followed it the last time
+    guessed = guessed_right = right = total = 0
+    for i, (token, routing, decode) in enumerate(rows):
+        guess = follow.get(rows[i - 1][0]) if i else None
+        if decode and guess is not None:
+            guessed += 1
+            guessed_right += guess == token
+            for ordinal, experts in enumerate(routing):
+                predicted = routes.predict(ordinal, guess)
+                right += len(set(predicted) & set(experts))
+                total += len(predicted)
+        for ordinal, experts in enumerate(routing):
+            routes.observe(ordinal, [token], [experts])
+        if i:
+            follow[rows[i - 1][0]] = token
+    return {"token_guessed": guessed, "token_right": guessed_right,
+            "precision": right / total if total else float("nan")}
 
 
 def decode_misses(trace: Trace, rows, slots: int, prefetch: bool) -> dict:
@@ -123,6 +150,7 @@ def main() -> None:
         figures = {"slots_per_layer": slots,
                    "precision": {keep: precision(rows, trace.meta.num_layers, keep)
                                  for keep in ("last", "count", "halving")},
+                   "two_ahead": two_ahead(rows, trace.meta.num_layers),
                    "lru": decode_misses(trace, rows, slots, prefetch=False),
                    "lru_with_table": decode_misses(trace, rows, slots, prefetch=True)}
         report[path] = figures
@@ -132,6 +160,9 @@ def main() -> None:
               + f"; demand misses per decode token {plain['demand_misses_per_token']:.2f} -> "
               f"{table['demand_misses_per_token']:.2f}, loads {plain['loads_per_token']:.2f} -> "
               f"{table['loads_per_token']:.2f} ({table['prefetched_used']} of {table['prefetched']} prefetched used)")
+        ahead = figures["two_ahead"]
+        print(f"  two tokens ahead: the token guessed right {ahead['token_right']} of {ahead['token_guessed']} "
+              f"times, the experts' precision {ahead['precision']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
