@@ -136,13 +136,13 @@ def _aggressive_prefetch(n: int, window: int, recording, layers: dict, ordinal_l
         slots = later.slots
         pool = slots.slot_map.pool
         for expert in sorted({e for row in ids for e in row}):
-            if (layer, expert) in seen or slots.slot_map.slot_of(expert) is not None or expert in slots._pending:
+            if (layer, expert) in seen or slots.slot_map.slot_of(expert) is not None or slots.in_flight([expert]):
                 continue
             seen.add((layer, expert))
             if backlog and slots.engine.prefetch_backlog_bytes() >= backlog * slots.expert_bytes:
                 return
             if not pool.free_slots():
-                victim = pool.choose_victim(ordinal_layer.index(layer), (), False)
+                victim = pool.choose_victim(slots.slot_map.ordinal, (), False)
                 if victim is None or next_use(ordinal_layer[victim[0]], victim[1], n + 1) <= m:
                     return
             before = slots.stats.prefetch_loads
