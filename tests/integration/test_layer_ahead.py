@@ -186,6 +186,34 @@ def test_many_rows_order_the_next_layer_by_rows_wanting_each(experts):  # noqa: 
     engine.shutdown()
 
 
+def test_an_expert_predicted_wrongly_again_and_again_stops_loading_ahead(experts):  # noqa: F811
+    """The router keeps predicting expert 5 for the next layer, which needs 0-4 instead (so 5 leaves its five
+    slots): after two wrong predictions (precision 1.0 -> 0.7 -> 0.49, under MIN_EXPERT_PRECISION) 5 is no
+    longer tried ahead (neither loaded nor tried for a slot); the prediction is still scored, so once the next
+    layer needs 5 when it is predicted (0.49 -> 0.64), it is tried again the next time it is missing."""
+    folder, _ = experts
+    engine, this, nxt = _pair(folder)
+    ahead = LayerAhead(this, nxt, Router([[5, 0], [0, 5]]), min_tokens=2)
+    x = torch.zeros(2, H)
+    _next_layer_step(nxt.slots, [0])
+    tried = []  # loaded ahead, or tried and found no slot its guess was worth
+    others = [0, 1, 2, 3, 4]
+    for needed in (others, others, [0, 5, 2, 3, 4], others, others):  # the fourth: 5 resident, not predicted missing
+        stats = nxt.slots.stats
+        before = stats.prefetch_loads + stats.prefetch_skipped
+        this.slots.begin_layer()
+        ahead.prefetch(x)
+        this.slots.end_step()
+        nxt.slots.finish_loads()
+        tried.append(stats.prefetch_loads + stats.prefetch_skipped - before)
+        _next_layer_step(nxt.slots, needed)
+        assert nxt.slots.slot_map.slot_of(5) is None or 5 in needed
+    assert tried == [1, 1, 0, 0, 1]
+    assert nxt.slots.stats.prefetch_loads == 1  # the first: a free slot
+    assert ahead.precision[step_kind(2)][5] == pytest.approx(0.49 + 0.3 * 0.51)
+    engine.shutdown()
+
+
 def test_loads_ahead_take_slots_only_after_the_layers_own_misses(experts):  # noqa: F811
     """Two layers sharing a pool of 6 slots, 4 of them holding each layer's last experts: the running layer's
     two misses take the two free slots, and the next layer's load ahead (deferred until they are admitted)

@@ -11,7 +11,9 @@ missing experts in the order the layer will want them, as many as the link would
 schedule's admission rule, ``core/link.py``). It does so once the layer's own misses have their slots
 (``LayerSlots.after_own_loads``): made first, the loads ahead took a shared pool's free slots and the layer's
 own loads then evicted residents instead. A wrong guess costs a load and a slot; more loads ahead than the
-idle time read 10-20% more without gain on the padded tiny Mixtral (fixed counts of 4 to 16 per layer).
+idle time read 10-20% more without gain on the padded tiny Mixtral (fixed counts of 4 to 16 per layer). And an
+expert whose predictions while missing were mostly wrong lately is skipped (:data:`MIN_EXPERT_PRECISION`): the
+router errs on some experts again and again.
 
 Independent of the replacement policy; fate's own router look-ahead (``experts.py``) keeps the steps this
 leaves to it (one token, and every step where this is off).
@@ -44,6 +46,18 @@ _FEW_ROWS = 64
 #: weight of the newest idle time between two layers
 _IDLE_ALPHA = 0.3
 
+#: a missing expert that the next layer's router predicts is loaded ahead only while the router's predictions of
+#: it while missing, in steps of the same kind, were right at least this often (smoothed; untried: loaded). The
+#: router on the layer before's input errs on some experts again and again, and the cache keeps what is used,
+#: so the misses it predicts are its errors more often than its predictions overall: in the 32-request batch of
+#: the padded tiny Mixtral at 50%, the experts it had load ahead in decode steps were right 0.21-0.83 of the
+#: time by how many rows wanted them (0.38 for five rows or more), against 0.69-0.91 for all it predicted
+#: (``docs/bench/pool-floor/``); each wrong one costs its load and the later load of the expert it pushed out
+MIN_EXPERT_PRECISION = 0.5
+
+#: weight of the newest outcome in an expert's precision
+_PRECISION_ALPHA = 0.3
+
 #: above this many rows the next layer's experts are ordered by the rows that want them (a torch bincount)
 #: rather than by :func:`~vllm_moe_offload.integration.passes.load_order`'s greedy, which took about 3.5 ms
 #: for a 4096-row step of tiny-mixtral: more than the load it orders
@@ -75,6 +89,10 @@ class LayerAhead:
         self.idle_s: dict[int, float] = {}
         #: the kind of this layer's last step that loaded ahead, and that step's count (``stats.steps`` then)
         self._last: tuple[int, int] | None = None
+        #: by kind of step, each expert's precision when predicted missing (:data:`MIN_EXPERT_PRECISION`)
+        self.precision: dict[int, dict[int, float]] = {}
+        #: the last prediction to score: its kind, the next layer's step count then, the missing experts predicted
+        self._guessed: tuple[int, int, list[int]] | None = None
 
     def prefetch(self, x: torch.Tensor) -> None:
         """This layer's step on ``x [T, H]`` starts: queue the next layer's first missing experts."""
@@ -82,12 +100,19 @@ class LayerAhead:
         if slots is None or slots.fully_resident:
             return
         self._measure_idle()
+        self._score_guesses()
         kind = step_kind(x.shape[0])
         self._last = (kind, self.layer.slots.stats.steps)
         ids = self.gate(x)[0].topk(self.nxt.top_k, dim=-1).indices  # [T, k]
         wanted, order = self._order(ids, slots)
         if not order:
             return
+        self._guessed = (kind, slots.stats.steps, order)
+        precision = self.precision.get(kind)
+        if precision:
+            order = [e for e in order if precision.get(e, 1.0) >= MIN_EXPERT_PRECISION]
+            if not order:
+                return
         # a load ahead never evicts the next layer's experts that this step's rows will want (as predicted) or
         # that its last steps used (the cache's "useful": a guess is not worth them, and where the prediction
         # missed one, it must not be read again; a broken checkpoint would fail requests it served before)
@@ -111,6 +136,22 @@ class LayerAhead:
         while admitted < candidates and (backlog + admitted) * load_s < idle_s * engine.num_threads:
             admitted += 1
         return admitted
+
+    def _score_guesses(self) -> None:
+        """Score the last prediction against what the next layer's step needed (where it ran that step, and
+        only that one, since): each missing expert predicted, loaded ahead or not."""
+        guessed, self._guessed = self._guessed, None
+        if guessed is None:
+            return
+        kind, step, experts = guessed
+        slots = self.nxt.slots
+        needs = slots.last_step_needs
+        if needs is None or slots.stats.steps != step + 1:
+            return
+        record = self.precision.setdefault(kind, {})
+        for expert in experts:
+            old = record.get(expert, 1.0)
+            record[expert] = old + _PRECISION_ALPHA * ((expert in needs) - old)
 
     def _measure_idle(self) -> None:
         """Learn from the two layers' last steps how long the link was free between them (where both are known).

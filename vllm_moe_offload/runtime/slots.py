@@ -144,6 +144,9 @@ class LayerSlots:
         self.first_demand_s: float | None = None
         self.ended_s: float | None = None
         self.own_loads_done_s: float | None = None
+        #: every expert the last step that ended needed (None: none known), for predictors that learn from it
+        #: (``integration/layer_ahead.py``)
+        self.last_step_needs: set[int] | None = None
         self._began_s = 0.0
         self._demand_done_s: float | None = None  # the running step's latest demand load's end (an I/O thread's)
         #: run once this step's own loads are queued (:meth:`after_own_loads`)
@@ -765,7 +768,7 @@ class LayerSlots:
             self.prefetch_gate.record_stall(kind, self.stats.stall_s - stall_s, self.stats.misses - misses)
             self._step_marks = None
         self.stats.steps += 1
-        self._step_needs = None
+        self.last_step_needs, self._step_needs = self._step_needs, None
         self.ended_s = time.perf_counter()
         self._release_prefetches()
         # loads still running (a guess the step did not need) land later: no wait here, and
