@@ -1,32 +1,29 @@
-"""Measurement (not a test): how many loads a prefill or a batch needs at least, with the engine's pool.
+"""Measurement (not a test): the engine's loads in a prefill or a batch against the fewest its pool allows.
 
     python scripts/measure/pool_floor.py MODEL --tokens TOKENS.npy --budget 25% \\
       [--store kernel --cache-dir DIR] [--workload prefill|batch] [--rounds 8] [--json OUT]
 
-The bench's I/O floor (``cli/bench_bound.py``) counts the loads of the optimal cache of ``slots per
-layer`` slots for each layer alone, and lets a step that needs more experts than that load each once
-and keep any of them: a lower bound for every organisation of the slots. The engine runs one shared
-pool (``core/shared_pool.py``), and a MoE call needs each of its rows' experts resident together (a
-row's top-k are summed inside the kernel, so splitting a row over passes would change stock's
-rounding and the tokens). A prefill of a few hundred tokens needs nearly every expert of a layer at
-once, so the pool cannot keep its share of every layer through it. This script runs the configured
-policy in one in-process engine (greedy, after a 4-token warm-up), records every MoE call's distinct
-experts in call order, and replays that routing through:
+The bench scores a run against the loads of the optimal cache of its organisation (``cli/bench_bound.py``):
+for the default shared pool (``core/shared_pool.py``), one optimal cache of the pool's slots over every
+(layer, expert), each step's experts of a layer held together (``pooled_routing_loads``). This script runs
+the configured policy in one in-process engine (greedy, after a 4-token warm-up), records every MoE call's
+distinct experts in call order (the engine's own calls: a prompt's chunks, a batch's steps) with the loads
+every layer started during it, and replays the recording through:
 
-- ``per-layer floor``: the bench's floor (``optimal_loads``, warm, ``pool slots / layers`` each);
-- ``pool floor``: the optimal shared pool of the engine's size whose running layer holds all its
-  call's experts at once, evicting the resident expert used again farthest ahead (Belady's rule over
-  every (layer, expert); it starts warm with the experts needed first, as the bench's floor does);
+- ``pool floor``: that optimal shared pool (Belady's rule over every (layer, expert), warm with the experts
+  needed first, as the bench's floor starts);
+- ``per-layer floor``: the optimal cache of ``pool slots / layers`` slots for each layer alone
+  (``optimal_loads``), the floor of a run with a pool per layer, for comparison;
 
-and prints them per round against the engine's own loads. Workloads: ``prefill``, ``--rounds``
-prompts of ``--prompt-len`` tokens and one generated token each; ``batch``, ``--batch`` prompts of
-``--prompt-len`` tokens generating ``--new-tokens`` each, ``--rounds`` times. Tokens come from
-``--tokens`` (a flat array of token ids), 1000 apart. ``--offload-extra`` adds offload settings (JSON),
-for example ``'{"layer_ahead": false}'``.
+and prints the engine's loads against them: in all, prefetched, evicted unused, and for the batch the
+prompts' calls and the decode steps apart. Workloads: ``prefill``, ``--rounds`` prompts of
+``--prompt-len`` tokens and one generated token each; ``batch``, ``--batch`` prompts of ``--prompt-len``
+tokens generating ``--new-tokens`` each, ``--rounds`` times. Tokens come from ``--tokens`` (a flat array
+of token ids), 1000 apart. ``--offload-extra`` adds offload settings (JSON), for example
+``'{"layer_ahead": false}'``.
 
 On the padded tiny-mixtral (tm-x16, 32 slots at 25%, lru, 8 prompts of 512 tokens): the engine loaded
-84.5 experts per prefill, the pool floor is 76.2 and the bench's per-layer floor 67.9
-(``docs/bench/pool-floor/``).
+84.5 experts per prefill, the pool floor is 76.2 and the per-layer floor 67.9 (``docs/bench/pool-floor/``).
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the recording hook must reach the worker
 
-from vllm_moe_offload.cli.bench_bound import optimal_loads  # noqa: E402
+from vllm_moe_offload.cli.bench_bound import optimal_loads, optimal_misses  # noqa: E402
 
 #: a call's experts: (MoE layer index, its distinct experts)
 Call = tuple[int, list[int]]
@@ -52,50 +49,17 @@ PROMPT_STRIDE = 1000
 DECODE_MAX_ROWS = 64
 
 
-def pool_floor(calls: Sequence[Call], slots: int, warm: bool = True) -> list[int]:
-    """Per call, the loads of the optimal shared pool of ``slots`` whose running call holds all its experts at once.
-
-    Each call's experts are pinned while it runs; a missing one evicts the resident (layer, expert)
-    used again farthest ahead (never again: first). Belady's rule is optimal for a cache that must
-    hold each request's set together (a request of several pages is served page by page with the
-    set's other pages pinned, and farthest-first remains an optimal exchange). ``warm``: the pool
-    starts holding the ``slots`` keys needed first, free, as ``optimal_loads`` starts warm.
-    """
-    uses: dict[tuple[int, int], list[int]] = {}
-    for i, (layer, experts) in enumerate(calls):
-        for e in experts:
-            uses.setdefault((layer, e), []).append(i)
-    cursor = dict.fromkeys(uses, 0)
-    resident: set[tuple[int, int]] = set()
-    if warm:
-        first: dict[tuple[int, int], None] = {}
-        for layer, experts in calls:
-            for e in experts:
-                first.setdefault((layer, e), None)
-        resident = set(list(first)[:slots])
-
-    def next_use(key: tuple[int, int], now: int) -> int:
-        at = uses[key]
-        while cursor[key] < len(at) and at[cursor[key]] <= now:
-            cursor[key] += 1
-        return at[cursor[key]] if cursor[key] < len(at) else len(calls)
-
-    loads = [0] * len(calls)
-    for i, (layer, experts) in enumerate(calls):
-        need = {(layer, e) for e in experts}
-        if len(need) > slots:
-            raise ValueError(f"call {i} needs {len(need)} experts at once, more than the pool's {slots} slots")
-        for key in need - resident:
-            loads[i] += 1
-            if len(resident) >= slots:
-                victim = max(resident - need, key=lambda k: next_use(k, i))
-                resident.discard(victim)
-            resident.add(key)
-    return loads
+def pool_floor(calls: Sequence[Call], num_experts: int, slots: int) -> list[int]:
+    """Per call, the loads of the optimal shared pool of ``slots`` (each call's experts held together, warm):
+    the bench's I/O floor for a shared-pool run (``cli/bench_bound.pooled_routing_loads``), over the calls as
+    the engine made them (a prompt's chunks, a batch's steps)."""
+    layers = max(layer for layer, _ in calls) + 1
+    keyed = [{layer * num_experts + e for e in experts} for layer, experts in calls]
+    return optimal_misses(keyed, layers * num_experts, slots)
 
 
 def per_layer_floor(calls: Sequence[Call], num_layers: int, num_experts: int, slots_per_layer: int) -> int:
-    """The bench's I/O floor in loads: each layer's optimal cache of ``slots_per_layer`` slots, warm."""
+    """The floor of a run with a pool per layer: each layer's optimal cache of ``slots_per_layer`` slots, warm."""
     by_layer: dict[int, list[set[int]]] = {}
     for layer, experts in calls:
         by_layer.setdefault(layer, []).append(set(experts))
@@ -213,15 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     if slots is None:
         parser.error("the engine did not report its pool's slots (needs the shared pool)")
     engine = sum(r["loads"] for r in rounds)
-    pool_calls = pool_floor(calls, slots)
+    pool_calls = pool_floor(calls, num_experts, slots)
     pool = sum(pool_calls)
     per_layer = per_layer_floor(calls, num_layers, num_experts, slots // num_layers)
     n = len(rounds)
     unit = "prefill" if args.workload == "prefill" else "batch"
     print(f"{args.model} {args.workload}, {args.policy} at {args.budget}: {slots} slots for {num_layers} layers x "
           f"{num_experts} experts, {n} rounds, {len(calls)} MoE calls")
-    print(f"loads per {unit}: engine {engine / n:.1f}; pool floor {pool / n:.1f} (engine x{engine / pool:.2f}); "
-          f"per-layer floor {per_layer / n:.1f} (pool floor x{pool / per_layer:.2f}, engine x{engine / per_layer:.2f})")
+    print(f"loads per {unit}: engine {engine / n:.1f}; pool floor (the bench's) {pool / n:.1f} "
+          f"(engine x{engine / pool:.2f}); per-layer floor {per_layer / n:.1f} (pool floor x{pool / per_layer:.2f})")
     counted = result["counts"]
     print(f"  the engine's loads: {counted['prefetch_loads'] / n:.1f} per {unit} prefetched, "
           f"{counted['prefetch_unused'] / n:.1f} of them evicted unused")

@@ -98,7 +98,7 @@ def optimal_loads(accesses: Sequence[Collection[int]], num_experts: int, capacit
     content may be there). ``warm=False`` starts empty; when every step fits,
     the count is then ``core.belady.belady_misses``'s.
     """
-    return sum(_optimal_misses(accesses, num_experts, capacity, warm))
+    return sum(optimal_misses(accesses, num_experts, capacity, warm))
 
 
 def _soonest(experts: Collection[int], next_use: np.ndarray, count: int) -> list[int]:
@@ -147,15 +147,16 @@ def pooled_routing_loads(steps: Sequence, layer_slots: Sequence[int], num_expert
     # one need per (step, layer) in run order, keyed layer * num_experts + expert
     order = [(step, layer) for step in range(len(accesses[0])) for layer in shared]
     sequence = [{layer * num_experts + e for e in accesses[layer][step]} for step, layer in order]
-    misses = _optimal_misses(sequence, len(layer_slots) * num_experts, sum(layer_slots[layer] for layer in shared))
+    misses = optimal_misses(sequence, len(layer_slots) * num_experts, sum(layer_slots[layer] for layer in shared))
     for (_, layer), need in zip(order, misses):
         loads[layer] += need
     return loads
 
 
-def _optimal_misses(accesses: Sequence[Collection[int]], num_experts: int, capacity: int,
-                    warm: bool = True) -> list[int]:
-    """:func:`optimal_loads`'s loads, step by step."""
+def optimal_misses(accesses: Sequence[Collection[int]], num_experts: int, capacity: int,
+                   warm: bool = True) -> list[int]:
+    """:func:`optimal_loads`'s loads, step by step (also of one shared pool, keyed ``layer * E + expert``:
+    :func:`pooled_routing_loads`, ``scripts/measure/pool_floor.py``)."""
     if capacity < 1:
         raise ValueError(f"a cache needs at least 1 slot, got {capacity}")
     upcoming = next_use_table(accesses, num_experts)  # [P + 1, E]: each expert's next step of need
