@@ -104,9 +104,7 @@ def _patch_replay(recording: list[tuple[int, list[list[int]]]], depth: int, bela
             for expert in view.resident_keys():
                 if expert in held or (view.ordinal == requester and expert in pinned):
                     continue
-                times = uses.get((layer, expert), [])
-                i = bisect.bisect_left(times, now)
-                key = (times[i] if i < len(times) else 1 << 60, -view.ordinal, -expert)
+                key = (next_use(layer, expert, now), -view.ordinal, -expert)
                 if best is None or key > best:
                     best = key
         return None if best is None else (-best[1], -best[2])
