@@ -19,7 +19,7 @@ from tests.runtime.test_slots import E, H, I, PREFIX, _identity, experts  # noqa
 from tests.runtime.test_slots_cancel import RELEASE_WAIT_S, GatedSource, _wait_running
 from vllm_moe_offload.core.cache import SlotMap
 from vllm_moe_offload.core.replacement import make_policy
-from vllm_moe_offload.integration.passes import PassSchedule, load_order
+from vllm_moe_offload.integration.passes import PassSchedule, _Waves, load_order
 from vllm_moe_offload.runtime.safetensors_io import CheckpointIndex, ThreadLocalReaders
 from vllm_moe_offload.runtime.slots import LayerSlots
 from vllm_moe_offload.runtime.expert_layout import per_expert_layout
@@ -294,3 +294,30 @@ def test_a_failed_load_fails_only_the_rows_that_need_it(experts, broken):  # noq
     assert out[bad].isnan().all()  # left for _fail_tokens to zero
     assert layer.slots.stats.failed_loads == 1
     layer.slots.engine.shutdown()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_waves_give_each_row_once_when_its_last_expert_lands(data):
+    """The wave bookkeeping against the plain rule: after each landing, the rows not yet taken whose experts are
+    all resident, ascending; each row exactly once; the rest left."""
+    rows = data.draw(st.lists(st.lists(st.integers(0, 7), min_size=2, max_size=2, unique=True).map(tuple),
+                              min_size=1, max_size=40))
+    experts = sorted({e for row in rows for e in row})
+    missing = data.draw(st.lists(st.sampled_from(experts), unique=True))
+    landings = data.draw(st.permutations(missing))
+    stop = data.draw(st.integers(0, len(landings)))  # a late load: the rest never land
+    waves = _Waves(rows, missing)
+    absent, taken = list(missing), set()
+    for step in range(stop + 1):
+        if step:
+            absent.remove(landings[step - 1])
+            waves.landed([e for e in waves.absent if e in absent])
+        expected = [i for i, row in enumerate(rows) if i not in taken and not set(row) & set(absent)]
+        assert waves.all_ready() == (len(expected) == len(rows) - len(taken))
+        assert waves.ready_experts() == sorted({e for i in expected for e in rows[i]})
+        assert waves.take_ready().tolist() == expected
+        taken.update(expected)
+        assert waves.done() == (len(taken) == len(rows))
+    assert waves.left().tolist() == [i for i in range(len(rows)) if i not in taken]
+    assert waves.needed() == {e for i in range(len(rows)) if i not in taken for e in rows[i]}

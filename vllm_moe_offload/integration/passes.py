@@ -125,30 +125,37 @@ class PassSchedule:
         if not missing:
             return self._free_for_next_pass(idx, ids, x, topk_weights, topk_ids, out, low, counted, then)
         slots.start_loads(load_order(rows, missing, ahead=slots.in_flight(missing)), experts, low=low)
-        todo = torch.ones(len(rows), dtype=torch.bool, device=ids.device)  # [t] rows not computed yet
+        waves = _Waves(rows, missing, device=idx.device)
         while True:
-            absent = torch.tensor(slots.missing(missing), dtype=ids.dtype, device=ids.device)
-            ready = todo & ~torch.isin(ids, absent).any(dim=-1)  # [t]
-            waiting = slots.in_flight(set(ids[todo & ~ready].reshape(-1).tolist()))
-            if not waiting and bool(ready.eq(todo).all()):  # the pass's last rows: free slots for the next first
-                return self._free_for_next_pass(idx[todo], ids[todo], x, topk_weights, topk_ids, out, low, counted,
+            waves.landed(slots.missing(waves.absent))
+            waiting = slots.in_flight(waves.absent)
+            if not waiting and waves.all_ready():  # the pass's last rows: free slots for the next first
+                left = waves.take_ready()
+                return self._free_for_next_pass(idx[left], ids[left], x, topk_weights, topk_ids, out, low, counted,
                                                 then)
-            if ready.any() and (not waiting or self._wave_pays(len(waiting))):
+            if waves.ready and (not waiting or self._wave_pays(len(waiting))):
                 if then:
-                    self._start_next_pass(then, set(distinct_experts(ids[todo])), low)
-                self._compute_rows(idx[ready], ids[ready], x, topk_weights, topk_ids, out, low, counted)
+                    self._start_next_pass(then, waves.needed(), low)
+                ready_experts = waves.ready_experts()
+                wave = waves.take_ready()
+                self._compute_rows(idx[wave], ids[wave], x, topk_weights, topk_ids, out, low, counted, ready_experts)
                 if waiting:
                     slots.stats.waves += 1
-                todo &= ~ready
-                if not todo.any():
-                    return idx[todo]
+                if waves.done():
+                    return idx[:0]
             if not waiting or not slots.wait_next(waiting):
-                return idx[todo]  # nothing in flight for them, or a late load: ensure reports it
+                return idx[waves.left()]  # nothing in flight for them, or a late load: ensure reports it
 
-    def _compute_rows(self, wave, wave_ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int]) -> None:
-        """One kernel call for the rows ``wave`` (their experts ``wave_ids [w, k]``, all resident) into ``out``."""
+    def _compute_rows(
+        self, wave, wave_ids, x, topk_weights, topk_ids, out, low: set[int], counted: set[int],
+        experts: list[int] | None = None,
+    ) -> None:
+        """One kernel call for the rows ``wave`` (their experts ``wave_ids [w, k]``, all resident, or
+        ``experts`` where the caller has them) into ``out``."""
         slots = self.slots
-        slots.ensure(distinct_experts(wave_ids), low=low, counted=counted)  # resident: no wait
+        if experts is None:
+            experts = distinct_experts(wave_ids)
+        slots.ensure(experts, low=low, counted=counted)  # resident: no wait
         if self.expert_format is not None:
             wave = wave.sort().values  # the step's token order: a row's kernel path depends on it
             out[wave] = self._part_of_step(wave, x, topk_weights, topk_ids)
@@ -230,6 +237,75 @@ class PassSchedule:
             return True
         return in_flight * load_s >= self.call_s_min
 
+
+class _Waves:
+    """A pass's rows waiting for their experts' loads, grouped by the experts they need.
+
+    Each landing counts down only the groups that wait for it, and a wave's rows are gathered once, where the
+    loop tested every row of the pass against the absent experts at each landing (a dozen tensor operations).
+    A 512-token prefill of tiny-mixtral has about a hundred groups. Measured in vLLM's multiprocess engine on
+    ``tm-x16`` at 25% (lru, 2 engines x 3 prefills each way): the MoE op's own time besides its kernel calls
+    and waits, 26.5-28.9 -> 23.0-24.9 ms per 512-token prefill (60 waves); level at 50% (about 30 waves).
+    """
+
+    def __init__(self, rows: list[tuple[int, ...]], missing: Collection[int], device=None) -> None:
+        self._device = device
+        missing = set(missing)
+        groups: dict[frozenset[int], list[int]] = {}
+        for position, row in enumerate(rows):
+            groups.setdefault(frozenset(row), []).append(position)
+        self._groups = list(groups.items())  # (experts, row positions)
+        self._count = [0] * len(self._groups)  # per group: its experts not landed yet
+        self._by_expert: dict[int, list[int]] = {e: [] for e in missing}  # expert -> groups waiting for it
+        self.ready: list[int] = []  # groups whose experts are all resident, not computed yet
+        self._pending: set[int] = set()  # groups not computed yet
+        for g, (need, _) in enumerate(self._groups):
+            self._pending.add(g)
+            for e in need & missing:
+                self._by_expert[e].append(g)
+                self._count[g] += 1
+            if not self._count[g]:
+                self.ready.append(g)
+        #: the pass's experts not landed yet (as far as :meth:`landed` was told)
+        self.absent: list[int] = sorted(missing)
+
+    def landed(self, absent: list[int]) -> None:
+        """The experts still absent now: those that left the list landed, and their groups count down."""
+        if len(absent) == len(self.absent):
+            return
+        still = set(absent)
+        for e in self.absent:
+            if e not in still:
+                for g in self._by_expert[e]:
+                    self._count[g] -= 1
+                    if not self._count[g]:
+                        self.ready.append(g)
+        self.absent = absent
+
+    def all_ready(self) -> bool:
+        return len(self.ready) == len(self._pending)
+
+    def ready_experts(self) -> list[int]:
+        return sorted(set().union(*(self._groups[g][0] for g in self.ready)))
+
+    def needed(self) -> set[int]:
+        """The experts of every row not computed yet."""
+        return set().union(*(self._groups[g][0] for g in self._pending))
+
+    def take_ready(self) -> torch.Tensor:
+        """The ready rows' positions, ascending (as a mask selects them); they count as computed."""
+        positions = sorted(p for g in self.ready for p in self._groups[g][1])
+        self._pending.difference_update(self.ready)
+        self.ready = []
+        return torch.tensor(positions, dtype=torch.long, device=self._device)
+
+    def done(self) -> bool:
+        return not self._pending
+
+    def left(self) -> torch.Tensor:
+        """The positions of the rows not computed, ascending."""
+        positions = sorted(p for g in self._pending for p in self._groups[g][1])
+        return torch.tensor(positions, dtype=torch.long, device=self._device)
 
 #: above this many (distinct row need, candidate) pairs, :func:`load_order` orders by need only (a prefill
 #: of a 64-expert model: building the greedy's bookkeeping would cost more than its order saves)
