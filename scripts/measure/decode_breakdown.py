@@ -1,22 +1,31 @@
-"""Micro-benchmark (not a test): where batch-1 decode's time goes, per token, for each policy.
+"""Micro-benchmark (not a test): where batch-1 decode's (or a prefill's) time goes, for each policy.
 
     python scripts/measure/decode_breakdown.py MODEL --policies "lru[store=kernel],fate[store=kernel]" \\
-        --budget 25% [--rounds 3] [--json OUT]
+        --budget 25% [--rounds 3] [--workload prefill --prompt-len 512] [--inprocess] [--json OUT]
 
-Each run starts one engine in its own process (vLLM's one-process engine, so the MoE layers are timed where
-they run), decodes ``--prompts`` prompts of ``--prompt-len`` held-out tokens for ``--new-tokens`` greedy
-tokens each, ``--reps`` times, and splits the time per generated token into
+Each run starts one engine in its own process, vLLM's default multiprocess engine unless ``--inprocess``,
+decodes ``--prompts`` prompts of ``--prompt-len`` held-out tokens for ``--new-tokens`` greedy tokens each
+(``--workload prefill``: one token each, prefix caching off, figures per prompt), ``--reps`` times, and splits
+the time per generated token (per prompt) into
 
 * *MoE op*: the offloaded layers' custom op, of which *kernel* (the fused-experts calls), *stall* (waits for
-  loads, the slots' ``stall_s``) and *plugin* (the rest: routing bookkeeping, predictions, remapping);
+  loads) and *plugin* (the rest: routing bookkeeping, predictions, planning, remapping): the layers' own
+  counters (``op_s``, ``kernel_s``, ``stall_s`` of ``offload_stats``), so they are read in either engine;
 * *rest of model*: everything else in the step (attention, norms, the sampler, the engine's own work, and the
   plugin's hooks outside the op, such as the next-token prefetch at sampling);
 
-and gives the loads and demand misses per token and the CPU time of the loader threads (``moe-offload-io_*``).
-The first run is the plugin holding every expert (``--resident``, lru at 100%: the compute the others are
-measured against); runs alternate ``--rounds`` times and each figure is the median over rounds. The bench's
-physical bound counts a load as free for the compute; this shows what the loads and the plugin cost besides
+and gives the loads and demand misses per token, the kernel calls per token (a prefill's waves), and, in the
+one-process engine, the CPU time of the loader threads (``moe-offload-io_*``). The first run is the plugin
+holding every expert (``--resident``, lru at 100%: the compute the others are measured against); runs
+alternate ``--rounds`` times and each figure is the median over rounds. The bench's physical bound counts a
+load as free for the compute; this shows what the loads and the plugin cost besides
 (``docs/bench/token-prefetch/README.md``).
+
+Why the multiprocess engine by default: there vLLM's CPU worker computes with one OpenMP thread on core 0 and
+leaves core 1 to the other processes, where the one-process engine computes with both cores. On this project's
+2-core VM a 512-token prefill of ``tm-x16`` with every expert resident took 42-43 ms in one process and 67-70
+ms in the multiprocess engine, and a cProfile of the one-process engine charged waits for the second OpenMP
+thread to the plugin's tensor indexing (``docs/bench/multiprocess-breakdown/``).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from engine_child import check_args, run_child, short  # this folder's (the scri
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
 
-FIELDS = ("ms_per_token", "moe_op", "kernel", "stall", "plugin", "rest", "loads", "misses", "io_cpu")
+FIELDS = ("ms_per_token", "moe_op", "kernel", "stall", "plugin", "rest", "loads", "misses", "kernel_calls")
 
 
 def _thread_cpu_s() -> dict[str, float]:
@@ -54,69 +63,65 @@ def _thread_cpu_s() -> dict[str, float]:
     return out
 
 
-def _timed(method, spent: dict, key: str):
-    """``method`` adding the seconds each call takes to ``spent[key]``."""
-
-    def timed(self, *args):
-        started = time.perf_counter()
-        try:
-            return method(self, *args)
-        finally:
-            spent[key] += time.perf_counter() - started
-
-    return timed
-
-
 def _child(spec: dict) -> dict:
-    """One engine: time the decodes and return the per-token figures (runs in its own process)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """One engine: time the workload and return the figures per generated token, or per prompt for a prefill
+    (runs in its own process; the engine core in another unless ``inprocess``)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec["inprocess"] else "1"
     import numpy as np
     from vllm import LLM, SamplingParams
 
     import vllm_moe_offload
-    from vllm_moe_offload.integration import experts
 
-    spent = {"op": 0.0, "kernel": 0.0}
-    cls = experts.OffloadRoutedExperts
-    cls.offloaded_forward = _timed(cls.offloaded_forward, spent, "op")
-    cls._kernel = _timed(cls._kernel, spent, "kernel")
-
+    prefill = spec["workload"] == "prefill"
+    new_tokens = 1 if prefill else spec["new_tokens"]
     extra = {"additional_config": {"moe_offload": spec["offload"]}} if spec["offload"] else {}
-    llm = LLM(spec["model"], dtype="bfloat16", max_model_len=spec["prompt_len"] + spec["new_tokens"] + 16,
-              max_num_seqs=1, kv_cache_memory_bytes=2**26, enforce_eager=True, seed=0, **extra)
+    llm = LLM(spec["model"], dtype="bfloat16", max_model_len=spec["prompt_len"] + new_tokens + 16,
+              max_num_seqs=1, kv_cache_memory_bytes=2**26, enforce_eager=True, seed=0,
+              enable_prefix_caching=not prefill, **extra)
     tokens = np.load(spec["tokens"]).astype(np.int64).ravel().tolist()
     stride = len(tokens) // spec["prompts"]
     prompts = [{"prompt_token_ids": tokens[i * stride:i * stride + spec["prompt_len"]]} for i in range(spec["prompts"])]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
 
     def totals() -> dict:
         layers = vllm_moe_offload.offload_stats(llm)[0].get("layers", []) if spec["offload"] else []
-        return {key: sum(layer[key] for layer in layers) for key in ("stall_s", "loads", "misses")}
+        return {key: sum(layer[key] for layer in layers)
+                for key in ("op_s", "kernel_s", "kernel_calls", "stall_s", "loads", "misses")}
 
     before, cpu_before = totals(), _thread_cpu_s()
-    spent.update(op=0.0, kernel=0.0)
     started = time.perf_counter()
     for _ in range(spec["reps"]):
         for prompt in prompts:
             llm.generate([prompt], params, use_tqdm=False)
     wall_s = time.perf_counter() - started
     after, cpu_after = totals(), _thread_cpu_s()
-    generated = spec["reps"] * len(prompts) * spec["new_tokens"]
-    per_token_ms = 1e3 / generated
-    stall = (after["stall_s"] - before["stall_s"]) * per_token_ms
+    spent = {key: after[key] - before[key] for key in after}
+    units = spec["reps"] * len(prompts) * (1 if prefill else new_tokens)  # prompts, or generated tokens
+    per_unit_ms = 1e3 / units
     io_cpu = sum(cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after if name.startswith("moe-offload-io"))
     return {
-        "ms_per_token": wall_s * per_token_ms,
-        "moe_op": spent["op"] * per_token_ms,
-        "kernel": spent["kernel"] * per_token_ms,
-        "stall": stall,
-        "plugin": (spent["op"] - spent["kernel"]) * per_token_ms - stall,
-        "rest": (wall_s - spent["op"]) * per_token_ms,
-        "loads": (after["loads"] - before["loads"]) / generated,
-        "misses": (after["misses"] - before["misses"]) / generated,
-        "io_cpu": io_cpu * per_token_ms,
+        "ms_per_token": wall_s * per_unit_ms,
+        "moe_op": spent["op_s"] * per_unit_ms,
+        "kernel": spent["kernel_s"] * per_unit_ms,
+        "stall": spent["stall_s"] * per_unit_ms,
+        "plugin": (spent["op_s"] - spent["kernel_s"] - spent["stall_s"]) * per_unit_ms,
+        "rest": (wall_s - spent["op_s"]) * per_unit_ms if spec["offload"] else None,
+        "loads": spent["loads"] / units,
+        "misses": spent["misses"] / units,
+        "kernel_calls": spent["kernel_calls"] / units,
+        # the loader threads live in this process only with the one-process engine
+        "io_cpu": io_cpu * per_unit_ms if spec["inprocess"] else None,
     }
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -134,6 +139,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
     parser.add_argument("--reps", type=int, default=2, help="repetitions of the prompts per engine (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="times each engine is started, alternating (default 3)")
+    parser.add_argument("--workload", choices=("decode", "prefill"), default="decode",
+                        help="decode (default): figures per generated token; prefill: each prompt generates one "
+                             "token, prefix caching off, figures per prompt (give --prompt-len 512)")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="vLLM's one-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), which computes with "
+                             "every core; default: the multiprocess engine, as deployed; the loader threads' CPU "
+                             "time is measured only here")
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args()
     check_args(args, "decode_breakdown", ("prompts", "prompt_len", "new_tokens", "reps", "rounds"))
@@ -149,7 +161,7 @@ def main() -> None:
         raise SystemExit(f"decode_breakdown: {exc}") from None
     common = {"model": str(Path(args.model).resolve()), "tokens": str(args.tokens.resolve()),
               "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "reps": args.reps}
+              "reps": args.reps, "workload": args.workload, "inprocess": args.inprocess}
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     total = args.rounds * len(runs)
     for n in range(total):
@@ -158,19 +170,20 @@ def main() -> None:
         started = time.perf_counter()
         got = run_child("decode_breakdown", {**common, "name": name, "offload": offload})
         results[name].append(got)
-        print(f"{got['ms_per_token']:.2f} ms per token ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"{got['ms_per_token']:.2f} ms ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    print(f"\nms per generated token (medians of {args.rounds} engines; {args.reps} x {args.prompts} decodes of "
-          f"{args.new_tokens} tokens after {args.prompt_len}-token prompts each)\n")
-    print("| run | total | MoE op | kernel | stall | plugin | rest of model | loads / token | misses / token "
+    unit = "prompt (one 1-token generation)" if args.workload == "prefill" else "generated token"
+    engine = "vLLM's one-process engine" if args.inprocess else "vLLM's multiprocess engine"
+    print(f"\nms per {unit}, {engine} (medians of {args.rounds} engines; {args.reps} x {args.prompts} "
+          f"{args.workload}s of {args.prompt_len}-token prompts)\n")
+    print("| run | total | MoE op | kernel | stall | plugin | rest of model | loads | misses | kernel calls "
           "| loader CPU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rounds in results.items():
-        med = {key: statistics.median(r[key] for r in rounds) for key in FIELDS}
+        med = {key: _median(r[key] for r in rounds) for key in (*FIELDS, "io_cpu")}
         spread = f" ({min(r['ms_per_token'] for r in rounds):.2f}-{max(r['ms_per_token'] for r in rounds):.2f})"
-        print(f"| {name} | {med['ms_per_token']:.2f}{spread} | {med['moe_op']:.2f} | {med['kernel']:.2f} "
-              f"| {med['stall']:.2f} | {med['plugin']:.2f} | {med['rest']:.2f} | {med['loads']:.2f} "
-              f"| {med['misses']:.2f} | {med['io_cpu']:.2f} |")
+        cells = " | ".join(_cell(med[key]) for key in FIELDS[1:])
+        print(f"| {name} | {med['ms_per_token']:.2f}{spread} | {cells} | {_cell(med['io_cpu'])} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results},
                                         indent=1))

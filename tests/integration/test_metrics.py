@@ -66,6 +66,8 @@ def test_families_carry_the_workers_counters(runs):
     assert _sum(samples, "vllm:moe_offload_prefetch_hits_total") == total["prefetch_hits"]
     assert _sum(samples, "vllm:moe_offload_loads_total") == total["loads"]
     assert _sum(samples, "vllm:moe_offload_stall_seconds_total") == pytest.approx(total["stall_s"])
+    assert _sum(samples, "vllm:moe_offload_kernel_seconds_total") == pytest.approx(total["kernel_s"])
+    assert 0 < total["kernel_s"] and total["kernel_s"] + total["stall_s"] <= total["op_s"]  # both inside the op
     assert _sum(samples, "vllm:moe_offload_read_seconds_total") == pytest.approx(total["read_s"]) and total["read_s"] > 0
     assert _sum(samples, "vllm:moe_offload_bytes_read_total", tier="disk") == total["bytes_read"]["disk"] > 0
     assert _sum(samples, "vllm:moe_offload_resident_experts") == total["resident"]

@@ -38,6 +38,11 @@ class LayerStats:
     ``failed_loads`` are needs that could not be met (a read failed or timed
     out); ``failed_tokens`` the token rows computed without them (their
     requests fail).
+    ``op_s``: the time the layer's offloaded MoE op took (from routing to
+    output: planning, waits, kernel calls); ``kernel_s`` the part spent in its
+    ``kernel_calls`` calls of the fused-experts kernel (on a GPU, the calls'
+    host time). ``op_s - kernel_s - stall_s`` is the plugin's own work on the
+    forward's thread.
     ``waves``: kernel calls that computed a pass's rows while loads it still
     waited for were in flight (rows whose experts had landed), or that
     computed a leaving expert's rows early so the next pass's load could
@@ -71,6 +76,9 @@ class LayerStats:
     layer_ahead_predicted: int = 0
     layer_ahead_right: int = 0
     waves: int = 0
+    op_s: float = 0.0
+    kernel_s: float = 0.0
+    kernel_calls: int = 0
     #: per look-ahead distance (layers between predictor and predicted): the same three counts
     distance_predicted: dict[int, int] = field(default_factory=dict)
     distance_right: dict[int, int] = field(default_factory=dict)
@@ -124,7 +132,7 @@ def summarize(layers: Iterable[dict]) -> dict:
         "hits", "misses", "prefetch_hits", "loads", "prefetch_loads", "prefetch_unused", "passes", "stall_s", "read_s",
         "failed_loads", "failed_tokens", "low_precision_loads", "slot_bytes", "resident", "predicted", "predicted_right", "needed_when_predicted",
         "prefetch_skipped", "prefetch_cancelled", "prefetch_refused", "prefetch_gated", "token_table_predicted",
-        "token_table_right", "layer_ahead_predicted", "layer_ahead_right", "waves",
+        "token_table_right", "layer_ahead_predicted", "layer_ahead_right", "waves", "op_s", "kernel_s", "kernel_calls",
     )
     total = {"layers": 0, "slots": 0, "bytes_read": {}, **{key: 0 for key in summed},
              **{key: {} for key in _BY_DISTANCE}}

@@ -148,6 +148,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
         slots = self.slots
         assert slots is not None
+        started = time.perf_counter()
         # before any prefetch this layer issues: they queue behind its own loads; the step's kind: the prefetch
         # gate learns what this layer's demand loads stall each kind of step
         slots.begin_layer(step_kind(x.shape[0]))
@@ -160,6 +161,7 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         finally:
             if self.observer is not None:
                 self.observer.on_computed()
+            slots.stats.op_s += time.perf_counter() - started
 
     def _offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         slots = self.slots
@@ -319,6 +321,9 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         started = time.perf_counter()
         out = super().forward_modular(x, topk_weights, slot_ids, None, None)
         took_s = time.perf_counter() - started
+        stats = self.slots.stats
+        stats.kernel_s += took_s
+        stats.kernel_calls += 1
         self.compute_s_ema = took_s if self.compute_s_ema is None else 0.9 * self.compute_s_ema + 0.1 * took_s
         self.call_s_min = took_s if self.call_s_min is None else min(self.call_s_min, took_s)
         if not isinstance(out, torch.Tensor):

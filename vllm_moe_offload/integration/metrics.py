@@ -53,6 +53,9 @@ _LAYER_COUNTERS = (
     ("stall_s", "stall_seconds", "Seconds the forward pass waited for expert loads."),
     ("read_s", "read_seconds", "Seconds the I/O threads spent in expert loads, summed over threads "
                                "(bytes_read over it: the rate the reads achieved)."),
+    ("op_s", "op_seconds", "Seconds in the offloaded MoE op: its planning, waits for loads and kernel calls."),
+    ("kernel_s", "kernel_seconds", "Seconds of the MoE op in fused-experts kernel calls (op minus kernel minus "
+                                   "stall: the plugin's own work)."),
     ("passes", "passes", "Kernel-call groups through the layer (a pass of tokens, or one wave of it)."),
     ("waves", "waves", "Kernel calls that computed tokens whose experts had landed while other loads ran, "
               "or a leaving expert's tokens early so the next pass's load could start in its slot."),
