@@ -244,8 +244,9 @@ class _Waves:
     Each landing counts down only the groups that wait for it, and a wave's rows are gathered once, where the
     loop tested every row of the pass against the absent experts at each landing (a dozen tensor operations).
     A 512-token prefill of tiny-mixtral has about a hundred groups. Measured in vLLM's multiprocess engine on
-    ``tm-x16`` at 25% (lru, 2 engines x 3 prefills each way): the MoE op's own time besides its kernel calls
-    and waits, 26.5-28.9 -> 23.0-24.9 ms per 512-token prefill (60 waves); level at 50% (about 30 waves).
+    ``tm-x16`` (lru, 3 engines x 3 prefills each way, alternating): the MoE op's own time besides its kernel
+    calls and waits, 27.4 -> 25.3 ms per 512-token prefill at 25% (about 60 waves), 18.1 -> 17.5 at 50%; the
+    wall time level within the noise (``docs/bench/multiprocess-breakdown/``).
     """
 
     def __init__(self, rows: list[tuple[int, ...]], missing: Collection[int], device=None) -> None:
