@@ -321,3 +321,13 @@ def test_waves_give_each_row_once_when_its_last_expert_lands(data):
         assert waves.done() == (len(taken) == len(rows))
     assert waves.left().tolist() == [i for i in range(len(rows)) if i not in taken]
     assert waves.needed() == {e for i in range(len(rows)) if i not in taken for e in rows[i]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_load_order_of_distinct_rows_with_counts_is_that_of_every_row(data):
+    rows = data.draw(st.lists(st.lists(st.integers(0, 7), min_size=2, max_size=2, unique=True).map(tuple),
+                              min_size=1, max_size=40))
+    missing = data.draw(st.lists(st.sampled_from(sorted({e for row in rows for e in row})), unique=True))
+    waves = _Waves(rows, missing)
+    assert load_order(waves.needs(), missing, counts=waves.sizes()) == load_order(rows, missing)

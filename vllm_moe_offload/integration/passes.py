@@ -17,8 +17,9 @@ every slot frees some early for the next pass's loads
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -124,8 +125,9 @@ class PassSchedule:
         missing = slots.missing(experts)
         if not missing:
             return self._free_for_next_pass(idx, ids, x, topk_weights, topk_ids, out, low, counted, then)
-        slots.start_loads(load_order(rows, missing, ahead=slots.in_flight(missing)), experts, low=low)
         waves = _Waves(rows, missing, device=idx.device)
+        order = load_order(waves.needs(), missing, ahead=slots.in_flight(missing), counts=waves.sizes())
+        slots.start_loads(order, experts, low=low)
         while True:
             waves.landed(slots.missing(waves.absent))
             waiting = slots.in_flight(waves.absent)
@@ -259,9 +261,8 @@ class _Waves:
         self._count = [0] * len(self._groups)  # per group: its experts not landed yet
         self._by_expert: dict[int, list[int]] = {e: [] for e in missing}  # expert -> groups waiting for it
         self.ready: list[int] = []  # groups whose experts are all resident, not computed yet
-        self._pending: set[int] = set()  # groups not computed yet
+        self._pending = set(range(len(self._groups)))  # groups not computed yet
         for g, (need, _) in enumerate(self._groups):
-            self._pending.add(g)
             for e in need & missing:
                 self._by_expert[e].append(g)
                 self._count[g] += 1
@@ -283,6 +284,13 @@ class _Waves:
                         self.ready.append(g)
         self.absent = absent
 
+    def needs(self) -> list[frozenset[int]]:
+        """Each group's experts (a row of :func:`load_order`, counted :meth:`sizes` times)."""
+        return [need for need, _ in self._groups]
+
+    def sizes(self) -> list[int]:
+        return [len(positions) for _, positions in self._groups]
+
     def all_ready(self) -> bool:
         return len(self.ready) == len(self._pending)
 
@@ -295,28 +303,35 @@ class _Waves:
 
     def take_ready(self) -> torch.Tensor:
         """The ready rows' positions, ascending (as a mask selects them); they count as computed."""
-        positions = sorted(p for g in self.ready for p in self._groups[g][1])
-        self._pending.difference_update(self.ready)
-        self.ready = []
-        return torch.tensor(positions, dtype=torch.long, device=self._device)
+        taken, self.ready = self.ready, []
+        self._pending.difference_update(taken)
+        return self._positions(taken)
 
     def done(self) -> bool:
         return not self._pending
 
     def left(self) -> torch.Tensor:
         """The positions of the rows not computed, ascending."""
-        positions = sorted(p for g in self._pending for p in self._groups[g][1])
+        return self._positions(self._pending)
+
+    def _positions(self, groups) -> torch.Tensor:
+        positions = sorted(p for g in groups for p in self._groups[g][1])
         return torch.tensor(positions, dtype=torch.long, device=self._device)
+
 
 #: above this many (distinct row need, candidate) pairs, :func:`load_order` orders by need only (a prefill
 #: of a 64-expert model: building the greedy's bookkeeping would cost more than its order saves)
 _GREEDY_MAX_PAIRS = 20_000
 
 
-def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collection[int] = ()) -> list[int]:
+def load_order(
+    rows: Sequence[Collection[int]], missing: Collection[int], ahead: Collection[int] = (),
+    counts: Sequence[int] | None = None,
+) -> list[int]:
     """The order to load ``missing`` experts in so that rows complete soonest.
 
-    ``rows``: each token's experts; ``ahead``: those of ``missing`` already in
+    ``rows``: each token's experts (or each distinct row once, with ``counts``
+    giving how many tokens have it); ``ahead``: those of ``missing`` already in
     flight (they land before anything started now, and are not returned).
     Greedy: next the expert that completes the most rows given those before
     it; ties: the one most rows still wait for, then the lowest id.
@@ -331,7 +346,9 @@ def load_order(rows: list[list[int]], missing: Collection[int], ahead: Collectio
     """
     wanted = set(missing)
     covered = set(ahead)
-    needs = Counter(frozenset(e for e in row if e in wanted) for row in rows)  # missing set -> rows
+    needs: Counter[frozenset[int]] = Counter()  # missing set -> rows
+    for row, num in zip(rows, counts if counts is not None else itertools.repeat(1)):
+        needs[frozenset(e for e in row if e in wanted)] += num
     needs.pop(frozenset(), None)
     if len(needs) * len(wanted - covered) > _GREEDY_MAX_PAIRS:
         counts: Counter[int] = Counter()
