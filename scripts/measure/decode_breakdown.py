@@ -106,7 +106,7 @@ def _child(spec: dict) -> dict:
         "kernel": spent["kernel_s"] * per_unit_ms,
         "stall": spent["stall_s"] * per_unit_ms,
         "plugin": (spent["op_s"] - spent["kernel_s"] - spent["stall_s"]) * per_unit_ms,
-        "rest": (wall_s - spent["op_s"]) * per_unit_ms if spec["offload"] else None,
+        "rest": (wall_s - spent["op_s"]) * per_unit_ms,
         "loads": spent["loads"] / units,
         "misses": spent["misses"] / units,
         "kernel_calls": spent["kernel_calls"] / units,
