@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import PROMPTS, run_engines
+from vllm_moe_offload.integration.cpu_kernel import DIRECT
 
 pytestmark = pytest.mark.engine
 
@@ -93,6 +94,13 @@ def test_tokens_identical_to_stock(results, name):
     assert "error" not in got, got.get("error")
     reference = f"{arch}/stock/multiprocess" if name.endswith("/multiprocess") else f"{arch}/stock"
     assert got["tokens"] == stock[reference]["tokens"]
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_unquantized_layers_call_the_cpu_kernel_without_vllms_machinery(results, name):
+    """Their tokens are stock's (above) through ``cpu_kernel.direct_call``, in both engine modes."""
+    _, offload = results
+    assert offload[name]["stats"][0]["kernel"] == [DIRECT]
 
 
 @pytest.mark.parametrize("name", _case_names())

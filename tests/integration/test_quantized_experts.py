@@ -34,6 +34,7 @@ from tests.integration.quantized_models import (
     make_w8a8_model,
 )
 from vllm_moe_offload.cli.tiny_models import make_tiny_model
+from vllm_moe_offload.integration.cpu_kernel import VIA_VLLM
 from vllm_moe_offload.integration.quantized_experts import SUPPORTED
 from vllm_moe_offload.runtime.amx import cpu_reports_amx
 
@@ -160,6 +161,7 @@ def test_slots_hold_weights_and_scales_and_loads_read_single_fp8_experts(results
         assert total["misses"] > 0
     tier = {"host": "host", "kernel-store": "kernel"}.get(label, "disk")
     assert set(total["bytes_read"]) == {tier}
+    assert stats["kernel"] == [VIA_VLLM]  # vLLM's FP8 kernel, through its own machinery
     per_load = total["bytes_read"][tier] / total["loads"]
     if tier == "disk":  # one expert's six tensors, adjacent in the file: one read widened to 4 KiB pages
         assert FP8_EXPERT_BYTES + SCALE_BYTES <= per_load <= FP8_EXPERT_BYTES + SCALE_BYTES + 2 * 4096

@@ -41,6 +41,7 @@ from vllm_moe_offload.core.prefetch_gate import step_kind
 from vllm_moe_offload.integration.engine_config import current_offload_config
 from vllm_moe_offload.integration import faults
 from vllm_moe_offload.integration import policy_inputs
+from vllm_moe_offload.integration.cpu_kernel import DIRECT, VIA_VLLM, direct_call
 from vllm_moe_offload.integration.passes import PassSchedule, distinct_experts, row_experts
 from vllm_moe_offload.integration.quantized_experts import attach_extra_pools, check_layer
 from vllm_moe_offload.integration.token_prefetch import PREDICTOR as TOKEN_TABLE
@@ -78,6 +79,10 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
         self.gate_prefetches = False
         self.compute_s_ema: float | None = None  # this layer's kernel time, smoothed
         self.call_s_min: float | None = None  # this layer's fastest kernel call: what one more call costs
+        #: vLLM's CPU kernel called without its fused-MoE machinery, where it runs plainly (``cpu_kernel.py``;
+        #: decided at the first call, once the quant method has built its kernel: None until then, False: through
+        #: vLLM's machinery)
+        self.direct_kernel = None
         #: compute the tokens whose experts are resident while the others load, resident passes first
         #: (off only for klotski's ablation without "reorder")
         self.ready_first = True
@@ -142,7 +147,11 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
             # The kernel would run them inside (when it overlaps them); run them
             # here exactly once instead and keep them out of every pass.
             shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
-        return torch.ops.vllm_moe_offload.routed_experts(x, topk_weights, topk_ids, self.layer_name)
+        if torch.compiler.is_compiling():
+            # torch.compile sees one opaque op (vLLM splits its graphs there, ``engine_config.MOE_OP``)
+            return torch.ops.vllm_moe_offload.routed_experts(x, topk_weights, topk_ids, self.layer_name)
+        # eager: the op's dispatch only leads back here, at about 14 us per call (a decode step's 8 layers: 0.1 ms)
+        return self.offloaded_forward(x, topk_weights, topk_ids)
 
     def offloaded_forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_weights [T, k], topk_ids [T, k] (expert ids) -> [T, H]."""
@@ -319,7 +328,14 @@ class OffloadRoutedExperts(PassSchedule, RoutedExperts):
 
     def _kernel(self, x, topk_weights, slot_ids) -> torch.Tensor:
         started = time.perf_counter()
-        out = super().forward_modular(x, topk_weights, slot_ids, None, None)
+        call = self.direct_kernel
+        if call is None:
+            call = self.direct_kernel = direct_call(self) or False
+            self.slots.kernel_path = DIRECT if call else VIA_VLLM
+        if call:
+            out = call(x, topk_weights, slot_ids)
+        else:
+            out = super().forward_modular(x, topk_weights, slot_ids, None, None)
         took_s = time.perf_counter() - started
         stats = self.slots.stats
         stats.kernel_s += took_s

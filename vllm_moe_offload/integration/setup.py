@@ -117,6 +117,8 @@ class OffloadRuntime:
             "link": self.link.describe(),
             # how loads reach kernel layout: vLLM's conversion into fresh tensors, or prepacked into the slot
             "conversion": sorted({d for d in map(_conversion_of, self.layers) if d}),
+            # how the layers' kernel is called (integration/cpu_kernel.py); empty before the first step
+            "kernel": sorted({slots.kernel_path for slots in self.layers if slots.kernel_path}),
             "predicted_layers": self.predicted_layers,
             "layers": per_layer,
             "total": summarize(per_layer),

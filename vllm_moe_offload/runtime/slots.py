@@ -114,6 +114,8 @@ class LayerSlots:
         # the kernel's device when a pass needs it after a change (remap)
         self._expert_to_slot: list[int] = [-1] * slot_map.num_experts
         self._device_table: torch.Tensor | None = None
+        #: how the layer's kernel is called (``integration/cpu_kernel.py``), known after its first call
+        self.kernel_path: str | None = None
         self._pending: dict[int, tuple[int, Future]] = {}  # expert -> (slot, load) started by prefetch
         self._prefetched: set[int] = set()  # resident by prefetch, not needed since
         self._step_needs: set[int] | None = None  # every expert this step needs, once known
