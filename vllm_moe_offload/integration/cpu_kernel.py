@@ -33,10 +33,15 @@ KernelCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def direct_call(layer) -> KernelCall | None:
     """``call(x, topk_weights, slot_ids) -> out`` running ``layer``'s experts as vLLM would, or None where
     vLLM's machinery does more than the one kernel call (see the module's docstring)."""
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
-    from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import MoEPrepareAndFinalizeNoDPEPModular
-    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+    if layer.w13_weight.device.type != "cpu":
+        return None
+    try:  # vLLM's CPU MoE module, imported only where the weights are on the CPU
+        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+        from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
+        from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import MoEPrepareAndFinalizeNoDPEPModular
+        from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+    except ImportError:  # another vLLM layout: its machinery it is
+        return None
 
     impl = getattr(getattr(layer.quant_method, "moe_kernel", None), "impl", None)
     if type(impl) is not FusedMoEKernelModularImpl:
@@ -53,7 +58,6 @@ def direct_call(layer) -> KernelCall | None:
         or experts.w2_bias is not None
         or layer.expert_map is not None
         or layer.apply_router_weight_on_input
-        or layer.w13_weight.device.type != "cpu"
     ):
         return None
     kernel, activation, isa = cpu_moe.cpu_fused_moe, layer.activation.value, experts.isa
