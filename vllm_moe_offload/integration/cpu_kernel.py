@@ -2,14 +2,14 @@
 
 An offloaded layer computes through vLLM's fused-MoE machinery: the quant method, the modular kernel,
 its prepare/finalize object, buffer allocation and a finalize step, which on the CPU backend all end in
-one ``cpu_fused_moe`` call. That machinery is about 50-70 us of Python per call here (the 2-core Xeon
+one ``cpu_fused_moe`` call. That machinery is about 70-100 us of Python per call here (the 2-core Xeon
 with AMX, one compute thread, padded tiny-mixtral: 317 us per decode call against 245 us in the kernel
-itself), paid once per layer and token in decode and once per wave in a prefill (5-8 calls per layer
-where stock makes one). Where the layer's experts run that kernel plainly, :func:`direct_call` makes
-the same call without it: the same op, with the arguments vLLM passes (the layer's weights, which are
-the slot pools, the kernel's biases, activation and ISA, the router's weights applied after the experts)
-into an output of the input's shape, which is where vLLM's kernel writes too (its fused output aliases
-the step's output), so every result is bit for bit vLLM's.
+itself; about 100 us of each call of a 512-token prefill), paid once per layer and token in decode and
+once per wave in a prefill (5-8 calls per layer where stock makes one). Where the layer's experts run
+that kernel plainly, :func:`direct_call` makes the same call without it: the same op, with the arguments
+vLLM passes (the layer's weights, which are the slot pools, no biases, the activation and ISA, the
+router's weights applied after the experts) into an output of the input's shape, which is where vLLM's
+kernel writes too (its fused output aliases the step's output), so every result is bit for bit vLLM's.
 
 Plainly means: ``CPUUnquantizedExperts`` (its ``apply`` not overridden, not routed to zentorch) behind
 the no-DP/EP prepare/finalize whose finalize is a no-op, no expert map, no router weights on the input,
