@@ -23,10 +23,8 @@ from vllm_moe_offload.core.cache import LRUPolicy
 from vllm_moe_offload.core.shared_pool import SharedPool
 
 
-def prompt_needs(path: str) -> list[list[list[int]]]:
-    """Each prompt's distinct experts per layer, from a ``vllm-moe-offload trace`` file."""
-    trace = np.load(path)
-    ids, seqs = trace["topk_ids"], trace["seq_ids"]
+def prompt_needs(ids: np.ndarray, seqs: np.ndarray) -> list[list[list[int]]]:
+    """Each prompt's distinct experts per layer, from a trace's routing ``ids [rows, L, k]`` and ``seqs [rows]``."""
     return [[sorted(set(ids[seqs == s, layer].ravel().tolist())) for layer in range(ids.shape[1])]
             for s in np.unique(seqs)]
 
@@ -72,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ahead", default="0,1,2,4,99", help="experts loaded ahead per layer (default %(default)s)")
     parser.add_argument("--warm", type=int, default=4, help="prompts left out of the means (default %(default)s)")
     args = parser.parse_args(argv)
-    prompts = prompt_needs(args.trace)
     trace = np.load(args.trace)
-    experts, top_k, layers = int(trace["topk_ids"].max()) + 1, trace["topk_ids"].shape[2], len(prompts[0])
+    ids = trace["topk_ids"]
+    prompts = prompt_needs(ids, trace["seq_ids"])
+    experts, top_k, layers = int(ids.max()) + 1, ids.shape[2], ids.shape[1]
     print(f"{len(prompts)} prompts, {layers} layers x {experts} experts, "
           f"{np.mean([sum(map(len, p)) for p in prompts]):.1f} (layer, expert) pairs needed per prompt")
     for slots in map(int, args.slots.split(",")):

@@ -351,11 +351,11 @@ def load_order(
         needs[frozenset(e for e in row if e in wanted)] += num
     needs.pop(frozenset(), None)
     if len(needs) * len(wanted - covered) > _GREEDY_MAX_PAIRS:
-        counts: Counter[int] = Counter()
+        rows_of: Counter[int] = Counter()  # rows waiting for an expert
         for need, num in needs.items():
             for expert in need:
-                counts[expert] += num
-        return sorted(wanted - covered, key=lambda e: (-counts[e], e))
+                rows_of[expert] += num
+        return sorted(wanted - covered, key=lambda e: (-rows_of[e], e))
     completes: Counter[int] = Counter()  # rows an expert would complete now
     waiting: Counter[int] = Counter()  # rows waiting for an expert
     holding: dict[int, list[tuple[set[int], int]]] = {}  # expert -> the (shrinking) rests of its needs, rows
