@@ -4,7 +4,8 @@ Stock vLLM (plugin off) on the same checkpoint is the reference: the store holds
 the bytes vLLM's own conversion gives each expert, so greedy tokens must be
 identical. The first engine builds the store; the next ones in the same process
 reuse it, and no load converts anything (the statistics say how loads reach the
-kernel layout, and which tier the bytes came from).
+kernel layout, and which tier the bytes came from). The packed store (the same
+bytes coded losslessly) likewise, once in vLLM's default multiprocess engine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ def results(tiny_models, tmp_path_factory):
         ],
         stock=False,
     )
-    return tmp, stock, offload
+    packed = run_engines(
+        tmp / "packed",
+        [
+            _job("packed/lru", model, policy="lru", budget="25%", store="packed"),
+            _job("packed/fate", model, policy="fate", budget="50%", store="packed", io_threads=2),
+        ],
+        stock=False,
+    )
+    packed_mp = run_engines(tmp / "packed-mp", [_job("packed/multiprocess", model, policy="klotski", budget="25%",
+                                                     store="packed")], stock=False, multiprocess=True)
+    return tmp, stock, {**offload, **packed, **packed_mp}
 
 
 @pytest.mark.parametrize("name", ["lru/first", "fate", "klotski"])
@@ -86,3 +97,30 @@ def test_store_built_once_per_process_then_reused(results):
     layout = manifest["precisions"]["kernel"]
     assert layout["tp_size"] == 1 and layout["backend"] == "CPU" and layout["isa"]
     assert layout["vllm"] and layout["torch"]
+
+
+@pytest.mark.parametrize("name", ["packed/lru", "packed/fate", "packed/multiprocess"])
+def test_packed_store_tokens_equal_stock_from_fewer_bytes(results, name):
+    _, stock, offload = results
+    got = offload[name]
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == stock["stock"]["tokens"]
+    stats = got["stats"][0]
+    total = stats["total"]
+    assert total["loads"] > 0 and set(total["bytes_read"]) == {"kernel"}, total
+    assert stats["conversion"][0].startswith("none (read in kernel layout from the packed store, decoded by C")
+    kernel = offload["lru/first"]["stats"][0]["total"]
+    per_load = total["bytes_read"]["kernel"] / total["loads"]
+    assert per_load < 0.9 * kernel["bytes_read"]["kernel"] / kernel["loads"]  # whole 4 KiB blocks of each
+    # a packed load stages its block in a read buffer (about an expert) and converts nothing
+    assert stats["peak_by_kind"].get("convert", 0) == 0
+    assert stats["peak_held_bytes"] <= stats["budget_bytes"]
+
+
+def test_packed_store_built_once_beside_the_kernel_store(results):
+    tmp, _, offload = results
+    log = Path(offload["packed/lru"]["log"]).read_text()
+    assert log.count("wrote the packed expert store") == 1 and log.count("using the packed expert store") == 1
+    (store,) = (tmp / "packed" / "vllm-cache" / "moe_offload" / "stores").iterdir()
+    assert store.name.endswith("-packed-tp0of1")
+    assert json.loads((store / "manifest.json").read_text())["precisions"]["packed"]["coding"]

@@ -76,6 +76,7 @@ class Store(str, enum.Enum):
 
     CHECKPOINT = "checkpoint"  # the checkpoint's safetensors; every load converts to the kernel layout
     KERNEL = "kernel"  # a copy in the kernel layout, written once under the cache directory; loads only read
+    PACKED = "packed"  # the kernel copy coded losslessly (about 0.75 of the bytes); loads read and decode
 
 
 _UNITS = {
@@ -239,7 +240,7 @@ class OffloadConfig:
     @property
     def kernel_store(self) -> bool:
         """Loads read full-precision experts from the kernel-layout store: ready for the kernel, no conversion."""
-        return self.store is Store.KERNEL and self.quant is Quant.NONE
+        return self.store in (Store.KERNEL, Store.PACKED) and self.quant is Quant.NONE
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> OffloadConfig:
@@ -419,15 +420,15 @@ def _check_quant(kw: dict[str, Any]) -> None:
             f"quant {quant.value!r} contradicts tier 'host': quantized experts are read from their "
             "store on disk; use tier 'disk' or 'auto' with quant, or quant 'none' with tier 'host'"
         )
-    if store is Store.KERNEL and quant is not Quant.NONE:
+    if store is not Store.CHECKPOINT and quant is not Quant.NONE:
         raise OffloadConfigError(
-            f"store 'kernel' holds full-precision experts and quant {quant.value!r} reads its own int4 store; "
-            "use one of them: store 'kernel' with quant 'none', or quant with store 'checkpoint'"
+            f"store {store.value!r} holds full-precision experts and quant {quant.value!r} reads its own int4 "
+            f"store; use one of them: store {store.value!r} with quant 'none', or quant with store 'checkpoint'"
         )
-    if store is Store.KERNEL and kw.get("tier") is Tier.HOST:
+    if store is not Store.CHECKPOINT and kw.get("tier") is Tier.HOST:
         raise OffloadConfigError(
-            "store 'kernel' contradicts tier 'host': the host tier converts every expert once into memory and "
-            "reads no store; use tier 'disk' or 'auto' with store 'kernel'"
+            f"store {store.value!r} contradicts tier 'host': the host tier converts every expert once into memory "
+            f"and reads no store; use tier 'disk' or 'auto' with store {store.value!r}"
         )
 
 

@@ -51,13 +51,14 @@ from vllm_moe_offload.integration.kernel_format import conversion_identity, desc
 from vllm_moe_offload.integration.quantized_experts import expert_param_names, one_expert_bytes
 from vllm_moe_offload.integration.observer import RoutingObserver, make_table, profile_warm_set
 from vllm_moe_offload.runtime.expert_store import (
-    KERNEL,
+    PACKED,
     ExpertStore,
     KernelLayout,
     LayerSpec,
     open_or_build,
     store_directory,
 )
+from vllm_moe_offload.runtime import packed_codec
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.ledger import BudgetLedger, MemoryKind
 from vllm_moe_offload.runtime.memory import Populator, return_large_frees_to_the_os
@@ -367,7 +368,7 @@ def _resident_layers(
 def _resolve_tier(tier: Tier, device: torch.device, config: OffloadConfig) -> Tier:
     if tier is not Tier.AUTO:
         return tier
-    if config.quant is not Quant.NONE or config.store is Store.KERNEL:
+    if config.quant is not Quant.NONE or config.store is not Store.CHECKPOINT:
         return Tier.DISK  # quantized or kernel-layout experts are read from their store on disk
     return Tier.DISK if device.type == "cpu" else Tier.HOST
 
@@ -390,19 +391,27 @@ def _open_store(
         scheme = config.quant.value
         return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
     # the build (before any slot exists) converts one expert at a time with its own reader; the loads
-    # read into the slots and stage only what is not aligned (``_kernel_load_staging``)
+    # read into the slots and stage only what is not aligned, or a packed block (``_kernel_load_staging``)
     kernel = _kernel_layout(layers, readers)
     moe = layers[0].moe_config
-    label = f"{KERNEL}-tp{moe.tp_rank}of{moe.tp_size}"  # each rank stores its own shard
-    return open_or_build(index, specs, KERNEL, store_directory(root, index.folder, label), readers, kernel)
+    scheme = config.store.value
+    if scheme == PACKED and layers[0].w13_weight.device.type != "cpu":
+        raise OffloadConfigError(
+            f"store 'packed' decodes experts on the CPU into host slots; this engine's experts are on "
+            f"{layers[0].w13_weight.device.type}: use store 'kernel'"
+        )
+    label = f"{scheme}-tp{moe.tp_rank}of{moe.tp_size}"  # each rank stores its own shard
+    return open_or_build(index, specs, scheme, store_directory(root, index.folder, label), readers, kernel)
 
 
 def _kernel_load_staging(first: OffloadRoutedExperts, config: OffloadConfig) -> int | None:
     """Bytes of one load's read that pass through a read buffer when loads come from a kernel store into host
-    slots (``KernelLayout.staged_read_bytes``); None when loads convert (checkpoint or quantized store)."""
+    slots (``KernelLayout.staged_read_bytes``; a packed store's whole block); None when loads convert
+    (checkpoint or quantized store)."""
     if not config.kernel_store or first.w13_weight.device.type != "cpu":
         return None
-    return _kernel_layout([first]).staged_read_bytes
+    layout = _kernel_layout([first])
+    return layout.packed_block_bytes if config.store is Store.PACKED else layout.staged_read_bytes
 
 
 def _kernel_layout(layers: list[OffloadRoutedExperts], readers=None) -> KernelLayout:
@@ -429,13 +438,16 @@ def _read_span_bytes(first: OffloadRoutedExperts, index: CheckpointIndex, config
     (a quantized checkpoint's scales lie apart from its weights, read separately; the block holds both)."""
     span = index.largest_expert_span()
     if config.kernel_store and first.expert_format is not None:
-        return max(span or 0, _kernel_layout([first]).expert_bytes)
+        layout = _kernel_layout([first])
+        return max(span or 0, layout.packed_block_bytes if config.store is Store.PACKED else layout.expert_bytes)
     return span
 
 
 def _conversion_of(slots: LayerSlots) -> str | None:
     """How a layer's loads reach kernel layout (``describe_conversion``; stores convert when written)."""
     if isinstance(slots.source, KernelSource):
+        if slots.source.store.scheme == PACKED:
+            return f"none (read in kernel layout from the packed store, decoded by {packed_codec.implementation()})"
         return "none (read in kernel layout from the kernel store)"
     return describe_conversion(getattr(slots.source, "convert", None))  # the host tier has none
 

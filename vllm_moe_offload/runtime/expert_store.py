@@ -17,6 +17,12 @@ Two kinds of store:
   conversion, no staging buffer, no copy (:meth:`ExpertStore.read_kernel`).
   The bytes depend on the vLLM and torch versions, the kernel (CPU ISA), the
   rank's shard and the dtype; all of them are in the manifest (:class:`KernelLayout`).
+- packed (scheme ``packed``): the kernel store's tensors coded losslessly,
+  about 0.75 of their bytes for trained bfloat16 weights
+  (``runtime/packed_codec.py``: each value's high byte in 4 bits): one
+  segment per tensor (``w13``, then ``w2`` at the next multiple of 64), blocks
+  of varying length. A load reads the block into a read buffer and decodes it
+  into the slot: fewer bytes from the disk for one pass of the loader's CPU.
 
 Layout of a store directory::
 
@@ -65,6 +71,10 @@ from vllm_moe_offload.runtime.safetensors_io import (
 )
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
 from vllm_moe_offload.runtime.memory import aligned_empty
+from vllm_moe_offload.runtime.packed_codec import ALIGN as SEGMENT_ALIGN
+from vllm_moe_offload.runtime.packed_codec import DTYPES as CODED_DTYPES
+from vllm_moe_offload.runtime.packed_codec import VERSION as PACKED_CODING_VERSION
+from vllm_moe_offload.runtime.packed_codec import PackedCodingError, decode_into, encode, max_segment_bytes
 from vllm_moe_offload.runtime.tiers import Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
@@ -78,6 +88,10 @@ SCHEMES: dict[str, dict[str, int]] = {"int4": {"int4": 4}, "int4+int2": {"int4":
 
 #: the scheme (and its one precision) of a store of experts in kernel layout
 KERNEL = "kernel"
+#: the scheme (and its one precision) of a store of experts in kernel layout, coded losslessly
+PACKED = "packed"
+#: the schemes whose experts are read in kernel layout (:meth:`ExpertStore.read_kernel`)
+KERNEL_SCHEMES = (KERNEL, PACKED)
 
 MANIFEST = "manifest.json"
 
@@ -158,6 +172,22 @@ class KernelLayout:
         return round_up(self.expert_bytes, ALIGN_BYTES) - direct
 
     @property
+    def packed_block_bytes(self) -> int:
+        """The most one expert's block takes in a packed store: each tensor's segment at its largest (raw), back
+        to back at multiples of 64. What a load's read buffer must hold (the whole block is staged)."""
+        return sum(round_up(max_segment_bytes(math.prod(shape)), SEGMENT_ALIGN) for shape, _ in self.parts)
+
+    def packing_refusal(self) -> str | None:
+        """Why this layout cannot be stored packed (the coding takes 2-byte floats, an expert's two tensors);
+        None when it can."""
+        if self.extra:
+            return f"its kernel tensors include {len(self.extra)} per-expert scales (a quantized layer)"
+        for name, (shape, dtype) in zip(("w13", "w2"), self.parts):
+            if dtype not in CODED_DTYPES:
+                return f"its {name} is {dtype} in kernel layout; the coding takes {[str(d) for d in CODED_DTYPES]}"
+        return None
+
+    @property
     def w2_offset(self) -> int:
         """Where ``w2`` starts in an expert's block: after ``w13``, aligned for direct I/O."""
         return self.offsets[1]
@@ -216,21 +246,27 @@ def _layout(index: CheckpointIndex, layer: LayerSpec, quantizing: bool) -> list[
 
 def _expected(index: CheckpointIndex, layers: list[LayerSpec], scheme: str, kernel: KernelLayout | None) -> dict:
     """The manifest's fields that must match for a store to be used."""
-    if scheme == KERNEL:
+    if scheme in KERNEL_SCHEMES:
         if kernel is None:
-            raise ValueError("a kernel store needs the kernel layout")
-        precisions = {KERNEL: kernel.describe()}
+            raise ValueError(f"a {scheme} store needs the kernel layout")
+        precisions = {scheme: kernel.describe()}
+        if scheme == PACKED:
+            refusal = kernel.packing_refusal()
+            if refusal is not None:
+                raise OffloadConfigError(f"store 'packed' cannot code these experts: {refusal}; use store 'kernel'")
+            precisions[PACKED]["coding"] = f"high byte in 4 bits, version {PACKED_CODING_VERSION}"
     elif scheme in SCHEMES:
         precisions = {p: {"bits": b, "group": GROUP_OF_BITS[b]} for p, b in SCHEMES[scheme].items()}
     else:
-        raise ValueError(f"unknown store scheme {scheme!r}; allowed: {sorted(SCHEMES) + [KERNEL]}")
+        raise ValueError(f"unknown store scheme {scheme!r}; allowed: {sorted(SCHEMES) + list(KERNEL_SCHEMES)}")
     return {
         "format_version": FORMAT_VERSION,
         "scheme": scheme,
         "precisions": precisions,
         "checkpoint": checkpoint_identity(index),
         "layers": {
-            layer.key: {"num_experts": layer.num_experts, "tensors": _layout(index, layer, scheme != KERNEL)}
+            layer.key: {"num_experts": layer.num_experts,
+                        "tensors": _layout(index, layer, scheme not in KERNEL_SCHEMES)}
             for layer in layers
         },
     }
@@ -252,9 +288,10 @@ class ExpertStore:
     def __init__(self, directory: Path, manifest: dict, kernel: KernelLayout | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
-        self.kernel = kernel if manifest["scheme"] == KERNEL else None
+        self.scheme = manifest["scheme"]
+        self.kernel = kernel if self.scheme in KERNEL_SCHEMES else None
         self.precisions = {
-            p: (v["bits"], v["group"]) for p, v in manifest["precisions"].items() if p != KERNEL
+            p: (v["bits"], v["group"]) for p, v in manifest["precisions"].items() if p not in KERNEL_SCHEMES
         }
         self._layers = manifest["layers"]
         self._verified: set[tuple[str, int, str]] = set()  # (layer, expert, precision) whose crc32 matched
@@ -310,6 +347,8 @@ class ExpertStore:
             raise ValueError(f"cannot read expert {expert_idx} of {layer_key} into "
                              f"{[(list(t.shape), t.dtype) for t in into]}: the store holds "
                              f"{[(list(shape), dtype) for shape, dtype in kernel.parts]}")
+        if self.scheme == PACKED:
+            return self._read_packed(layer_key, expert_idx, reader, tuple(into))
         path = self.layer_file(layer_key)
         where = f"expert {expert_idx} of {layer_key} ({KERNEL}) in {path}"
         block = self.block(layer_key, expert_idx, KERNEL)
@@ -322,6 +361,27 @@ class ExpertStore:
         if crc is not None:
             self._verify(key, crc, block.crc32, where)
         return tuple(into)
+
+    def _read_packed(
+        self, layer_key: str, expert_idx: int, reader: TensorReader, into: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`read_kernel` from a packed store: the block into a read buffer, each segment decoded into its
+        tensor of ``into`` (``runtime/packed_codec.py``)."""
+
+        def decoded(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            at = 0
+            for n, tensor in enumerate(into):
+                try:
+                    at += round_up(decode_into(raw[at:], tensor), SEGMENT_ALIGN)
+                except PackedCodingError as exc:
+                    raise ExpertStoreError(
+                        f"expert {expert_idx} of {layer_key} ({PACKED}) in {self.layer_file(layer_key)}: "
+                        f"{('w13', 'w2')[n]} does not decode ({exc}); delete {self.directory} to rebuild the store"
+                    ) from exc
+            return ()
+
+        self._read_block(layer_key, expert_idx, PACKED, reader, decoded)
+        return into
 
     def _verify(self, key: tuple, crc: int, expected: int, where: str) -> None:
         """An expert block's first read: its crc32 must be the manifest's; then it is not checked again."""
@@ -370,7 +430,7 @@ def open_or_build(
     manifest = _load_manifest(directory)
     if manifest is not None:
         try:
-            why = _stale_reason(manifest, expected, directory)
+            why = _stale_reason(manifest, expected, directory, kernel.packed_block_bytes if kernel else 0)
         except (KeyError, TypeError, AttributeError) as exc:
             why = f"malformed manifest ({type(exc).__name__}: {exc})"
         if why is None:
@@ -380,8 +440,11 @@ def open_or_build(
         logger.warning("the expert store at %s is stale (%s); rebuilding it", directory, why)
     elif directory.exists():
         logger.warning("the expert store at %s has no readable manifest; rebuilding it", directory)
-    encode = _kernel_encoder(kernel) if scheme == KERNEL else _quant_encoder(expected["precisions"])
-    return ExpertStore(directory, _build(index, layers, expected, directory, readers, encode), kernel)
+    if scheme in KERNEL_SCHEMES:
+        coder = _kernel_encoder(kernel) if scheme == KERNEL else _packed_encoder(kernel)
+    else:
+        coder = _quant_encoder(expected["precisions"])
+    return ExpertStore(directory, _build(index, layers, expected, directory, readers, coder), kernel)
 
 
 def _load_manifest(directory: Path) -> dict | None:
@@ -391,7 +454,9 @@ def _load_manifest(directory: Path) -> dict | None:
         return None
 
 
-def _stale_reason(manifest: dict, expected: dict, directory: Path) -> str | None:
+def _stale_reason(manifest: dict, expected: dict, directory: Path, max_packed_bytes: int = 0) -> str | None:
+    """Why the store at ``directory`` cannot be used (None: it can). ``max_packed_bytes``: a packed store's
+    largest possible block (:attr:`KernelLayout.packed_block_bytes`)."""
     for key in ("format_version", "scheme", "precisions"):
         if manifest.get(key) != expected[key]:
             return f"{key} {manifest.get(key)!r}, expected {expected[key]!r}"
@@ -404,12 +469,15 @@ def _stale_reason(manifest: dict, expected: dict, directory: Path) -> str | None
         path = directory / layer["file"]
         if not path.is_file() or path.stat().st_size != layer["file_bytes"]:
             return f"{path} is missing or has the wrong size"
-        if expected["scheme"] == KERNEL:  # each block read straight into a slot: where the layout says, aligned
-            length = expected["precisions"][KERNEL]["expert_bytes"]
-            for expert_idx, (offset, num_bytes, _) in enumerate(layer["experts"][KERNEL]):
-                if offset % ALIGN_BYTES or num_bytes != length or offset + num_bytes > layer["file_bytes"]:
+        scheme = expected["scheme"]
+        if scheme in KERNEL_SCHEMES:  # each block one direct read: where the layout says, aligned
+            length = expected["precisions"][scheme]["expert_bytes"]
+            for expert_idx, (offset, num_bytes, _) in enumerate(layer["experts"][scheme]):
+                fits = num_bytes == length if scheme == KERNEL else 0 < num_bytes <= max_packed_bytes
+                if offset % ALIGN_BYTES or not fits or offset + num_bytes > layer["file_bytes"]:
+                    size = f"{length} bytes" if scheme == KERNEL else f"1 to {max_packed_bytes} bytes"
                     return (f"expert {expert_idx} in {path} is at byte {offset}, {num_bytes} bytes: "
-                            f"a kernel block is {length} bytes at a multiple of {ALIGN_BYTES} within the file")
+                            f"a {scheme} block is {size} at a multiple of {ALIGN_BYTES} within the file")
     return None
 
 
@@ -439,8 +507,9 @@ def _build(
         reader = TensorReader(readers.direct_io)  # its own descriptors, closed with the build
         total_experts = sum(layer.num_experts for layer in layers)
         try:
-            what = "converting experts to the kernel layout" if expected["scheme"] == KERNEL else (
-                f"quantizing experts ({expected['scheme']})")
+            what = {KERNEL: "converting experts to the kernel layout",
+                    PACKED: "converting experts to the kernel layout and coding them"}.get(
+                expected["scheme"], f"quantizing experts ({expected['scheme']})")
             with tqdm(total=total_experts, desc=what, unit="expert") as bar:
                 for layer_idx, layer in enumerate(layers):
                     path = tmp / f"layer_{layer_idx:03d}.bin"
@@ -540,30 +609,51 @@ def _quant_encoder(precisions: dict) -> Encoder:
     return encode
 
 
+def _converted(kernel: KernelLayout, ordinal: int, names: list[str], weights: list[torch.Tensor],
+               extras=()) -> list[torch.Tensor]:
+    """One expert in kernel layout, as the layer's converter returns it: each of ``kernel.parts``, checked."""
+    w1, w3, w2 = weights[0], (weights[1] if len(weights) == 3 else None), weights[-1]
+    convert = kernel.converters[ordinal]
+    parts = convert(w1, w3, w2, None, extras=extras) if extras else convert(w1, w3, w2, None)
+    if len(parts) != len(kernel.parts):
+        raise ExpertStoreError(f"{names[0]}: the converter gave {len(parts)} tensors, the layer's slots "
+                               f"hold {len(kernel.parts)}")
+    for n, (got, (shape, dtype)) in enumerate(zip(parts, kernel.parts)):
+        if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
+            what = ("w13", "w2")[n] if n < 2 else f"extra {n - 2}"
+            raise ExpertStoreError(
+                f"{names[0]}: the converter gave {what} {got.dtype} {list(got.shape)}, the layer's slots "
+                f"hold {dtype} {list(shape)}"
+            )
+    return list(parts)
+
+
 def _kernel_encoder(kernel: KernelLayout) -> Encoder:
     """The layer's converter output: each of ``kernel.parts`` at its offset, zeros between (one expert's block
     in memory at a time)."""
 
-    def encode(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
-        w1, w3, w2 = weights[0], (weights[1] if len(weights) == 3 else None), weights[-1]
-        convert = kernel.converters[ordinal]
-        parts = convert(w1, w3, w2, None, extras=extras) if extras else convert(w1, w3, w2, None)
-        if len(parts) != len(kernel.parts):
-            raise ExpertStoreError(f"{names[0]}: the converter gave {len(parts)} tensors, the layer's slots "
-                                   f"hold {len(kernel.parts)}")
+    def encode_kernel(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         block = bytearray(kernel.expert_bytes)
-        for n, (got, (shape, dtype), offset) in enumerate(zip(parts, kernel.parts, kernel.offsets)):
-            if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
-                what = ("w13", "w2")[n] if n < 2 else f"extra {n - 2}"
-                raise ExpertStoreError(
-                    f"{names[0]}: the converter gave {what} {got.dtype} {list(got.shape)}, the layer's slots "
-                    f"hold {dtype} {list(shape)}"
-                )
+        for got, offset in zip(_converted(kernel, ordinal, names, weights, extras), kernel.offsets):
             raw = got.contiguous().view(-1).view(torch.uint8).numpy()  # [bytes]
             block[offset : offset + raw.size] = memoryview(raw)
         return {KERNEL: bytes(block)}
 
-    return encode
+    return encode_kernel
+
+
+def _packed_encoder(kernel: KernelLayout) -> Encoder:
+    """The layer's converter output coded (``runtime/packed_codec.py``): a segment per tensor, each starting at
+    a multiple of 64."""
+
+    def encode_packed(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
+        block = bytearray()
+        for got in _converted(kernel, ordinal, names, weights, extras):
+            block += encode(got)
+            block += bytes(-len(block) % SEGMENT_ALIGN)
+        return {PACKED: bytes(block)}
+
+    return encode_packed
 
 
 def _quantized(name: str, w: torch.Tensor, bits: int, group: int) -> bytes:
