@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from tests.conftest import TINY_PYMOE
 from vllm_moe_offload.cli.bench_bound import (
     MIN_LOADS_FOR_RATE, achieved_gbps, causal_floor_s, layer_accesses, median_time_s, optimal_loads, phase_floors,
-    phase_timings, pooled_routing_loads, read_bandwidth, resident_floor_s, routing_loads, timings, workload_bound,
+    phase_timings, pooled_routing_loads, read_bandwidth, resident_floor_s, routing_loads, stored_expert_bytes, timings,
+    workload_bound,
 )
 from vllm_moe_offload.cli.bench import merge_repeats
 from vllm_moe_offload.cli.main import main
@@ -155,6 +156,17 @@ def test_achieved_rate_per_workload():
     assert achieved_gbps(run, 1) == {"decode": pytest.approx(2.0)}
     assert achieved_gbps(run, 2) == {"decode": pytest.approx(4.0)}
     assert achieved_gbps({"workloads": {}}, 1) == {}
+
+
+def test_a_packed_runs_experts_weigh_what_its_loads_read():
+    """A packed store's blocks vary in length: its I/O floor counts the bytes its loads read per expert."""
+    run = {"workloads": {
+        "decode": {"offload": {"loads": 10, "bytes_read": 10 * 2_400_000}},
+        "prefill": {"offload": {"loads": 30, "bytes_read": 30 * 2_360_000}},
+        "stock": {"offload": None},
+    }}
+    assert stored_expert_bytes(run) == 2_370_000
+    assert stored_expert_bytes({"workloads": {"decode": {"offload": {"loads": 0, "bytes_read": 0}}}}) is None
 
 
 def test_a_runs_time_is_the_median_of_its_rounds():

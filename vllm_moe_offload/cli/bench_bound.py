@@ -19,7 +19,8 @@ DESIGN.md section 5: for one workload on one machine the bound is
   for the workload's recorded routing with the run's slots per layer
   (``layer_slots`` of its statistics; a run with one pool for its layers,
   ``pool = shared``: one optimal cache of all those slots,
-  :func:`pooled_routing_loads`), times the run's ``expert_bytes``, over
+  :func:`pooled_routing_loads`), times the run's ``expert_bytes`` (a packed
+  store's runs: the bytes their loads read per expert, :func:`stored_expert_bytes`), over
   the tier's read bandwidth: the faster of a probe that reads the way the run
   reads (:func:`read_bandwidth`: direct I/O, one expert per read, the run's
   I/O threads and emulated link) and the fastest rate the runs' own loads
@@ -63,7 +64,7 @@ from collections.abc import Callable, Collection, Sequence
 import numpy as np
 
 from vllm_moe_offload.core.belady import next_use_table
-from vllm_moe_offload.core.config import OffloadConfig, Quant
+from vllm_moe_offload.core.config import OffloadConfig, Quant, Store
 
 #: a routed expert's checkpoint tensors: "<prefix>.experts.<e>.<proj>.weight" (grouped by prefix and e)
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts\.\d+)\.")
@@ -358,6 +359,9 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
         probe["used_gbps"] = max(probe["gbps"], probe["achieved_gbps"] or 0.0)
     for run, stats, probe in bounded:
         run["bound"] = {"read_gbps": probe["used_gbps"]}
+        expert_bytes = stats["expert_bytes"]
+        if config_of(run).store is Store.PACKED:  # the bytes an expert takes on the disk, as its loads read them
+            expert_bytes = run["bound"]["expert_bytes"] = stored_expert_bytes(run) or expert_bytes
         pooled = stats.get("pool") == "shared"
         count = pooled_routing_loads if pooled else routing_loads
         for name, recorded in routing["workloads"].items():
@@ -366,14 +370,14 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
                 loads[name, slots] = count(recorded["routing"], slots[0], stats["num_experts"],
                                            merge=name in MERGED_WORKLOADS)
             workload = run["workloads"][name]
-            run["bound"][name] = workload_bound(loads[name, slots], stats["expert_bytes"], probe["used_gbps"],
+            run["bound"][name] = workload_bound(loads[name, slots], expert_bytes, probe["used_gbps"],
                                                 floors[name], median_time_s(workload))
             run["bound"][name]["fastest_resident_s"] = min(stock_s[name] + resident_s[name])
             if phases.get(name) and recorded["routing"]:
                 if (name, slots, "first") not in loads:
                     loads[name, slots, "first"] = count(recorded["routing"][:1], slots[0], stats["num_experts"])
                 first_loads = sum(loads[name, slots, "first"])
-                floor_s = causal_floor_s(first_loads, stats["expert_bytes"], probe["used_gbps"], *phases[name])
+                floor_s = causal_floor_s(first_loads, expert_bytes, probe["used_gbps"], *phases[name])
                 bound_s = run["bound"][name]["bound_s"]
                 run["bound"][name].update(first_step_loads=first_loads, first_token_floor_s=phases[name][0],
                                           after_first_floor_s=phases[name][1], causal_floor_s=floor_s,
@@ -391,6 +395,14 @@ def add_bounds(runs: list[dict], routing: dict, config_of: Callable[[dict], Offl
         "merged_workloads": list(MERGED_WORKLOADS),
         "bandwidth": list(probes.values()),
     }
+
+
+def stored_expert_bytes(run: dict) -> int | None:
+    """Bytes per load over all of ``run``'s workloads (whole 4 KiB blocks, as read): what one expert takes on
+    the disk where that is not ``expert_bytes`` (a packed store's blocks vary); None without loads."""
+    workloads = [w.get("offload") or {} for w in run.get("workloads", {}).values()]
+    loads = sum(w.get("loads", 0) for w in workloads)
+    return round(sum(w.get("bytes_read", 0) for w in workloads) / loads) if loads else None
 
 
 def achieved_gbps(run: dict, io_threads: int) -> dict[str, float]:
