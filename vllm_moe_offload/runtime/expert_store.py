@@ -649,9 +649,8 @@ def _packed_encoder(kernel: KernelLayout) -> Encoder:
     def encode_packed(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         block = bytearray()
         for got in _converted(kernel, ordinal, names, weights, extras):
-            block += encode(got)
-            block += bytes(-len(block) % SEGMENT_ALIGN)
-        return {PACKED: bytes(block)}
+            block += encode(got)  # segments are whole multiples of SEGMENT_ALIGN
+        return {PACKED: block}
 
     return encode_packed
 

@@ -78,8 +78,11 @@ def max_segment_bytes(n: int) -> int:
     return segment_bytes(n, 0, coded=False)
 
 
-def encode(values: torch.Tensor) -> bytes:
-    """One segment coding ``values`` (any shape, a 2-byte dtype), in their memory order."""
+def encode(values: torch.Tensor) -> bytearray:
+    """One segment coding ``values`` (any shape, a 2-byte dtype), in their memory order.
+
+    Holds about 3.5 bytes per value besides ``values`` while it runs (the segment, the codes and lows before
+    they are copied into it, the high bytes): a store's build codes one expert tensor at a time."""
     if values.dtype not in DTYPES:
         raise ValueError(f"the packed coding takes {[str(d) for d in DTYPES]} values, got {values.dtype}")
     flat = values.contiguous().view(-1).view(torch.int16).numpy().view(np.uint16)  # [n]
@@ -97,8 +100,8 @@ def encode(values: torch.Tensor) -> bytes:
         header = _HEADER.pack(MAGIC, VERSION, n, 0, 0, 0, bytes(16))
         out = bytearray(segment_bytes(n, 0, coded=False))
         out[: _HEADER.size] = header
-        out[ALIGN : ALIGN + 2 * n] = flat.tobytes()
-        return bytes(out)
+        out[ALIGN : ALIGN + 2 * n] = memoryview(flat).cast("B")
+        return out
     codes = np.empty((n + 1) // 2, dtype=np.uint8)
     lows = np.empty(n, dtype=np.uint8)
     escape_pos = np.empty(max(1, max_escapes), dtype=np.uint32)
@@ -107,13 +110,13 @@ def encode(values: torch.Tensor) -> bytes:
     out = bytearray(segment_bytes(n, m, coded=True))
     out[: _HEADER.size] = _HEADER.pack(MAGIC, VERSION, n, m, 1, 0, table.tobytes())
     at = ALIGN
-    out[at : at + codes.size] = codes.tobytes()
+    out[at : at + codes.size] = memoryview(codes)
     at = _round(at + codes.size)
-    out[at : at + n] = lows.tobytes()
+    out[at : at + n] = memoryview(lows)
     at = _round(at + n)
-    out[at : at + 4 * m] = escape_pos[:m].tobytes()
-    out[at + 4 * m : at + 5 * m] = escape_high[:m].tobytes()
-    return bytes(out)
+    out[at : at + 4 * m] = memoryview(escape_pos[:m]).cast("B")
+    out[at + 4 * m : at + 5 * m] = memoryview(escape_high[:m])
+    return out
 
 
 def decode_into(segment: torch.Tensor, out: torch.Tensor, simd: bool = True) -> int:
