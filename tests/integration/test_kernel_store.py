@@ -11,6 +11,7 @@ bytes coded losslessly) likewise, once in vLLM's default multiprocess engine.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,22 @@ def results(tiny_models, tmp_path_factory):
     return tmp, stock, {**offload, **packed, **packed_mp}
 
 
-@pytest.mark.parametrize("name", ["lru/first", "fate", "klotski"])
-def test_tokens_equal_stock_and_loads_only_read(results, name):
+def _stock_tokens_from_store_reads(results, name: str) -> dict:
+    """The run's offload stats, once its tokens are stock's and every load read the store (kernel layout)."""
     _, stock, offload = results
     got = offload[name]
     assert "error" not in got, got.get("error")
     assert got["tokens"] == stock["stock"]["tokens"]
     stats = got["stats"][0]
+    assert stats["total"]["loads"] > 0
+    assert set(stats["total"]["bytes_read"]) == {"kernel"}, stats["total"]["bytes_read"]
+    return stats
+
+
+@pytest.mark.parametrize("name", ["lru/first", "fate", "klotski"])
+def test_tokens_equal_stock_and_loads_only_read(results, name):
+    stats = _stock_tokens_from_store_reads(results, name)
     total = stats["total"]
-    assert total["loads"] > 0
-    assert set(total["bytes_read"]) == {"kernel"}, total["bytes_read"]
     # one expert's block per load (w13 and w2 in kernel layout, 4 KiB-aligned), nothing converted
     assert total["bytes_read"]["kernel"] < total["loads"] * (stats["expert_bytes"] + 8192)
     assert stats["conversion"] == ["none (read in kernel layout from the kernel store)"]
@@ -101,13 +108,8 @@ def test_store_built_once_per_process_then_reused(results):
 
 @pytest.mark.parametrize("name", ["packed/lru", "packed/fate", "packed/multiprocess"])
 def test_packed_store_tokens_equal_stock_from_fewer_bytes(results, name):
-    _, stock, offload = results
-    got = offload[name]
-    assert "error" not in got, got.get("error")
-    assert got["tokens"] == stock["stock"]["tokens"]
-    stats = got["stats"][0]
-    total = stats["total"]
-    assert total["loads"] > 0 and set(total["bytes_read"]) == {"kernel"}, total
+    stats = _stock_tokens_from_store_reads(results, name)
+    total, offload = stats["total"], results[2]
     assert stats["conversion"][0].startswith("none (read in kernel layout from the packed store, decoded by C")
     kernel = offload["lru/first"]["stats"][0]["total"]
     per_load = total["bytes_read"]["kernel"] / total["loads"]
@@ -121,6 +123,7 @@ def test_packed_store_built_once_beside_the_kernel_store(results):
     tmp, _, offload = results
     log = Path(offload["packed/lru"]["log"]).read_text()
     assert log.count("wrote the packed expert store") == 1 and log.count("using the packed expert store") == 1
+    assert re.search(r"using the packed expert store at .*, decoded by C", log)  # ready before the first load
     (store,) = (tmp / "packed" / "vllm-cache" / "moe_offload" / "stores").iterdir()
     assert store.name.endswith("-packed-tp0of1")
     assert json.loads((store / "manifest.json").read_text())["precisions"]["packed"]["coding"]

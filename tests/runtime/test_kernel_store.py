@@ -94,17 +94,22 @@ def test_second_open_reuses_and_a_new_identity_rebuilds(checkpoint, tmp_path, re
     assert json.loads((store.directory / MANIFEST).read_text())["precisions"][KERNEL]["isa"] == "amx"
 
 
+def flip_bits(store, prefix: str, expert_idx: int, at: int, mask: int) -> None:
+    """XOR byte ``at`` of the expert's block in the store's file with ``mask`` (a torn write)."""
+    block = store.block(prefix, expert_idx, store.scheme)
+    with open(store.layer_file(prefix), "r+b") as f:
+        f.seek(block.offset + at)
+        byte = f.read(1)
+        f.seek(block.offset + at)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def test_torn_bytes_are_refused_and_a_good_expert_is_checked_once(checkpoint, tmp_path, readers, monkeypatch):
     folder, _ = checkpoint
     store = _open(folder, tmp_path / "s", readers, _layout([Transposing(i) for i in range(LAYERS)]))
     prefix = _names(1).prefix
     source = KernelSource(store, prefix, readers)
-    block = store.block(prefix, 2, KERNEL)
-    with open(store.layer_file(prefix), "r+b") as f:
-        f.seek(block.offset + 7)
-        byte = f.read(1)
-        f.seek(block.offset + 7)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bits(store, prefix, 2, at=7, mask=0x01)
     checks = []
     counted = lambda data, *crc: checks.append(1) or crc32(data, *crc)  # noqa: E731
     monkeypatch.setattr(expert_store, "crc32", counted)  # a read through a staging copy

@@ -11,7 +11,7 @@ import torch
 
 from tests.runtime.conftest import E, H, I, LAYERS
 from tests.runtime.conftest import expert_names as _names
-from tests.runtime.test_kernel_store import Transposing, _layout
+from tests.runtime.test_kernel_store import Transposing, _layout, flip_bits
 from vllm_moe_offload.core.config import OffloadConfigError
 from vllm_moe_offload.runtime.crc import crc32
 from vllm_moe_offload.runtime.expert_store import (
@@ -72,12 +72,7 @@ def test_a_torn_block_fails_its_load(checkpoint, tmp_path, readers):
     store = _open(folder, tmp_path / "s", readers, _layout([Transposing(i) for i in range(LAYERS)]))
     prefix = _names(0).prefix
     source = KernelSource(store, prefix, readers)
-    block = store.block(prefix, 3, PACKED)
-    with open(store.layer_file(prefix), "r+b") as f:
-        f.seek(block.offset + 100)
-        byte = f.read(1)
-        f.seek(block.offset + 100)
-        f.write(bytes([byte[0] ^ 0x10]))
+    flip_bits(store, prefix, 3, at=100, mask=0x10)
     with pytest.raises(ExpertStoreError, match=rf"expert 3 of {prefix} \(packed\) in .* is corrupted"):
         source.fetch(3)
     source.fetch(2)  # the others still load

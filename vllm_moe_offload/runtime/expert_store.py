@@ -70,6 +70,7 @@ from vllm_moe_offload.runtime.safetensors_io import (
     ThreadLocalReaders,
 )
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
+from vllm_moe_offload.runtime import packed_codec
 from vllm_moe_offload.runtime.memory import aligned_empty
 from vllm_moe_offload.runtime.packed_codec import ALIGN as SEGMENT_ALIGN
 from vllm_moe_offload.runtime.packed_codec import DTYPES as CODED_DTYPES
@@ -434,8 +435,8 @@ def open_or_build(
         except (KeyError, TypeError, AttributeError) as exc:
             why = f"malformed manifest ({type(exc).__name__}: {exc})"
         if why is None:
-            logger.info("using the %s expert store at %s (%s)", scheme, directory,
-                        format_bytes(int(manifest["total_bytes"])))
+            logger.info("using the %s expert store at %s (%s)%s", scheme, directory,
+                        format_bytes(int(manifest["total_bytes"])), _decoder_note(scheme))
             return ExpertStore(directory, manifest, kernel)
         logger.warning("the expert store at %s is stale (%s); rebuilding it", directory, why)
     elif directory.exists():
@@ -445,6 +446,12 @@ def open_or_build(
     else:
         coder = _quant_encoder(expected["precisions"])
     return ExpertStore(directory, _build(index, layers, expected, directory, readers, coder), kernel)
+
+
+def _decoder_note(scheme: str) -> str:
+    """For a packed store: which decoder its loads run, made ready now (a first use compiles it) rather than
+    at the first load, which would wait for the compiler."""
+    return f", decoded by {packed_codec.implementation()}" if scheme == PACKED else ""
 
 
 def _load_manifest(directory: Path) -> dict | None:
@@ -534,8 +541,9 @@ def _build(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote the %s expert store for %d MoE layers to %s in %.1f s: %s", expected["scheme"],
-                len(layers), directory, time.perf_counter() - started, format_bytes(manifest["total_bytes"]))
+    logger.info("wrote the %s expert store for %d MoE layers to %s in %.1f s: %s%s", expected["scheme"],
+                len(layers), directory, time.perf_counter() - started, format_bytes(manifest["total_bytes"]),
+                _decoder_note(expected["scheme"]))
     return manifest
 
 
