@@ -1,4 +1,4 @@
-"""A lossless coding of bfloat16 expert weights that a loader thread decodes faster than the disk reads them.
+"""A lossless coding of bfloat16 expert weights: 0.75 of the bytes to read, one pass to decode.
 
 Where loads are bound by the link (a prefill or a small cache reading expert after expert from the disk),
 fewer bytes per expert is the one gain left once the reads are the optimal cache's. A trained model's
@@ -7,8 +7,10 @@ bfloat16 weights carry little information in their high byte (the sign and 7 of 
 while the low byte (the last exponent bit and the mantissa) is close to random. So each value is stored as a
 4-bit code of its high byte plus its low byte, 12 bits instead of 16; the few high bytes outside the table are
 escapes, listed with their positions. Decoding is one pass, a table lookup per 16 values where the CPU has
-AVX2 (``packed_codec.c``: 0.27-0.32 ms per 3 MiB expert on the 2-core AMD EPYC of this project's machines,
-about 10 GB/s, where the disk reads 0.7-2.2 GB/s), and it releases the GIL.
+AVX2 (``packed_codec.c``: 0.27-0.32 ms per 3 MiB expert on a 2-core AMD EPYC, about 10 GB/s of output), and
+it releases the GIL. The decode follows the read, so a load gains only where reading a quarter of the
+expert takes longer than decoding it: measured, on links under about 2 GB/s, not on that EPYC's 4.5 GB/s
+disk (``docs/bench/packed-store/``).
 
 A segment (one tensor's values; integers little-endian)::
 
