@@ -75,7 +75,7 @@ from vllm_moe_offload.runtime.memory import aligned_empty
 from vllm_moe_offload.runtime.packed_codec import ALIGN as SEGMENT_ALIGN
 from vllm_moe_offload.runtime.packed_codec import DTYPES as CODED_DTYPES
 from vllm_moe_offload.runtime.packed_codec import VERSION as PACKED_CODING_VERSION
-from vllm_moe_offload.runtime.packed_codec import PackedCodingError, decode_into, encode, max_segment_bytes
+from vllm_moe_offload.runtime.packed_codec import PackedCodingError, max_segment_bytes
 from vllm_moe_offload.runtime.tiers import Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
@@ -373,7 +373,7 @@ class ExpertStore:
             at = 0
             for n, tensor in enumerate(into):
                 try:
-                    at += round_up(decode_into(raw[at:], tensor), SEGMENT_ALIGN)
+                    at += round_up(packed_codec.decode_into(raw[at:], tensor), SEGMENT_ALIGN)
                 except PackedCodingError as exc:
                     raise ExpertStoreError(
                         f"expert {expert_idx} of {layer_key} ({PACKED}) in {self.layer_file(layer_key)}: "
@@ -657,7 +657,7 @@ def _packed_encoder(kernel: KernelLayout) -> Encoder:
     def encode_packed(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
         block = bytearray()
         for got in _converted(kernel, ordinal, names, weights, extras):
-            block += encode(got)  # segments are whole multiples of SEGMENT_ALIGN
+            block += packed_codec.encode(got)  # segments are whole multiples of SEGMENT_ALIGN
         return {PACKED: block}
 
     return encode_packed
