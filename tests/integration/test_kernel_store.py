@@ -114,7 +114,7 @@ def test_packed_store_tokens_equal_stock_from_fewer_bytes(results, name):
     kernel = offload["lru/first"]["stats"][0]["total"]
     per_load = total["bytes_read"]["kernel"] / total["loads"]
     assert per_load < 0.9 * kernel["bytes_read"]["kernel"] / kernel["loads"]  # whole 4 KiB blocks of each
-    # a packed load stages its block in a read buffer (about an expert) and converts nothing
+    # a packed load stages two pieces of its block in a read buffer and converts nothing
     assert stats["peak_by_kind"].get("convert", 0) == 0
     assert stats["peak_held_bytes"] <= stats["budget_bytes"]
 

@@ -1,5 +1,6 @@
 """The packed store's lossless coding: every 16-bit pattern comes back, on every path (AVX2, the plain C loop,
-NumPy), trained weights shrink to about 0.75, and a torn segment is an error, never wrong values."""
+NumPy), whole or page by page, trained weights shrink to about 0.75, no chunk crosses a page, and a torn block
+is an error, never wrong values."""
 
 from __future__ import annotations
 
@@ -17,28 +18,39 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from vllm_moe_offload.runtime import packed_codec
-from vllm_moe_offload.runtime.packed_codec import PackedCodingError, decode_into, encode, segment_bytes
+from vllm_moe_offload.runtime.packed_codec import (
+    PAGE, BlockDecoder, PackedCodingError, chunk_bytes, decode_block, encode_block, max_block_bytes,
+)
 
 TRAINED = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral" / "model.safetensors"
+HEADER = struct.Struct("<4sIQQQII16s")
 
 
-def _segment(values: torch.Tensor) -> torch.Tensor:
-    return torch.frombuffer(bytearray(encode(values)), dtype=torch.uint8)  # [bytes]
+def _block(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.frombuffer(encode_block(tensors), dtype=torch.uint8)  # [bytes]
 
 
-def _all_paths(segment: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
-    """The values decoded by the compiled coder with and without SIMD, and by the NumPy one."""
-    out = []
-    for simd in (True, False):
-        got = torch.full_like(like, 7)
-        assert decode_into(segment, got, simd=simd) == segment.numel()
-        out.append(got)
+def _decoded(block: torch.Tensor, like: list[torch.Tensor], simd: bool = True, pages: int | None = None):
+    """``block`` decoded into tensors shaped as ``like``, in pieces of ``pages`` pages (None: at once)."""
+    out = [torch.full_like(t, 7) for t in like]
+    if pages is None:
+        decode_block(block, out, simd=simd)
+        return out
+    decoder = BlockDecoder(out, simd=simd)
+    for at in range(0, block.numel(), pages * PAGE):
+        decoder.feed(block[at : at + pages * PAGE])
+    decoder.finish()
+    return out
+
+
+def _all_paths(block: torch.Tensor, like: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The values decoded by the compiled coder with and without SIMD, page by page, and by the NumPy one."""
+    out = [_decoded(block, like, simd) for simd in (True, False)]
+    out.append(_decoded(block, like, pages=1))
     saved = packed_codec._loaded
     packed_codec._loaded = packed_codec._NumPy()
     try:
-        got = torch.full_like(like, 7)
-        decode_into(segment, got)
-        out.append(got)
+        out.append(_decoded(block, like, pages=1))
     finally:
         packed_codec._loaded = saved
     return out
@@ -48,95 +60,139 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
+def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return all(torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want, strict=True))
+
+
+def _chunks(block: torch.Tensor) -> list[tuple[int, list]]:
+    """(where in the block, header fields) of every chunk, walking the pages as the decoder does."""
+    out = []
+    for page_at in range(0, block.numel(), PAGE):
+        at, end = page_at, min(page_at + PAGE, block.numel())
+        while at + 64 <= end:
+            fields = list(HEADER.unpack(bytes(block[at : at + HEADER.size].numpy())))
+            if fields[0] == bytes(4):
+                break
+            out.append((at, fields))
+            at += chunk_bytes(fields[3], fields[4], bool(fields[5]))
+    return out
+
+
+def _with_header(block: torch.Tensor, at: int, fields: list) -> torch.Tensor:
+    out = block.clone()
+    out[at : at + HEADER.size] = torch.frombuffer(bytearray(HEADER.pack(*fields)), dtype=torch.uint8)
+    return out
+
+
 @pytest.mark.skipif(not TRAINED.exists(), reason=f"no trained model at {TRAINED}")
 def test_trained_weights_shrink_to_three_quarters_and_come_back():
     with safe_open(str(TRAINED), "pt") as f:
         names = [n for n in f.keys() if "experts" in n][:6]
         weights = [f.get_tensor(n) for n in names]
     assert all(w.dtype == torch.bfloat16 for w in weights)
-    for w in weights:
-        segment = _segment(w)
-        assert 0.74 < segment.numel() / (2 * w.numel()) < 0.77, (segment.numel(), w.numel())
-        for got in _all_paths(segment, w):
-            assert torch.equal(_bits(got), _bits(w))
+    tiled = [torch.cat([w] * 24) for w in weights[:2]]  # 1.5 MiB each: a block of several pages
+    for tensors in (weights, tiled):
+        block = _block(tensors)
+        raw = sum(2 * t.numel() for t in tensors)
+        assert 0.74 < block.numel() / raw < 0.77, (block.numel(), raw)
+        for got in _all_paths(block, tensors):
+            assert _same(got, tensors)
+    assert block.numel() > 4 * PAGE
+    assert _same(_decoded(block, tiled, pages=3), tiled)  # pieces of several pages, the last one short
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    n=st.integers(min_value=1, max_value=700),
+    sizes=st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=3),
     spread=st.sampled_from([1, 4, 15, 16, 40, 256]),
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
-def test_any_values_come_back_and_never_take_more_than_raw(n, spread, seed):
-    """``spread`` distinct high bytes: up to 15 all coded, beyond it escapes, at 256 mostly raw segments."""
+def test_any_values_come_back_and_never_take_more_than_the_bound(sizes, spread, seed):
+    """``spread`` distinct high bytes: up to 15 all coded, beyond it escapes, at 256 mostly raw tensors."""
     rng = np.random.default_rng(seed)
-    high = rng.choice(rng.permutation(256)[:spread], size=n).astype(np.uint16)
-    values = torch.from_numpy(((high << 8) | rng.integers(0, 256, n).astype(np.uint16)).view(np.int16).copy())
-    values = values.view(torch.bfloat16)
-    segment = _segment(values)
-    assert segment.numel() <= segment_bytes(n, 0, coded=False)
-    for got in _all_paths(segment, values):
-        assert torch.equal(_bits(got), _bits(values))
-    assert torch.equal(_bits(_all_paths(_segment(values.view(torch.float16)), values.view(torch.float16))[0]),
-                       _bits(values))
+    tensors = []
+    for n in sizes:
+        high = rng.choice(rng.permutation(256)[:spread], size=n).astype(np.uint16)
+        raw = (high << 8) | rng.integers(0, 256, n).astype(np.uint16)
+        tensors.append(torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16))
+    block = _block(tensors)
+    assert block.numel() <= max_block_bytes(sizes)
+    for at, fields in _chunks(block):  # no chunk crosses a page
+        assert at // PAGE == (at + chunk_bytes(fields[3], fields[4], bool(fields[5])) - 1) // PAGE
+    for got in _all_paths(block, tensors):
+        assert _same(got, tensors)
+    halves = [t.view(torch.float16) for t in tensors]
+    assert _same(_decoded(_block(halves), halves), halves)
 
 
-def test_a_long_tensor_with_escapes_on_the_simd_path():
-    """Escapes at the edges of the 64-value blocks the AVX2 loop decodes, and in the plain tail after them."""
+def test_escapes_at_simd_edges_and_chunk_ends_across_pages():
+    """Escapes at the edges of the 64-value blocks the AVX2 loop decodes, in the plain tail after them, and
+    at the first and last value of chunks, in a tensor of several pages."""
     rng = np.random.default_rng(0)
-    n = 64 * 50 + 37
+    n = 3 * PAGE // 2 * 2 + 37  # about three pages of coded values
     high = rng.integers(0x30, 0x30 + 15, n).astype(np.uint16)  # 15 high bytes: the table holds them all
     raw = (high << 8) | rng.integers(0, 256, n).astype(np.uint16)
-    planted = (0, 63, 64, 127, 64 * 50 - 1, 64 * 50, n - 1)
-    raw[list(planted)] = 0x7F00 | np.arange(len(planted), dtype=np.uint16)  # outside the table: escapes
+    first = _chunks(_block([torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)]))
+    ends = [f[2] for _, f in first[1:]]  # where the second and later chunks start without escapes
+    planted = sorted({0, 63, 64, 127, n - 1, n - 38, *ends, *(e - 1 for e in ends)})
+    raw[planted] = 0x7F00 | (np.arange(len(planted), dtype=np.uint16) % 256)  # outside the table: escapes
     values = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
-    segment = _segment(values)
-    _, _, _, m, coded, _, _ = _header(segment)
-    assert coded == 1 and m == len(planted)
-    for got in _all_paths(segment, values):
-        assert torch.equal(_bits(got), _bits(values))
+    block = _block([values])
+    chunks = _chunks(block)
+    assert len(chunks) >= 3 and all(f[5] == 1 for _, f in chunks)
+    assert sum(f[4] for _, f in chunks) == len(planted)
+    for got in _all_paths(block, [values]):
+        assert _same(got, [values])
 
 
-def _header(segment: torch.Tensor) -> list:
-    return list(struct.unpack("<4sIQQII16s", bytes(segment[:48].numpy())))
-
-
-def _with_header(segment: torch.Tensor, fields: list) -> torch.Tensor:
-    out = segment.clone()
-    out[:48] = torch.frombuffer(bytearray(struct.pack("<4sIQQII16s", *fields)), dtype=torch.uint8)
-    return out
-
-
-def test_torn_segments_are_errors():
+def test_torn_blocks_are_errors():
     rng = np.random.default_rng(1)
-    raw = (rng.integers(0x30, 0x30 + 15, 1000).astype(np.uint16) << 8) | rng.integers(0, 256, 1000).astype(np.uint16)
-    raw[10] = 0x7F01  # one escape
-    values = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
-    segment = _segment(values)
-    assert _header(segment)[3:5] == [1, 1]  # one escape, coded
-    out = torch.empty_like(values)
-    fields = _header(segment)
-    with pytest.raises(PackedCodingError, match="not a packed segment"):
-        decode_into(_with_header(segment, [b"XXXX", *fields[1:]]), out)
-    with pytest.raises(PackedCodingError, match="codes 1000 values, the tensor holds 999"):
-        decode_into(segment, torch.empty(999, dtype=torch.bfloat16))
-    with pytest.raises(PackedCodingError, match="needs .* bytes"):
-        decode_into(segment[: segment.numel() - 64], out)
-    with pytest.raises(PackedCodingError, match="needs .* bytes"):
-        decode_into(_with_header(segment, [*fields[:3], 10**6, *fields[4:]]), out)  # escapes past the end
+    n = PAGE  # two pages of coded values, then a second tensor
+    raw = (rng.integers(0x30, 0x30 + 15, n).astype(np.uint16) << 8) | rng.integers(0, 256, n).astype(np.uint16)
+    raw[10] = 0x7F01  # one escape, in the first chunk
+    values = [torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16), torch.ones(5000, dtype=torch.bfloat16)]
+    block = _block(values)
+    chunks = _chunks(block)
+    (at0, first), (at1, second) = chunks[0], chunks[1]
+    assert first[4] == 1 and first[5] == 1 and second[2] == first[3]  # one escape, coded; the next chunk follows
+    out = [torch.empty_like(v) for v in values]
+    with pytest.raises(PackedCodingError, match="not one of coding version 2"):
+        decode_block(_with_header(block, at0, [b"XXXX", *first[1:]]), out)
+    with pytest.raises(PackedCodingError, match="not one of coding version 2"):
+        decode_block(_with_header(block, at0, [*first[:6], 1, first[7]]), out)
+    with pytest.raises(PackedCodingError, match="out of order"):
+        decode_block(_with_header(block, at1, [*second[:2], second[2] + 64, *second[3:]]), out)  # a gap
+    with pytest.raises(PackedCodingError, match="out of order"):
+        decode_block(_with_header(block, at0, [first[0], 1, *first[2:]]), out)  # the second tensor first
+    with pytest.raises(PackedCodingError, match="out of order"):
+        decode_block(block, [out[0][:-1], out[1]])  # the tensor is shorter than its chunks
+    with pytest.raises(PackedCodingError, match="past its page"):
+        decode_block(_with_header(block, at0, [*first[:3], first[3], 10**5, *first[5:]]), out)  # escapes
+    with pytest.raises(PackedCodingError, match="values are missing"):
+        decode_block(block[:at1], out)  # a block cut short
+    with pytest.raises(PackedCodingError, match="values are missing"):
+        decode_block(block, [*out, torch.empty(3, dtype=torch.bfloat16)])
     # the escape's position moved onto a value coded from the table: torn, on every path
-    lows_at = 64 + 512  # codes [500] rounded up to 64, after the header
-    escapes_at = lows_at + 1024
-    torn = segment.clone()
-    torn[escapes_at : escapes_at + 4] = torch.frombuffer(bytearray(struct.pack("<I", 11)), dtype=torch.uint8)
-    for simd in (True, False):
-        with pytest.raises(PackedCodingError, match="torn"):
-            decode_into(torn, out, simd=simd)
-    torn[escapes_at : escapes_at + 4] = torch.frombuffer(bytearray(struct.pack("<I", 5000)), dtype=torch.uint8)
-    with pytest.raises(PackedCodingError, match="torn"):
-        decode_into(torn, out)
+    esc_at = at0 + 64 + first[3] // 2
+    esc_at += -esc_at % 64
+    esc_at += first[3]
+    esc_at += -esc_at % 64
+    assert bytes(block[esc_at : esc_at + 4].numpy()) == struct.pack("<I", 10)
+    torn = block.clone()
+    for where in (11, first[3]):  # a value without an escape code, and past the chunk
+        torn[esc_at : esc_at + 4] = torch.frombuffer(bytearray(struct.pack("<I", where)), dtype=torch.uint8)
+        for simd in (True, False):
+            with pytest.raises(PackedCodingError, match="torn"):
+                decode_block(torn, out, simd=simd)
+        saved = packed_codec._loaded
+        packed_codec._loaded = packed_codec._NumPy()
+        try:
+            with pytest.raises(PackedCodingError, match="torn"):
+                decode_block(torn, out)
+        finally:
+            packed_codec._loaded = saved
     with pytest.raises(ValueError, match="takes"):
-        encode(torch.zeros(4, dtype=torch.float32))
+        encode_block([torch.zeros(4, dtype=torch.float32)])
 
 
 def test_without_a_compiler_numpy_decodes_the_same(tmp_path):
@@ -145,8 +201,8 @@ def test_without_a_compiler_numpy_decodes_the_same(tmp_path):
         "import torch\n"
         "from vllm_moe_offload.runtime import packed_codec as pc\n"
         "v = (torch.randn(3001) * 0.02).to(torch.bfloat16)\n"
-        "s = torch.frombuffer(bytearray(pc.encode(v)), dtype=torch.uint8)\n"
-        "o = torch.empty_like(v); pc.decode_into(s, o)\n"
+        "s = torch.frombuffer(pc.encode_block([v]), dtype=torch.uint8)\n"
+        "o = torch.empty_like(v); pc.decode_block(s, [o])\n"
         "assert torch.equal(o.view(torch.int16), v.view(torch.int16))\n"
         "print(pc.implementation())\n"
     )

@@ -24,6 +24,8 @@ from vllm_moe_offload.runtime.expert_store import (
     open_or_build,
     store_directory,
 )
+from vllm_moe_offload.core.plan import buffer_bytes
+from vllm_moe_offload.runtime import packed_codec
 from vllm_moe_offload.runtime.kernel_source import KernelSource
 from vllm_moe_offload.runtime.safetensors_io import ALIGN_BYTES, CheckpointIndex
 
@@ -67,6 +69,44 @@ def test_loads_give_the_kernel_stores_tensors_from_fewer_bytes(checkpoint, tmp_p
     assert not slots13[0].any() and not slots13[2].any()  # other slots untouched
 
 
+def test_blocks_of_several_pieces_decode_piece_by_piece_through_two_buffers(checkpoint, tmp_path, readers,
+                                                                          monkeypatch):
+    """Pages of 8 KiB (the test's experts then span several pieces, as a model's experts of megabytes do with
+    pages of 256 KiB): the read buffer holds two pieces, not a block; the values are the kernel store's; a bit
+    flipped in the last piece fails the expert's first load."""
+    folder, tensors = checkpoint
+    monkeypatch.setattr(packed_codec, "PAGE", 2 * ALIGN_BYTES)
+    layout = _layout([Transposing(i) for i in range(LAYERS)])
+    store = _open(folder, tmp_path / "s", readers, layout)
+    piece = layout.packed_piece_bytes
+    prefix = _names(0).prefix
+    source = KernelSource(store, prefix, readers)
+    for e in range(E):
+        block = store.block(prefix, e, PACKED)
+        assert block.length > piece  # two pieces or more
+        w1, w3, w2 = (tensors[n] for n in _names(0).tensor_names(e))
+        want13, want2 = Transposing(0)(w1, w3, w2)
+        got = source.fetch(e)
+        assert torch.equal(got.w13, want13) and torch.equal(got.w2, want2)
+        assert got.bytes_read == -(-block.length // ALIGN_BYTES) * ALIGN_BYTES
+    assert readers.buffers.held_bytes == buffer_bytes(2 * piece)
+    fresh = _open(folder, tmp_path / "s", readers, layout)  # a new process's store: first reads are checked
+    flip_bits(fresh, prefix, 1, at=store.block(prefix, 1, PACKED).length - 100, mask=0x10)
+    with pytest.raises(ExpertStoreError, match=rf"expert 1 of {prefix} \(packed\) in .* is corrupted"):
+        KernelSource(fresh, prefix, readers).fetch(1)
+    KernelSource(fresh, prefix, readers).fetch(2)  # the others still load
+
+
+def test_a_large_expert_is_read_in_pieces_of_at_most_8_mib():
+    """A 96 MiB expert (the bigger-than-memory bench model's): pieces of 8 MiB, so its load stages 16 MiB
+    where a whole block would take an expert's bytes from the slots' share of the budget."""
+    layout = KernelLayout({}, ((2 * 131072, 128), torch.bfloat16), ((128, 131072), torch.bfloat16))
+    assert layout.expert_bytes == 96 * 2**20 <= layout.packed_block_bytes < 100 * 2**20
+    assert layout.packed_piece_bytes == 8 * 2**20
+    small = _layout([Transposing(i) for i in range(LAYERS)])  # the test's: one page a piece
+    assert small.packed_piece_bytes == packed_codec.PAGE
+
+
 def test_a_torn_block_fails_its_load(checkpoint, tmp_path, readers):
     folder, _ = checkpoint
     store = _open(folder, tmp_path / "s", readers, _layout([Transposing(i) for i in range(LAYERS)]))
@@ -88,7 +128,7 @@ def test_a_block_whose_checksum_matches_but_does_not_decode_fails_its_load(check
     prefix = _names(1).prefix
     block = store.block(prefix, 0, PACKED)
     with open(store.layer_file(prefix), "r+b") as f:
-        f.seek(block.offset + 8)  # the first segment's value count
+        f.seek(block.offset + 16)  # the first chunk's value count
         f.write((H * 2 * I + 1).to_bytes(8, "little"))
         f.seek(block.offset)
         raw = f.read(block.length)
@@ -96,8 +136,8 @@ def test_a_block_whose_checksum_matches_but_does_not_decode_fails_its_load(check
     manifest["layers"][prefix]["experts"][PACKED][0][2] = crc32(raw)
     (store.directory / MANIFEST).write_text(json.dumps(manifest))
     reopened = _open(folder, root, readers, _layout([Transposing(i) for i in range(LAYERS)]))
-    with pytest.raises(ExpertStoreError, match=rf"expert 0 of {prefix} \(packed\).*w13 does not decode \(the "
-                                               rf"segment codes {H * 2 * I + 1} values"):
+    with pytest.raises(ExpertStoreError, match=rf"expert 0 of {prefix} \(packed\).* does not decode \(a chunk is "
+                                               rf"out of order or runs past its tensor: the block is torn\); delete"):
         KernelSource(reopened, prefix, readers).fetch(0)
 
 

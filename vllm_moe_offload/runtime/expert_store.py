@@ -19,10 +19,11 @@ Two kinds of store:
   rank's shard and the dtype; all of them are in the manifest (:class:`KernelLayout`).
 - packed (scheme ``packed``): the kernel store's tensors coded losslessly,
   about 0.75 of their bytes for trained bfloat16 weights
-  (``runtime/packed_codec.py``: each value's high byte in 4 bits): one
-  segment per tensor (``w13``, then ``w2`` at the next multiple of 64), blocks
-  of varying length. A load reads the block into a read buffer and decodes it
-  into the slot: fewer bytes from the disk for one pass of the loader's CPU.
+  (``runtime/packed_codec.py``: each value's high byte in 4 bits), blocks of
+  varying length, each pages of whole chunks. A load reads the block in pieces
+  of whole pages and decodes each into the slot while the next one reads:
+  fewer bytes from the disk, the loader's decode hidden behind the read, a read
+  buffer of two pieces.
 
 Layout of a store directory::
 
@@ -72,10 +73,9 @@ from vllm_moe_offload.runtime.safetensors_io import (
 from vllm_moe_offload.runtime.expert_layout import ExpertLayout
 from vllm_moe_offload.runtime import packed_codec
 from vllm_moe_offload.runtime.memory import aligned_empty
-from vllm_moe_offload.runtime.packed_codec import ALIGN as SEGMENT_ALIGN
 from vllm_moe_offload.runtime.packed_codec import DTYPES as CODED_DTYPES
 from vllm_moe_offload.runtime.packed_codec import VERSION as PACKED_CODING_VERSION
-from vllm_moe_offload.runtime.packed_codec import PackedCodingError, max_segment_bytes
+from vllm_moe_offload.runtime.packed_codec import PackedCodingError, max_block_bytes, read_piece_bytes
 from vllm_moe_offload.runtime.tiers import Converter
 
 logger = logging.getLogger("vllm.moe_offload.expert_store")
@@ -174,9 +174,14 @@ class KernelLayout:
 
     @property
     def packed_block_bytes(self) -> int:
-        """The most one expert's block takes in a packed store: each tensor's segment at its largest (raw), back
-        to back at multiples of 64. What a load's read buffer must hold (the whole block is staged)."""
-        return sum(round_up(max_segment_bytes(math.prod(shape)), SEGMENT_ALIGN) for shape, _ in self.parts)
+        """The most one expert's block can take in a packed store (every tensor raw, every page's slack lost):
+        the store's stale check."""
+        return max_block_bytes([math.prod(shape) for shape, _ in self.parts])
+
+    @property
+    def packed_piece_bytes(self) -> int:
+        """The pieces a load reads a packed block in (whole pages); its read buffer holds two."""
+        return read_piece_bytes(self.packed_block_bytes)
 
     def packing_refusal(self) -> str | None:
         """Why this layout cannot be stored packed (the coding takes 2-byte floats, an expert's two tensors);
@@ -366,22 +371,32 @@ class ExpertStore:
     def _read_packed(
         self, layer_key: str, expert_idx: int, reader: TensorReader, into: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, ...]:
-        """:meth:`read_kernel` from a packed store: the block into a read buffer, each segment decoded into its
-        tensor of ``into`` (``runtime/packed_codec.py``)."""
+        """:meth:`read_kernel` from a packed store: the block read in pieces of whole pages, each decoded into
+        ``into`` (``runtime/packed_codec.py``) while the next one reads; the first read's crc32 chained over the
+        pieces and checked at the end (a torn block fails the load either way)."""
+        path = self.layer_file(layer_key)
+        where = f"expert {expert_idx} of {layer_key} ({PACKED}) in {path}"
+        block = self.block(layer_key, expert_idx, PACKED)
+        key = (layer_key, expert_idx, PACKED)
+        decoder = packed_codec.BlockDecoder(into)
+        crc = 0 if key not in self._verified else None
 
-        def decoded(raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            at = 0
-            for n, tensor in enumerate(into):
-                try:
-                    at += round_up(packed_codec.decode_into(raw[at:], tensor), SEGMENT_ALIGN)
-                except PackedCodingError as exc:
-                    raise ExpertStoreError(
-                        f"expert {expert_idx} of {layer_key} ({PACKED}) in {self.layer_file(layer_key)}: "
-                        f"{('w13', 'w2')[n]} does not decode ({exc}); delete {self.directory} to rebuild the store"
-                    ) from exc
-            return ()
+        def decode(start: int, piece: memoryview) -> None:
+            nonlocal crc
+            if crc is not None:
+                crc = crc32(piece, crc)
+            decoder.feed(piece)
 
-        self._read_block(layer_key, expert_idx, PACKED, reader, decoded)
+        try:
+            reader.read_streamed(str(path), block.offset, block.length, self.kernel.packed_piece_bytes, decode)
+            if crc is not None:
+                self._verify(key, crc, block.crc32, where)
+            decoder.finish()
+        except OSError as exc:
+            raise ExpertStoreError(f"reading {where} failed: {exc}") from exc
+        except PackedCodingError as exc:
+            raise ExpertStoreError(f"{where} does not decode ({exc}); delete {self.directory} to rebuild the store"
+                                   ) from exc
         return into
 
     def _verify(self, key: tuple, crc: int, expected: int, where: str) -> None:
@@ -651,14 +666,10 @@ def _kernel_encoder(kernel: KernelLayout) -> Encoder:
 
 
 def _packed_encoder(kernel: KernelLayout) -> Encoder:
-    """The layer's converter output coded (``runtime/packed_codec.py``): a segment per tensor, each starting at
-    a multiple of 64."""
+    """The layer's converter output coded (``runtime/packed_codec.py``): one block of pages per expert."""
 
     def encode_packed(ordinal: int, names: list[str], weights: list[torch.Tensor], extras=()) -> dict[str, bytes]:
-        block = bytearray()
-        for got in _converted(kernel, ordinal, names, weights, extras):
-            block += packed_codec.encode(got)  # segments are whole multiples of SEGMENT_ALIGN
-        return {PACKED: block}
+        return {PACKED: packed_codec.encode_block(_converted(kernel, ordinal, names, weights, extras))}
 
     return encode_packed
 

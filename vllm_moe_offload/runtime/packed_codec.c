@@ -1,10 +1,11 @@
 /* The lossless coding of a packed expert store (runtime/packed_codec.py has the format and why).
  *
- * A segment codes n 16-bit values (bfloat16 weights): each value's high byte (sign and 7 exponent bits,
- * a handful of distinct values in trained weights) as a 4-bit index into a 16-entry table, code 15 for the
- * rare others, listed as escapes; its low byte as it is. Decoding is one pass, 16 values per table lookup
- * instruction where the CPU has AVX2. Compiled at first use by packed_codec.py; nothing here allocates,
- * and every length and position is checked against the buffer it lies in.
+ * A chunk codes n 16-bit values (bfloat16 weights) of one tensor: each value's high byte (sign and 7 exponent
+ * bits, a handful of distinct values in trained weights) as a 4-bit index into a 16-entry table, code 15 for
+ * the rare others, listed as escapes; its low byte as it is. A block is pages of whole chunks, so a block read
+ * in pieces of whole pages decodes piece by piece (packed_decode_pages). Decoding is one pass, 16 values per
+ * table lookup instruction where the CPU has AVX2. Compiled at first use by packed_codec.py; nothing here
+ * allocates, and every length and position is checked against the buffer it lies in.
  */
 #include <stdint.h>
 #include <string.h>
@@ -63,8 +64,8 @@ int packed_simd(void) {
 
 /* out[0..n) from codes [ceil(n/2)], lows [n], table [16] and m escapes (position, high byte).
  * simd 0 forces the plain loop (tests compare the two). Returns 0, or -1 for an escape outside [0, n)
- * or one whose code is not ESCAPE (a torn segment). */
-int packed_decode(const uint8_t *codes, const uint8_t *lows, const uint8_t *table, uint16_t *out, int64_t n,
+ * or one whose code is not ESCAPE (a torn chunk). */
+static int decode_chunk(const uint8_t *codes, const uint8_t *lows, const uint8_t *table, uint16_t *out, int64_t n,
                   const uint32_t *escape_pos, const uint8_t *escape_high, int64_t m, int simd) {
     int64_t done = 0;
 #if defined(__x86_64__)
@@ -75,6 +76,63 @@ int packed_decode(const uint8_t *codes, const uint8_t *lows, const uint8_t *tabl
         uint32_t p = escape_pos[j];
         if ((int64_t)p >= n || code_at(codes, p) != ESCAPE) return -1;
         out[p] = (uint16_t)(escape_high[j] << 8 | lows[p]);
+    }
+    return 0;
+}
+
+#define ALIGN 64
+#define HEADER 64
+#define CHUNK_VERSION 2
+
+static inline int64_t round64(int64_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+
+static inline uint32_t u32_at(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t u64_at(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* Bytes of a chunk of n values with m escapes (packed_codec.chunk_bytes). */
+static int64_t chunk_bytes(int64_t n, int64_t m, int coded) {
+    if (!coded) return round64(HEADER + 2 * n);
+    return round64(round64(round64(HEADER + (n + 1) / 2) + n) + 5 * m);
+}
+
+/* Decode the chunks of the pages in buf[0..len): len is whole pages of `page` bytes, but for a block's last
+ * (short) page. outs[t] holds numels[t] values of tensor t; cursor[0..1] = (tensor, values done), carried from
+ * one call to the next, so a block's pages may come in several calls, in order. Within a page, chunks follow
+ * each other until one that does not fit or an all-zero magic (padding to the page's end).
+ * Returns 0, or: -1 a header that is not a chunk of this version, -2 a chunk out of order or past its tensor,
+ * -3 a chunk past its page, -4 an escape out of place (a torn block). */
+int packed_decode_pages(const uint8_t *buf, int64_t len, int64_t page, uint16_t *const *outs, const int64_t *numels,
+                        int64_t n_tensors, int64_t *cursor, int simd) {
+    static const uint8_t zero[4] = {0, 0, 0, 0};
+    for (int64_t page_at = 0; page_at < len; page_at += page) {
+        int64_t end = page_at + page < len ? page_at + page : len;
+        int64_t at = page_at;
+        while (at + HEADER <= end) {
+            const uint8_t *h = buf + at;
+            if (memcmp(h, zero, 4) == 0) break;  /* padding */
+            if (memcmp(h, "MOEC", 4) != 0 || u32_at(h + 36) != CHUNK_VERSION) return -1;
+            uint32_t t = u32_at(h + 4), coded = u32_at(h + 32);
+            uint64_t offset = u64_at(h + 8), n = u64_at(h + 16), m = u64_at(h + 24);
+            int64_t ct = cursor[0], done = cursor[1];
+            if (ct < n_tensors && done == numels[ct]) { ct += 1; done = 0; }  /* the next tensor starts */
+            if (ct >= n_tensors || (int64_t)t != ct || offset != (uint64_t)done || n == 0
+                || n > (uint64_t)(numels[ct] - done) || m > n || coded > 1) return -2;
+            int64_t size = chunk_bytes((int64_t)n, (int64_t)m, (int)coded);
+            if (size > end - at) return -3;
+            uint16_t *out = outs[ct] + done;
+            if (!coded) {
+                memcpy(out, h + HEADER, 2 * n);
+            } else {
+                const uint8_t *codes = h + HEADER;
+                const uint8_t *lows = h + round64(HEADER + (n + 1) / 2);
+                const uint8_t *esc = h + round64(round64(HEADER + (n + 1) / 2) + n);
+                if (decode_chunk(codes, lows, h + 40, out, (int64_t)n, (const uint32_t *)esc, esc + 4 * m,
+                                 (int64_t)m, simd) != 0) return -4;
+            }
+            cursor[0] = ct;
+            cursor[1] = done + (int64_t)n;
+            at += size;
+        }
     }
     return 0;
 }

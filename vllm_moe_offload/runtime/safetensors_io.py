@@ -327,6 +327,40 @@ class TensorReader:
             got = self._read_into(path, offset, length, parts, checksum)
         return got
 
+    def read_streamed(
+        self, path: str, offset: int, length: int, piece_bytes: int, use: Callable[[int, memoryview], None],
+    ) -> None:
+        """``use(start, piece)`` on the file's ``length`` bytes at ``offset``, in order, in pieces of
+        ``piece_bytes`` (a multiple of the direct-I/O alignment), each while the next one reads
+        (``PiecedReads.stream``). Two pieces are borrowed from the read buffers; a piece is valid only inside
+        ``use``. Raises ``OSError`` on a short read."""
+        if piece_bytes % ALIGN_BYTES:
+            raise ValueError(f"pieces of {piece_bytes} bytes: not a multiple of {ALIGN_BYTES}")
+        fd, direct = self._open(path)
+        align = ALIGN_BYTES if direct else 1
+        if direct and offset % align:
+            raise ValueError(f"a streamed direct read starts at a multiple of {align} bytes, not at {offset}")
+        used = 0
+
+        def counted(start: int, piece: memoryview) -> None:
+            nonlocal used
+            used += 1
+            use(start, piece)
+
+        with self._buffers.borrow(2 * piece_bytes) as buf:
+            whole = memoryview(buf)
+            halves = (whole[:piece_bytes], whole[piece_bytes : 2 * piece_bytes])
+            try:
+                self.bytes_read += self._checked.stream(fd, offset, length, halves, align, counted)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL or used:
+                    raise
+                self._fallback(path, exc)  # O_DIRECT refused at the first read: again, buffered
+                self.bytes_read += self._checked.stream(self._open(path)[0], offset, length, halves, 1, use)
+            finally:
+                for view in (*halves, whole):
+                    view.release()
+
     def _read_into(self, path, offset, length, parts, checksum):
         fd, direct = self._open(path)
         align = ALIGN_BYTES if direct else 1
