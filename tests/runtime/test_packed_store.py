@@ -69,13 +69,14 @@ def test_loads_give_the_kernel_stores_tensors_from_fewer_bytes(checkpoint, tmp_p
     assert not slots13[0].any() and not slots13[2].any()  # other slots untouched
 
 
-def test_blocks_of_several_pieces_decode_piece_by_piece_through_two_buffers(checkpoint, tmp_path, readers,
-                                                                          monkeypatch):
-    """Pages of 8 KiB (the test's experts then span several pieces, as a model's experts of megabytes do with
-    pages of 256 KiB): the read buffer holds two pieces, not a block; the values are the kernel store's; a bit
-    flipped in the last piece fails the expert's first load."""
+def test_blocks_of_several_pieces_decode_piece_by_piece_through_one_buffer(checkpoint, tmp_path, readers,
+                                                                         monkeypatch):
+    """Pieces of 8 KiB (the test's experts then span several, as a model's experts of more than 8 MiB do):
+    the read buffer holds a piece, not a block; the values are the kernel store's; a bit flipped in the last
+    piece fails the expert's first load."""
     folder, tensors = checkpoint
     monkeypatch.setattr(packed_codec, "PAGE", 2 * ALIGN_BYTES)
+    monkeypatch.setattr(packed_codec, "MAX_PIECE_BYTES", 2 * ALIGN_BYTES)
     layout = _layout([Transposing(i) for i in range(LAYERS)])
     store = _open(folder, tmp_path / "s", readers, layout)
     piece = layout.packed_piece_bytes
@@ -89,7 +90,7 @@ def test_blocks_of_several_pieces_decode_piece_by_piece_through_two_buffers(chec
         got = source.fetch(e)
         assert torch.equal(got.w13, want13) and torch.equal(got.w2, want2)
         assert got.bytes_read == -(-block.length // ALIGN_BYTES) * ALIGN_BYTES
-    assert readers.buffers.held_bytes == buffer_bytes(2 * piece)
+    assert piece == 2 * ALIGN_BYTES and readers.buffers.held_bytes == buffer_bytes(piece)
     fresh = _open(folder, tmp_path / "s", readers, layout)  # a new process's store: first reads are checked
     flip_bits(fresh, prefix, 1, at=store.block(prefix, 1, PACKED).length - 100, mask=0x10)
     with pytest.raises(ExpertStoreError, match=rf"expert 1 of {prefix} \(packed\) in .* is corrupted"):
@@ -98,13 +99,14 @@ def test_blocks_of_several_pieces_decode_piece_by_piece_through_two_buffers(chec
 
 
 def test_a_large_expert_is_read_in_pieces_of_at_most_8_mib():
-    """A 96 MiB expert (the bigger-than-memory bench model's): pieces of 8 MiB, so its load stages 16 MiB
-    where a whole block would take an expert's bytes from the slots' share of the budget."""
+    """A 96 MiB expert (the bigger-than-memory bench model's): pieces of 8 MiB, so its load stages 8 MiB
+    where a whole block would take an expert's bytes from the slots' share of the budget; a small expert
+    is read whole."""
     layout = KernelLayout({}, ((2 * 131072, 128), torch.bfloat16), ((128, 131072), torch.bfloat16))
     assert layout.expert_bytes == 96 * 2**20 <= layout.packed_block_bytes < 100 * 2**20
     assert layout.packed_piece_bytes == 8 * 2**20
-    small = _layout([Transposing(i) for i in range(LAYERS)])  # the test's: one page a piece
-    assert small.packed_piece_bytes == packed_codec.PAGE
+    small = _layout([Transposing(i) for i in range(LAYERS)])
+    assert small.packed_piece_bytes == -(-small.packed_block_bytes // packed_codec.PAGE) * packed_codec.PAGE
 
 
 def test_a_torn_block_fails_its_load(checkpoint, tmp_path, readers):

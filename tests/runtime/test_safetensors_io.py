@@ -302,28 +302,24 @@ def test_lane_scratch_is_reused_and_counted_inside_the_conversion_hold(tmp_path)
 
 
 @pytest.mark.parametrize("direct_io", [True, False])
-def test_streamed_reads_hand_over_pieces_in_order_while_the_next_one_reads(tmp_path, direct_io):
-    """``read_streamed``: every byte once, in order, through two buffers of a piece each; the pieces after the
-    first are read on the reader thread while the caller holds the one before; a short read and a failing
-    consumer are errors that leave no read running."""
-    import threading
-
+def test_streamed_reads_hand_over_pieces_in_order_through_one_buffer(tmp_path, direct_io):
+    """``read_streamed``: every byte once, in order, each piece in the same borrowed buffer; a short read and
+    a failing consumer are errors."""
     data = os.urandom(5 * ALIGN_BYTES * 3 + 1234)  # 5 pieces of 3 blocks, the last one short
     path = tmp_path / "blocks.bin"
     path.write_bytes(data + bytes(ALIGN_BYTES))  # the file goes on past the range (a store's next block)
     reader = TensorReader(direct_io=direct_io)
     piece = 3 * ALIGN_BYTES
-    got, threads, buffers = [], set(), set()
+    got, buffers = [], set()
 
     def use(start, view):
         got.append((start, bytes(view)))
-        buffers.add(ctypes_address(view))
-        threads.update(t.name for t in threading.enumerate() if t.name.startswith("moe-offload-read"))
+        buffers.add(torch.frombuffer(view, dtype=torch.uint8).data_ptr())
 
     reader.read_streamed(str(path), ALIGN_BYTES, len(data) - ALIGN_BYTES, piece, use)
     assert [start for start, _ in got] == list(range(0, len(data) - ALIGN_BYTES, piece))
     assert b"".join(chunk for _, chunk in got) == data[ALIGN_BYTES:]
-    assert len(buffers) == 2 and threads  # two buffers, a reader thread
+    assert len(buffers) == 1  # one read buffer of a piece
     align = ALIGN_BYTES if direct_io else 1  # direct reads end at a whole block
     assert reader.bytes_read == -(-(len(data) - ALIGN_BYTES) // align) * align
     with pytest.raises(OSError, match="short read"):
@@ -337,9 +333,3 @@ def test_streamed_reads_hand_over_pieces_in_order_while_the_next_one_reads(tmp_p
     with pytest.raises(ValueError, match="not a multiple"):
         reader.read_streamed(str(path), 0, len(data), piece + 1, use)
     reader.close()
-
-
-def ctypes_address(view: memoryview) -> int:
-    import ctypes
-
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if not view.readonly else id(view.obj)

@@ -115,7 +115,7 @@ def after_config(vllm_config: VllmConfig, offload: OffloadConfig) -> None:
         offload.budget, tp, io_threads=offload.io_threads, cuda=current_platform.is_cuda(),
         read_span_bytes=checkpoint_expert_span(vllm_config.model_config.model),
         # a kernel store's loads read into the slots: about nothing staged (the worker knows the layout); taken
-        # here as a checkpoint read of an expert for a packed store's (two pieces of a block: at most that)
+        # here as a checkpoint read of an expert for a packed store's (a piece of a block: about that)
         staged_load_bytes=0 if offload.kernel_store and offload.store.value == "kernel" else None, **geometry,
     )
     logger.info(

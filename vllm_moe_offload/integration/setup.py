@@ -391,7 +391,7 @@ def _open_store(
         scheme = config.quant.value
         return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
     # the build (before any slot exists) converts one expert at a time with its own reader; the loads
-    # read into the slots and stage only what is not aligned, or two pieces of a packed block (``_kernel_load_staging``)
+    # read into the slots and stage only what is not aligned, or a piece of a packed block (``_kernel_load_staging``)
     kernel = _kernel_layout(layers, readers)
     moe = layers[0].moe_config
     scheme = config.store.value
@@ -406,12 +406,12 @@ def _open_store(
 
 def _kernel_load_staging(first: OffloadRoutedExperts, config: OffloadConfig) -> int | None:
     """Bytes of one load's read that pass through a read buffer when loads come from a kernel store into host
-    slots (``KernelLayout.staged_read_bytes``; a packed store's two pieces of a block); None when loads convert
+    slots (``KernelLayout.staged_read_bytes``; a packed store's piece of a block); None when loads convert
     (checkpoint or quantized store)."""
     if not config.kernel_store or first.w13_weight.device.type != "cpu":
         return None
     layout = _kernel_layout([first])
-    return 2 * layout.packed_piece_bytes if config.store is Store.PACKED else layout.staged_read_bytes
+    return layout.packed_piece_bytes if config.store is Store.PACKED else layout.staged_read_bytes
 
 
 def _kernel_layout(layers: list[OffloadRoutedExperts], readers=None) -> KernelLayout:
@@ -439,7 +439,7 @@ def _read_span_bytes(first: OffloadRoutedExperts, index: CheckpointIndex, config
     span = index.largest_expert_span()
     if config.kernel_store and first.expert_format is not None:
         layout = _kernel_layout([first])
-        return max(span or 0, 2 * layout.packed_piece_bytes if config.store is Store.PACKED else layout.expert_bytes)
+        return max(span or 0, layout.packed_piece_bytes if config.store is Store.PACKED else layout.expert_bytes)
     return span
 
 

@@ -7,10 +7,9 @@ as half the read, on the I/O thread, in series with it. :class:`PiecedReads`
 reads such a block in pieces and hands each piece, once read, to a checker
 thread that chains the crc32 (``runtime/crc.py``) in order while the next piece
 reads (both release the GIL). ``TensorReader.read_into`` uses it for checked
-reads of more than :data:`PIECE_BYTES`. :meth:`PiecedReads.stream` turns it
-around for a packed store's blocks (``runtime/packed_codec.py``): a reader
-thread reads the next piece while the caller decodes the one before, through
-two buffers. No vLLM.
+reads of more than :data:`PIECE_BYTES`. :func:`stream` reads a packed store's
+block (``runtime/packed_codec.py``) piece by piece through one buffer of a
+piece, each piece used (decoded) before the next one reads. No vLLM.
 """
 
 from __future__ import annotations
@@ -38,12 +37,10 @@ Segment = tuple[int, int, "torch.Tensor | None"]
 
 
 class PiecedReads:
-    """Reads in pieces for one reader (one I/O thread); its checker and reader threads are made at their first
-    use."""
+    """Checked reads in pieces for one reader (one I/O thread); its checker thread is made at the first."""
 
     def __init__(self) -> None:
         self._checker: ThreadPoolExecutor | None = None
-        self._reader: ThreadPoolExecutor | None = None
 
     def read(
         self, fd: int, lo: int, segments: list[Segment], views: list[memoryview], first: int, last: int, align: int,
@@ -89,57 +86,33 @@ class PiecedReads:
             done.result()
         return got, crc
 
-    def stream(
-        self, fd: int, lo: int, length: int, buffers: tuple[memoryview, memoryview], align: int,
-        use: Callable[[int, memoryview], None],
-    ) -> int:
-        """``use(start, piece)`` on the file's ``length`` bytes at offset ``lo`` (aligned to ``align``), in
-        order, in pieces of ``len(buffers[0])`` bytes (a multiple of ``align``); returns the bytes read (the
-        last piece's rounded up to ``align``).
-
-        Piece ``i`` lands in ``buffers[i % 2]``; while ``use`` runs on it (on the calling thread), the reader
-        thread reads piece ``i + 1`` into the other buffer (``os.preadv`` releases the GIL, and so should
-        ``use``). The last piece is read rounded up to ``align`` and handed over at its length. Raises
-        ``OSError`` on a short read; whatever ``use`` raises, after the read in flight is over (the buffers
-        may then be reused)."""
-        piece_bytes = len(buffers[0])
-        starts = range(0, length, piece_bytes)
-
-        def read(i: int) -> tuple[int, int]:
-            start = starts[i]
-            want = min(piece_bytes, length - start)
-            with buffers[i % 2][: -(-want // align) * align] as into:
-                got = os.preadv(fd, [into], lo + start)
-            if got < want:
-                raise OSError(f"short read: wanted {want} bytes at {lo + start}, got {got}")
-            return want, got
-
-        if len(starts) == 1:  # one piece: nothing to overlap, no hand-over
-            want, got = read(0)
-            with buffers[0][:want] as piece:
-                use(0, piece)
-            return got
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="moe-offload-read")
-        ahead: Future | None = self._reader.submit(read, 0)
-        total = 0
-        try:
-            for i, start in enumerate(starts):
-                want, got = ahead.result()
-                total += got
-                ahead = self._reader.submit(read, i + 1) if i + 1 < len(starts) else None
-                with buffers[i % 2][:want] as piece:
-                    use(start, piece)
-        finally:
-            if ahead is not None:
-                ahead.exception()  # waits: the buffers are the caller's again only when no read is left
-        return total
-
     def close(self) -> None:
-        for pool in (self._checker, self._reader):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._checker = self._reader = None
+        if self._checker is not None:
+            self._checker.shutdown(wait=True)
+            self._checker = None
+
+
+def stream(fd: int, lo: int, length: int, buffer: memoryview, align: int, use: Callable[[int, memoryview], None]) -> int:
+    """``use(start, piece)`` on the file's ``length`` bytes at offset ``lo`` (aligned to ``align``), in order,
+    in pieces of ``len(buffer)`` bytes (a multiple of ``align``), each read into ``buffer`` and used before the
+    next one reads; returns the bytes read (the last piece's rounded up to ``align``). Raises ``OSError`` on a
+    short read.
+
+    In series, on purpose: on this project's 2-core VM, reading the next 1 MiB piece on a second thread while
+    the loader decoded the one before slowed both (a 2.25 MiB packed block: 1.34-1.68 ms a load, against
+    0.89-1.22 ms read whole, then decoded; each piece's decode took 0.25-0.32 ms against 0.36-0.40 for the
+    whole block), and small pieces read slower than one read (``docs/bench/packed-store/``)."""
+    piece_bytes, total = len(buffer), 0
+    for start in range(0, length, piece_bytes):
+        want = min(piece_bytes, length - start)
+        with buffer[: -(-want // align) * align] as into:
+            got = os.preadv(fd, [into], lo + start)
+        if got < want:
+            raise OSError(f"short read: wanted {want} bytes at {lo + start}, got {got}")
+        total += got
+        with buffer[:want] as piece:
+            use(start, piece)
+    return total
 
 
 def crc_within(crc: int, start: int, view: memoryview, first: int, last: int) -> int:

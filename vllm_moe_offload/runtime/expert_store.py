@@ -21,9 +21,9 @@ Two kinds of store:
   about 0.75 of their bytes for trained bfloat16 weights
   (``runtime/packed_codec.py``: each value's high byte in 4 bits), blocks of
   varying length, each pages of whole chunks. A load reads the block in pieces
-  of whole pages and decodes each into the slot while the next one reads:
-  fewer bytes from the disk, the loader's decode hidden behind the read, a read
-  buffer of two pieces.
+  of whole pages (one for experts up to 8 MiB) and decodes each into the slot
+  before the next one reads: fewer bytes from the disk for one pass of the
+  loader's CPU, a read buffer of a piece.
 
 Layout of a store directory::
 
@@ -180,7 +180,7 @@ class KernelLayout:
 
     @property
     def packed_piece_bytes(self) -> int:
-        """The pieces a load reads a packed block in (whole pages); its read buffer holds two."""
+        """The pieces a load reads a packed block in (whole pages): its read buffer."""
         return read_piece_bytes(self.packed_block_bytes)
 
     def packing_refusal(self) -> str | None:
@@ -371,9 +371,9 @@ class ExpertStore:
     def _read_packed(
         self, layer_key: str, expert_idx: int, reader: TensorReader, into: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, ...]:
-        """:meth:`read_kernel` from a packed store: the block read in pieces of whole pages, each decoded into
-        ``into`` (``runtime/packed_codec.py``) while the next one reads; the first read's crc32 chained over the
-        pieces and checked at the end (a torn block fails the load either way)."""
+        """:meth:`read_kernel` from a packed store: the block read in pieces of whole pages (one for experts up
+        to 8 MiB), each decoded into ``into`` (``runtime/packed_codec.py``) before the next one reads; the first
+        read's crc32 chained over the pieces and checked at the end (a torn block fails the load either way)."""
         path = self.layer_file(layer_key)
         where = f"expert {expert_idx} of {layer_key} ({PACKED}) in {path}"
         block = self.block(layer_key, expert_idx, PACKED)

@@ -10,11 +10,11 @@ escapes, listed with their positions. Decoding is one pass, a table lookup per 1
 AVX2 (``packed_codec.c``: 0.27-0.32 ms per 3 MiB expert on a 2-core AMD EPYC, about 10 GB/s of output), and
 it releases the GIL.
 
-An expert's block is cut into pages of :data:`PAGE` bytes, each holding whole chunks, so a load reads the
-block in pieces of whole pages and decodes each piece while the next one reads (``runtime/expert_store.py``):
-the decode hides behind the read, and the read buffer holds two pieces, not the block. (Version 1 coded a
-tensor as one segment and decoded it after the whole block was read: 0.92-0.97x the kernel store's decode
-speed on a 4.5 GB/s disk, ``docs/bench/packed-store/``.)
+An expert's block is cut into pages of :data:`PAGE` bytes, each holding whole chunks, so a load can read
+the block in pieces of whole pages and decode each before the next one reads (``runtime/expert_store.py``):
+a large expert's read buffer is then a piece (:data:`MAX_PIECE_BYTES`), not the whole block, which took a
+slot's memory on a model of 96 MiB experts. (Version 1 coded a tensor as one segment, decoded once the whole
+block was read.)
 
 A block (integers little-endian): pages of :data:`PAGE` bytes (the last one shorter); in each page chunks
 back to back, then zeros to the page's end. A chunk codes ``n`` consecutive values of one tensor::
@@ -66,9 +66,9 @@ ALIGN = 64
 PAGE = 256 * 1024
 #: a chunk starts in a page only with this much room left in it (else the page ends in zeros)
 MIN_CHUNK_ROOM = 4096
-#: a load reads a block in pieces of about a quarter of it, whole pages, at most this many bytes: the read
-#: buffer holds two (one decoding, one reading). 8 MiB pieces read as fast as one read of a 96 MiB expert
-#: (``runtime/checked_read.py``)
+#: a load reads a block in pieces of at most this many bytes (whole pages), each decoded before the next one
+#: reads, through a read buffer of one piece: a model's experts of a few MiB in one read, a 96 MiB expert in
+#: 12 (8 MiB pieces read as fast as one read of it, ``runtime/checked_read.py``)
 MAX_PIECE_BYTES = 8 * 2**20
 #: the code of a high byte outside the table
 ESCAPE = 15
@@ -112,9 +112,9 @@ def max_block_bytes(numels: Sequence[int]) -> int:
 
 
 def read_piece_bytes(block_bytes: int) -> int:
-    """The pieces a load reads a block of up to ``block_bytes`` in: about a quarter of it, whole pages, at
-    least one page, at most :data:`MAX_PIECE_BYTES`. The read buffer holds two."""
-    return min(MAX_PIECE_BYTES, max(PAGE, _round(-(-block_bytes // 4), PAGE)))
+    """The pieces a load reads a block of up to ``block_bytes`` in (its read buffer): the whole block in whole
+    pages, at most :data:`MAX_PIECE_BYTES`."""
+    return min(MAX_PIECE_BYTES, _round(block_bytes, PAGE))
 
 
 def _flat(values: torch.Tensor) -> np.ndarray:

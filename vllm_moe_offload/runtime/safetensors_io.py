@@ -331,9 +331,9 @@ class TensorReader:
         self, path: str, offset: int, length: int, piece_bytes: int, use: Callable[[int, memoryview], None],
     ) -> None:
         """``use(start, piece)`` on the file's ``length`` bytes at ``offset``, in order, in pieces of
-        ``piece_bytes`` (a multiple of the direct-I/O alignment), each while the next one reads
-        (``PiecedReads.stream``). Two pieces are borrowed from the read buffers; a piece is valid only inside
-        ``use``. Raises ``OSError`` on a short read."""
+        ``piece_bytes`` (a multiple of the direct-I/O alignment) read one after the other into one borrowed
+        read buffer (``checked_read.stream``); a piece is valid only inside ``use``. Raises ``OSError`` on a
+        short read."""
         if piece_bytes % ALIGN_BYTES:
             raise ValueError(f"pieces of {piece_bytes} bytes: not a multiple of {ALIGN_BYTES}")
         fd, direct = self._open(path)
@@ -347,19 +347,15 @@ class TensorReader:
             used += 1
             use(start, piece)
 
-        with self._buffers.borrow(2 * piece_bytes) as buf:
-            whole = memoryview(buf)
-            halves = (whole[:piece_bytes], whole[piece_bytes : 2 * piece_bytes])
+        piece_bytes = min(piece_bytes, round_up(length, align))  # a short range borrows no more than it reads
+        with self._buffers.borrow(piece_bytes) as buf, memoryview(buf) as whole, whole[:piece_bytes] as buffer:
             try:
-                self.bytes_read += self._checked.stream(fd, offset, length, halves, align, counted)
+                self.bytes_read += checked_read.stream(fd, offset, length, buffer, align, counted)
             except OSError as exc:
                 if not direct or exc.errno != errno.EINVAL or used:
                     raise
                 self._fallback(path, exc)  # O_DIRECT refused at the first read: again, buffered
-                self.bytes_read += self._checked.stream(self._open(path)[0], offset, length, halves, 1, use)
-            finally:
-                for view in (*halves, whole):
-                    view.release()
+                self.bytes_read += checked_read.stream(self._open(path)[0], offset, length, buffer, 1, use)
 
     def _read_into(self, path, offset, length, parts, checksum):
         fd, direct = self._open(path)
