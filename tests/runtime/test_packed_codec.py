@@ -145,6 +145,28 @@ def test_escapes_at_simd_edges_and_chunk_ends_across_pages():
         assert _same(got, [values])
 
 
+def test_blocks_of_8_mib_or_more_decode_with_streaming_stores_to_the_same_values():
+    """Past the caches (streaming stores) where the output is 32-byte aligned, plain stores where it is not:
+    the same values either way."""
+    rng = np.random.default_rng(2)
+    n = packed_codec.STREAMING_STORE_BYTES // 2 + 4099
+    raw = (rng.integers(0x30, 0x30 + 15, n).astype(np.uint16) << 8) | rng.integers(0, 256, n).astype(np.uint16)
+    raw[rng.choice(n, 100, replace=False)] = 0x7F00  # escapes
+    values = torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16)
+    block = _block([values])
+    assert all(fields[5] == 1 for _, fields in _chunks(block))  # coded
+    aligned = torch.empty(n + 16, dtype=torch.bfloat16)
+    skew = (-aligned.data_ptr() % 32) // 2
+    for at in (skew, skew + 1):  # 32-byte aligned, then 2 bytes off
+        out = aligned[at : at + n]
+        decoder = BlockDecoder([out])
+        assert decoder.stream
+        decoder.feed(block)
+        decoder.finish()
+        assert torch.equal(_bits(out), _bits(values))
+    assert not BlockDecoder([values[:1000]]).stream
+
+
 def test_torn_blocks_are_errors():
     rng = np.random.default_rng(1)
     n = PAGE  # two pages of coded values, then a second tensor

@@ -7,8 +7,8 @@ bfloat16 weights carry little information in their high byte (the sign and 7 of 
 while the low byte (the last exponent bit and the mantissa) is close to random. So each value is stored as a
 4-bit code of its high byte plus its low byte, 12 bits instead of 16; the few high bytes outside the table are
 escapes, listed with their positions. Decoding is one pass, a table lookup per 16 values where the CPU has
-AVX2 (``packed_codec.c``: 0.27-0.32 ms per 3 MiB expert on a 2-core AMD EPYC, about 10 GB/s of output), and
-it releases the GIL.
+AVX2 (``packed_codec.c``: 0.27-0.35 ms per 3 MiB expert on a 2-core AMD EPYC, about 10 GB/s of output; an
+expert of 8 MiB or more with streaming stores, :data:`STREAMING_STORE_BYTES`), and it releases the GIL.
 
 An expert's block is cut into pages of :data:`PAGE` bytes, each holding whole chunks, so a load can read
 the block in pieces of whole pages and decode each before the next one reads (``runtime/expert_store.py``):
@@ -70,6 +70,10 @@ MIN_CHUNK_ROOM = 4096
 #: reads, through a read buffer of one piece: a model's experts of a few MiB in one read, a 96 MiB expert in
 #: 12 (8 MiB pieces read as fast as one read of it, ``runtime/checked_read.py``)
 MAX_PIECE_BYTES = 8 * 2**20
+#: a block decodes with streaming stores (past the caches) when its tensors take at least this many bytes: its
+#: output could not stay in the caches anyway, and is then not read before it is written. A 96 MiB expert decoded
+#: in 10.4-10.8 ms against 15.2-15.7 on the AMD EPYC; a 3 MiB one in 0.34 ms either way
+STREAMING_STORE_BYTES = 8 * 2**20
 #: the code of a high byte outside the table
 ESCAPE = 15
 #: a tensor with more escapes than this share of its values is stored raw: its coding would be larger than
@@ -223,6 +227,7 @@ class BlockDecoder:
                                  f"{tensor.dtype}")
         self.out = [tensor.view(-1).view(torch.int16) for tensor in out]
         self.simd = simd
+        self.stream = sum(tensor.nbytes for tensor in out) >= STREAMING_STORE_BYTES
         self.cursor = np.zeros(2, dtype=np.int64)  # (tensor, values done)
         self._codec = _codec()
 
@@ -230,7 +235,7 @@ class BlockDecoder:
         """Decode the chunks of ``pages`` (the block's next bytes, a whole number of pages but at its end)."""
         if isinstance(pages, torch.Tensor):
             pages = memoryview(pages.numpy())
-        status = self._codec.decode_pages(pages, PAGE, self.out, self.cursor, self.simd)
+        status = self._codec.decode_pages(pages, PAGE, self.out, self.cursor, self.simd, self.stream)
         if status != 0:
             raise PackedCodingError(f"{_ERRORS.get(status, f'error {status}')}: the block is torn")
 
@@ -257,7 +262,7 @@ class _Native:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.packed_decode_pages.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+        lib.packed_decode_pages.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
         lib.packed_decode_pages.restype = ctypes.c_int
         lib.packed_encode.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64]
         lib.packed_encode.restype = i64
@@ -268,12 +273,12 @@ class _Native:
             self.name = "C, AVX2"
 
     def decode_pages(self, pages: memoryview, page: int, out: list[torch.Tensor], cursor: np.ndarray,
-                     simd: bool) -> int:
+                     simd: bool, stream: bool) -> int:
         outs = (ctypes.c_void_p * len(out))(*(t.data_ptr() for t in out))
         numels = np.array([t.numel() for t in out], dtype=np.int64)
         buf = np.frombuffer(pages, dtype=np.uint8)
         return self._lib.packed_decode_pages(buf.ctypes.data, buf.size, page, outs, numels.ctypes.data, len(out),
-                                             cursor.ctypes.data, int(simd))
+                                             cursor.ctypes.data, int(simd), int(stream))
 
     def encode(self, flat: np.ndarray, code_of: np.ndarray, codes: np.ndarray, lows: np.ndarray,
                escape_pos: np.ndarray, escape_high: np.ndarray, max_escapes: int) -> int:
@@ -291,7 +296,7 @@ class _NumPy:
     simd = False
 
     def decode_pages(self, pages: memoryview, page: int, out: list[torch.Tensor], cursor: np.ndarray,
-                     simd: bool) -> int:
+                     simd: bool, stream: bool) -> int:
         raw = np.frombuffer(pages, dtype=np.uint8)
         for page_at in range(0, raw.size, page):
             end, at = min(page_at + page, raw.size), page_at
