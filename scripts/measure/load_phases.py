@@ -11,6 +11,7 @@ the function that does it (the same names on every checkout this script is run o
     prepack   ``kernel_format._prepack`` / ``_prepack_projections`` (CPU prepack of w13 and w2 into the slot)
     vllm_conv ``_ExpertConverter._vllm_conversion`` (vLLM's own conversion into fresh tensors)
     fill      ``tiers.fill`` / ``kernel_source.fill`` (copying what was read or converted into the slot)
+    decode    ``packed_codec.BlockDecoder.feed`` (a packed store's decode into the slot)
     other     the rest of the load (views, Python, a zero-copy read's tail copy)
 
 Per phase: milliseconds and the loader thread's CPU milliseconds per load, and GB/s of
@@ -21,6 +22,7 @@ changes every figure.
 
     python scripts/measure/load_phases.py .scratch/tm-x16 store=checkpoint
     python scripts/measure/load_phases.py .scratch/tm-x16 store=kernel cache_dir=.scratch/stores
+    python scripts/measure/load_phases.py .scratch/tm-x16 store=packed cache_dir=.scratch/stores
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 
-_PHASES = ("read", "crc32", "loader", "prepack", "vllm_conv", "fill")
+_PHASES = ("read", "crc32", "loader", "prepack", "vllm_conv", "fill", "decode")
 
 
 class _Timer:
@@ -89,7 +91,7 @@ def _probe(worker, passes: int) -> dict:
 
 def _one_pass(runtime, n: int) -> dict:
     from vllm_moe_offload.integration import kernel_format
-    from vllm_moe_offload.runtime import checked_read, expert_store, kernel_source, tiers
+    from vllm_moe_offload.runtime import checked_read, expert_store, kernel_source, packed_codec, tiers
 
     layers = [s for s in runtime.layers if not s.fully_resident]
     timer = _Timer()
@@ -105,6 +107,7 @@ def _one_pass(runtime, n: int) -> dict:
         _patch(stack, kernel_format._ExpertConverter, "_load", timer, "loader")
         _patch(stack, tiers, "fill", timer, "fill")
         _patch(stack, kernel_source, "fill", timer, "fill")
+        _patch(stack, packed_codec.BlockDecoder, "feed", timer, "decode")
         started, cpu = time.perf_counter(), time.thread_time()
         for slots in layers:
             for expert in range(slots.slot_map.num_experts):
