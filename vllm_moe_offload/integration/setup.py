@@ -390,8 +390,8 @@ def _open_store(
     if config.quant is not Quant.NONE:
         scheme = config.quant.value
         return open_or_build(index, specs, scheme, store_directory(root, index.folder, scheme), readers)
-    # the build (before any slot exists) converts one expert at a time with its own reader; the loads
-    # read into the slots and stage only what is not aligned, or a piece of a packed block (``_kernel_load_staging``)
+    # the build (before any slot exists) converts one expert at a time with its own reader; the loads read
+    # into the slots and stage only what is not aligned, or a piece of a packed block (``_kernel_load_staging``)
     kernel = _kernel_layout(layers, readers)
     moe = layers[0].moe_config
     scheme = config.store.value

@@ -1,5 +1,5 @@
-"""Reads in pieces: a large read's crc32 computed beside the read instead of after it, and a block used
-piece by piece while the next piece reads.
+"""Reads in pieces: a large read's crc32 computed beside the read instead of after it, and a block read and
+used piece by piece through one buffer.
 
 An expert store checks the crc32 of an expert's block at its first read in a
 process (``runtime/expert_store.py``). For a large expert that check cost as much
@@ -92,11 +92,13 @@ class PiecedReads:
             self._checker = None
 
 
-def stream(fd: int, lo: int, length: int, buffer: memoryview, align: int, use: Callable[[int, memoryview], None]) -> int:
-    """``use(start, piece)`` on the file's ``length`` bytes at offset ``lo`` (aligned to ``align``), in order,
-    in pieces of ``len(buffer)`` bytes (a multiple of ``align``), each read into ``buffer`` and used before the
-    next one reads; returns the bytes read (the last piece's rounded up to ``align``). Raises ``OSError`` on a
-    short read.
+def stream(
+    fd: int, lo: int, length: int, buffer: memoryview, align: int, use: Callable[[int, memoryview], None],
+) -> int:
+    """``use(start, piece)`` on the file's ``length`` bytes at offset ``lo`` (aligned to ``align``), in
+    order, in pieces of ``len(buffer)`` bytes (a multiple of ``align``), each read into ``buffer`` and used
+    before the next one reads; returns the bytes read (the last piece's rounded up to ``align``). Raises
+    ``OSError`` on a short read.
 
     In series, on purpose: on this project's 2-core VM, reading the next 1 MiB piece on a second thread while
     the loader decoded the one before slowed both (a 2.25 MiB packed block: 1.34-1.68 ms a load, against
