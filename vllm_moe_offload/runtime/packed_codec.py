@@ -28,7 +28,7 @@ back to back, then zeros to the page's end. A chunk codes ``n`` consecutive valu
 
 Chunks come in tensor order, each tensor's values in order, every value in exactly one chunk; a tensor's
 chunks share its table (its 15 most frequent high bytes). A tensor whose coding would not be smaller (more
-escapes than :data:`MAX_ESCAPE_SHARE` of its values) is stored raw. The C source is compiled with the
+escapes than :data:`MAX_ESCAPE_SHARE` of its values) or of fewer than 128 values is stored raw. The C source is compiled with the
 system's C compiler at first use into ``$VLLM_CACHE_ROOT/moe_offload/codec`` (``~/.cache/vllm`` by default);
 where none works, a NumPy decoder gives the same values more slowly (logged once). No vLLM.
 """
