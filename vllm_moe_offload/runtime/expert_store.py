@@ -355,10 +355,7 @@ class ExpertStore:
                              f"{[(list(shape), dtype) for shape, dtype in kernel.parts]}")
         if self.scheme == PACKED:
             return self._read_packed(layer_key, expert_idx, reader, tuple(into))
-        path = self.layer_file(layer_key)
-        where = f"expert {expert_idx} of {layer_key} ({KERNEL}) in {path}"
-        block = self.block(layer_key, expert_idx, KERNEL)
-        key = (layer_key, expert_idx, KERNEL)
+        path, where, block, key = self._located(layer_key, expert_idx, KERNEL)
         try:
             crc = reader.read_into(str(path), block.offset, block.length, list(zip(kernel.offsets, into)),
                                    checksum=key not in self._verified)
@@ -374,10 +371,7 @@ class ExpertStore:
         """:meth:`read_kernel` from a packed store: the block read in pieces of whole pages (one for experts up
         to 8 MiB), each decoded into ``into`` (``runtime/packed_codec.py``) before the next one reads; the first
         read's crc32 chained over the pieces and checked at the end (a torn block fails the load either way)."""
-        path = self.layer_file(layer_key)
-        where = f"expert {expert_idx} of {layer_key} ({PACKED}) in {path}"
-        block = self.block(layer_key, expert_idx, PACKED)
-        key = (layer_key, expert_idx, PACKED)
+        path, where, block, key = self._located(layer_key, expert_idx, PACKED)
         decoder = packed_codec.BlockDecoder(into)
         crc = 0 if key not in self._verified else None
 
@@ -399,6 +393,13 @@ class ExpertStore:
                                    ) from exc
         return into
 
+    def _located(self, layer_key: str, expert_idx: int, precision: str) -> tuple[Path, str, ExpertBlock, tuple]:
+        """Where an expert's block lies: its file, the block as errors name it, its extent and crc32 in the
+        manifest, and its key among the verified blocks."""
+        path = self.layer_file(layer_key)
+        where = f"expert {expert_idx} of {layer_key} ({precision}) in {path}"
+        return path, where, self.block(layer_key, expert_idx, precision), (layer_key, expert_idx, precision)
+
     def _verify(self, key: tuple, crc: int, expected: int, where: str) -> None:
         """An expert block's first read: its crc32 must be the manifest's; then it is not checked again."""
         if crc != expected:
@@ -413,10 +414,7 @@ class ExpertStore:
         use: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     ) -> tuple[torch.Tensor, ...]:
         """``use(raw)`` on the expert's block ``raw [length] uint8``, verified (see ``read_then``)."""
-        path = self.layer_file(layer_key)
-        where = f"expert {expert_idx} of {layer_key} ({precision}) in {path}"
-        block = self.block(layer_key, expert_idx, precision)
-        key = (layer_key, expert_idx, precision)
+        path, where, block, key = self._located(layer_key, expert_idx, precision)
 
         def verified(tensors: list[torch.Tensor]):
             (raw,) = tensors
