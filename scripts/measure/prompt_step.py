@@ -7,11 +7,11 @@ Starts one engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; vLLM's 
 threads of ``VLLM_CPU_OMP_THREADS_BIND``, default ``0-1``), runs the bench's warm-up request (8 prompt tokens,
 4 generated), then the bench's decode workload (``--prompt-len`` held-out tokens, ``--new-tokens`` greedy
 tokens), and prints, for each offloaded layer's call in the prompt step: its wall time, its kernel time and
-calls, the distinct experts its rows need against the *expert passes* its kernel calls made (an expert
-computed in two calls is read from memory twice: the waves of ``integration/passes.py`` compute rows as
-their experts land, so an expert shared by rows of two waves is computed in both), its stall, its loads and
-their read time per load (the I/O thread's, while the kernel computes beside it); then the decode steps'
-means per token. ``--stock`` times stock vLLM's prompt step (the same prompt, one token, three times, the
+calls, the distinct experts its rows need against the *expert passes* its kernel calls made (the waves of
+``integration/passes.py`` compute rows as their experts land, so an expert shared by rows of two waves is
+computed in both; ``kernel_beside_reads.py`` measures what that costs), its stall, its loads and their read
+time per load (the I/O thread's, while the kernel computes beside it); then the decode steps' means per
+token. ``--stock`` times stock vLLM's prompt step (the same prompt, one token, three times, the
 prefix cache reset between) and its decode in the same process first, for reference.
 
 ``--no-waves`` is an ablation: every pass computes in one kernel call once all its loads have landed
