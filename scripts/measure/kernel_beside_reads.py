@@ -1,6 +1,6 @@
 """Micro-benchmark (not a test): an offloaded layer's kernel call by rows and distinct experts, idle and beside reads.
 
-    python scripts/measure/kernel_beside_reads.py MODEL --offload "policy=lru;store=kernel;budget=3168MiB" \\
+    python scripts/measure/kernel_beside_reads.py MODEL --policy "lru[store=kernel]" --budget 3168MiB \\
         --read-from FILE [--rows 1,2,4,8,16,32] [--experts 1,2,4,8] [--calls 6] [--json OUT]
 
 Starts one engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the worker's OpenMP threads on
@@ -28,6 +28,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+from vllm_moe_offload.cli.bench import policy_settings  # noqa: E402 - after the environment defaults
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from read_under_load import _buffer, _size  # noqa: E402 - this folder's (huge-page read buffer, sizes)
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy)")
-    parser.add_argument("--offload", default="policy=lru;store=kernel",
-                        help="the plugin's settings, key=value;... (default: policy=lru;store=kernel)")
+    parser.add_argument("--policy", default="lru[store=kernel]",
+                        help="a bench entry, NAME or NAME[key=value;...] (default: lru[store=kernel])")
+    parser.add_argument("--budget", default="auto", help="the plugin's budget (default auto)")
     parser.add_argument("--read-from", type=Path, required=True,
                         help="a file of expert-sized blocks to read beside the kernel (an expert store's shard)")
     parser.add_argument("--read-bytes", default="96MiB", help="bytes per read (default 96MiB)")
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=6, help="calls per size (default 6; the first is dropped)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    try:
+        offload = {**policy_settings(args.policy), "budget": args.budget}
+    except ValueError as err:
+        parser.error(str(err))
     rows_list, experts_list = _ints(args.rows), _ints(args.experts)
     read_bytes = _size(args.read_bytes)
     if args.calls < 2 or not rows_list or not experts_list or min(rows_list + experts_list) < 1:
@@ -103,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         return kernel(self, x, topk_weights, slot_ids)
 
     OffloadRoutedExperts._kernel = remembered
-    offload = dict(item.split("=", 1) for item in args.offload.split(";") if item)
     llm = LLM(model=args.model, dtype="bfloat16", max_model_len=128, max_num_seqs=4, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=2 ** 28, additional_config={"moe_offload": offload})
     llm.generate([{"prompt_token_ids": list(range(3, 11))}],

@@ -1,6 +1,6 @@
 """Micro-benchmark (not a test): where a one-request decode's prompt step goes, layer by layer, against stock.
 
-    python scripts/measure/prompt_step.py MODEL --offload "policy=lru;store=kernel;budget=3168MiB" \\
+    python scripts/measure/prompt_step.py MODEL --policy "lru[store=kernel]" --budget 3168MiB \\
         [--tokens HELDOUT.npy] [--prompt-len 32] [--new-tokens 32] [--no-waves] [--stock] [--json OUT]
 
 Starts one engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; vLLM's worker computes with the
@@ -33,6 +33,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+from vllm_moe_offload.cli.bench import policy_settings  # noqa: E402 - after the environment defaults
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -109,7 +111,8 @@ def run_offload(args, warm: list[int], prompt: list[int]) -> dict:
         finally:
             wall = time.perf_counter() - started
             calls.append({"layer": self.layer_idx, "rows": int(x.shape[0]), "wall_s": wall,
-                          "distinct": len(set(topk_ids.flatten().tolist())), "expert_passes": passes_now[self.layer_idx],
+                          "distinct": len(set(topk_ids.flatten().tolist())),
+                          "expert_passes": passes_now[self.layer_idx],
                           **{name: getattr(stats, name) - before[name] for name in _COUNTED}})
 
     OffloadRoutedExperts._kernel = counted_kernel
@@ -117,9 +120,8 @@ def run_offload(args, warm: list[int], prompt: list[int]) -> dict:
     if args.no_waves:
         passes.PassSchedule._wave_pays = lambda self, in_flight: False
 
-    offload = dict(item.split("=", 1) for item in args.offload.split(";") if item)
     llm = LLM(**_engine_args(args.model, args.prompt_len, args.new_tokens),
-              additional_config={"moe_offload": offload})
+              additional_config={"moe_offload": args.offload})
     llm.generate([{"prompt_token_ids": warm}], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
     calls.clear()
@@ -133,13 +135,11 @@ def run_offload(args, warm: list[int], prompt: list[int]) -> dict:
     tokens = len(decode_calls) / layers
     per_token = {name: sum(c[name] for c in decode_calls) / tokens for name in ("wall_s", "stall_s", "kernel_s",
                                                                                  "loads")} if tokens else {}
-    first_decode = decode_calls[0]["wall_s"] if decode_calls else 0.0
-    return {"wall_s": wall, "prompt_layers": prompt_calls, "decode_per_token": per_token, "decode_tokens": tokens,
-            "first_decode_s": first_decode}
+    return {"wall_s": wall, "prompt_layers": prompt_calls, "decode_per_token": per_token, "decode_tokens": tokens}
 
 
 def report(args, stock: dict | None, off: dict) -> None:
-    print(f"\n{args.model}, offload {args.offload}{' (ablation: no waves)' if args.no_waves else ''}; "
+    print(f"\n{args.model}, {args.policy} at {args.budget}{' (ablation: no waves)' if args.no_waves else ''}; "
           f"{args.prompt_len}-token prompt, {args.new_tokens} tokens")
     if stock:
         print(f"stock: prompt step {stock['prompt_step_ms']:.1f} ms (median of "
@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy)")
-    parser.add_argument("--offload", default="policy=lru;store=kernel",
-                        help="the plugin's settings, key=value;... as in additional_config's moe_offload "
-                             "(default: policy=lru;store=kernel)")
+    parser.add_argument("--policy", default="lru[store=kernel]",
+                        help="a bench entry, NAME or NAME[key=value;...] (default: lru[store=kernel])")
+    parser.add_argument("--budget", default="auto", help="the plugin's budget (default auto)")
     parser.add_argument("--tokens", type=Path, default=HELDOUT, help="a .npy of token ids the prompts are cut from")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens in the decode prompt (default 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (default 32)")
@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock", action="store_true", help="time stock vLLM first, in the same process")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    try:
+        args.offload = {**policy_settings(args.policy), "budget": args.budget}
+    except ValueError as err:
+        parser.error(str(err))
     if args.prompt_len < 2:
         parser.error("--prompt-len must be at least 2 (a one-token prompt is a decode step)")
     if args.new_tokens < 2:
@@ -194,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     off = run_offload(args, warm, prompt)
     report(args, stock, off)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "stock": stock,
-                                         "offload": off}, indent=1))
+        settings = {k: v if k == "offload" else str(v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": settings, "stock": stock, "offload": off}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
