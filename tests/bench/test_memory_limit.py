@@ -132,3 +132,24 @@ def test_report_of_a_killed_stock_run(tmp_path):
     for plot in (plot_bench_memory, plot_bench_speed):
         assert plot(report, tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
     json.dumps(report)
+
+
+def test_report_names_the_cpu_and_vllms_binding(monkeypatch):
+    """A figure depends on the CPU (AMX or not) and on how vLLM bound its worker: the bench records both."""
+    from vllm_moe_offload.cli.bench import machine_info
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert machine_info()["cpu_binding"] == "auto"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    machine = machine_info()
+    assert machine["cpu_binding"] == "0-1"
+    report = _report()
+    report["machine"].update(cpu_model=machine["cpu_model"], cpu_binding="0-1")
+    md = format_markdown(report)
+    assert "`VLLM_CPU_OMP_THREADS_BIND=0-1`" in md
+    if machine["cpu_model"]:  # /proc/cpuinfo names it on Linux
+        assert f"2 CPUs ({machine['cpu_model']})" in md
+    report["machine"]["cpu_binding"] = "auto"
+    assert "vLLM's default CPU binding" in format_markdown(report)
+    del report["machine"]["cpu_binding"], report["machine"]["cpu_model"]  # a bench.json from before
+    assert "Machine: 2 CPUs, linux; load average" in format_markdown(report)

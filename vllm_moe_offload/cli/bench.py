@@ -445,10 +445,28 @@ def source_info() -> dict:
     return {"commit": head, "modified": sorted(line[3:] for line in status)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AMX tiles (``/proc/cpuinfo``; '' where there is none): runs on an
+    Intel Xeon with AMX and on an AMD EPYC without differ by 2x in prefill, so a figure needs its CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    have = set(flags.group(1).split()) if flags else set()
+    isa = "AMX" if "amx_tile" in have else "AVX-512" if "avx512f" in have else "AVX2" if "avx2" in have else ""
+    return ", ".join(x for x in ((name.group(1).strip() if name else ""), isa) if x)
+
+
 def machine_info() -> dict:
     return {
         "source": source_info(),
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        # vLLM's CPU worker binding: unset ("auto") pins the worker's OpenMP threads to one CPU per physical core,
+        # less one per worker kept for the other processes (on 2 CPUs: the worker computes on one)
+        "cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_avg_at_start": list(os.getloadavg()),

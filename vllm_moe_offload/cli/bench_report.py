@@ -329,10 +329,21 @@ def _describe(report: dict) -> str:
         f"{engine.get('enable_prefix_caching')}; one engine at a time, each in its own process "
         f"(stock with `VLLM_PLUGINS=moe_offload_amx`: the plugin's AMX permission alone); the page cache is dropped before each run; a 4-token warm-up "
         f"request precedes the workloads, which then run in the order decode, prefill, batch on the same engine.",
-        f"Machine: {m['cpus']} CPUs, {m['platform']}; load average {m['load_avg_at_start'][0]:.2f} at start, "
+        f"Machine: {m['cpus']} CPUs{' (' + m['cpu_model'] + ')' if m.get('cpu_model') else ''}, {m['platform']}; "
+        f"{_binding_text(m.get('cpu_binding'))}load average {m['load_avg_at_start'][0]:.2f} at start, "
         f"{m['load_avg_at_end'][0]:.2f} at end. **{m['note']}.**",
         _source_text(m.get("source") or {}),
     ])
+
+
+def _binding_text(binding: str | None) -> str:
+    """vLLM's CPU binding of the run (bench.json's from before 2026-12-07 do not say)."""
+    if binding is None:
+        return ""
+    if binding == "auto":
+        return ("vLLM's default CPU binding (`VLLM_CPU_OMP_THREADS_BIND` unset: the worker on one CPU per core, one "
+                "kept for the other processes); ")
+    return f"`VLLM_CPU_OMP_THREADS_BIND={binding}`; "
 
 
 def _source_text(source: dict) -> str:
