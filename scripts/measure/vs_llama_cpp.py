@@ -1,7 +1,7 @@
 """Bigger than memory, one command: stock vLLM, the plugin and llama.cpp under the same memory limit.
 
 Usage (from the repository root, in .venv, as root: it makes memory cgroups and drops the page cache):
-    python scripts/measure/vs_llama_cpp.py [--factor 2048] [--memory-limit 4.5GiB] [--threads 2]
+    python scripts/measure/vs_llama_cpp.py [--factor 2048] [--memory-limit 4.5GiB] [--threads 2|default]
         [--work /work/scratch-mem] [--policies POLICIES] [--inprocess-policies POLICIES]
 
 1. Pads the shipped models/tiny-pymoe with ``pad-model --factor F`` into WORK (2048: 96 MiB experts,
@@ -22,6 +22,9 @@ Usage (from the repository root, in .venv, as root: it makes memory cgroups and 
    WORK/vs_llama_cpp.json. Never run in CI: it takes about half an hour and ~30 GB of disk.
 
 Threads: vLLM's CPU worker is pinned to cores 0..N-1 (``VLLM_CPU_OMP_THREADS_BIND``), llama.cpp gets ``-t N``.
+``--threads default`` leaves vLLM's own binding, what ``vllm serve`` and ``LLM(...)`` do when nothing is set (the
+worker on one CPU per physical core, less one kept for the front end and the engine core: on 2 CPUs it computes
+on one), and gives llama.cpp as many threads as that leaves the worker.
 """
 
 from __future__ import annotations
@@ -136,12 +139,39 @@ def run_llama(binary: Path, gguf: Path, prompt_file: Path, new_tokens: int, thre
     return out
 
 
+def vllm_default_threads() -> int:
+    """The CPUs vLLM's default binding gives a lone CPU worker on x86 (``vllm/utils/ompmultiprocessing.py``): one per
+    physical core of the first NUMA node the process may use, less one for the other processes where that leaves
+    any."""
+    from vllm.utils import cpu_resource_utils as cr
+
+    node = cr.get_visible_memory_node()[0]
+    cores = len({cpu.physical_core for cpu in cr.get_allowed_cpu_list() if cpu.numa_node == node})
+    return cores - 1 if cores > 1 else cores
+
+
+def parse_threads(text: str) -> int | None:
+    """``--threads``: a count, or None for vLLM's default binding."""
+    if text == "default":
+        return None
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1 or threads > (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a thread count from 1 to {os.cpu_count()} (the CPUs "
+                                         "here), or 'default' for vLLM's own binding")
+    return threads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factor", type=int, default=2048, help="pad-model factor for tiny-pymoe (default 2048)")
     parser.add_argument("--model", type=Path, default=None, help="an already padded model (default: WORK/pymoe-xF)")
     parser.add_argument("--memory-limit", default="4.5GiB", help="memory limit of every engine (default 4.5GiB)")
-    parser.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
+    parser.add_argument("--threads", type=parse_threads, default=2,
+                        help="compute threads of every engine, vLLM's worker pinned to CPUs 0..N-1 (default 2); "
+                             "'default': vLLM's own binding, llama.cpp as many threads as it gives the worker")
     parser.add_argument("--policies", default="lru,fate,lru[store=kernel],fate[store=kernel],"
                         "lru[replacement=nextuse;store=kernel]",
                         help="bench --policies, each run with budget auto (default %(default)s)")
@@ -164,6 +194,9 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = (args.model or work / f"pymoe-x{args.factor}").resolve()
+    threads = args.threads or vllm_default_threads()
+    binding = f"vLLM's worker pinned to CPUs 0-{threads - 1}" if args.threads else \
+        f"vLLM's default binding ({threads} CPU(s) for its worker)"
     if not (model / "config.json").exists():
         run([sys.executable, "-m", "vllm_moe_offload.cli.main", "pad-model", str(SHIPPED), str(model),
              "--factor", str(args.factor)])
@@ -174,7 +207,10 @@ def main() -> None:
     bench_out, inprocess_out = work / "bench", work / "bench-inprocess"
     if not args.skip_bench:
         stores = work / "stores"
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
+        env = dict(os.environ)
+        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        if args.threads is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}"
         for out, spec, extra in ((bench_out, args.policies, []), (inprocess_out, args.inprocess_policies,
                                                                    ["--inprocess"])):
             if not spec:
@@ -191,7 +227,7 @@ def main() -> None:
     text, ids = decode_prompt_text(model, model / "heldout-tokens.npy")
     prompt_file = work / "decode-prompt.txt"
     prompt_file.write_text(text)
-    llama = run_llama(binary, gguf, prompt_file, report["sizes"]["decode_tokens"], args.threads, limit,
+    llama = run_llama(binary, gguf, prompt_file, report["sizes"]["decode_tokens"], threads, limit,
                       work / "llama.log")
     llama["bench_prompt_tokens"] = len(ids)
 
@@ -211,12 +247,12 @@ def main() -> None:
                  "tokens_match_stock": None})
     pad = json.loads((model / "pad_model.json").read_text())
     summary = {"model": str(model), "all_expert_bytes": pad["all_expert_bytes_after"], "memory_limit_bytes": limit,
-               "threads": args.threads, "decode_prompt_tokens": len(ids),
+               "threads": threads, "binding": binding, "decode_prompt_tokens": len(ids),
                "decode_tokens": report["sizes"]["decode_tokens"], "rows": rows, "llama_cpp": llama,
                "machine": report["machine"]}
     (work / "vs_llama_cpp.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n{model.name}: {pad['all_expert_bytes_after'] / 2**30:.2f} GiB of experts; limit "
-          f"{limit / 2**30:.2f} GiB (page cache counted); {args.threads} threads; batch-1 decode of "
+          f"{limit / 2**30:.2f} GiB (page cache counted); {threads} thread(s), {binding}; batch-1 decode of "
           f"{summary['decode_tokens']} tokens after a {len(ids)}-token prompt, greedy\n")
     print("| engine | ended | decode tok/s | peak GiB | start-up s | tokens = stock |")
     print("|---|---|---|---|---|---|")
