@@ -195,8 +195,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = (args.model or work / f"pymoe-x{args.factor}").resolve()
     threads = args.threads or vllm_default_threads()
-    binding = f"vLLM's worker pinned to CPUs 0-{threads - 1}" if args.threads else \
-        f"vLLM's default binding ({threads} CPU(s) for its worker)"
     if not (model / "config.json").exists():
         run([sys.executable, "-m", "vllm_moe_offload.cli.main", "pad-model", str(SHIPPED), str(model),
              "--factor", str(args.factor)])
@@ -224,6 +222,10 @@ def main() -> None:
     report = json.loads((bench_out / "bench.json").read_text())
     inprocess = (json.loads((inprocess_out / "bench.json").read_text())
                  if args.inprocess_policies and (inprocess_out / "bench.json").exists() else None)
+    # how the vLLM rows ran: the bench records it (a reused bench.json may come from another --threads)
+    recorded = report["machine"].get("cpu_binding")
+    binding = ("vLLM's binding not recorded" if recorded is None else "vLLM's default binding" if recorded == "auto"
+               else f"vLLM's worker pinned to CPUs {recorded}")
     text, ids = decode_prompt_text(model, model / "heldout-tokens.npy")
     prompt_file = work / "decode-prompt.txt"
     prompt_file.write_text(text)
@@ -247,12 +249,12 @@ def main() -> None:
                  "tokens_match_stock": None})
     pad = json.loads((model / "pad_model.json").read_text())
     summary = {"model": str(model), "all_expert_bytes": pad["all_expert_bytes_after"], "memory_limit_bytes": limit,
-               "threads": threads, "binding": binding, "decode_prompt_tokens": len(ids),
+               "threads": threads, "vllm_binding": binding, "decode_prompt_tokens": len(ids),
                "decode_tokens": report["sizes"]["decode_tokens"], "rows": rows, "llama_cpp": llama,
                "machine": report["machine"]}
     (work / "vs_llama_cpp.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n{model.name}: {pad['all_expert_bytes_after'] / 2**30:.2f} GiB of experts; limit "
-          f"{limit / 2**30:.2f} GiB (page cache counted); {threads} thread(s), {binding}; batch-1 decode of "
+          f"{limit / 2**30:.2f} GiB (page cache counted); llama.cpp {threads} thread(s), {binding}; batch-1 decode of "
           f"{summary['decode_tokens']} tokens after a {len(ids)}-token prompt, greedy\n")
     print("| engine | ended | decode tok/s | peak GiB | start-up s | tokens = stock |")
     print("|---|---|---|---|---|---|")
