@@ -3,6 +3,7 @@ entry's short name.
 
 Used by ``decode_breakdown.py``, ``first_reads.py`` and ``link_idle.py``; each defines ``_child(spec) -> dict``,
 which runs in the fresh process (vLLM's one-process engine there, so its layers are timed where they run).
+``prompt_step.py`` and ``kernel_beside_reads.py`` take their engine's arguments from here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def run_child(module: str, spec: dict) -> dict:
             raise SystemExit(f"{module}: the {spec['name']} engine failed (exit {done.returncode}):\n"
                              + done.stderr[-3000:])
         return json.loads(out.read_text())
+
+
+def add_engine_arguments(parser) -> None:
+    """The engine a one-process script measures: a MoE checkpoint, a bench entry and its budget."""
+    parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy)")
+    parser.add_argument("--policy", default="lru[store=kernel]",
+                        help="a bench entry, NAME or NAME[key=value;...] (default: lru[store=kernel])")
+    parser.add_argument("--budget", default="auto", help="the plugin's budget (default auto)")
+
+
+def offload_settings(parser, args) -> dict:
+    """``--policy`` at ``--budget`` as the plugin's settings (``cli.bench.policy_settings``, with its messages);
+    a bad entry exits through ``parser.error``."""
+    from vllm_moe_offload.cli.bench import policy_settings
+
+    try:
+        return {**policy_settings(args.policy), "budget": args.budget}
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def check_args(args, script: str, positive: tuple[str, ...]) -> None:

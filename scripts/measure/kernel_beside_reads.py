@@ -29,9 +29,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
-from vllm_moe_offload.cli.bench import policy_settings  # noqa: E402 - after the environment defaults
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_child import add_engine_arguments, offload_settings  # noqa: E402 - this folder's
 from read_under_load import _buffer, _size  # noqa: E402 - this folder's (huge-page read buffer, sizes)
 
 
@@ -74,10 +73,7 @@ class _Reader:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy)")
-    parser.add_argument("--policy", default="lru[store=kernel]",
-                        help="a bench entry, NAME or NAME[key=value;...] (default: lru[store=kernel])")
-    parser.add_argument("--budget", default="auto", help="the plugin's budget (default auto)")
+    add_engine_arguments(parser)
     parser.add_argument("--read-from", type=Path, required=True,
                         help="a file of expert-sized blocks to read beside the kernel (an expert store's shard)")
     parser.add_argument("--read-bytes", default="96MiB", help="bytes per read (default 96MiB)")
@@ -86,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=6, help="calls per size (default 6; the first is dropped)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    try:
-        offload = {**policy_settings(args.policy), "budget": args.budget}
-    except ValueError as err:
-        parser.error(str(err))
+    offload = offload_settings(parser, args)
     rows_list, experts_list = _ints(args.rows), _ints(args.experts)
     read_bytes = _size(args.read_bytes)
     if args.calls < 2 or not rows_list or not experts_list or min(rows_list + experts_list) < 1:

@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
-from vllm_moe_offload.cli.bench import policy_settings  # noqa: E402 - after the environment defaults
+from engine_child import add_engine_arguments, offload_settings  # noqa: E402 - this folder's (on sys.path as a script)
 
 #: held-out tokens of the trained tiny-mixtral beside the repository (../shared), never copied into it
 HELDOUT = Path(__file__).resolve().parents[3] / "shared" / "models" / "tiny-mixtral-heldout-tokens.npy"
@@ -173,10 +173,7 @@ def report(args, stock: dict | None, off: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a MoE checkpoint folder (e.g. a pad-model copy)")
-    parser.add_argument("--policy", default="lru[store=kernel]",
-                        help="a bench entry, NAME or NAME[key=value;...] (default: lru[store=kernel])")
-    parser.add_argument("--budget", default="auto", help="the plugin's budget (default auto)")
+    add_engine_arguments(parser)
     parser.add_argument("--tokens", type=Path, default=HELDOUT, help="a .npy of token ids the prompts are cut from")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens in the decode prompt (default 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (default 32)")
@@ -185,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock", action="store_true", help="time stock vLLM first, in the same process")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    try:
-        args.offload = {**policy_settings(args.policy), "budget": args.budget}
-    except ValueError as err:
-        parser.error(str(err))
+    args.offload = offload_settings(parser, args)
     if args.prompt_len < 2:
         parser.error("--prompt-len must be at least 2 (a one-token prompt is a decode step)")
     if args.new_tokens < 2:
